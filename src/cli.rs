@@ -1,0 +1,300 @@
+//! The operator commands besides `run`: `enqueue` (JSON lines or CSV into the sends stream)
+//! and `stats` (per-campaign counters).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use serde_json::{Map, Value};
+
+use crate::config::Settings;
+use crate::daemon::{manager, redis_client};
+use crate::queue::Keys;
+
+const ENQUEUE_BATCH: usize = 1000;
+
+/// Where `enqueue` reads from.
+pub enum Input {
+    Stdin,
+    File(std::path::PathBuf),
+}
+
+pub struct CsvOptions {
+    pub campaign: String,
+    pub template: String,
+}
+
+pub struct EnqueueReport {
+    pub enqueued: u64,
+    pub rejected: u64,
+}
+
+fn open(input: &Input) -> anyhow::Result<Box<dyn BufRead>> {
+    Ok(match input {
+        Input::Stdin => Box::new(std::io::BufReader::new(std::io::stdin())),
+        Input::File(p) => Box::new(std::io::BufReader::new(
+            std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?,
+        )),
+    })
+}
+
+/// Reads jobs and XADDs them to `{prefix}sends`, pipelined per 1,000.
+pub async fn enqueue(
+    settings: &Settings,
+    input: Input,
+    csv: Option<CsvOptions>,
+) -> anyhow::Result<EnqueueReport> {
+    let client = redis_client(settings).await?;
+    let mut conn = manager(&client, std::time::Duration::from_secs(30)).await?;
+    let keys = Keys::new(&settings.redis.prefix);
+    let reader = open(&input)?;
+    let progress = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    let mut report = EnqueueReport {
+        enqueued: 0,
+        rejected: 0,
+    };
+    let mut batch: Vec<String> = Vec::with_capacity(ENQUEUE_BATCH);
+
+    let flush = |batch: &mut Vec<String>, conn: &mut redis::aio::ConnectionManager| {
+        let mut p = redis::pipe();
+        for job in batch.iter() {
+            p.cmd("XADD")
+                .arg(&keys.sends)
+                .arg("*")
+                .arg("job")
+                .arg(job)
+                .ignore();
+        }
+        batch.clear();
+        let mut c = conn.clone();
+        async move { p.query_async::<()>(&mut c).await }
+    };
+
+    let push = |line_no: usize,
+                job: Result<String, String>,
+                batch: &mut Vec<String>,
+                report: &mut EnqueueReport| match job {
+        Ok(j) => batch.push(j),
+        Err(e) => {
+            report.rejected += 1;
+            eprintln!("line {line_no}: {e}; not enqueued");
+        }
+    };
+
+    match csv {
+        None => {
+            for (i, line) in reader.lines().enumerate() {
+                let line = line.with_context(|| format!("reading line {}", i + 1))?;
+                let line = line.trim();
+                if line.is_empty() {
+                    continue;
+                }
+                let job = match serde_json::from_str::<Value>(line) {
+                    Ok(Value::Object(_)) => Ok(line.to_string()),
+                    Ok(_) => Err("not a JSON object".to_string()),
+                    Err(e) => Err(format!("invalid JSON ({e})")),
+                };
+                push(i + 1, job, &mut batch, &mut report);
+                if batch.len() >= ENQUEUE_BATCH {
+                    report.enqueued += batch.len() as u64;
+                    flush(&mut batch, &mut conn)
+                        .await
+                        .context("XADD to Redis")?;
+                    show(progress, &mut last_report, started, report.enqueued);
+                }
+            }
+        }
+        Some(opts) => {
+            let mut rdr = csv::ReaderBuilder::new()
+                .flexible(false)
+                .from_reader(reader);
+            let headers = rdr.headers().context("reading the CSV header row")?.clone();
+            let Some(email_col) = headers
+                .iter()
+                .position(|h| h.trim().eq_ignore_ascii_case("email"))
+            else {
+                bail!(
+                    "the CSV has no `email` column (header row: {:?})",
+                    headers.iter().collect::<Vec<_>>()
+                );
+            };
+            for (i, rec) in rdr.records().enumerate() {
+                let line_no = i + 2;
+                let job = rec.map_err(|e| e.to_string()).map(|rec| {
+                    let email = rec.get(email_col).unwrap_or_default().trim().to_string();
+                    let mut data = Map::new();
+                    let mut id = None;
+                    for (h, v) in headers.iter().zip(rec.iter()) {
+                        let h = h.trim();
+                        if h.eq_ignore_ascii_case("email") {
+                            continue;
+                        }
+                        if h == "id" {
+                            id = Some(v.to_string());
+                            continue;
+                        }
+                        data.insert(h.to_string(), Value::String(v.to_string()));
+                    }
+                    // Deterministic id: enqueueing the same list twice sends once.
+                    let id = id.unwrap_or_else(|| {
+                        format!("{}:{}", opts.campaign, email.to_ascii_lowercase())
+                    });
+                    serde_json::json!({
+                        "id": id,
+                        "campaign": opts.campaign,
+                        "template": opts.template,
+                        "to": email,
+                        "data": data,
+                    })
+                    .to_string()
+                });
+                push(line_no, job, &mut batch, &mut report);
+                if batch.len() >= ENQUEUE_BATCH {
+                    report.enqueued += batch.len() as u64;
+                    flush(&mut batch, &mut conn)
+                        .await
+                        .context("XADD to Redis")?;
+                    show(progress, &mut last_report, started, report.enqueued);
+                }
+            }
+        }
+    }
+    if !batch.is_empty() {
+        report.enqueued += batch.len() as u64;
+        flush(&mut batch, &mut conn)
+            .await
+            .context("XADD to Redis")?;
+    }
+    if progress {
+        eprint!("\r\x1b[K");
+    }
+    Ok(report)
+}
+
+fn show(progress: bool, last: &mut Instant, started: Instant, n: u64) {
+    if progress && last.elapsed().as_millis() >= 100 {
+        *last = Instant::now();
+        let rate = n as f64 / started.elapsed().as_secs_f64().max(0.001);
+        eprint!("\r\x1b[Kenqueued {n} jobs ({rate:.0}/s)");
+        let _ = std::io::stderr().flush();
+    }
+}
+
+/// Counters of one campaign.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct CampaignStats {
+    pub campaign: String,
+    /// Jobs with at least one outcome and none terminal yet (awaiting a retry).
+    pub queued: i64,
+    pub accepted: i64,
+    pub delivered: i64,
+    pub deferred: i64,
+    pub bounced: i64,
+    pub failed: i64,
+    pub suppressed: i64,
+    pub dead: i64,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Overview {
+    /// Entries in the sends stream not yet finished (all campaigns).
+    pub stream_waiting: i64,
+    /// Of those, read by a daemon and in progress.
+    pub stream_pending: i64,
+    /// Jobs in the delayed set (retries and send_at).
+    pub scheduled: i64,
+    pub campaigns: Vec<CampaignStats>,
+}
+
+pub async fn stats(settings: &Settings, campaign: Option<&str>) -> anyhow::Result<Overview> {
+    let client = redis_client(settings).await?;
+    let mut conn = manager(&client, std::time::Duration::from_secs(10)).await?;
+    let keys = Keys::new(&settings.redis.prefix);
+    let names: Vec<String> = match campaign {
+        Some(c) => vec![c.to_string()],
+        None => {
+            let mut v: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&keys.campaigns)
+                .query_async(&mut conn)
+                .await?;
+            v.sort();
+            v
+        }
+    };
+    let mut p = redis::pipe();
+    for n in &names {
+        p.cmd("HGETALL").arg(keys.stats(n));
+    }
+    p.cmd("XLEN").arg(&keys.sends);
+    p.cmd("ZCARD").arg(&keys.scheduled);
+    let mut replies: Vec<redis::Value> = p.query_async(&mut conn).await?;
+    let scheduled: i64 =
+        redis::from_redis_value(replies.pop().unwrap_or(redis::Value::Nil)).unwrap_or(0);
+    let stream_waiting: i64 =
+        redis::from_redis_value(replies.pop().unwrap_or(redis::Value::Nil)).unwrap_or(0);
+    let pending: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
+        .arg(&keys.sends)
+        .arg(&settings.redis.group)
+        .query_async(&mut conn)
+        .await;
+    let stream_pending = match pending {
+        Ok(redis::Value::Array(a)) => a
+            .first()
+            .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
+            .unwrap_or(0),
+        _ => 0,
+    };
+    let mut campaigns = Vec::new();
+    for (name, reply) in names.into_iter().zip(replies) {
+        let h: BTreeMap<String, i64> = redis::from_redis_value(reply).unwrap_or_default();
+        let g = |k: &str| h.get(k).copied().unwrap_or(0);
+        let terminal = g("delivered") + g("bounced") + g("failed") + g("suppressed") + g("dead");
+        campaigns.push(CampaignStats {
+            queued: (g("accepted") - terminal).max(0),
+            accepted: g("accepted"),
+            delivered: g("delivered"),
+            deferred: g("deferred"),
+            bounced: g("bounced"),
+            failed: g("failed"),
+            suppressed: g("suppressed"),
+            dead: g("dead"),
+            campaign: name,
+        });
+    }
+    Ok(Overview {
+        stream_waiting,
+        stream_pending,
+        scheduled,
+        campaigns,
+    })
+}
+
+pub fn print_stats(o: &Overview) {
+    println!(
+        "{:<24} {:>9} {:>10} {:>9} {:>9} {:>8} {:>10} {:>7}",
+        "campaign", "queued", "delivered", "deferred", "bounced", "failed", "suppressed", "dead"
+    );
+    for c in &o.campaigns {
+        println!(
+            "{:<24} {:>9} {:>10} {:>9} {:>9} {:>8} {:>10} {:>7}",
+            c.campaign,
+            c.queued,
+            c.delivered,
+            c.deferred,
+            c.bounced,
+            c.failed,
+            c.suppressed,
+            c.dead
+        );
+    }
+    if o.campaigns.is_empty() {
+        println!("(no campaign has an outcome yet)");
+    }
+    println!(
+        "\nsends stream: {} waiting ({} being processed); delayed set: {} (retries and send_at)",
+        o.stream_waiting, o.stream_pending, o.scheduled
+    );
+}

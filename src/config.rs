@@ -1,0 +1,553 @@
+//! Settings: one tree, one struct per component, read from TOML and overridden by
+//! `PALOMA_SECTION__KEY` environment variables.
+//!
+//! Durations and rates are written with their unit (`"30s"`, `"10/s"`) and parsed here,
+//! once, into typed values; nothing downstream re-parses a string.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration, as `paloma run --config FILE` reads it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default)]
+    pub redis: RedisSettings,
+    #[serde(default)]
+    pub templates: TemplateSettings,
+    pub sender: SenderSettings,
+    #[serde(default)]
+    pub delivery: DeliverySettings,
+    #[serde(default)]
+    pub intake: IntakeSettings,
+    #[serde(default)]
+    pub domains: Vec<DomainRule>,
+    #[serde(default)]
+    pub dkim: Vec<DkimSettings>,
+    #[serde(default)]
+    pub tracking: TrackingSettings,
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+    /// Workflow rules (see `[[workflows]]` in config/paloma.toml). Parsed and validated here;
+    /// executed by the workflow engine.
+    #[serde(default)]
+    pub workflows: Vec<WorkflowRule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// Redis Cluster seed nodes; when set, `url` is ignored.
+    pub cluster_nodes: Vec<String>,
+    /// Every key and stream lives under this prefix.
+    pub prefix: String,
+    /// Consumer group shared by every daemon reading `{prefix}sends`.
+    pub group: String,
+    /// This daemon's consumer name; default: hostname, pid and a random suffix.
+    pub consumer: Option<String>,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379/".into(),
+            cluster_nodes: Vec::new(),
+            prefix: "paloma:".into(),
+            group: "paloma".into(),
+            consumer: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TemplateSettings {
+    pub dir: PathBuf,
+    /// Missing variables are render errors (dead-letter) instead of empty strings.
+    pub strict: bool,
+}
+
+impl Default for TemplateSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("templates"),
+            strict: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SenderSettings {
+    /// Default `From`, `Name <addr>` or `addr`.
+    pub from: String,
+    /// EHLO name.
+    pub helo: String,
+    /// Default `Reply-To`.
+    #[serde(default)]
+    pub reply_to: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    Relay,
+    Mx,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    None,
+    Opportunistic,
+    Required,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySettings {
+    pub mode: DeliveryMode,
+    /// Relay (smarthost) `host:port`, relay mode.
+    pub relay: String,
+    /// SMTP AUTH user for the relay (password from `password` or `PALOMA_DELIVERY__PASSWORD`).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Port on the MX hosts, mx mode.
+    pub mx_port: u16,
+    /// Resolver override, mx mode (`ip:port`); empty = system resolver.
+    pub nameservers: Vec<String>,
+    pub tls: TlsMode,
+    pub retry_intervals: Vec<Dur>,
+    /// Give up (event `failed`) once a job is this old.
+    pub max_age: Dur,
+    /// Concurrent SMTP sessions (relay mode: to the relay; mx mode: the default per domain).
+    pub connections: usize,
+    /// Messages sent over one connection before it is closed and replaced.
+    pub messages_per_connection: u32,
+    /// Idle connections are closed after this long.
+    pub idle_timeout: Dur,
+    /// Connect and per-command timeout.
+    pub timeout: Dur,
+    /// Largest rendered message (bytes).
+    pub max_message_bytes: usize,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            mode: DeliveryMode::Relay,
+            relay: "127.0.0.1:2525".into(),
+            username: None,
+            password: None,
+            mx_port: 25,
+            nameservers: Vec::new(),
+            tls: TlsMode::Opportunistic,
+            retry_intervals: ["5m", "10m", "30m", "1h", "2h", "4h"]
+                .iter()
+                .map(|s| s.parse().expect("valid default"))
+                .collect(),
+            max_age: "5d".parse().expect("valid default"),
+            connections: 32,
+            messages_per_connection: 1000,
+            idle_timeout: "30s".parse().expect("valid default"),
+            timeout: "30s".parse().expect("valid default"),
+            max_message_bytes: 10 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntakeSettings {
+    /// Entries read per XREADGROUP.
+    pub batch: usize,
+    /// How long one blocking read waits for new entries.
+    pub block: Dur,
+    /// An entry pending this long with a consumer that stopped is reclaimed by another daemon.
+    /// Keep it above the longest SMTP transaction (`delivery.timeout` × a few).
+    pub claim_idle: Dur,
+    /// Largest accepted job (bytes of JSON).
+    pub max_job_bytes: usize,
+    /// How long the idempotency record of a finished job is kept.
+    pub idempotency_ttl: Dur,
+    /// Jobs rendered or in SMTP at once (bounded: memory stays flat whatever waits in Redis).
+    pub workers: usize,
+    /// Events and acks are written per batch of at most this many outcomes.
+    pub event_batch: usize,
+}
+
+impl Default for IntakeSettings {
+    fn default() -> Self {
+        Self {
+            batch: 256,
+            block: "1s".parse().expect("valid default"),
+            claim_idle: "5m".parse().expect("valid default"),
+            max_job_bytes: 256 * 1024,
+            idempotency_ttl: "30d".parse().expect("valid default"),
+            workers: 64,
+            event_batch: 512,
+        }
+    }
+}
+
+/// Per-domain shaping (`[[domains]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainRule {
+    /// A recipient domain (`gmail.com`), a suffix (`.example`), or `*` for the default.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub rate: Option<Rate>,
+    pub connections: Option<usize>,
+    pub messages_per_connection: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimSettings {
+    pub domain: String,
+    pub selector: String,
+    /// PKCS#8 (or PKCS#1 RSA) PEM file.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingSettings {
+    /// What links in mail point at (no trailing slash needed).
+    pub base_url: String,
+    pub listen: Option<SocketAddr>,
+    /// HMAC key for tracking tokens. Keep it secret; rotate with `old_secrets`.
+    pub secret: String,
+    /// Earlier secrets, still accepted for mail already sent: `{ "1" = "…" }`, key id → secret.
+    pub old_secrets: HashMap<String, String>,
+    /// Key id of `secret`, written into new tokens.
+    pub key_id: String,
+    /// Add the open pixel and rewrite links.
+    pub enabled: bool,
+}
+
+impl Default for TrackingSettings {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:8080".into(),
+            listen: None,
+            secret: String::new(),
+            old_secrets: HashMap::new(),
+            key_id: "0".into(),
+            enabled: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// `GET /metrics`, `/healthz`, `/readyz`.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowRule {
+    pub name: String,
+    pub campaign: Option<String>,
+    pub on: String,
+    pub link: Option<String>,
+    pub within: Option<Dur>,
+    pub delay: Option<Dur>,
+    #[serde(default)]
+    pub machine: bool,
+    pub send: Option<WorkflowSend>,
+    pub webhook: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowSend {
+    pub template: String,
+    pub campaign: Option<String>,
+}
+
+/// A duration written with its unit: `500ms`, `2s`, `5m`, `1h`, `3d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(|| format!("duration {s:?} has no unit (ms, s, m, h, d)"))?;
+        let (num, unit) = s.split_at(split);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("duration {s:?}: {num:?} is not a number"))?;
+        let secs = match unit.trim() {
+            "ms" => n / 1000.0,
+            "s" => n,
+            "m" | "min" => n * 60.0,
+            "h" => n * 3600.0,
+            "d" => n * 86400.0,
+            "w" => n * 7.0 * 86400.0,
+            u => return Err(format!("duration {s:?}: unknown unit {u:?}")),
+        };
+        if !secs.is_finite() || secs < 0.0 {
+            return Err(format!("duration {s:?} out of range"));
+        }
+        Ok(Dur(Duration::from_secs_f64(secs)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// A rate written as `count/unit`: `10/s`, `500/min`, `20000/h`, `100000/d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (n, unit) = s
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| format!("rate {s:?} must look like \"10/s\""))?;
+        let count: u32 = n
+            .trim()
+            .replace('_', "")
+            .parse()
+            .map_err(|_| format!("rate {s:?}: {n:?} is not a whole number"))?;
+        if count == 0 {
+            return Err(format!("rate {s:?} must be above zero"));
+        }
+        let per = match unit.trim() {
+            "s" | "sec" => Duration::from_secs(1),
+            "m" | "min" => Duration::from_secs(60),
+            "h" | "hr" | "hour" => Duration::from_secs(3600),
+            "d" | "day" => Duration::from_secs(86400),
+            u => return Err(format!("rate {s:?}: unknown unit {u:?} (s, min, h, d)")),
+        };
+        Ok(Rate { count, per })
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Settings {
+    /// Reads `path`, applies `PALOMA_SECTION__KEY` overrides from the process environment,
+    /// and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, std::env::vars())
+    }
+
+    /// Parses TOML text with the given environment overrides.
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut root: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        apply_env(&mut root, env)?;
+        let settings: Settings = toml::Value::Table(root)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.delivery.retry_intervals.is_empty() {
+            return bad("delivery.retry_intervals must not be empty".into());
+        }
+        if self.delivery.connections == 0 || self.intake.workers == 0 || self.intake.batch == 0 {
+            return bad(
+                "delivery.connections, intake.workers and intake.batch must be above zero".into(),
+            );
+        }
+        if self.tracking.secret.len() < 16 {
+            return bad("tracking.secret must be set (at least 16 characters; it signs every tracking and unsubscribe link)".into());
+        }
+        if !self.tracking.base_url.starts_with("http://")
+            && !self.tracking.base_url.starts_with("https://")
+        {
+            return bad(format!(
+                "tracking.base_url {:?} must start with http:// or https://",
+                self.tracking.base_url
+            ));
+        }
+        if self.delivery.mode == DeliveryMode::Relay && self.delivery.relay.is_empty() {
+            return bad("delivery.relay must be set in relay mode".into());
+        }
+        for (i, w) in self.workflows.iter().enumerate() {
+            const ON: [&str; 7] = [
+                "delivered",
+                "opened",
+                "clicked",
+                "unsubscribed",
+                "bounced",
+                "not_opened",
+                "not_clicked",
+            ];
+            if !ON.contains(&w.on.as_str()) {
+                return bad(format!(
+                    "workflows[{i}] ({}): on = {:?} is not one of {ON:?}",
+                    w.name, w.on
+                ));
+            }
+            if w.send.is_some() == w.webhook.is_some() {
+                return bad(format!(
+                    "workflows[{i}] ({}): set exactly one of send or webhook",
+                    w.name
+                ));
+            }
+            if w.on.starts_with("not_") && w.within.is_none() {
+                return bad(format!(
+                    "workflows[{i}] ({}): {} needs within",
+                    w.name, w.on
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `PALOMA_DELIVERY__RELAY=host:port` sets `[delivery] relay`. Values are read as TOML when
+/// they parse as such (numbers, booleans, arrays), else as plain strings.
+fn apply_env(
+    root: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("PALOMA_") else {
+            continue;
+        };
+        let Some((section, key)) = rest.split_once("__") else {
+            continue;
+        };
+        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(value));
+        let entry = root
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match entry {
+            toml::Value::Table(t) => {
+                t.insert(key, parsed);
+            }
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}: [{section}] is not a table section"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[sender]
+from = "Shop <news@shop.example>"
+helo = "mta.shop.example"
+[tracking]
+secret = "0123456789abcdef0123"
+"#;
+
+    #[test]
+    fn durations_and_rates_parse_with_units() {
+        assert_eq!("2s".parse::<Dur>().unwrap().0, Duration::from_secs(2));
+        assert_eq!("5m".parse::<Dur>().unwrap().0, Duration::from_secs(300));
+        assert_eq!("3d".parse::<Dur>().unwrap().0, Duration::from_secs(259200));
+        assert_eq!(
+            "250ms".parse::<Dur>().unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert!("5".parse::<Dur>().is_err());
+        assert!("5y".parse::<Dur>().is_err());
+        let r: Rate = "500/min".parse().unwrap();
+        assert_eq!((r.count, r.per), (500, Duration::from_secs(60)));
+        assert!("0/s".parse::<Rate>().is_err());
+        assert!("10".parse::<Rate>().is_err());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let env = vec![
+            (
+                "PALOMA_DELIVERY__RELAY".to_string(),
+                "10.0.0.1:25".to_string(),
+            ),
+            ("PALOMA_INTAKE__BATCH".to_string(), "64".to_string()),
+            ("PALOMA_REDIS__PREFIX".to_string(), "x:".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+        ];
+        let s = Settings::from_toml(MIN, env).unwrap();
+        assert_eq!(s.delivery.relay, "10.0.0.1:25");
+        assert_eq!(s.intake.batch, 64);
+        assert_eq!(s.redis.prefix, "x:");
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_secret_are_errors() {
+        let e = Settings::from_toml(&format!("{MIN}\n[delivery]\nrelai = \"x\"\n"), vec![])
+            .unwrap_err();
+        assert!(e.to_string().contains("relai"), "{e}");
+        let e = Settings::from_toml("[sender]\nfrom=\"a@b.c\"\nhelo=\"h\"\n", vec![]).unwrap_err();
+        assert!(e.to_string().contains("tracking.secret"), "{e}");
+    }
+}

@@ -1,0 +1,480 @@
+//! The daemon: intake → (render → deliver) workers → recorder, plus the scheduler, the
+//! metrics/health endpoint, and shutdown.
+//!
+//! Flow of one job: the intake reads a batch of stream entries, validates each job, claims
+//! its id, and hands it to a worker (a task holding one of `intake.workers` permits, so
+//! memory stays flat however long the stream is). The worker renders the message and
+//! delivers it; its outcome goes to the recorder, which writes the event, the idempotency
+//! record and the stream ack in one transaction.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rand::Rng;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::Settings;
+use crate::deliver::{Deliverer, Outcome};
+use crate::job::{Job, JobError, JobIdentity};
+use crate::metrics::Metrics;
+use crate::queue::events::{rfc3339_ms, Event};
+use crate::queue::intake::{Claim, Intake};
+use crate::queue::recorder::{IdemState, Record, Recorder, RecorderHandle};
+use crate::queue::{now_ms, scheduler, Entry, Keys};
+use crate::render::{DkimKeys, Renderer, Templates};
+
+/// Everything a worker needs, shared.
+pub struct Shared {
+    pub settings: Settings,
+    pub renderer: Renderer,
+    pub deliverer: Deliverer,
+    pub recorder: RecorderHandle,
+    pub metrics: Arc<Metrics>,
+    pub ready: AtomicBool,
+}
+
+pub async fn redis_client(settings: &Settings) -> anyhow::Result<redis::Client> {
+    if !settings.redis.cluster_nodes.is_empty() {
+        anyhow::bail!("redis.cluster_nodes: Redis Cluster is not supported yet; set redis.url");
+    }
+    redis::Client::open(settings.redis.url.as_str()).with_context(|| {
+        format!(
+            "redis.url {:?} is not a valid Redis URL",
+            redact(&settings.redis.url)
+        )
+    })
+}
+
+/// A Redis URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+pub async fn manager(
+    client: &redis::Client,
+    response_timeout: Duration,
+) -> anyhow::Result<ConnectionManager> {
+    let cfg = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(response_timeout))
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(6)
+        .set_max_delay(Duration::from_secs(2));
+    client
+        .get_connection_manager_with_config(cfg)
+        .await
+        .context("cannot connect to Redis (is it running at redis.url?)")
+}
+
+fn consumer_name(settings: &Settings) -> String {
+    settings.redis.consumer.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "paloma".into());
+        format!(
+            "{host}-{}-{:04x}",
+            std::process::id(),
+            rand::thread_rng().gen::<u16>()
+        )
+    })
+}
+
+/// Runs the daemon until `shutdown` completes, then drains: stops reading, lets in-flight
+/// jobs finish (up to `drain` long), writes their outcomes and closes SMTP sessions.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let templates = Templates::load(&settings.templates.dir, settings.templates.strict)?;
+    let dkim = DkimKeys::load(&settings.dkim)?;
+    let renderer = Renderer::new(&settings, templates, dkim).map_err(anyhow::Error::msg)?;
+    let deliverer = Deliverer::new(&settings).await?;
+    let metrics = Arc::new(Metrics::new());
+    let keys = Keys::new(&settings.redis.prefix);
+
+    let client = redis_client(&settings).await?;
+    let block = settings.intake.block.get();
+    let reader = manager(&client, block + Duration::from_secs(5)).await?;
+    let conn = manager(&client, Duration::from_secs(10)).await?;
+    let consumer = consumer_name(&settings);
+    let mut intake = Intake::new(
+        reader,
+        conn.clone(),
+        keys.clone(),
+        settings.redis.group.clone(),
+        consumer.clone(),
+        settings.intake.batch,
+        block,
+        settings.intake.claim_idle.get(),
+        settings.intake.idempotency_ttl.get(),
+    );
+    intake
+        .ensure_group()
+        .await
+        .context("creating the consumer group")?;
+
+    let (recorder, handle) = Recorder::new(
+        conn.clone(),
+        keys.clone(),
+        settings.redis.group.clone(),
+        settings.intake.idempotency_ttl.get(),
+        settings.intake.event_batch,
+        metrics.clone(),
+    );
+    let recorder_task = tokio::spawn(recorder.run());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let scheduler_task = tokio::spawn(scheduler::run(
+        conn.clone(),
+        keys.clone(),
+        settings.intake.idempotency_ttl.get(),
+        Duration::from_millis(250),
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
+
+    let workers = settings.intake.workers;
+    let shared = Arc::new(Shared {
+        settings,
+        renderer,
+        deliverer,
+        recorder: handle,
+        metrics: metrics.clone(),
+        ready: AtomicBool::new(false),
+    });
+    let http_task = match shared.settings.metrics.listen {
+        Some(addr) => {
+            Some(crate::http::serve_ops(addr, shared.clone(), conn.clone(), stop_rx.clone()).await?)
+        }
+        None => None,
+    };
+    tracing::info!(
+        consumer = %consumer,
+        mode = ?shared.settings.delivery.mode,
+        workers,
+        templates = shared.renderer.templates().names().count(),
+        "paloma running"
+    );
+    shared.ready.store(true, Ordering::Relaxed);
+
+    let permits = Arc::new(Semaphore::new(workers));
+    tokio::pin!(shutdown);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let intake_loop = intake_loop(
+        &mut intake,
+        shared.clone(),
+        permits.clone(),
+        stopping.clone(),
+    );
+    tokio::select! {
+        r = intake_loop => r?,
+        _ = &mut shutdown => {}
+    }
+    // The intake loop is dropped here at an await point; an entry it had read but not handed
+    // to a worker stays pending in Redis and is reclaimed, never lost.
+    stopping.store(true, Ordering::Relaxed);
+    shared.ready.store(false, Ordering::Relaxed);
+    tracing::info!("shutting down: intake stopped, draining in-flight jobs");
+    let drain =
+        tokio::time::timeout(Duration::from_secs(8), permits.acquire_many(workers as u32)).await;
+    if drain.is_err() {
+        tracing::warn!(
+            in_flight = workers - permits.available_permits(),
+            "in-flight jobs did not finish in time; they stay pending in Redis and will be reclaimed"
+        );
+    }
+    let _ = stop_tx.send(true);
+    shared.deliverer.close().await;
+    // Drop our recorder handle: the recorder writes what it holds and stops once the
+    // workers' handles are gone too (a worker still stuck past the drain keeps its entry
+    // pending in Redis, to be reclaimed).
+    drop(intake);
+    drop(shared);
+    let _ = tokio::time::timeout(Duration::from_secs(1), recorder_task).await;
+    let _ = scheduler_task.await;
+    if let Some(t) = http_task {
+        let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn intake_loop(
+    intake: &mut Intake,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    stopping: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let claim_every = (shared.settings.intake.claim_idle.get() / 4)
+        .clamp(Duration::from_millis(500), Duration::from_secs(60));
+    // Reclaim right away: a restarted daemon picks up what a killed one left.
+    let mut last_claim = Instant::now() - claim_every;
+    let mut entries = Vec::with_capacity(shared.settings.intake.batch);
+    let mut gone = Vec::new();
+    let mut backoff = Duration::from_millis(100);
+    while !stopping.load(Ordering::Relaxed) {
+        entries.clear();
+        gone.clear();
+        let mut reclaimed = 0;
+        if last_claim.elapsed() >= claim_every {
+            last_claim = Instant::now();
+            if let Err(e) = intake.reclaim(&mut entries, &mut gone).await {
+                tracing::warn!(error = %e, "reclaiming pending jobs failed");
+            }
+            reclaimed = entries.len();
+            shared.metrics.jobs_reclaimed.inc_by(reclaimed as u64);
+            if reclaimed > 0 {
+                tracing::info!(
+                    count = reclaimed,
+                    "reclaimed pending jobs from a stopped consumer"
+                );
+            }
+        }
+        if reclaimed == 0 {
+            if let Err(e) = intake.read(&mut entries, &mut gone).await {
+                shared.metrics.redis_errors.inc();
+                tracing::warn!(error = %e, "reading the sends stream failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            backoff = Duration::from_millis(100);
+        }
+        for id in gone.drain(..) {
+            shared
+                .recorder
+                .send(Record {
+                    ack: Some(id),
+                    ..Default::default()
+                })
+                .await;
+        }
+        if entries.is_empty() {
+            continue;
+        }
+        shared.metrics.jobs_read.inc_by(entries.len() as u64);
+        if let Some(last) = entries.last() {
+            let lag = (now_ms() - Entry::id_millis(&last.id)).max(0) as f64 / 1000.0;
+            shared.metrics.queue_lag.set(lag);
+        }
+        dispatch(intake, &shared, &permits, std::mem::take(&mut entries)).await?;
+    }
+    Ok(())
+}
+
+/// Validates and claims a batch, then hands each job to a worker.
+async fn dispatch(
+    intake: &mut Intake,
+    shared: &Arc<Shared>,
+    permits: &Arc<Semaphore>,
+    entries: Vec<Entry>,
+) -> anyhow::Result<()> {
+    let max = shared.settings.intake.max_job_bytes;
+    let mut valid: Vec<(Entry, Job)> = Vec::with_capacity(entries.len());
+    for e in entries {
+        match Job::parse(&e.job, max) {
+            Ok(job) => valid.push((e, job)),
+            Err((err, ident)) => {
+                shared
+                    .recorder
+                    .send(dead_record(&e, &err, &ident, false))
+                    .await
+            }
+        }
+    }
+    let ids: Vec<(&str, &str)> = valid
+        .iter()
+        .map(|(e, j)| (j.id.as_str(), e.id.as_str()))
+        .collect();
+    let claims = loop {
+        match intake.claim(&ids).await {
+            Ok(c) => break c,
+            Err(e) => {
+                shared.metrics.redis_errors.inc();
+                tracing::warn!(error = %e, "claiming job ids failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    drop(ids);
+    let now = now_ms();
+    for ((entry, job), claim) in valid.into_iter().zip(claims) {
+        if claim == Claim::Duplicate {
+            shared.metrics.jobs_duplicate.inc();
+            tracing::debug!(id = job.id.as_str(), "duplicate job id; skipped");
+            shared
+                .recorder
+                .send(Record {
+                    ack: Some(entry.id),
+                    ..Default::default()
+                })
+                .await;
+            continue;
+        }
+        if let Some(at) = job.send_at.filter(|&t| t > now + 250) {
+            let member = scheduler::member(entry.attempt, entry.first_at, &entry.job);
+            shared
+                .recorder
+                .send(Record {
+                    ack: Some(entry.id),
+                    schedule: Some((at, member)),
+                    idem: Some((job.id.as_str().to_string(), Some(IdemState::Scheduled))),
+                    ..Default::default()
+                })
+                .await;
+            continue;
+        }
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closes");
+        tokio::spawn(work(shared.clone(), entry, job, permit));
+    }
+    Ok(())
+}
+
+fn dead_record(entry: &Entry, err: &JobError, ident: &JobIdentity, claimed: bool) -> Record {
+    let error = err.to_string();
+    let mut ev = Event::new("dead", &ident.id, &ident.campaign, &ident.to);
+    ev.error = Some(&error);
+    let event = ev.to_json();
+    Record {
+        ack: Some(entry.id.clone()),
+        event: Some(event),
+        // A dead job may be fixed and enqueued again under the same id.
+        idem: claimed.then(|| (ident.id.clone(), None)),
+        dead: Some((entry.job.clone(), error)),
+        stat: Some((stat_campaign(&ident.campaign), "dead")),
+        first: entry.attempt == 0,
+        ..Default::default()
+    }
+}
+
+fn stat_campaign(c: &str) -> String {
+    if c.is_empty() {
+        "(none)".into()
+    } else {
+        c.to_string()
+    }
+}
+
+/// One job: render, deliver, record.
+async fn work(shared: Arc<Shared>, entry: Entry, mut job: Job, _permit: OwnedSemaphorePermit) {
+    let m = &shared.metrics;
+    m.in_flight.inc();
+    let ident = JobIdentity {
+        id: job.id.as_str().to_string(),
+        campaign: job.campaign.as_str().to_string(),
+        to: job.to.as_str().to_string(),
+    };
+    let t0 = Instant::now();
+    let mut message = Vec::with_capacity(16 * 1024);
+    let mut scratch = Vec::new();
+    let record = match shared.renderer.render(&mut job, &mut message, &mut scratch) {
+        Err(e) => dead_record(&entry, &e, &ident, true),
+        Ok(()) => {
+            m.render_seconds.observe(t0.elapsed().as_secs_f64());
+            drop(scratch);
+            match crate::deliver::smtp::envelope(shared.renderer.mail_from(&job), job.to.as_str()) {
+                Err(reason) => dead_record(
+                    &entry,
+                    &JobError::Invalid {
+                        field: "to",
+                        reason,
+                    },
+                    &ident,
+                    true,
+                ),
+                Ok(envelope) => {
+                    let t1 = Instant::now();
+                    let outcome = shared
+                        .deliverer
+                        .send(job.to.domain(), &envelope, &message)
+                        .await;
+                    let label = match &outcome {
+                        Outcome::Delivered { .. } => "delivered",
+                        Outcome::Deferred { .. } => "deferred",
+                        Outcome::Bounced(_) => "bounced",
+                    };
+                    m.smtp_seconds
+                        .with_label_values(&[label])
+                        .observe(t1.elapsed().as_secs_f64());
+                    outcome_record(&shared, &entry, &ident, outcome)
+                }
+            }
+        }
+    };
+    shared.recorder.send(record).await;
+    m.in_flight.dec();
+}
+
+fn outcome_record(shared: &Shared, entry: &Entry, ident: &JobIdentity, outcome: Outcome) -> Record {
+    let (id, campaign, to) = (
+        ident.id.as_str(),
+        ident.campaign.as_str(),
+        ident.to.as_str(),
+    );
+    let first = entry.attempt == 0;
+    let done = |kind: &'static str, event: String| Record {
+        ack: Some(entry.id.clone()),
+        event: Some(event),
+        idem: Some((id.to_string(), Some(IdemState::Done))),
+        stat: Some((campaign.to_string(), kind)),
+        first,
+        ..Default::default()
+    };
+    match outcome {
+        Outcome::Delivered { response } => {
+            let mut ev = Event::new("delivered", id, campaign, to);
+            ev.response = Some(&response);
+            done("delivered", ev.to_json())
+        }
+        Outcome::Bounced(b) => {
+            shared
+                .metrics
+                .bounces
+                .with_label_values(&[b.class.as_str()])
+                .inc();
+            let mut ev = Event::new("bounced", id, campaign, to);
+            ev.code = Some(b.code);
+            ev.enhanced = Some(&b.enhanced);
+            ev.class = Some(b.class.as_str());
+            ev.response = Some(&b.response);
+            done("bounced", ev.to_json())
+        }
+        Outcome::Deferred { response } => {
+            let d = &shared.settings.delivery;
+            let attempt = entry.attempt + 1;
+            let base =
+                d.retry_intervals[(attempt as usize - 1).min(d.retry_intervals.len() - 1)].get();
+            // ±10% jitter so a burst of deferrals does not come back as one burst.
+            let jitter = rand::thread_rng().gen_range(0.9..1.1);
+            let retry_at = now_ms() + (base.as_secs_f64() * jitter * 1000.0) as i64;
+            if retry_at - entry.first_at > d.max_age.get().as_millis() as i64 {
+                let mut ev = Event::new("failed", id, campaign, to);
+                ev.attempt = Some(attempt);
+                ev.response = Some(&response);
+                return done("failed", ev.to_json());
+            }
+            let mut ev = Event::new("deferred", id, campaign, to);
+            ev.attempt = Some(attempt);
+            ev.retry_at = Some(rfc3339_ms(retry_at));
+            ev.response = Some(&response);
+            Record {
+                ack: Some(entry.id.clone()),
+                event: Some(ev.to_json()),
+                idem: Some((id.to_string(), Some(IdemState::Scheduled))),
+                schedule: Some((
+                    retry_at,
+                    scheduler::member(attempt, entry.first_at, &entry.job),
+                )),
+                stat: Some((campaign.to_string(), "deferred")),
+                first,
+                ..Default::default()
+            }
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Delivery: SMTP sessions to the relay (or, in mx mode, to each domain's MX hosts) and the
+//! one outcome type every layer speaks.
+
+pub mod smtp;
+
+/// What one delivery attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx after the message data.
+    Delivered { response: String },
+    /// 4xx, a connection failure or a timeout: try again later.
+    Deferred { response: String },
+    /// 5xx: permanent.
+    Bounced(Bounce),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bounce {
+    pub code: u16,
+    /// RFC 3463 enhanced status (`5.1.1`), empty when the server gave none.
+    pub enhanced: String,
+    pub class: BounceClass,
+    pub response: String,
+}
+
+/// Why a message bounced, from the enhanced status code (RFC 3463) and the reply text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BounceClass {
+    InvalidRecipient,
+    BadDomain,
+    MailboxFull,
+    InactiveMailbox,
+    SpamBlock,
+    PolicyBlock,
+    MessageRejected,
+    Other,
+}
+
+impl BounceClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BounceClass::InvalidRecipient => "invalid_recipient",
+            BounceClass::BadDomain => "bad_domain",
+            BounceClass::MailboxFull => "mailbox_full",
+            BounceClass::InactiveMailbox => "inactive_mailbox",
+            BounceClass::SpamBlock => "spam_block",
+            BounceClass::PolicyBlock => "policy_block",
+            BounceClass::MessageRejected => "message_rejected",
+            BounceClass::Other => "other",
+        }
+    }
+
+    /// Hard bounces say the address itself is bad: it goes on the suppression list.
+    pub fn is_hard(self) -> bool {
+        matches!(
+            self,
+            BounceClass::InvalidRecipient | BounceClass::BadDomain | BounceClass::InactiveMailbox
+        )
+    }
+
+    pub fn classify(enhanced: &str, text: &str) -> BounceClass {
+        let t = text.to_ascii_lowercase();
+        let has = |words: &[&str]| words.iter().any(|w| t.contains(w));
+        if has(&[
+            "spam",
+            "blocklist",
+            "blacklist",
+            "block list",
+            "spamhaus",
+            "reputation",
+        ]) {
+            return BounceClass::SpamBlock;
+        }
+        match enhanced {
+            "5.1.1" | "5.1.0" | "5.1.3" | "5.1.6" => BounceClass::InvalidRecipient,
+            "5.1.2" | "5.1.10" | "5.4.4" => BounceClass::BadDomain,
+            "5.2.1" => BounceClass::InactiveMailbox,
+            "5.2.2" | "4.2.2" | "5.2.3" => BounceClass::MailboxFull,
+            "5.7.1" | "5.7.0" | "5.7.26" | "5.7.25" | "5.7.27" | "5.7.23" => {
+                BounceClass::PolicyBlock
+            }
+            "5.6.0" | "5.6.1" | "5.3.4" => BounceClass::MessageRejected,
+            _ if has(&[
+                "user unknown",
+                "no such user",
+                "does not exist",
+                "unknown user",
+                "recipient address rejected",
+                "invalid recipient",
+                "mailbox unavailable",
+                "not found",
+            ]) =>
+            {
+                BounceClass::InvalidRecipient
+            }
+            _ if has(&[
+                "mailbox full",
+                "quota",
+                "over quota",
+                "insufficient storage",
+            ]) =>
+            {
+                BounceClass::MailboxFull
+            }
+            _ if has(&["disabled", "inactive", "suspended"]) => BounceClass::InactiveMailbox,
+            _ if has(&["policy", "not allowed", "denied", "refused"]) => BounceClass::PolicyBlock,
+            _ => BounceClass::Other,
+        }
+    }
+}
+
+/// The first `d.ddd.ddd` token of a reply text.
+pub fn enhanced_status(text: &str) -> String {
+    text.split(|c: char| c.is_whitespace() || c == ',' || c == ';')
+        .find(|w| {
+            let mut parts = w.split('.');
+            let ok = |p: Option<&str>, max: usize| {
+                p.is_some_and(|p| {
+                    !p.is_empty() && p.len() <= max && p.bytes().all(|b| b.is_ascii_digit())
+                })
+            };
+            matches!(w.as_bytes().first(), Some(b'2' | b'4' | b'5'))
+                && ok(parts.next(), 1)
+                && ok(parts.next(), 3)
+                && ok(parts.next(), 3)
+                && parts.next().is_none()
+        })
+        .unwrap_or_default()
+        .to_string()
+}
+
+impl Outcome {
+    /// A 5xx reply turned into a bounce.
+    pub fn bounce(code: u16, response: String) -> Outcome {
+        let enhanced = enhanced_status(&response);
+        let class = BounceClass::classify(&enhanced, &response);
+        Outcome::Bounced(Bounce {
+            code,
+            enhanced,
+            class,
+            response,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enhanced_codes_are_found() {
+        assert_eq!(
+            enhanced_status("550 5.1.1 <a@b>: Recipient address rejected"),
+            "5.1.1"
+        );
+        assert_eq!(enhanced_status("5.7.26 Unauthenticated email"), "5.7.26");
+        assert_eq!(enhanced_status("Error: command failed"), "");
+        assert_eq!(enhanced_status("version 1.2.3"), "");
+    }
+
+    #[test]
+    fn classes() {
+        assert_eq!(
+            BounceClass::classify("5.1.1", "user unknown"),
+            BounceClass::InvalidRecipient
+        );
+        assert_eq!(
+            BounceClass::classify("5.7.1", "blocked by Spamhaus"),
+            BounceClass::SpamBlock
+        );
+        assert_eq!(
+            BounceClass::classify("5.2.2", "mailbox full"),
+            BounceClass::MailboxFull
+        );
+        assert_eq!(
+            BounceClass::classify("", "550 No such user here"),
+            BounceClass::InvalidRecipient
+        );
+        assert_eq!(
+            BounceClass::classify("5.3.0", "Error: command failed"),
+            BounceClass::Other
+        );
+        assert!(BounceClass::InvalidRecipient.is_hard());
+        assert!(!BounceClass::MailboxFull.is_hard());
+    }
+}
+
+use std::sync::Arc;
+
+use lettre::address::Envelope;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::extension::ClientId;
+
+use crate::config::{DeliveryMode, Settings};
+use smtp::{Pool, SessionConfig};
+
+/// Where messages go.
+pub enum Deliverer {
+    /// Everything through one smarthost.
+    Relay(Arc<Pool>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    #[error("delivery.relay {0:?}: {1}")]
+    Relay(String, String),
+    #[error("delivery.mode = \"mx\" is not available in this build yet; use mode = \"relay\"")]
+    MxUnavailable,
+}
+
+impl Deliverer {
+    pub async fn new(settings: &Settings) -> Result<Self, DeliverError> {
+        let d = &settings.delivery;
+        match d.mode {
+            DeliveryMode::Relay => {
+                let addr = tokio::net::lookup_host(d.relay.as_str())
+                    .await
+                    .map_err(|e| DeliverError::Relay(d.relay.clone(), e.to_string()))?
+                    .next()
+                    .ok_or_else(|| {
+                        DeliverError::Relay(d.relay.clone(), "resolves to no address".into())
+                    })?;
+                let host = d
+                    .relay
+                    .rsplit_once(':')
+                    .map_or(d.relay.as_str(), |(h, _)| h);
+                let credentials = d
+                    .username
+                    .clone()
+                    .map(|u| Credentials::new(u, d.password.clone().unwrap_or_default()));
+                let cfg = SessionConfig {
+                    helo: ClientId::Domain(settings.sender.helo.clone()),
+                    tls: d.tls,
+                    tls_name: host.trim_matches(['[', ']']).to_string(),
+                    credentials,
+                    timeout: d.timeout.get(),
+                    idle_timeout: d.idle_timeout.get(),
+                    messages_per_connection: d.messages_per_connection.max(1),
+                };
+                Ok(Deliverer::Relay(Pool::new(addr, d.connections, cfg)))
+            }
+            DeliveryMode::Mx => Err(DeliverError::MxUnavailable),
+        }
+    }
+
+    /// Delivers one message to `domain`'s route.
+    pub async fn send(&self, _domain: &str, envelope: &Envelope, message: &[u8]) -> Outcome {
+        match self {
+            Deliverer::Relay(pool) => pool.send(envelope, message).await,
+        }
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Deliverer::Relay(pool) => pool.close_idle().await,
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! The operations endpoint: `GET /metrics` (Prometheus text), `/healthz` (the process
+//! answers), `/readyz` (intake running and Redis reachable).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use redis::aio::ConnectionManager;
+use tokio::sync::watch;
+
+use crate::daemon::Shared;
+
+#[derive(Clone)]
+struct Ops {
+    shared: Arc<Shared>,
+    redis: ConnectionManager,
+}
+
+pub async fn serve_ops(
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    redis: ConnectionManager,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(Ops { shared, redis });
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("metrics.listen {addr}: {e}"))?;
+    tracing::info!(%addr, "metrics endpoint listening");
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+    }))
+}
+
+async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        ops.shared.metrics.render(),
+    )
+}
+
+async fn readyz(State(mut ops): State<Ops>) -> impl IntoResponse {
+    if !ops.shared.ready.load(Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: starting or draining\n",
+        );
+    }
+    let ping = tokio::time::timeout(
+        Duration::from_secs(1),
+        redis::cmd("PING").query_async::<String>(&mut ops.redis),
+    )
+    .await;
+    match ping {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: Redis unreachable\n",
+        ),
+    }
+}

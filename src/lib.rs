@@ -1,0 +1,28 @@
+//! paloma: an email campaign delivery engine.
+//!
+//! # Layout
+//!
+//! The modules follow a message through its life:
+//!
+//! - [`config`]: the settings tree, one struct per component.
+//! - [`job`]: the job contract and its validation (newtypes parsed at the edge).
+//! - [`queue`]: Redis: intake from the sends stream, the delayed set, events, dead letters,
+//!   and the recorder that writes outcomes and acks per batch.
+//! - [`render`]: templates → personalized parts → tracked links → MIME → DKIM.
+//! - [`deliver`]: SMTP sessions and the [`deliver::Outcome`] every layer speaks.
+//! - [`track`]: signed tracking tokens.
+//! - [`daemon`]: the wiring: intake → workers → recorder, shutdown.
+//! - [`http`], [`metrics`]: the operations endpoint.
+//! - [`cli`]: `enqueue`, `stats`, and [`demo`].
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod deliver;
+pub mod demo;
+pub mod http;
+pub mod job;
+pub mod metrics;
+pub mod queue;
+pub mod render;
+pub mod track;

@@ -1,0 +1,173 @@
+//! The `paloma` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use paloma::cli::{self, CsvOptions, Input};
+use paloma::config::Settings;
+
+#[derive(Parser)]
+#[command(name = "paloma", version, about = "Email campaign delivery engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: intake, delivery, tracking, metrics. SIGTERM drains and exits.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Enqueue jobs: JSON lines (one job per line) or, with --csv, a CSV list.
+    Enqueue {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// File to read, or - for standard input.
+        #[arg(default_value = "-")]
+        file: String,
+        /// Read CSV: an `email` column, other columns become the template data.
+        #[arg(long, requires_all = ["campaign", "template"])]
+        csv: bool,
+        #[arg(long)]
+        campaign: Option<String>,
+        #[arg(long)]
+        template: Option<String>,
+    },
+    /// Per-campaign counters.
+    Stats {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        campaign: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The quick start: a throwaway Redis, a local mail capture, a sample campaign.
+    Demo {
+        /// How many recipients.
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+        /// Where captured mail and the throwaway Redis live.
+        #[arg(long, default_value = "paloma-demo")]
+        dir: PathBuf,
+        /// Use this Redis instead of starting one.
+        #[arg(long)]
+        redis_url: Option<String>,
+        #[arg(long, default_value = "templates")]
+        templates: PathBuf,
+    },
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Settings> {
+    Ok(Settings::load(path)?)
+}
+
+async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { config } => {
+            let settings = load(&config)?;
+            paloma::daemon::run(settings, shutdown_signal()).await?;
+        }
+        Command::Enqueue {
+            config,
+            file,
+            csv,
+            campaign,
+            template,
+        } => {
+            let settings = load(&config)?;
+            let input = if file == "-" {
+                Input::Stdin
+            } else {
+                Input::File(file.into())
+            };
+            let csv = csv.then(|| CsvOptions {
+                campaign: campaign.unwrap_or_default(),
+                template: template.unwrap_or_default(),
+            });
+            let report = cli::enqueue(&settings, input, csv).await?;
+            eprintln!(
+                "enqueued {} jobs, rejected {}",
+                report.enqueued, report.rejected
+            );
+            if report.rejected > 0 {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Stats {
+            config,
+            campaign,
+            json,
+        } => {
+            let settings = load(&config)?;
+            let o = cli::stats(&settings, campaign.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&o)?);
+            } else {
+                cli::print_stats(&o);
+            }
+        }
+        Command::Demo {
+            count,
+            dir,
+            redis_url,
+            templates,
+        } => {
+            paloma::demo::run(paloma::demo::DemoOptions {
+                count,
+                dir,
+                redis_url,
+                templates,
+            })
+            .await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PALOMA_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("paloma: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(main_inner(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("paloma: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

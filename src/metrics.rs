@@ -1,0 +1,158 @@
+//! Prometheus metrics. One registry per daemon (no process globals), so tests can run
+//! several daemons in one process. Labels are low-cardinality: campaign and outcome, never
+//! a recipient.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub jobs_read: IntCounter,
+    pub jobs_reclaimed: IntCounter,
+    pub jobs_duplicate: IntCounter,
+    /// Terminal and deferred outcomes by campaign: delivered, deferred, bounced, failed,
+    /// suppressed, dead.
+    pub messages: IntCounterVec,
+    pub bounces: IntCounterVec,
+    pub queue_lag: prometheus::Gauge,
+    pub render_seconds: Histogram,
+    pub smtp_seconds: HistogramVec,
+    pub in_flight: IntGauge,
+    pub event_batch: Histogram,
+    pub redis_errors: IntCounter,
+    pub scheduled_moved: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let jobs_read = counter("paloma_jobs_read_total", "Jobs read from the sends stream.");
+        let jobs_reclaimed = counter(
+            "paloma_jobs_reclaimed_total",
+            "Pending jobs reclaimed from a consumer that stopped.",
+        );
+        let jobs_duplicate = counter(
+            "paloma_jobs_duplicate_total",
+            "Jobs skipped because their id was already sent or is in progress.",
+        );
+        let redis_errors = counter(
+            "paloma_redis_errors_total",
+            "Failed Redis round trips (retried).",
+        );
+        let scheduled_moved = counter(
+            "paloma_scheduled_moved_total",
+            "Delayed jobs (retries, send_at) moved back to the sends stream.",
+        );
+        let messages = IntCounterVec::new(
+            Opts::new(
+                "paloma_messages_total",
+                "Job outcomes by campaign and outcome.",
+            ),
+            &["campaign", "outcome"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(messages.clone()))
+            .expect("unique metric");
+        let bounces = IntCounterVec::new(
+            Opts::new("paloma_bounces_total", "Bounces by class."),
+            &["class"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(bounces.clone()))
+            .expect("unique metric");
+        let queue_lag = prometheus::Gauge::new(
+            "paloma_queue_lag_seconds",
+            "Age of the newest job read, at the time it was read.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(queue_lag.clone()))
+            .expect("unique metric");
+        let buckets = vec![
+            0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+            0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        let render_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "paloma_render_seconds",
+                "Render + MIME + DKIM time per message.",
+            )
+            .buckets(buckets.clone()),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(render_seconds.clone()))
+            .expect("unique metric");
+        let smtp_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "paloma_smtp_seconds",
+                "SMTP transaction time per message, by result.",
+            )
+            .buckets(buckets),
+            &["result"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(smtp_seconds.clone()))
+            .expect("unique metric");
+        let in_flight = IntGauge::new("paloma_in_flight", "Jobs being rendered or delivered.")
+            .expect("valid metric");
+        registry
+            .register(Box::new(in_flight.clone()))
+            .expect("unique metric");
+        let event_batch = Histogram::with_opts(
+            HistogramOpts::new(
+                "paloma_event_batch_size",
+                "Outcomes written per Redis transaction.",
+            )
+            .buckets(vec![1.0, 4.0, 16.0, 64.0, 256.0, 1024.0]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(event_batch.clone()))
+            .expect("unique metric");
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = registry.register(Box::new(pc));
+        }
+        Metrics {
+            registry,
+            jobs_read,
+            jobs_reclaimed,
+            jobs_duplicate,
+            messages,
+            bounces,
+            queue_lag,
+            render_seconds,
+            smtp_seconds,
+            in_flight,
+            event_batch,
+            redis_errors,
+            scheduled_moved,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,166 @@
+//! Intake from `{prefix}sends` through a consumer group: batched XREADGROUP on a connection
+//! of its own (a blocking read holds up whatever else shares a connection), XAUTOCLAIM of
+//! entries a stopped consumer left pending, and the idempotency claim of each job id.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::Value;
+
+use super::{parse_autoclaim, parse_xread, Entry, Keys};
+
+/// What the idempotency record says about a job id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// First time seen: ours.
+    New,
+    /// Already claimed for this very stream entry (a reclaim after a crash, or a retry the
+    /// scheduler moved back): ours.
+    Resumed,
+    /// Sent, scheduled or in progress under another entry: skip.
+    Duplicate,
+}
+
+pub struct Intake {
+    reader: ConnectionManager,
+    conn: ConnectionManager,
+    keys: Keys,
+    group: String,
+    consumer: String,
+    batch: usize,
+    block_ms: u64,
+    claim_idle_ms: u64,
+    claim_cursor: String,
+    idem_ttl: u64,
+}
+
+impl Intake {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        reader: ConnectionManager,
+        conn: ConnectionManager,
+        keys: Keys,
+        group: String,
+        consumer: String,
+        batch: usize,
+        block: Duration,
+        claim_idle: Duration,
+        idem_ttl: Duration,
+    ) -> Self {
+        Intake {
+            reader,
+            conn,
+            keys,
+            group,
+            consumer,
+            batch,
+            block_ms: block.as_millis() as u64,
+            claim_idle_ms: claim_idle.as_millis() as u64,
+            claim_cursor: "0-0".into(),
+            idem_ttl: idem_ttl.as_secs().max(1),
+        }
+    }
+
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// Creates the consumer group (and the stream) if missing. Reads from the start of the
+    /// stream so that jobs enqueued before the first daemon started are not skipped.
+    pub async fn ensure_group(&mut self) -> redis::RedisResult<()> {
+        let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.keys.sends)
+            .arg(&self.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn)
+            .await;
+        match r {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// New entries for this consumer (blocks up to `block`).
+    pub async fn read(
+        &mut self,
+        out: &mut Vec<Entry>,
+        gone: &mut Vec<String>,
+    ) -> redis::RedisResult<()> {
+        let reply: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(self.batch)
+            .arg("BLOCK")
+            .arg(self.block_ms)
+            .arg("STREAMS")
+            .arg(&self.keys.sends)
+            .arg(">")
+            .query_async(&mut self.reader)
+            .await;
+        match reply {
+            Ok(v) => {
+                parse_xread(&v, out, gone);
+                Ok(())
+            }
+            // The group vanished (a Redis restart without persistence): make it again.
+            Err(e) if e.code() == Some("NOGROUP") => self.ensure_group().await,
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Entries pending longer than `claim_idle` with any consumer, now ours.
+    pub async fn reclaim(
+        &mut self,
+        out: &mut Vec<Entry>,
+        gone: &mut Vec<String>,
+    ) -> redis::RedisResult<()> {
+        let reply: Value = redis::cmd("XAUTOCLAIM")
+            .arg(&self.keys.sends)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(self.claim_idle_ms)
+            .arg(&self.claim_cursor)
+            .arg("COUNT")
+            .arg(self.batch)
+            .query_async(&mut self.conn)
+            .await?;
+        self.claim_cursor = parse_autoclaim(&reply, out, gone);
+        Ok(())
+    }
+
+    /// Claims each job id for its entry, one pipelined round trip per batch:
+    /// `SET idem:{id} p:{entry} NX GET` answers nil when new, else the current holder.
+    pub async fn claim(&mut self, jobs: &[(&str, &str)]) -> redis::RedisResult<Vec<Claim>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut p = redis::pipe();
+        let mut owner = String::new();
+        for (job_id, entry_id) in jobs {
+            owner.clear();
+            owner.push_str("p:");
+            owner.push_str(entry_id);
+            p.cmd("SET")
+                .arg(self.keys.idem(job_id))
+                .arg(&owner)
+                .arg("NX")
+                .arg("GET")
+                .arg("EX")
+                .arg(self.idem_ttl);
+        }
+        let replies: Vec<Option<String>> = p.query_async(&mut self.conn).await?;
+        Ok(replies
+            .into_iter()
+            .zip(jobs)
+            .map(|(prev, (_, entry_id))| match prev {
+                None => Claim::New,
+                Some(v) if v.strip_prefix("p:") == Some(entry_id) => Claim::Resumed,
+                Some(_) => Claim::Duplicate,
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,181 @@
+//! Redis: the sends stream and its consumer group (intake), the delayed set (retries and
+//! `send_at`), the events and dead-letter streams, idempotency records and stats.
+//!
+//! Redis is the only state. Every key lives under `{prefix}`:
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `sends` | stream | jobs (`job`; retries also carry `attempt`, `first_at`) |
+//! | `events` | stream | one JSON `event` per entry |
+//! | `dead` | stream | `job` as received, `error` |
+//! | `scheduled` | sorted set | delayed jobs by due time (ms) |
+//! | `idem:{id}` | string | `p:{entry}` in progress, `s` scheduled, `d` done |
+//! | `stats:{campaign}` | hash | counters per outcome |
+//! | `campaigns` | set | campaign codes seen |
+
+pub mod events;
+pub mod intake;
+pub mod recorder;
+pub mod scheduler;
+
+use redis::Value;
+
+/// Key names, built once.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub prefix: String,
+    pub sends: String,
+    pub events: String,
+    pub dead: String,
+    pub scheduled: String,
+    pub campaigns: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_string(),
+            sends: format!("{prefix}sends"),
+            events: format!("{prefix}events"),
+            dead: format!("{prefix}dead"),
+            scheduled: format!("{prefix}scheduled"),
+            campaigns: format!("{prefix}campaigns"),
+        }
+    }
+
+    pub fn idem(&self, id: &str) -> String {
+        let mut k = String::with_capacity(self.prefix.len() + 5 + id.len());
+        k.push_str(&self.prefix);
+        k.push_str("idem:");
+        k.push_str(id);
+        k
+    }
+
+    pub fn stats(&self, campaign: &str) -> String {
+        format!("{}stats:{campaign}", self.prefix)
+    }
+}
+
+/// One entry of the sends stream.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: String,
+    pub job: Vec<u8>,
+    /// Delivery attempts already made (0 for a fresh job).
+    pub attempt: u32,
+    /// When the job first entered the system (ms); from the entry id for fresh jobs.
+    pub first_at: i64,
+}
+
+impl Entry {
+    /// Milliseconds part of a stream entry id.
+    pub fn id_millis(id: &str) -> i64 {
+        id.split('-')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn items(v: &Value) -> &[Value] {
+    match v {
+        Value::Array(a) | Value::Set(a) => a,
+        _ => &[],
+    }
+}
+
+/// Parses `[id, [field, value, …]]` pairs; entries without fields (deleted) are skipped but
+/// their ids are returned in `gone` so they can be acknowledged.
+pub fn parse_entries(list: &Value, out: &mut Vec<Entry>, gone: &mut Vec<String>) {
+    for e in items(list) {
+        let parts = items(e);
+        let Some(id) = parts.first().and_then(bytes) else {
+            continue;
+        };
+        let id = String::from_utf8_lossy(id).into_owned();
+        let fields = parts.get(1).map(items).unwrap_or(&[]);
+        if fields.is_empty() {
+            gone.push(id);
+            continue;
+        }
+        let mut entry = Entry {
+            first_at: Entry::id_millis(&id),
+            id,
+            job: Vec::new(),
+            attempt: 0,
+        };
+        for kv in fields.chunks(2) {
+            let (Some(k), Some(v)) = (kv.first().and_then(bytes), kv.get(1).and_then(bytes)) else {
+                continue;
+            };
+            match k {
+                b"job" => entry.job = v.to_vec(),
+                b"attempt" => {
+                    entry.attempt = std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0)
+                }
+                b"first_at" => {
+                    if let Some(t) = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()) {
+                        entry.first_at = t;
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.push(entry);
+    }
+}
+
+/// Entries of an XREADGROUP reply (RESP2 array or RESP3 map form).
+pub fn parse_xread(reply: &Value, out: &mut Vec<Entry>, gone: &mut Vec<String>) {
+    match reply {
+        Value::Map(m) => {
+            for (_, list) in m {
+                parse_entries(list, out, gone);
+            }
+        }
+        other => {
+            for stream in items(other) {
+                if let Some(list) = items(stream).get(1) {
+                    parse_entries(list, out, gone);
+                }
+            }
+        }
+    }
+}
+
+/// XAUTOCLAIM reply: `[next-cursor, [entries], [deleted ids]]`.
+pub fn parse_autoclaim(reply: &Value, out: &mut Vec<Entry>, gone: &mut Vec<String>) -> String {
+    let parts = items(reply);
+    let cursor = parts
+        .first()
+        .and_then(bytes)
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_else(|| "0-0".into());
+    if let Some(list) = parts.get(1) {
+        parse_entries(list, out, gone);
+    }
+    if let Some(deleted) = parts.get(2) {
+        gone.extend(
+            items(deleted)
+                .iter()
+                .filter_map(bytes)
+                .map(|b| String::from_utf8_lossy(b).into_owned()),
+        );
+    }
+    cursor
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

@@ -1,0 +1,212 @@
+//! The single writer of outcomes: collects records from intake and workers and writes them
+//! per batch in one MULTI/EXEC: events, dead letters, delayed jobs, idempotency records,
+//! stats, then XACK + XDEL of the stream entries. A job's entry is acknowledged in the same
+//! transaction that makes its outcome durable, never before.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tokio::sync::mpsc;
+
+use super::Keys;
+use crate::metrics::Metrics;
+
+/// Idempotency states written when a job leaves a daemon's hands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdemState {
+    /// Ended: a later job with the same id is a duplicate.
+    Done,
+    /// Waiting in the delayed set.
+    Scheduled,
+}
+
+/// Everything one job's outcome writes.
+#[derive(Debug, Default)]
+pub struct Record {
+    /// Stream entry to acknowledge and delete.
+    pub ack: Option<String>,
+    /// Event JSON for `{prefix}events`.
+    pub event: Option<String>,
+    /// Job id whose idempotency record is updated.
+    pub idem: Option<(String, Option<IdemState>)>,
+    /// `(due ms, member)` for the delayed set.
+    pub schedule: Option<(i64, String)>,
+    /// `(job as received, error)` for `{prefix}dead`.
+    pub dead: Option<(Vec<u8>, String)>,
+    /// `(campaign, outcome)` for stats and metrics; `first` counts the job as accepted.
+    pub stat: Option<(String, &'static str)>,
+    pub first: bool,
+}
+
+#[derive(Clone)]
+pub struct RecorderHandle {
+    tx: mpsc::Sender<Record>,
+}
+
+impl RecorderHandle {
+    /// Queues a record; waits when the writer is behind (back-pressure up the pipeline).
+    pub async fn send(&self, r: Record) {
+        if self.tx.send(r).await.is_err() {
+            tracing::error!("recorder stopped; record not written (its stream entry stays pending and will be reclaimed)");
+        }
+    }
+}
+
+pub struct Recorder {
+    rx: mpsc::Receiver<Record>,
+    conn: ConnectionManager,
+    keys: Keys,
+    group: String,
+    idem_ttl: u64,
+    batch: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Recorder {
+    pub fn new(
+        conn: ConnectionManager,
+        keys: Keys,
+        group: String,
+        idem_ttl: Duration,
+        batch: usize,
+        metrics: Arc<Metrics>,
+    ) -> (Self, RecorderHandle) {
+        let (tx, rx) = mpsc::channel(batch * 2);
+        (
+            Recorder {
+                rx,
+                conn,
+                keys,
+                group,
+                idem_ttl: idem_ttl.as_secs().max(1),
+                batch,
+                metrics,
+            },
+            RecorderHandle { tx },
+        )
+    }
+
+    /// Runs until every handle is dropped and the queue is drained.
+    pub async fn run(mut self) {
+        let mut buf = Vec::with_capacity(self.batch);
+        loop {
+            buf.clear();
+            if self.rx.recv_many(&mut buf, self.batch).await == 0 {
+                return;
+            }
+            self.metrics.event_batch.observe(buf.len() as f64);
+            let mut delay = Duration::from_millis(50);
+            loop {
+                match self.flush(&buf).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        self.metrics.redis_errors.inc();
+                        tracing::warn!(error = %e, records = buf.len(), "writing outcomes failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+            for r in &buf {
+                if let Some((campaign, outcome)) = &r.stat {
+                    self.metrics
+                        .messages
+                        .with_label_values(&[campaign.as_str(), outcome])
+                        .inc();
+                }
+            }
+        }
+    }
+
+    async fn flush(&mut self, records: &[Record]) -> redis::RedisResult<()> {
+        let k = &self.keys;
+        let mut p = redis::pipe();
+        p.atomic();
+        let mut acks: Vec<&str> = Vec::with_capacity(records.len());
+        let mut stats: HashMap<(&str, &str), i64> = HashMap::new();
+        for r in records {
+            if let Some(ev) = &r.event {
+                p.cmd("XADD")
+                    .arg(&k.events)
+                    .arg("*")
+                    .arg("event")
+                    .arg(ev)
+                    .ignore();
+            }
+            if let Some((job, error)) = &r.dead {
+                p.cmd("XADD")
+                    .arg(&k.dead)
+                    .arg("*")
+                    .arg("job")
+                    .arg(job)
+                    .arg("error")
+                    .arg(error)
+                    .ignore();
+            }
+            if let Some((due, member)) = &r.schedule {
+                p.cmd("ZADD")
+                    .arg(&k.scheduled)
+                    .arg(*due)
+                    .arg(member)
+                    .ignore();
+            }
+            if let Some((id, state)) = &r.idem {
+                match state {
+                    Some(IdemState::Done) => {
+                        p.cmd("SET")
+                            .arg(k.idem(id))
+                            .arg("d")
+                            .arg("EX")
+                            .arg(self.idem_ttl)
+                            .ignore();
+                    }
+                    Some(IdemState::Scheduled) => {
+                        p.cmd("SET")
+                            .arg(k.idem(id))
+                            .arg("s")
+                            .arg("EX")
+                            .arg(self.idem_ttl)
+                            .ignore();
+                    }
+                    None => {
+                        p.cmd("DEL").arg(k.idem(id)).ignore();
+                    }
+                }
+            }
+            if let Some((campaign, outcome)) = &r.stat {
+                *stats.entry((campaign.as_str(), outcome)).or_default() += 1;
+                if r.first {
+                    *stats.entry((campaign.as_str(), "accepted")).or_default() += 1;
+                }
+            }
+            if let Some(id) = &r.ack {
+                acks.push(id);
+            }
+        }
+        let mut campaigns: Vec<&str> = Vec::new();
+        for ((campaign, field), n) in &stats {
+            p.cmd("HINCRBY")
+                .arg(k.stats(campaign))
+                .arg(*field)
+                .arg(*n)
+                .ignore();
+            if !campaigns.contains(campaign) {
+                campaigns.push(campaign);
+            }
+        }
+        if !campaigns.is_empty() {
+            p.cmd("SADD").arg(&k.campaigns).arg(&campaigns).ignore();
+        }
+        if !acks.is_empty() {
+            p.cmd("XACK")
+                .arg(&k.sends)
+                .arg(&self.group)
+                .arg(&acks)
+                .ignore();
+            p.cmd("XDEL").arg(&k.sends).arg(&acks).ignore();
+        }
+        p.query_async::<()>(&mut self.conn).await
+    }
+}

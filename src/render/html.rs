@@ -1,0 +1,443 @@
+//! One pass over rendered HTML: tracked links, the open pixel, and the plain-text
+//! alternative for templates without `text.hbs`.
+//!
+//! A scanner, not a DOM: it looks only at `<a …>` tags and `</body>`, copies everything
+//! else through untouched, and costs one walk over the bytes per message.
+
+use crate::track::token::{Kind, Signer};
+
+/// Who the tracked links belong to.
+pub struct LinkOwner<'a> {
+    pub id: &'a str,
+    pub campaign: &'a str,
+    pub to: &'a str,
+}
+
+/// Rewrites every `http(s)` link of `<a>` tags in `html` into a tracked link, drops the
+/// `data-paloma-*` attributes, and adds the open pixel before `</body>` (or at the end).
+pub fn rewrite(html: &str, base_url: &str, signer: &Signer, who: &LinkOwner<'_>, out: &mut String) {
+    out.reserve(html.len() + html.len() / 2 + 256);
+    let bytes = html.as_bytes();
+    let mut copied = 0;
+    let mut i = 0;
+    let mut body_close = None;
+    while let Some(off) = memchr(b'<', &bytes[i..]) {
+        let lt = i + off;
+        let rest = &bytes[lt + 1..];
+        if rest.len() >= 2 && rest[0].eq_ignore_ascii_case(&b'a') && is_space(rest[1]) {
+            let Some(end) = tag_end(bytes, lt + 2) else {
+                break;
+            };
+            out.push_str(&html[copied..lt]);
+            rewrite_anchor(&html[lt..=end], base_url, signer, who, out);
+            copied = end + 1;
+            i = end + 1;
+            continue;
+        }
+        if rest.len() >= 6 && rest[..6].eq_ignore_ascii_case(b"/body>") {
+            body_close = Some(lt);
+        }
+        i = lt + 1;
+    }
+    let pixel_at = body_close.filter(|&b| b >= copied).unwrap_or(html.len());
+    out.push_str(&html[copied..pixel_at]);
+    out.push_str("<img src=\"");
+    out.push_str(base_url);
+    out.push_str("/o/");
+    signer.sign_into(out, Kind::Open, &[who.id, who.campaign, who.to]);
+    out.push_str("\" width=\"1\" height=\"1\" alt=\"\" style=\"display:none;border:0\">");
+    out.push_str(&html[pixel_at..]);
+}
+
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b'\x0c')
+}
+
+fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
+    hay.iter().position(|&b| b == needle)
+}
+
+/// Index of the `>` closing the tag that starts before `from`, honouring quoted values.
+fn tag_end(b: &[u8], from: usize) -> Option<usize> {
+    let mut quote = 0u8;
+    for (k, &c) in b.iter().enumerate().skip(from) {
+        match (quote, c) {
+            (0, b'"') | (0, b'\'') => quote = c,
+            (0, b'>') => return Some(k),
+            (q, c) if q != 0 && c == q => quote = 0,
+            _ => {}
+        }
+    }
+    None
+}
+
+struct Attr<'a> {
+    name: &'a str,
+    /// Raw (still entity-encoded) value and its byte range in the tag.
+    value: Option<&'a str>,
+    range: (usize, usize),
+}
+
+fn attributes(tag: &str) -> Vec<Attr<'_>> {
+    let b = tag.as_bytes();
+    let mut attrs = Vec::new();
+    let mut i = 2; // after "<a"
+    let end = b.len() - 1; // the '>'
+    while i < end {
+        while i < end && (is_space(b[i]) || b[i] == b'/') {
+            i += 1;
+        }
+        if i >= end {
+            break;
+        }
+        let start = i;
+        while i < end && !is_space(b[i]) && b[i] != b'=' && b[i] != b'>' {
+            i += 1;
+        }
+        let name = &tag[start..i];
+        let mut j = i;
+        while j < end && is_space(b[j]) {
+            j += 1;
+        }
+        let mut value = None;
+        if j < end && b[j] == b'=' {
+            j += 1;
+            while j < end && is_space(b[j]) {
+                j += 1;
+            }
+            if j < end && (b[j] == b'"' || b[j] == b'\'') {
+                let q = b[j];
+                let vs = j + 1;
+                let mut k = vs;
+                while k < end && b[k] != q {
+                    k += 1;
+                }
+                value = Some(&tag[vs..k]);
+                i = (k + 1).min(end);
+            } else {
+                let vs = j;
+                let mut k = vs;
+                while k < end && !is_space(b[k]) {
+                    k += 1;
+                }
+                value = Some(&tag[vs..k]);
+                i = k;
+            }
+        } else if name.is_empty() {
+            i += 1;
+            continue;
+        }
+        attrs.push(Attr {
+            name,
+            value,
+            range: (start, i),
+        });
+    }
+    attrs
+}
+
+fn rewrite_anchor(
+    tag: &str,
+    base_url: &str,
+    signer: &Signer,
+    who: &LinkOwner<'_>,
+    out: &mut String,
+) {
+    let attrs = attributes(tag);
+    let find = |n: &str| attrs.iter().find(|a| a.name.eq_ignore_ascii_case(n));
+    let notrack = find("data-paloma-notrack").is_some();
+    let link_name = find("data-paloma-link")
+        .and_then(|a| a.value)
+        .map(decode_entities);
+    let href = find("href");
+    let target = href.and_then(|a| a.value).map(decode_entities);
+    let trackable = !notrack
+        && target.as_deref().is_some_and(|u| {
+            let lower = u.get(..8).unwrap_or(u).to_ascii_lowercase();
+            (lower.starts_with("http://") || lower.starts_with("https://"))
+                && !u.chars().any(char::is_control)
+        });
+    let mut pos = 0;
+    for a in &attrs {
+        let is_paloma = a.name.len() > 11 && a.name[..11].eq_ignore_ascii_case("data-paloma");
+        let is_href = trackable && a.name.eq_ignore_ascii_case("href");
+        if !is_paloma && !is_href {
+            continue;
+        }
+        // Drop preceding whitespace with a removed attribute.
+        let mut cut = a.range.0;
+        if is_paloma {
+            while cut > pos && is_space(tag.as_bytes()[cut - 1]) {
+                cut -= 1;
+            }
+        }
+        out.push_str(&tag[pos..cut]);
+        if is_href {
+            out.push_str("href=\"");
+            out.push_str(base_url);
+            out.push_str("/c/");
+            let url = target.as_deref().unwrap_or_default();
+            let name = link_name.as_deref().unwrap_or_default();
+            signer.sign_into(
+                out,
+                Kind::Click,
+                &[who.id, who.campaign, who.to, url.trim(), name],
+            );
+            out.push('"');
+        }
+        pos = a.range.1;
+    }
+    out.push_str(&tag[pos..]);
+}
+
+/// Decodes the character references that HTML escaping produces (`&amp;`, `&#x3D;`, …).
+pub fn decode_entities(s: &str) -> String {
+    if !s.contains('&') {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(amp) = rest.find('&') {
+        out.push_str(&rest[..amp]);
+        rest = &rest[amp..];
+        let semi = rest[..rest.len().min(12)].find(';');
+        let decoded = semi.and_then(|semi| {
+            let ent = &rest[1..semi];
+            let c = match ent {
+                "amp" => Some('&'),
+                "lt" => Some('<'),
+                "gt" => Some('>'),
+                "quot" => Some('"'),
+                "apos" => Some('\''),
+                "nbsp" => Some('\u{a0}'),
+                "middot" => Some('·'),
+                "bull" => Some('•'),
+                "hellip" => Some('…'),
+                "mdash" => Some('—'),
+                "ndash" => Some('–'),
+                "lsquo" => Some('‘'),
+                "rsquo" => Some('’'),
+                "ldquo" => Some('“'),
+                "rdquo" => Some('”'),
+                "laquo" => Some('«'),
+                "raquo" => Some('»'),
+                "copy" => Some('©'),
+                "reg" => Some('®'),
+                "trade" => Some('™'),
+                "euro" => Some('€'),
+                "times" => Some('×'),
+                _ if ent.starts_with("#x") || ent.starts_with("#X") => {
+                    u32::from_str_radix(&ent[2..], 16)
+                        .ok()
+                        .and_then(char::from_u32)
+                }
+                _ if ent.starts_with('#') => ent[1..].parse().ok().and_then(char::from_u32),
+                _ => None,
+            };
+            c.map(|c| (c, semi))
+        });
+        match decoded {
+            Some((c, semi)) => {
+                out.push(c);
+                rest = &rest[semi + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A readable plain-text version of an HTML body: block elements become line breaks, links
+/// keep their URL in parentheses, `<head>`, `<style>` and `<script>` are dropped.
+pub fn to_text(html: &str) -> String {
+    let mut out = String::with_capacity(html.len() / 2);
+    let b = html.as_bytes();
+    let mut i = 0;
+    let mut text_start = 0;
+    let mut pending_href: Vec<Option<String>> = Vec::new();
+    let flush = |out: &mut String, s: &str| {
+        let decoded = decode_entities(s);
+        for word in decoded.split(|c: char| c.is_whitespace() && c != '\u{a0}') {
+            if word.is_empty() {
+                continue;
+            }
+            if !out.is_empty() && !out.ends_with('\n') && !out.ends_with(' ') {
+                out.push(' ');
+            }
+            out.push_str(&word.replace('\u{a0}', " "));
+        }
+    };
+    while i < b.len() {
+        if b[i] != b'<' {
+            i += 1;
+            continue;
+        }
+        flush(&mut out, &html[text_start..i]);
+        if html[i..].starts_with("<!--") {
+            i = html[i..].find("-->").map_or(b.len(), |e| i + e + 3);
+            text_start = i;
+            continue;
+        }
+        let end = tag_end(b, i + 1).unwrap_or(b.len() - 1);
+        let tag = &html[i..=end];
+        let closing = tag.as_bytes().get(1) == Some(&b'/');
+        let name_start = if closing { 2 } else { 1 };
+        let name: String = tag[name_start..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect::<String>()
+            .to_ascii_lowercase();
+        i = end + 1;
+        match name.as_str() {
+            "head" | "style" | "script" | "title" if !closing => {
+                let close = format!("</{name}");
+                let lower = html[i..].to_ascii_lowercase();
+                i = lower.find(&close).map_or(b.len(), |p| {
+                    let p = i + p;
+                    html[p..].find('>').map_or(b.len(), |e| p + e + 1)
+                });
+            }
+            "br" => newline(&mut out, 1),
+            "p" | "div" | "tr" | "table" | "h1" | "h2" | "h3" | "h4" | "h5" | "h6" | "ul"
+            | "ol" | "hr" | "section" | "header" | "footer" | "blockquote" => newline(&mut out, 2),
+            "li" if !closing => {
+                newline(&mut out, 1);
+                out.push_str("- ");
+            }
+            "a" if !closing => {
+                let href = attributes_of(tag, "href").map(|h| decode_entities(&h));
+                pending_href.push(href);
+            }
+            "a" => {
+                if let Some(Some(href)) = pending_href.pop() {
+                    if (href.starts_with("http") || href.starts_with("mailto:"))
+                        && !out.trim_end().ends_with(href.as_str())
+                    {
+                        out.push_str(" (");
+                        out.push_str(&href);
+                        out.push(')');
+                    }
+                }
+            }
+            _ => {}
+        }
+        text_start = i;
+    }
+    if text_start < b.len() {
+        flush(&mut out, &html[text_start..]);
+    }
+    let trimmed = out.trim();
+    let mut s = String::with_capacity(trimmed.len() + 2);
+    s.push_str(trimmed);
+    s.push('\n');
+    s
+}
+
+fn attributes_of(tag: &str, name: &str) -> Option<String> {
+    if !tag.starts_with("<a") && !tag.starts_with("<A") {
+        return None;
+    }
+    attributes(tag)
+        .into_iter()
+        .find(|a| a.name.eq_ignore_ascii_case(name))
+        .and_then(|a| a.value.map(str::to_string))
+}
+
+fn newline(out: &mut String, n: usize) {
+    while out.ends_with(' ') {
+        out.pop();
+    }
+    if out.is_empty() {
+        return;
+    }
+    let have = out.chars().rev().take_while(|&c| c == '\n').count();
+    for _ in have..n {
+        out.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn signer() -> Signer {
+        Signer::new("1", "test-secret-0123456789", &HashMap::new())
+    }
+
+    fn who() -> LinkOwner<'static> {
+        LinkOwner {
+            id: "j1",
+            campaign: "c1",
+            to: "a@b.co",
+        }
+    }
+
+    #[test]
+    fn links_are_tracked_except_the_exempt_ones() {
+        let html = r##"<html><body><a href="https://shop.example/p?a&#x3D;1&amp;b=2" data-paloma-link="pricing" class="btn">Buy</a>
+<A HREF='http://x.example/'>x</A> <a href="mailto:hi@shop.example">mail</a> <a href="tel:+1">tel</a>
+<a href="#top">top</a> <a data-paloma-notrack href="https://keep.example/">keep</a></body></html>"##;
+        let mut out = String::new();
+        let s = signer();
+        rewrite(html, "https://t.example", &s, &who(), &mut out);
+        assert!(!out.contains("data-paloma"), "{out}");
+        assert!(out.contains(r#"href="mailto:hi@shop.example""#));
+        assert!(out.contains(r#"href="tel:+1""#));
+        assert!(out.contains(r##"href="#top""##));
+        assert!(
+            out.contains(r#"href="https://keep.example/">keep"#),
+            "{out}"
+        );
+        assert!(out.contains(r#"class="btn">Buy</a>"#), "{out}");
+        let tokens: Vec<&str> = out
+            .match_indices("https://t.example/c/")
+            .map(|(i, _)| {
+                let t = &out[i + 20..];
+                &t[..t.find('"').unwrap()]
+            })
+            .collect();
+        assert_eq!(tokens.len(), 2, "{out}");
+        let c = s.verify(tokens[0]).unwrap();
+        assert_eq!(c.url, "https://shop.example/p?a=1&b=2");
+        assert_eq!(c.link, "pricing");
+        assert_eq!(s.verify(tokens[1]).unwrap().url, "http://x.example/");
+        let pixel = out.find("https://t.example/o/").unwrap();
+        assert!(pixel < out.find("</body>").unwrap());
+    }
+
+    #[test]
+    fn pixel_is_appended_without_body() {
+        let mut out = String::new();
+        rewrite(
+            "<p>hi</p>",
+            "https://t.example",
+            &signer(),
+            &who(),
+            &mut out,
+        );
+        assert!(out.starts_with("<p>hi</p><img src=\"https://t.example/o/"));
+    }
+
+    #[test]
+    fn text_alternative() {
+        let html = "<html><head><title>T</title><style>p{color:red}</style></head><body><h1>Hello &amp; welcome</h1><p>Line one<br>line two</p><ul><li>A</li><li>B</li></ul><a href=\"https://x.example/\">Shop</a></body></html>";
+        let t = to_text(html);
+        assert_eq!(
+            t,
+            "Hello & welcome\n\nLine one\nline two\n\n- A\n- B\n\nShop (https://x.example/)\n"
+        );
+    }
+
+    #[test]
+    fn entities() {
+        assert_eq!(
+            decode_entities("a&amp;b&#61;c&#x3D;d&bogus;&"),
+            "a&b=c=d&bogus;&"
+        );
+    }
+}

@@ -1,0 +1,349 @@
+//! Rendering: template registry → personalized subject/HTML/text → tracked links and open
+//! pixel → MIME (mail-builder) → DKIM (mail-auth). The output is the exact bytes handed to
+//! SMTP.
+//!
+//! Templates are compiled once at start. Per message the job's data becomes the Handlebars
+//! context once (no re-serialization per part), and the MIME bytes go into a buffer the
+//! caller reuses.
+
+pub mod dkim;
+pub mod html;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use handlebars::{Context, Handlebars};
+use mail_builder::headers::address::Address;
+use mail_builder::headers::message_id::MessageId;
+use mail_builder::headers::raw::Raw;
+use mail_builder::headers::url::URL;
+use mail_builder::MessageBuilder;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::config::Settings;
+use crate::job::{Job, JobError, Mailbox};
+use crate::track::token::{Kind, Signer};
+
+pub use dkim::DkimKeys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("templates dir {0}: {1}")]
+    Dir(String, std::io::Error),
+    #[error("template {name}/{part}: {reason}")]
+    Compile {
+        name: String,
+        part: &'static str,
+        reason: String,
+    },
+    #[error("template {0} has no subject.hbs or html.hbs")]
+    Incomplete(String),
+}
+
+/// Every template under `templates.dir`, compiled.
+pub struct Templates {
+    /// HTML escaping on: html.hbs.
+    html: Handlebars<'static>,
+    /// No escaping: subject.hbs and text.hbs.
+    plain: Handlebars<'static>,
+    has_text: HashMap<String, bool>,
+}
+
+impl Templates {
+    pub fn load(dir: &Path, strict: bool) -> Result<Self, TemplateError> {
+        let mut html = Handlebars::new();
+        let mut plain = Handlebars::new();
+        plain.register_escape_fn(handlebars::no_escape);
+        html.set_strict_mode(strict);
+        plain.set_strict_mode(strict);
+        let mut has_text = HashMap::new();
+        let entries =
+            std::fs::read_dir(dir).map_err(|e| TemplateError::Dir(dir.display().to_string(), e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| TemplateError::Dir(dir.display().to_string(), e))?;
+            let path = entry.path();
+            if !path.is_dir() {
+                continue;
+            }
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            let read = |file: &str| std::fs::read_to_string(path.join(file)).ok();
+            let (Some(subject), Some(body)) = (read("subject.hbs"), read("html.hbs")) else {
+                return Err(TemplateError::Incomplete(name));
+            };
+            let compile = |reg: &mut Handlebars<'static>, part: &'static str, src: &str| {
+                reg.register_template_string(&format!("{name}/{part}"), src)
+                    .map_err(|e| TemplateError::Compile {
+                        name: name.clone(),
+                        part,
+                        reason: e.to_string(),
+                    })
+            };
+            compile(
+                &mut plain,
+                "subject",
+                subject.trim_end_matches(['\r', '\n']),
+            )?;
+            compile(&mut html, "html", &body)?;
+            let text = read("text.hbs");
+            if let Some(text) = &text {
+                compile(&mut plain, "text", text)?;
+            }
+            has_text.insert(name, text.is_some());
+        }
+        Ok(Templates {
+            html,
+            plain,
+            has_text,
+        })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.has_text.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.has_text.contains_key(name)
+    }
+}
+
+/// The personalized parts of one message.
+pub struct Parts {
+    pub subject: String,
+    pub html: String,
+    pub text: String,
+}
+
+/// Turns a job into signed MIME bytes.
+pub struct Renderer {
+    templates: Templates,
+    signer: Signer,
+    dkim: DkimKeys,
+    base_url: String,
+    tracking: bool,
+    from: Mailbox,
+    reply_to: Option<Mailbox>,
+    max_bytes: usize,
+}
+
+impl Renderer {
+    pub fn new(settings: &Settings, templates: Templates, dkim: DkimKeys) -> Result<Self, String> {
+        let from =
+            Mailbox::parse(&settings.sender.from).map_err(|e| format!("sender.from: {e}"))?;
+        let reply_to = settings
+            .sender
+            .reply_to
+            .as_deref()
+            .map(Mailbox::parse)
+            .transpose()
+            .map_err(|e| format!("sender.reply_to: {e}"))?;
+        let t = &settings.tracking;
+        Ok(Renderer {
+            templates,
+            signer: Signer::new(&t.key_id, &t.secret, &t.old_secrets),
+            dkim,
+            base_url: t.base_url.trim_end_matches('/').to_string(),
+            tracking: t.enabled,
+            from,
+            reply_to,
+            max_bytes: settings.delivery.max_message_bytes,
+        })
+    }
+
+    pub fn templates(&self) -> &Templates {
+        &self.templates
+    }
+
+    pub fn signer(&self) -> &Signer {
+        &self.signer
+    }
+
+    /// The unsubscribe link of a job.
+    pub fn unsubscribe_url(&self, job: &Job) -> String {
+        let mut url = String::with_capacity(self.base_url.len() + 128);
+        url.push_str(&self.base_url);
+        url.push_str("/u/");
+        self.signer.sign_into(
+            &mut url,
+            Kind::Unsubscribe,
+            &[job.id.as_str(), job.campaign.as_str(), job.to.as_str()],
+        );
+        url
+    }
+
+    /// Subject, HTML (tracked) and text for a job. Consumes the job's data.
+    pub fn parts(&self, job: &mut Job, unsubscribe_url: &str) -> Result<Parts, JobError> {
+        let name = job.template.as_str();
+        let Some(&has_text) = self.templates.has_text.get(name) else {
+            return Err(JobError::UnknownTemplate(job.template.clone()));
+        };
+        let render_err = |e: handlebars::RenderError| JobError::Render {
+            template: job.template.clone(),
+            reason: e.to_string(),
+        };
+        let mut data = std::mem::take(&mut job.data);
+        data.insert("to".into(), Value::String(job.to.as_str().to_string()));
+        data.insert(
+            "campaign".into(),
+            Value::String(job.campaign.as_str().to_string()),
+        );
+        data.insert("id".into(), Value::String(job.id.as_str().to_string()));
+        data.insert(
+            "unsubscribe_url".into(),
+            Value::String(unsubscribe_url.to_string()),
+        );
+        let ctx = Context::from(Value::Object(data));
+
+        let mut key = String::with_capacity(name.len() + 8);
+        let mut tpl = |part: &str| {
+            key.clear();
+            key.push_str(name);
+            key.push('/');
+            key.push_str(part);
+            key.clone()
+        };
+        let subject = self
+            .templates
+            .plain
+            .render_with_context(&tpl("subject"), &ctx)
+            .map_err(render_err)?;
+        let subject = subject.trim();
+        if subject.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(JobError::HeaderInjection("subject (rendered)".into()));
+        }
+        let subject = subject.to_string();
+        let html = self
+            .templates
+            .html
+            .render_with_context(&tpl("html"), &ctx)
+            .map_err(render_err)?;
+        let text = if has_text {
+            self.templates
+                .plain
+                .render_with_context(&tpl("text"), &ctx)
+                .map_err(render_err)?
+        } else {
+            html::to_text(&html)
+        };
+        let html = if self.tracking {
+            let mut out = String::new();
+            let who = html::LinkOwner {
+                id: job.id.as_str(),
+                campaign: job.campaign.as_str(),
+                to: job.to.as_str(),
+            };
+            html::rewrite(&html, &self.base_url, &self.signer, &who, &mut out);
+            out
+        } else {
+            html
+        };
+        Ok(Parts {
+            subject,
+            html,
+            text,
+        })
+    }
+
+    /// Renders a job into `out` (cleared first): the complete message, DKIM-signed when a key
+    /// exists for the From domain. `scratch` is a second reusable buffer.
+    pub fn render(
+        &self,
+        job: &mut Job,
+        out: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), JobError> {
+        let unsubscribe = self.unsubscribe_url(job);
+        let parts = self.parts(job, &unsubscribe)?;
+        let from = job.from.as_ref().unwrap_or(&self.from);
+        let reply_to = job.reply_to.as_ref().or(self.reply_to.as_ref());
+        let from_domain = from.addr.domain();
+
+        let mut msg = MessageBuilder::new()
+            .from(mailbox(from))
+            .to(Address::new_address(
+                job.to_name.as_deref().map(str::to_string),
+                job.to.as_str().to_string(),
+            ))
+            .subject(parts.subject)
+            .message_id(MessageId::new(message_id(job.id.as_str(), from_domain)))
+            .header("List-Unsubscribe", URL::new(unsubscribe))
+            .header(
+                "List-Unsubscribe-Post",
+                Raw::new("List-Unsubscribe=One-Click"),
+            )
+            .header(
+                "Feedback-ID",
+                Raw::new(format!("{}:paloma:{}", job.campaign, from_domain)),
+            )
+            .header(
+                "X-Paloma-Campaign",
+                Raw::new(job.campaign.as_str().to_string()),
+            )
+            .header("X-Paloma-Id", Raw::new(job.id.as_str().to_string()));
+        if let Some(r) = reply_to {
+            msg = msg.reply_to(mailbox(r));
+        }
+        for (name, value) in &job.headers {
+            msg = msg.header(
+                name.clone(),
+                mail_builder::headers::text::Text::new(value.clone()),
+            );
+        }
+        let msg = msg.text_body(parts.text).html_body(parts.html);
+
+        let target = if self.dkim.is_empty() {
+            &mut *out
+        } else {
+            &mut *scratch
+        };
+        target.clear();
+        msg.serialize(target);
+        if !self.dkim.is_empty() {
+            out.clear();
+            let signed = self
+                .dkim
+                .sign_into(from_domain, scratch, out)
+                .map_err(|e| JobError::Render {
+                    template: job.template.clone(),
+                    reason: e.to_string(),
+                })?;
+            if !signed {
+                std::mem::swap(out, scratch);
+            }
+        }
+        if out.len() > self.max_bytes {
+            return Err(JobError::Oversize {
+                size: out.len(),
+                limit: self.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// The envelope sender (bounce address) for a job.
+    pub fn mail_from<'a>(&'a self, job: &'a Job) -> &'a str {
+        job.from.as_ref().unwrap_or(&self.from).addr.as_str()
+    }
+}
+
+fn mailbox(m: &Mailbox) -> Address<'static> {
+    Address::new_address(m.name.clone(), m.addr.as_str().to_string())
+}
+
+/// A stable Message-ID per job id: a resend of the same job carries the same id, so
+/// receivers can recognise a duplicate.
+fn message_id(id: &str, domain: &str) -> String {
+    let digest = Sha256::digest(id.as_bytes());
+    let mut s = B64.encode(&digest[..18]);
+    s.push('@');
+    s.push_str(domain);
+    s
+}
