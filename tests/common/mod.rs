@@ -1,0 +1,555 @@
+//! Test harness: real peers on free loopback ports. redis-server, Postfix's smtp-sink
+//! (dumping every message), dnsmasq, and the paloma binary itself, all started and killed
+//! by the tests. Missing tools are installed (apt-get, as root) on first use.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const SECRET: &str = "test-secret-0123456789abcdef";
+
+static TOOLS: Once = Once::new();
+
+/// Installs redis-server, postfix (smtp-sink, smtp-source) and dnsmasq-base when missing.
+/// A file lock keeps parallel test binaries from running apt-get at once.
+pub fn ensure_tools() {
+    TOOLS.call_once(|| {
+        let have = |bin: &str| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {bin} || test -x /usr/sbin/{bin}")])
+                .stdout(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        if have("redis-server") && have("smtp-sink") && have("smtp-source") && have("dnsmasq") {
+            return;
+        }
+        let script = "command -v smtp-sink >/dev/null && command -v dnsmasq >/dev/null && command -v redis-server >/dev/null && exit 0; \
+            export DEBIAN_FRONTEND=noninteractive; \
+            apt-get update -qq && apt-get install -y -qq --no-install-recommends postfix dnsmasq-base redis-server >/dev/null";
+        let st = Command::new("flock")
+            .args(["/tmp/paloma-test-apt.lock", "sh", "-c", script])
+            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .status()
+            .expect("running apt-get");
+        assert!(st.success(), "installing test tools (postfix, dnsmasq-base, redis-server) failed");
+    });
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_port(host: &str, port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect((host, port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listening on {host}:{port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sbin(name: &str) -> String {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"] {
+        let p = format!("{dir}/{name}");
+        if Path::new(&p).exists() {
+            return p;
+        }
+    }
+    name.to_string()
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A redis-server on a free port, with its own directory (AOF on, so a restart keeps data).
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        ensure_tools();
+        let mut r = Redis {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(sbin("redis-server"))
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting redis-server");
+        self.child = Some(child);
+        wait_port("127.0.0.1", self.port, Duration::from_secs(10));
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Postfix's smtp-sink on 127.0.0.1 (or another loopback address), dumping each message.
+pub struct Sink {
+    child: Option<Child>,
+    pub host: String,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Sink {
+    pub fn start(args: &[&str]) -> Sink {
+        Self::start_on("127.0.0.1", free_port(), args)
+    }
+
+    pub fn start_on(host: &str, port: u16, args: &[&str]) -> Sink {
+        ensure_tools();
+        let dir = tempfile::tempdir().unwrap();
+        // smtp-sink drops to `nobody` when run as root; it must be able to write dumps.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let mut s = Sink {
+            child: None,
+            host: host.to_string(),
+            port,
+            dir,
+        };
+        s.spawn(args);
+        s
+    }
+
+    fn spawn(&mut self, args: &[&str]) {
+        let mut cmd = Command::new(sbin("smtp-sink"));
+        if is_root() {
+            cmd.args(["-u", "nobody"]);
+        }
+        cmd.arg("-d")
+            .arg(format!("{}/m.", self.dir.path().display()))
+            .args(args)
+            .arg(format!("{}:{}", self.host, self.port))
+            .arg("256")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.child = Some(cmd.spawn().expect("starting smtp-sink"));
+        wait_port(&self.host, self.port, Duration::from_secs(10));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Restarts on the same port with other fault options.
+    pub fn restart(&mut self, args: &[&str]) {
+        self.stop();
+        self.spawn(args);
+    }
+
+    /// The raw dumped files.
+    pub fn dumps(&self) -> Vec<Vec<u8>> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        files.sort();
+        files
+            .into_iter()
+            .filter_map(|p| {
+                let mut buf = Vec::new();
+                std::fs::File::open(p).ok()?.read_to_end(&mut buf).ok()?;
+                Some(buf)
+            })
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        std::fs::read_dir(self.dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// dnsmasq serving the given records on a free UDP/TCP port of 127.0.0.1.
+pub struct Dns {
+    child: Child,
+    pub port: u16,
+}
+
+impl Dns {
+    /// `records` are dnsmasq options without the leading `--`, e.g.
+    /// `txt-record=s1._domainkey.shop.test,"v=DKIM1; …"`.
+    pub fn start(records: &[String]) -> Dns {
+        ensure_tools();
+        let port = free_port();
+        let mut cmd = Command::new(sbin("dnsmasq"));
+        cmd.args([
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+        ])
+        .args(["--listen-address=127.0.0.1", "--pid-file="])
+        .arg(format!("--port={port}"));
+        if is_root() {
+            cmd.arg("--user=root");
+        }
+        for r in records {
+            cmd.arg(format!("--{r}"));
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting dnsmasq");
+        wait_port("127.0.0.1", port, Duration::from_secs(10));
+        Dns { child, port }
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One paloma daemon process.
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn spawn(config: &Path) -> Daemon {
+        Self::spawn_env(config, &[])
+    }
+
+    pub fn spawn_env(config: &Path, env: &[(&str, &str)]) -> Daemon {
+        let log = config.with_extension(format!("{}.log", free_port()));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_paloma"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("PALOMA_LOG", "info,paloma=debug")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .expect("starting paloma");
+        Daemon {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            Command::new("kill")
+                .args([&format!("-{sig}"), &c.id().to_string()])
+                .status()
+                .unwrap();
+        }
+    }
+
+    /// Waits for exit; None on timeout.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let c = self.child.as_mut()?;
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A config file for one test; `extra` is appended TOML (sections that the base lacks).
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub prefix: String,
+    pub config: PathBuf,
+}
+
+pub fn repo_templates() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("templates")
+}
+
+impl Setup {
+    pub fn new(
+        redis_url: &str,
+        relay_port: u16,
+        delivery_extra: &str,
+        intake_extra: &str,
+        extra: &str,
+    ) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = format!("t{}:", free_port());
+        let config = dir.path().join("paloma.toml");
+        let toml = format!(
+            r#"
+[redis]
+url = "{redis_url}"
+prefix = "{prefix}"
+[templates]
+dir = "{templates}"
+[sender]
+from = "Shop Test <news@shop.test>"
+helo = "mta.shop.test"
+[delivery]
+mode = "relay"
+relay = "127.0.0.1:{relay_port}"
+tls = "none"
+connections = 8
+timeout = "5s"
+{delivery_extra}
+[intake]
+block = "200ms"
+claim_idle = "3s"
+{intake_extra}
+[tracking]
+base_url = "https://t.shop.test"
+secret = "{SECRET}"
+{extra}
+"#,
+            templates = repo_templates().display()
+        );
+        std::fs::write(&config, toml).unwrap();
+        Setup {
+            dir,
+            prefix,
+            config,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// XADDs raw job strings to `{prefix}sends`.
+pub fn enqueue_raw(conn: &mut redis::Connection, prefix: &str, jobs: &[String]) {
+    let mut p = redis::pipe();
+    for j in jobs {
+        p.cmd("XADD")
+            .arg(format!("{prefix}sends"))
+            .arg("*")
+            .arg("job")
+            .arg(j)
+            .ignore();
+    }
+    p.query::<()>(conn).unwrap();
+}
+
+pub fn job(id: &str, campaign: &str, template: &str, to: &str, data: Value) -> String {
+    serde_json::json!({"id": id, "campaign": campaign, "template": template, "to": to, "data": data}).to_string()
+}
+
+/// Every event so far, parsed.
+pub fn events(conn: &mut redis::Connection, prefix: &str) -> Vec<Value> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("{prefix}events"))
+        .arg("-")
+        .arg("+")
+        .query(conn)
+        .unwrap();
+    reply
+        .ids
+        .iter()
+        .filter_map(|e| match e.map.get("event") {
+            Some(redis::Value::BulkString(b)) => serde_json::from_slice(b).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+pub fn is_terminal(e: &Value) -> bool {
+    matches!(
+        e["type"].as_str(),
+        Some("delivered" | "bounced" | "failed" | "suppressed" | "dead")
+    )
+}
+
+/// Waits until `n` terminal events exist; panics with the daemon log on timeout.
+pub fn wait_terminal(
+    conn: &mut redis::Connection,
+    prefix: &str,
+    n: usize,
+    timeout: Duration,
+    daemon: Option<&Daemon>,
+) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let evs = events(conn, prefix);
+        let t = evs.iter().filter(|e| is_terminal(e)).count();
+        if t >= n {
+            return evs;
+        }
+        if Instant::now() > deadline {
+            let log = daemon.map(|d| d.log_text()).unwrap_or_default();
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!("only {t} of {n} terminal events after {timeout:?}; daemon log tail:\n{tail}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Terminal events per job id.
+pub fn terminal_by_id(evs: &[Value]) -> HashMap<String, Vec<Value>> {
+    let mut m: HashMap<String, Vec<Value>> = HashMap::new();
+    for e in evs.iter().filter(|e| is_terminal(e)) {
+        m.entry(e["id"].as_str().unwrap_or_default().to_string())
+            .or_default()
+            .push(e.clone());
+    }
+    m
+}
+
+/// Dead-letter entries: (job, error).
+pub fn dead_letters(conn: &mut redis::Connection, prefix: &str) -> Vec<(String, String)> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("{prefix}dead"))
+        .arg("-")
+        .arg("+")
+        .query(conn)
+        .unwrap();
+    reply
+        .ids
+        .iter()
+        .map(|e| {
+            let s = |k: &str| match e.map.get(k) {
+                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                _ => String::new(),
+            };
+            (s("job"), s("error"))
+        })
+        .collect()
+}
+
+/// Runs the paloma CLI and returns (status, stdout, stderr).
+pub fn paloma(args: &[&str], stdin: Option<&str>) -> (ExitStatus, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_paloma"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
