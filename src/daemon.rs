@@ -23,6 +23,7 @@ use crate::job::{Job, JobError, JobIdentity};
 use crate::metrics::Metrics;
 use crate::queue::events::{rfc3339_ms, Event};
 use crate::queue::intake::{Claim, Intake};
+use crate::queue::leases::{self, Leases};
 use crate::queue::recorder::{IdemState, Record, Recorder, RecorderHandle};
 use crate::queue::{now_ms, scheduler, Entry, Keys};
 use crate::render::{DkimKeys, Renderer, Templates};
@@ -35,6 +36,9 @@ pub struct Shared {
     pub recorder: RecorderHandle,
     pub metrics: Arc<Metrics>,
     pub ready: AtomicBool,
+    pub leases: Arc<Leases>,
+    /// Turns true when shutdown begins.
+    pub stop: watch::Receiver<bool>,
 }
 
 pub async fn redis_client(settings: &Settings) -> anyhow::Result<redis::Client> {
@@ -116,6 +120,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         .await
         .context("creating the consumer group")?;
 
+    let leases = Arc::new(Leases::default());
     let (recorder, handle) = Recorder::new(
         conn.clone(),
         keys.clone(),
@@ -123,9 +128,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         settings.intake.idempotency_ttl.get(),
         settings.intake.event_batch,
         metrics.clone(),
+        leases.clone(),
     );
     let recorder_task = tokio::spawn(recorder.run());
+    // `stop`: shutdown has begun (intake, scheduler and waiting workers stop);
+    // `exit`: the drain is over (lease renewal and the ops endpoint stop).
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (exit_tx, exit_rx) = watch::channel(false);
     let scheduler_task = tokio::spawn(scheduler::run(
         conn.clone(),
         keys.clone(),
@@ -133,6 +142,16 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         Duration::from_millis(250),
         metrics.clone(),
         stop_rx.clone(),
+    ));
+    let renew_task = tokio::spawn(leases::renew(
+        leases.clone(),
+        conn.clone(),
+        keys.clone(),
+        settings.redis.group.clone(),
+        consumer.clone(),
+        settings.intake.claim_idle.get(),
+        metrics.clone(),
+        exit_rx.clone(),
     ));
 
     let workers = settings.intake.workers;
@@ -143,10 +162,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         recorder: handle,
         metrics: metrics.clone(),
         ready: AtomicBool::new(false),
+        leases,
+        stop: stop_rx.clone(),
     });
     let http_task = match shared.settings.metrics.listen {
         Some(addr) => {
-            Some(crate::http::serve_ops(addr, shared.clone(), conn.clone(), stop_rx.clone()).await?)
+            Some(crate::http::serve_ops(addr, shared.clone(), conn.clone(), exit_rx.clone()).await?)
         }
         None => None,
     };
@@ -161,12 +182,11 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
 
     let permits = Arc::new(Semaphore::new(workers));
     tokio::pin!(shutdown);
-    let stopping = Arc::new(AtomicBool::new(false));
     let intake_loop = intake_loop(
         &mut intake,
         shared.clone(),
         permits.clone(),
-        stopping.clone(),
+        stop_rx.clone(),
     );
     tokio::select! {
         r = intake_loop => r?,
@@ -174,26 +194,29 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     }
     // The intake loop is dropped here at an await point; an entry it had read but not handed
     // to a worker stays pending in Redis and is reclaimed, never lost.
-    stopping.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
     shared.ready.store(false, Ordering::Relaxed);
-    tracing::info!("shutting down: intake stopped, draining in-flight jobs");
+    tracing::info!(
+        in_flight = workers - permits.available_permits(),
+        "shutting down: intake stopped, finishing SMTP sessions in progress"
+    );
     let drain =
         tokio::time::timeout(Duration::from_secs(8), permits.acquire_many(workers as u32)).await;
     if drain.is_err() {
         tracing::warn!(
             in_flight = workers - permits.available_permits(),
-            "in-flight jobs did not finish in time; they stay pending in Redis and will be reclaimed"
+            "sessions did not finish in time; their jobs stay pending in Redis and will be reclaimed"
         );
     }
-    let _ = stop_tx.send(true);
     shared.deliverer.close().await;
-    // Drop our recorder handle: the recorder writes what it holds and stops once the
-    // workers' handles are gone too (a worker still stuck past the drain keeps its entry
-    // pending in Redis, to be reclaimed).
+    // Drop our recorder handles: the recorder writes what it holds and stops once the
+    // workers' handles are gone too.
     drop(intake);
     drop(shared);
     let _ = tokio::time::timeout(Duration::from_secs(1), recorder_task).await;
+    let _ = exit_tx.send(true);
     let _ = scheduler_task.await;
+    let _ = renew_task.await;
     if let Some(t) = http_task {
         let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
     }
@@ -205,7 +228,7 @@ async fn intake_loop(
     intake: &mut Intake,
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
-    stopping: Arc<AtomicBool>,
+    stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let claim_every = (shared.settings.intake.claim_idle.get() / 4)
         .clamp(Duration::from_millis(500), Duration::from_secs(60));
@@ -214,7 +237,7 @@ async fn intake_loop(
     let mut entries = Vec::with_capacity(shared.settings.intake.batch);
     let mut gone = Vec::new();
     let mut backoff = Duration::from_millis(100);
-    while !stopping.load(Ordering::Relaxed) {
+    while !*stop.borrow() {
         entries.clear();
         gone.clear();
         let mut reclaimed = 0;
@@ -242,6 +265,12 @@ async fn intake_loop(
             }
             backoff = Duration::from_millis(100);
         }
+        shared.leases.hold(
+            entries
+                .iter()
+                .map(|e| e.id.as_str())
+                .chain(gone.iter().map(String::as_str)),
+        );
         for id in gone.drain(..) {
             shared
                 .recorder
@@ -364,6 +393,11 @@ fn stat_campaign(c: &str) -> String {
 /// One job: render, deliver, record.
 async fn work(shared: Arc<Shared>, entry: Entry, mut job: Job, _permit: OwnedSemaphorePermit) {
     let m = &shared.metrics;
+    if *shared.stop.borrow() {
+        // Shutdown came before this job started: leave it to be reclaimed.
+        shared.leases.drop_one(&entry.id);
+        return;
+    }
     m.in_flight.inc();
     let ident = JobIdentity {
         id: job.id.as_str().to_string(),
@@ -390,10 +424,17 @@ async fn work(shared: Arc<Shared>, entry: Entry, mut job: Job, _permit: OwnedSem
                 ),
                 Ok(envelope) => {
                     let t1 = Instant::now();
-                    let outcome = shared
+                    let mut stop = shared.stop.clone();
+                    let sent = shared
                         .deliverer
-                        .send(job.to.domain(), &envelope, &message)
+                        .send(job.to.domain(), &envelope, &message, &mut stop)
                         .await;
+                    let Some(outcome) = sent else {
+                        // Shutdown came while waiting for a session: nothing was sent.
+                        shared.leases.drop_one(&entry.id);
+                        m.in_flight.dec();
+                        return;
+                    };
                     let label = match &outcome {
                         Outcome::Delivered { .. } => "delivered",
                         Outcome::Deferred { .. } => "deferred",

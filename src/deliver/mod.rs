@@ -243,10 +243,17 @@ impl Deliverer {
         }
     }
 
-    /// Delivers one message to `domain`'s route.
-    pub async fn send(&self, _domain: &str, envelope: &Envelope, message: &[u8]) -> Outcome {
+    /// Delivers one message to `domain`'s route; None when shutdown came first (nothing
+    /// was sent).
+    pub async fn send(
+        &self,
+        _domain: &str,
+        envelope: &Envelope,
+        message: &[u8],
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Option<Outcome> {
         match self {
-            Deliverer::Relay(pool) => pool.send(envelope, message).await,
+            Deliverer::Relay(pool) => pool.send(envelope, message, stop).await,
         }
     }
 

@@ -11,7 +11,7 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::Address;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use super::Outcome;
 use crate::config::TlsMode;
@@ -70,12 +70,22 @@ impl Pool {
     }
 
     /// Sends one message. A reused connection that turns out dead is replaced once.
-    pub async fn send(&self, envelope: &Envelope, message: &[u8]) -> Outcome {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .expect("pool semaphore never closes");
+    /// Returns None, without touching the server, when `stop` turns true while waiting for
+    /// a free session: the job is left for another daemon.
+    pub async fn send(
+        &self,
+        envelope: &Envelope,
+        message: &[u8],
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Outcome> {
+        let _permit = tokio::select! {
+            p = self.permits.acquire() => p.expect("pool semaphore never closes"),
+            _ = stop.wait_for(|s| *s) => return None,
+        };
+        Some(self.send_with_permit(envelope, message).await)
+    }
+
+    async fn send_with_permit(&self, envelope: &Envelope, message: &[u8]) -> Outcome {
         let reused = self.take_idle();
         let fresh_tried = reused.is_none();
         let mut session = match reused {

@@ -15,6 +15,7 @@
 
 pub mod events;
 pub mod intake;
+pub mod leases;
 pub mod recorder;
 pub mod scheduler;
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
+use super::leases::Leases;
 use super::Keys;
 use crate::metrics::Metrics;
 
@@ -62,6 +63,7 @@ pub struct Recorder {
     idem_ttl: u64,
     batch: usize,
     metrics: Arc<Metrics>,
+    leases: Arc<Leases>,
 }
 
 impl Recorder {
@@ -72,6 +74,7 @@ impl Recorder {
         idem_ttl: Duration,
         batch: usize,
         metrics: Arc<Metrics>,
+        leases: Arc<Leases>,
     ) -> (Self, RecorderHandle) {
         let (tx, rx) = mpsc::channel(batch * 2);
         (
@@ -83,6 +86,7 @@ impl Recorder {
                 idem_ttl: idem_ttl.as_secs().max(1),
                 batch,
                 metrics,
+                leases,
             },
             RecorderHandle { tx },
         )
@@ -109,6 +113,8 @@ impl Recorder {
                     }
                 }
             }
+            self.leases
+                .release(buf.iter().filter_map(|r| r.ack.as_deref()));
             for r in &buf {
                 if let Some((campaign, outcome)) = &r.stat {
                     self.metrics

@@ -444,12 +444,24 @@ pub fn job(id: &str, campaign: &str, template: &str, to: &str, data: Value) -> S
 
 /// Every event so far, parsed.
 pub fn events(conn: &mut redis::Connection, prefix: &str) -> Vec<Value> {
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(format!("{prefix}events"))
-        .arg("-")
-        .arg("+")
-        .query(conn)
-        .unwrap();
+    // Tolerate a Redis that is restarting (tests kill it on purpose).
+    let mut tries = 0;
+    let reply: redis::streams::StreamRangeReply = loop {
+        match redis::cmd("XRANGE")
+            .arg(format!("{prefix}events"))
+            .arg("-")
+            .arg("+")
+            .query(conn)
+        {
+            Ok(r) => break r,
+            Err(e) if tries < 100 => {
+                tries += 1;
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("XRANGE events: {e}"),
+        }
+    };
     reply
         .ids
         .iter()

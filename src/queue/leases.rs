@@ -1,0 +1,96 @@
+//! Leases on the stream entries this daemon holds.
+//!
+//! XAUTOCLAIM takes any entry idle longer than `claim_idle`, including one this daemon read
+//! a while ago and is still working on (waiting for a connection to a slow server, say).
+//! To keep a live daemon's entries from being reclaimed and sent twice, the entries it holds
+//! are renewed (`XCLAIM … JUSTID`, which resets their idle time) every third of
+//! `claim_idle`. An entry stops being renewed when its outcome is written, or when the
+//! daemon dies, and only then can another daemon reclaim it.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tokio::sync::watch;
+
+use super::Keys;
+use crate::metrics::Metrics;
+
+#[derive(Default)]
+pub struct Leases {
+    held: Mutex<HashSet<String>>,
+}
+
+impl Leases {
+    pub fn hold<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        if let Ok(mut h) = self.held.lock() {
+            h.extend(ids.into_iter().map(str::to_string));
+        }
+    }
+
+    pub fn release<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        if let Ok(mut h) = self.held.lock() {
+            for id in ids {
+                h.remove(id);
+            }
+        }
+    }
+
+    /// Stops renewing one entry (abandoned at shutdown: another daemon will reclaim it).
+    pub fn drop_one(&self, id: &str) {
+        self.release([id]);
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.lock().map(|h| h.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn snapshot(&self) -> Vec<String> {
+        self.held
+            .lock()
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Renews the held entries every `claim_idle / 3` until `stop`.
+pub async fn renew(
+    leases: Arc<Leases>,
+    mut conn: ConnectionManager,
+    keys: Keys,
+    group: String,
+    consumer: String,
+    claim_idle: Duration,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = (claim_idle / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let ids = leases.snapshot();
+        for chunk in ids.chunks(500) {
+            let r: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
+                .arg(&keys.sends)
+                .arg(&group)
+                .arg(&consumer)
+                .arg(0)
+                .arg(chunk)
+                .arg("JUSTID")
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = r {
+                metrics.redis_errors.inc();
+                tracing::warn!(error = %e, "renewing leases failed");
+                break;
+            }
+        }
+    }
+}
