@@ -30,12 +30,12 @@ pub fn ensure_tools() {
                 .map(|s| s.success())
                 .unwrap_or(false)
         };
-        if have("redis-server") && have("smtp-sink") && have("smtp-source") && have("dnsmasq") {
+        if have("redis-server") && have("smtp-sink") && have("smtp-source") && have("dnsmasq") && have("openssl") {
             return;
         }
-        let script = "command -v smtp-sink >/dev/null && command -v dnsmasq >/dev/null && command -v redis-server >/dev/null && exit 0; \
+        let script = "command -v smtp-sink >/dev/null && command -v dnsmasq >/dev/null && command -v redis-server >/dev/null && command -v openssl >/dev/null && exit 0; \
             export DEBIAN_FRONTEND=noninteractive; \
-            apt-get update -qq && apt-get install -y -qq --no-install-recommends postfix dnsmasq-base redis-server >/dev/null";
+            apt-get update -qq && apt-get install -y -qq --no-install-recommends postfix dnsmasq-base redis-server openssl >/dev/null";
         let st = Command::new("flock")
             .args(["/tmp/paloma-test-apt.lock", "sh", "-c", script])
             .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
