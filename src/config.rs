@@ -551,3 +551,14 @@ secret = "0123456789abcdef0123"
         assert!(e.to_string().contains("tracking.secret"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod shipped_config {
+    #[test]
+    fn the_documented_example_config_parses() {
+        let text = include_str!("../config/paloma.toml");
+        let s = super::Settings::from_toml(text, Vec::new()).unwrap();
+        assert_eq!(s.redis.prefix, "paloma:");
+        assert_eq!(s.delivery.retry_intervals.len(), 6);
+    }
+}

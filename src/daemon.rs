@@ -120,7 +120,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         .await
         .context("creating the consumer group")?;
 
-    let leases = Arc::new(Leases::default());
+    let leases = Arc::new(Leases::new(
+        keys.clone(),
+        settings.redis.group.clone(),
+        consumer.clone(),
+        settings.intake.claim_idle.get(),
+    ));
     let (recorder, handle) = Recorder::new(
         conn.clone(),
         keys.clone(),
@@ -146,10 +151,6 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     let renew_task = tokio::spawn(leases::renew(
         leases.clone(),
         conn.clone(),
-        keys.clone(),
-        settings.redis.group.clone(),
-        consumer.clone(),
-        settings.intake.claim_idle.get(),
         metrics.clone(),
         exit_rx.clone(),
     ));

@@ -26,7 +26,7 @@ fn thousand_job_campaign_arrives_complete_and_correct() {
             "campaign": "spring",
             "template": "newsletter",
             "to": format!("user{i}@example{}.test", i % 7),
-            "to_name": if i % 2 == 0 { format!("Zoë Ünal {i}") } else { format!("Plain Name {i}") },
+            "to_name": if i.is_multiple_of(2) { format!("Zoë Ünal {i}") } else { format!("Plain Name {i}") },
             "data": {
                 "first_name": format!("Zoë<b>{i}</b>"),
                 "products": [
@@ -36,7 +36,7 @@ fn thousand_job_campaign_arrives_complete_and_correct() {
             },
             "headers": {"X-List-Segment": "vip"},
         });
-        if i % 10 == 0 {
+        if i.is_multiple_of(10) {
             // The transactional template has its own text part.
             j["template"] = json!("receipt");
             j["data"] = json!({"name": format!("Ana {i}"), "order_id": format!("A-{i}"), "total": "12.00 €",
@@ -117,7 +117,7 @@ fn thousand_job_campaign_arrives_complete_and_correct() {
         let html = msg.body_html(0).unwrap();
         let text = msg.body_text(0).unwrap();
         let subject = msg.subject().unwrap();
-        if i % 10 == 0 {
+        if i.is_multiple_of(10) {
             assert_eq!(subject, format!("Your receipt for order A-{i}"));
             assert!(html.contains("Café &lt;grande&gt;"), "escaped in HTML");
             assert!(
@@ -154,7 +154,7 @@ fn thousand_job_campaign_arrives_complete_and_correct() {
                 text.contains("https://shop.test/p/hat"),
                 "plain URLs in the text part"
             );
-            let expected_name = if i % 2 == 0 {
+            let expected_name = if i.is_multiple_of(2) {
                 format!("Zoë Ünal {i}")
             } else {
                 format!("Plain Name {i}")

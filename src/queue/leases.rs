@@ -17,12 +17,25 @@ use tokio::sync::watch;
 use super::Keys;
 use crate::metrics::Metrics;
 
-#[derive(Default)]
 pub struct Leases {
     held: Mutex<HashSet<String>>,
+    keys: Keys,
+    group: String,
+    consumer: String,
+    claim_idle: Duration,
 }
 
 impl Leases {
+    pub fn new(keys: Keys, group: String, consumer: String, claim_idle: Duration) -> Self {
+        Leases {
+            held: Mutex::new(HashSet::new()),
+            keys,
+            group,
+            consumer,
+            claim_idle,
+        }
+    }
+
     pub fn hold<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
         if let Ok(mut h) = self.held.lock() {
             h.extend(ids.into_iter().map(str::to_string));
@@ -62,14 +75,10 @@ impl Leases {
 pub async fn renew(
     leases: Arc<Leases>,
     mut conn: ConnectionManager,
-    keys: Keys,
-    group: String,
-    consumer: String,
-    claim_idle: Duration,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let every = (claim_idle / 3).max(Duration::from_millis(100));
+    let every = (leases.claim_idle / 3).max(Duration::from_millis(100));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -78,9 +87,9 @@ pub async fn renew(
         let ids = leases.snapshot();
         for chunk in ids.chunks(500) {
             let r: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
-                .arg(&keys.sends)
-                .arg(&group)
-                .arg(&consumer)
+                .arg(&leases.keys.sends)
+                .arg(&leases.group)
+                .arg(&leases.consumer)
                 .arg(0)
                 .arg(chunk)
                 .arg("JUSTID")

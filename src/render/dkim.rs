@@ -81,7 +81,7 @@ impl DkimKeys {
                 )))
             }
             "PRIVATE KEY" => {
-                if let Ok(k) = Ed25519Key::from_pkcs8_der(&der) {
+                if let Ok(k) = Ed25519Key::from_pkcs8_maybe_unchecked_der(&der) {
                     return Ok(Key::Ed(Box::new(
                         DkimSigner::from_key(k)
                             .domain(domain)

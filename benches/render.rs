@@ -1,0 +1,177 @@
+//! Per-message CPU cost of the render path: job JSON parse + Handlebars + link rewriting +
+//! MIME, with and without DKIM (RSA-2048, Ed25519), for three message sizes; and the
+//! token signing that every tracked link costs.
+//!
+//! `cargo bench --bench render`
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::path::Path;
+use std::process::Command;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use paloma::config::{DkimSettings, Settings};
+use paloma::job::Job;
+use paloma::render::{DkimKeys, Renderer, Templates};
+use paloma::track::token::{Kind, Signer};
+
+fn settings(dkim: Vec<DkimSettings>) -> Settings {
+    let mut s = Settings::from_toml(
+        r#"
+[sender]
+from = "Shop <news@shop.example>"
+helo = "mta.shop.example"
+[tracking]
+base_url = "https://t.shop.example"
+secret = "bench-secret-0123456789"
+"#,
+        Vec::new(),
+    )
+    .unwrap();
+    s.dkim = dkim;
+    s
+}
+
+fn job(products: usize) -> String {
+    let items: Vec<_> = (0..products)
+        .map(|i| {
+            serde_json::json!({"name": format!("Product {i} — linen & cotton"), "price": "29.90",
+                "url": format!("https://shop.example/p/{i}?utm_source=mail&utm_campaign=spring"),
+                "description": "A long-lasting piece, cut from European linen, washed for softness."})
+        })
+        .collect();
+    serde_json::json!({"id": "bench-1", "campaign": "spring", "template": "newsletter",
+        "to": "ana.garcia@example.com", "to_name": "Ana García",
+        "data": {"first_name": "Ana", "products": items}})
+    .to_string()
+}
+
+fn keys(dir: &Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let rsa = dir.join("rsa.pem");
+    let ed = dir.join("ed.pem");
+    let ok = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&rsa)
+        .status()
+        .ok()?
+        .success()
+        && Command::new("openssl")
+            .args(["genpkey", "-algorithm", "ed25519", "-out"])
+            .arg(&ed)
+            .status()
+            .ok()?
+            .success();
+    ok.then_some((rsa, ed))
+}
+
+fn renderer(dkim: Vec<DkimSettings>) -> Renderer {
+    let s = settings(dkim);
+    let templates = Templates::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("templates"),
+        false,
+    )
+    .unwrap();
+    let dkim = DkimKeys::load(&s.dkim).unwrap();
+    Renderer::new(&s, templates, dkim).unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let tmp = std::env::temp_dir().join(format!("paloma-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let plain = renderer(Vec::new());
+    let signed = keys(&tmp).map(|(rsa, ed)| {
+        let mk = |key| {
+            vec![DkimSettings {
+                domain: "shop.example".into(),
+                selector: "s1".into(),
+                key,
+            }]
+        };
+        (renderer(mk(rsa)), renderer(mk(ed)))
+    });
+
+    let mut g = c.benchmark_group("render");
+    for (label, products) in [("small", 1), ("newsletter", 6), ("large", 40)] {
+        let raw = job(products);
+        let mut out = Vec::new();
+        let mut scratch = Vec::new();
+        {
+            let mut j = Job::parse(raw.as_bytes(), 1 << 20).unwrap();
+            plain.render(&mut j, &mut out, &mut scratch).unwrap();
+        }
+        g.throughput(Throughput::Elements(1));
+        let size = out.len();
+        g.bench_function(
+            format!("{label} ({} KB) parse+render+mime", size / 1024),
+            |b| {
+                b.iter(|| {
+                    let mut j = Job::parse(black_box(raw.as_bytes()), 1 << 20).unwrap();
+                    plain.render(&mut j, &mut out, &mut scratch).unwrap();
+                    black_box(out.len())
+                })
+            },
+        );
+        if let Some((rsa, ed)) = &signed {
+            for (alg, r) in [("rsa2048", rsa), ("ed25519", ed)] {
+                g.bench_function(
+                    format!("{label} ({} KB) parse+render+mime+dkim-{alg}", size / 1024),
+                    |b| {
+                        b.iter(|| {
+                            let mut j = Job::parse(black_box(raw.as_bytes()), 1 << 20).unwrap();
+                            r.render(&mut j, &mut out, &mut scratch).unwrap();
+                            black_box(out.len())
+                        })
+                    },
+                );
+            }
+        }
+    }
+    g.finish();
+
+    let signer = Signer::new("1", "bench-secret-0123456789", &HashMap::new());
+    let mut g = c.benchmark_group("token");
+    g.throughput(Throughput::Elements(1));
+    let mut s = String::with_capacity(512);
+    g.bench_function("sign click token", |b| {
+        b.iter(|| {
+            s.clear();
+            signer.sign_into(
+                &mut s,
+                Kind::Click,
+                black_box(&[
+                    "bench-1",
+                    "spring",
+                    "ana@example.com",
+                    "https://shop.example/p/1?utm_source=mail",
+                    "buy",
+                ]),
+            );
+            black_box(s.len())
+        })
+    });
+    let t = signer.sign(
+        Kind::Click,
+        &[
+            "bench-1",
+            "spring",
+            "ana@example.com",
+            "https://shop.example/p/1",
+            "buy",
+        ],
+    );
+    g.bench_function("verify click token", |b| {
+        b.iter(|| black_box(signer.verify(black_box(&t)).unwrap()))
+    });
+    g.finish();
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,309 @@
+//! The command line and the operations endpoint: `paloma enqueue` (JSON lines from stdin,
+//! CSV from a file), `paloma stats`, `/metrics`, `/healthz`, `/readyz`; relay options
+//! (TLS required against a server without STARTTLS; SMTP AUTH).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use common::*;
+
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
+    (code, out)
+}
+
+#[test]
+fn enqueue_stats_and_metrics() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let mport = free_port();
+    let setup = Setup::new(
+        &redis.url(),
+        sink.port,
+        "",
+        "",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{mport}\""),
+    );
+    let cfg = setup.config.to_str().unwrap();
+
+    // JSON lines on stdin; one line is not JSON: reported with its number, exit code 1.
+    let lines = (0..5)
+        .map(|i| {
+            job(
+                &format!("j{i}"),
+                "jsonl",
+                "receipt",
+                &format!("j{i}@x.test"),
+                serde_json::json!({"name": "J", "order_id": i}),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (st, _, err) = paloma(
+        &["enqueue", "--config", cfg, "-"],
+        Some(&format!("{lines}\n{{broken\n")),
+    );
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(
+        err.contains("line 6") && err.contains("enqueued 5 jobs, rejected 1"),
+        "{err}"
+    );
+
+    // CSV: the email column is `to`, the others are data; ids are campaign:email.
+    let csv = setup.path("list.csv");
+    std::fs::write(
+        &csv,
+        "email,name,order_id\nana@x.test,Ana,A1\n\"bo@x.test\",\"Bo, Jr.\",B2\n",
+    )
+    .unwrap();
+    let (st, _, err) = paloma(
+        &[
+            "enqueue",
+            "--config",
+            cfg,
+            "--csv",
+            "--campaign",
+            "csv",
+            "--template",
+            "receipt",
+            csv.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(st.success(), "{err}");
+    let (st, _, err) = paloma(
+        &["enqueue", "--config", cfg, "--csv", csv.to_str().unwrap()],
+        None,
+    );
+    assert!(
+        !st.success(),
+        "--csv without --campaign/--template is refused: {err}"
+    );
+
+    let daemon = Daemon::spawn(&setup.config);
+    let mut conn = redis.conn();
+    let evs = wait_terminal(
+        &mut conn,
+        &setup.prefix,
+        7,
+        Duration::from_secs(30),
+        Some(&daemon),
+    );
+    let bo = evs
+        .iter()
+        .find(|e| e["id"] == "csv:bo@x.test")
+        .expect("deterministic CSV id");
+    assert_eq!(bo["type"], "delivered");
+    let dumps = sink.dumps();
+    assert!(
+        dumps
+            .iter()
+            .any(|d| String::from_utf8_lossy(d).contains("Hi Bo, Jr.,")),
+        "CSV columns became data"
+    );
+
+    let (st, out, _) = paloma(&["stats", "--config", cfg], None);
+    assert!(st.success());
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("jsonl"))
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        ["jsonl", "0", "5", "0", "0", "0", "0", "0"],
+        "{out}"
+    );
+
+    wait_port("127.0.0.1", mport, Duration::from_secs(5));
+    let (code, body) = http_get(mport, "/metrics");
+    assert_eq!(code, 200);
+    for m in [
+        "paloma_jobs_read_total 7",
+        "paloma_messages_total{campaign=\"csv\",outcome=\"delivered\"} 2",
+        "paloma_render_seconds_bucket",
+        "paloma_smtp_seconds_bucket",
+        "paloma_in_flight",
+        "paloma_queue_lag_seconds",
+    ] {
+        assert!(body.contains(m), "/metrics lacks {m}:\n{body}");
+    }
+    assert_eq!(http_get(mport, "/healthz").0, 200);
+    assert_eq!(http_get(mport, "/readyz").0, 200);
+    assert_eq!(http_get(mport, "/nope").0, 404);
+}
+
+#[test]
+fn tls_required_defers_when_the_relay_offers_no_starttls() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let setup = Setup::new(&redis.url(), sink.port, "", "", "");
+    let cfg = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace("tls = \"none\"", "tls = \"required\"");
+    std::fs::write(&setup.config, cfg).unwrap();
+    let mut conn = redis.conn();
+    enqueue_raw(
+        &mut conn,
+        &setup.prefix,
+        &[job(
+            "t1",
+            "tls",
+            "receipt",
+            "a@x.test",
+            serde_json::json!({}),
+        )],
+    );
+    let daemon = Daemon::spawn(&setup.config);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let evs = events(&mut conn, &setup.prefix);
+        if let Some(e) = evs.iter().find(|e| e["type"] == "deferred") {
+            assert!(
+                e["response"]
+                    .as_str()
+                    .unwrap()
+                    .contains("STARTTLS required"),
+                "{e}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sink.count(), 0, "nothing sent in clear text");
+}
+
+/// A relay that demands AUTH PLAIN with one set of credentials.
+fn auth_relay(user: &'static str, pass: &'static str) -> (u16, std::sync::mpsc::Receiver<String>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let _ = s.write_all(b"220 relay ESMTP\r\n");
+                let mut authed = false;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let up = line.to_ascii_uppercase();
+                    let reply: String = if up.starts_with("EHLO") {
+                        "250-relay\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n".into()
+                    } else if let Some(b64) = line.strip_prefix("AUTH PLAIN ") {
+                        use base64::Engine;
+                        let raw = base64::engine::general_purpose::STANDARD
+                            .decode(b64.trim())
+                            .unwrap_or_default();
+                        let want = format!("\0{user}\0{pass}");
+                        authed = raw == want.as_bytes();
+                        if authed {
+                            "235 2.7.0 ok\r\n".into()
+                        } else {
+                            "535 5.7.8 bad credentials\r\n".into()
+                        }
+                    } else if up.starts_with("MAIL") {
+                        if authed {
+                            "250 ok\r\n".into()
+                        } else {
+                            "530 5.7.0 Authentication required\r\n".into()
+                        }
+                    } else if up.starts_with("RCPT") {
+                        "250 ok\r\n".into()
+                    } else if up.starts_with("DATA") {
+                        let _ = s.write_all(b"354 go\r\n");
+                        let mut body = String::new();
+                        loop {
+                            line.clear();
+                            if r.read_line(&mut line).unwrap_or(0) == 0 || line == ".\r\n" {
+                                break;
+                            }
+                            body.push_str(&line);
+                        }
+                        let _ = tx.send(body);
+                        "250 2.0.0 queued\r\n".into()
+                    } else if up.starts_with("QUIT") {
+                        let _ = s.write_all(b"221 bye\r\n");
+                        return;
+                    } else {
+                        "250 ok\r\n".into()
+                    };
+                    if s.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn smtp_auth_credentials_come_from_config_or_environment() {
+    let redis = Redis::start();
+    let (port, rx) = auth_relay("paloma", "s3cret-pass");
+    let setup = Setup::new(&redis.url(), port, "username = \"paloma\"", "", "");
+    let mut conn = redis.conn();
+    enqueue_raw(
+        &mut conn,
+        &setup.prefix,
+        &[job(
+            "a1",
+            "auth",
+            "receipt",
+            "a@x.test",
+            serde_json::json!({"name": "A"}),
+        )],
+    );
+    // The password only in the environment, as an operator would pass a secret.
+    let daemon = Daemon::spawn_env(
+        &setup.config,
+        &[("PALOMA_DELIVERY__PASSWORD", "s3cret-pass")],
+    );
+    let evs = wait_terminal(
+        &mut conn,
+        &setup.prefix,
+        1,
+        Duration::from_secs(20),
+        Some(&daemon),
+    );
+    assert_eq!(
+        evs.iter().find(|e| is_terminal(e)).unwrap()["type"],
+        "delivered",
+        "{evs:?}"
+    );
+    assert!(rx
+        .recv_timeout(Duration::from_secs(1))
+        .unwrap()
+        .contains("Hi A,"));
+    assert!(
+        !daemon.log_text().contains("s3cret-pass"),
+        "no secret in the logs"
+    );
+}
