@@ -39,6 +39,9 @@ pub struct Settings {
     pub intake: IntakeSettings,
     #[serde(default)]
     pub domains: Vec<DomainRule>,
+    /// Replies that suspend a destination (`[[backoff]]`).
+    #[serde(default)]
+    pub backoff: Vec<BackoffRule>,
     #[serde(default)]
     pub dkim: Vec<DkimSettings>,
     #[serde(default)]
@@ -149,6 +152,9 @@ pub struct DeliverySettings {
     pub timeout: Dur,
     /// Largest rendered message (bytes).
     pub max_message_bytes: usize,
+    /// mx mode: how long a site is suspended after a 421 or a "slow down" reply, when no
+    /// `[[backoff]]` rule matches first.
+    pub throttle_suspend: Dur,
 }
 
 impl Default for DeliverySettings {
@@ -171,6 +177,7 @@ impl Default for DeliverySettings {
             idle_timeout: "30s".parse().expect("valid default"),
             timeout: "30s".parse().expect("valid default"),
             max_message_bytes: 10 * 1024 * 1024,
+            throttle_suspend: "5m".parse().expect("valid default"),
         }
     }
 }
@@ -219,6 +226,18 @@ pub struct DomainRule {
     pub rate: Option<Rate>,
     pub connections: Option<usize>,
     pub messages_per_connection: Option<u32>,
+}
+
+/// A reply pattern that suspends the destination it came from (`[[backoff]]`). Every field
+/// given must match: `code` is a prefix of the reply code (`"421"`, `"45"`), `enhanced` a
+/// prefix of the enhanced status (`"4.7."`), `text` a case-insensitive substring.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffRule {
+    pub code: Option<String>,
+    pub enhanced: Option<String>,
+    pub text: Option<String>,
+    pub suspend: Dur,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -8,7 +8,7 @@
 //! record and the stream ack in one transaction.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,15 +18,17 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Settings;
-use crate::deliver::{Deliverer, Outcome};
+use crate::deliver::{Deliverer, Outcome, Route};
 use crate::job::{Job, JobError, JobIdentity};
 use crate::metrics::Metrics;
+use crate::policy::suppression;
 use crate::queue::events::{rfc3339_ms, Event};
 use crate::queue::intake::{Claim, Intake};
 use crate::queue::leases::{self, Leases};
 use crate::queue::recorder::{IdemState, Record, Recorder, RecorderHandle};
 use crate::queue::{now_ms, scheduler, Entry, Keys};
 use crate::render::{DkimKeys, Renderer, Templates};
+use crate::shape::{Admission, Shaper};
 
 /// Everything a worker needs, shared.
 pub struct Shared {
@@ -37,6 +39,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub ready: AtomicBool,
     pub leases: Arc<Leases>,
+    pub shaper: Arc<Shaper>,
+    /// Open SMTP sessions (for the gauge).
+    pub sessions: Arc<AtomicI64>,
     /// Turns true when shutdown begins.
     pub stop: watch::Receiver<bool>,
 }
@@ -95,7 +100,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     let templates = Templates::load(&settings.templates.dir, settings.templates.strict)?;
     let dkim = DkimKeys::load(&settings.dkim)?;
     let renderer = Renderer::new(&settings, templates, dkim).map_err(anyhow::Error::msg)?;
-    let deliverer = Deliverer::new(&settings).await?;
+    let shaper = Arc::new(Shaper::new(&settings));
+    let sessions = Arc::new(AtomicI64::new(0));
+    let deliverer = Deliverer::new(&settings, shaper.clone(), sessions.clone()).await?;
     let metrics = Arc::new(Metrics::new());
     let keys = Keys::new(&settings.redis.prefix);
 
@@ -164,6 +171,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         metrics: metrics.clone(),
         ready: AtomicBool::new(false),
         leases,
+        shaper,
+        sessions,
         stop: stop_rx.clone(),
     });
     let http_task = match shared.settings.metrics.listen {
@@ -314,9 +323,9 @@ async fn dispatch(
             }
         }
     }
-    let ids: Vec<(&str, &str)> = valid
+    let ids: Vec<(&str, &str, &str)> = valid
         .iter()
-        .map(|(e, j)| (j.id.as_str(), e.id.as_str()))
+        .map(|(e, j)| (j.id.as_str(), e.id.as_str(), j.to.as_str()))
         .collect();
     let claims = loop {
         match intake.claim(&ids).await {
@@ -330,7 +339,7 @@ async fn dispatch(
     };
     drop(ids);
     let now = now_ms();
-    for ((entry, job), claim) in valid.into_iter().zip(claims) {
+    for ((entry, job), (claim, suppressed)) in valid.into_iter().zip(claims) {
         if claim == Claim::Duplicate {
             shared.metrics.jobs_duplicate.inc();
             tracing::debug!(id = job.id.as_str(), "duplicate job id; skipped");
@@ -338,6 +347,28 @@ async fn dispatch(
                 .recorder
                 .send(Record {
                     ack: Some(entry.id),
+                    ..Default::default()
+                })
+                .await;
+            continue;
+        }
+        if let Some(reason) = suppressed.filter(|r| suppression::blocks(r, job.transactional)) {
+            let reason = if suppression::REASONS.contains(&reason.as_str()) {
+                reason
+            } else {
+                "manual".into()
+            };
+            let (id, campaign, to) = (job.id.as_str(), job.campaign.as_str(), job.to.as_str());
+            let mut ev = Event::new("suppressed", id, campaign, to);
+            ev.reason = Some(&reason);
+            shared
+                .recorder
+                .send(Record {
+                    ack: Some(entry.id.clone()),
+                    event: Some(ev.to_json()),
+                    idem: Some((id.to_string(), Some(IdemState::Done))),
+                    stat: Some((campaign.to_string(), "suppressed")),
+                    first: entry.attempt == 0,
                     ..Default::default()
                 })
                 .await;
@@ -391,7 +422,7 @@ fn stat_campaign(c: &str) -> String {
     }
 }
 
-/// One job: render, deliver, record.
+/// One job: route, shape, render, deliver, record.
 async fn work(shared: Arc<Shared>, entry: Entry, mut job: Job, _permit: OwnedSemaphorePermit) {
     let m = &shared.metrics;
     if *shared.stop.borrow() {
@@ -405,55 +436,117 @@ async fn work(shared: Arc<Shared>, entry: Entry, mut job: Job, _permit: OwnedSem
         campaign: job.campaign.as_str().to_string(),
         to: job.to.as_str().to_string(),
     };
-    let t0 = Instant::now();
-    let mut message = Vec::with_capacity(16 * 1024);
-    let mut scratch = Vec::new();
-    let record = match shared.renderer.render(&mut job, &mut message, &mut scratch) {
-        Err(e) => dead_record(&entry, &e, &ident, true),
-        Ok(()) => {
-            m.render_seconds.observe(t0.elapsed().as_secs_f64());
-            drop(scratch);
-            match crate::deliver::smtp::envelope(shared.renderer.mail_from(&job), job.to.as_str()) {
-                Err(reason) => dead_record(
-                    &entry,
-                    &JobError::Invalid {
-                        field: "to",
-                        reason,
-                    },
-                    &ident,
-                    true,
-                ),
-                Ok(envelope) => {
-                    let t1 = Instant::now();
-                    let mut stop = shared.stop.clone();
-                    let sent = shared
-                        .deliverer
-                        .send(job.to.domain(), &envelope, &message, &mut stop)
-                        .await;
-                    let Some(outcome) = sent else {
-                        // Shutdown came while waiting for a session: nothing was sent.
-                        shared.leases.drop_one(&entry.id);
-                        m.in_flight.dec();
-                        return;
-                    };
-                    let label = match &outcome {
-                        Outcome::Delivered { .. } => "delivered",
-                        Outcome::Deferred { .. } => "deferred",
-                        Outcome::Bounced(_) => "bounced",
-                    };
-                    m.smtp_seconds
-                        .with_label_values(&[label])
-                        .observe(t1.elapsed().as_secs_f64());
-                    outcome_record(&shared, &entry, &ident, outcome)
-                }
-            }
-        }
-    };
-    shared.recorder.send(record).await;
+    if let Some(record) = deliver_job(&shared, &entry, &mut job, &ident).await {
+        shared.recorder.send(record).await;
+    } else {
+        shared.leases.drop_one(&entry.id);
+    }
     m.in_flight.dec();
 }
 
-fn outcome_record(shared: &Shared, entry: &Entry, ident: &JobIdentity, outcome: Outcome) -> Record {
+/// The record of one job's attempt; None when shutdown came before anything was sent.
+async fn deliver_job(
+    shared: &Shared,
+    entry: &Entry,
+    job: &mut Job,
+    ident: &JobIdentity,
+) -> Option<Record> {
+    let m = &shared.metrics;
+    let domain = job.to.domain().to_string();
+    let site = match shared.deliverer.route(&domain).await {
+        Route::Site(site) => site,
+        // Null MX, NXDOMAIN (bounce) or a DNS failure (defer): no session needed.
+        Route::Final(outcome) => return Some(outcome_record(shared, entry, ident, "*", outcome)),
+    };
+    let hosts: Vec<&str> = site.key.split(',').collect();
+    let (rule, by_mx) = shared.shaper.rule_and_key(&domain, &hosts);
+    if let Some(wait) = site.suspended_for() {
+        m.suspended_delays
+            .with_label_values(&[rule.name.as_str()])
+            .inc();
+        return Some(put_back(entry, ident, wait));
+    }
+    let key = if by_mx {
+        site.key.as_str()
+    } else {
+        domain.as_str()
+    };
+    if let Admission::Later(wait) = rule.admit(key).await {
+        m.shaping_delays
+            .with_label_values(&[rule.name.as_str()])
+            .inc();
+        return Some(put_back(entry, ident, wait));
+    }
+
+    let t0 = Instant::now();
+    let mut message = Vec::with_capacity(16 * 1024);
+    let mut scratch = Vec::new();
+    if let Err(e) = shared.renderer.render(job, &mut message, &mut scratch) {
+        return Some(dead_record(entry, &e, ident, true));
+    }
+    m.render_seconds.observe(t0.elapsed().as_secs_f64());
+    drop(scratch);
+    let envelope =
+        match crate::deliver::smtp::envelope(shared.renderer.mail_from(job), job.to.as_str()) {
+            Ok(e) => e,
+            Err(reason) => {
+                let err = JobError::Invalid {
+                    field: "to",
+                    reason,
+                };
+                return Some(dead_record(entry, &err, ident, true));
+            }
+        };
+    let t1 = Instant::now();
+    let mut stop = shared.stop.clone();
+    let outcome = site.send(&envelope, &message, &mut stop).await?;
+    let label = match &outcome {
+        Outcome::Delivered { .. } => "delivered",
+        Outcome::Deferred { .. } => "deferred",
+        Outcome::Bounced(_) => "bounced",
+    };
+    m.smtp_seconds
+        .with_label_values(&[label])
+        .observe(t1.elapsed().as_secs_f64());
+    if let Some(pause) = shared.shaper.backoff_for(&outcome) {
+        if site.suspended_for().is_none() {
+            m.suspensions.with_label_values(&[rule.name.as_str()]).inc();
+            tracing::info!(site = %site.key, pause = ?pause, reply = %outcome_text(&outcome), "throttled: suspending the destination");
+        }
+        site.suspend(Instant::now() + pause);
+    }
+    Some(outcome_record(shared, entry, ident, &rule.name, outcome))
+}
+
+fn outcome_text(o: &Outcome) -> &str {
+    match o {
+        Outcome::Delivered { response } | Outcome::Deferred { response } => response,
+        Outcome::Bounced(b) => &b.response,
+    }
+}
+
+/// Back to the delayed set without a delivery attempt (rate or suspension): no event, the
+/// attempt count unchanged.
+fn put_back(entry: &Entry, ident: &JobIdentity, wait: Duration) -> Record {
+    let due = now_ms() + wait.as_millis() as i64;
+    Record {
+        ack: Some(entry.id.clone()),
+        schedule: Some((
+            due,
+            scheduler::member(entry.attempt, entry.first_at, &entry.job),
+        )),
+        idem: Some((ident.id.clone(), Some(IdemState::Scheduled))),
+        ..Default::default()
+    }
+}
+
+fn outcome_record(
+    shared: &Shared,
+    entry: &Entry,
+    ident: &JobIdentity,
+    rule: &str,
+    outcome: Outcome,
+) -> Record {
     let (id, campaign, to) = (
         ident.id.as_str(),
         ident.campaign.as_str(),
@@ -468,6 +561,16 @@ fn outcome_record(shared: &Shared, entry: &Entry, ident: &JobIdentity, outcome: 
         first,
         ..Default::default()
     };
+    let label = match &outcome {
+        Outcome::Delivered { .. } => "delivered",
+        Outcome::Deferred { .. } => "deferred",
+        Outcome::Bounced(_) => "bounced",
+    };
+    shared
+        .metrics
+        .destination
+        .with_label_values(&[rule, label])
+        .inc();
     match outcome {
         Outcome::Delivered { response } => {
             let mut ev = Event::new("delivered", id, campaign, to);
@@ -485,7 +588,11 @@ fn outcome_record(shared: &Shared, entry: &Entry, ident: &JobIdentity, outcome: 
             ev.enhanced = Some(&b.enhanced);
             ev.class = Some(b.class.as_str());
             ev.response = Some(&b.response);
-            done("bounced", ev.to_json())
+            let mut record = done("bounced", ev.to_json());
+            if b.class.is_hard() {
+                record.suppress = Some((to.to_string(), "bounced"));
+            }
+            record
         }
         Outcome::Deferred { response } => {
             let d = &shared.settings.delivery;

@@ -47,6 +47,11 @@ pub async fn serve_ops(
 }
 
 async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {
+    let m = &ops.shared.metrics;
+    m.sessions_open
+        .set(ops.shared.sessions.load(Ordering::Relaxed));
+    m.sites_suspended
+        .set(ops.shared.deliverer.suspended_sites() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         ops.shared.metrics.render(),

@@ -23,6 +23,8 @@ pub mod demo;
 pub mod http;
 pub mod job;
 pub mod metrics;
+pub mod policy;
 pub mod queue;
 pub mod render;
+pub mod shape;
 pub mod track;

@@ -23,6 +23,16 @@ pub struct Metrics {
     pub event_batch: Histogram,
     pub redis_errors: IntCounter,
     pub scheduled_moved: IntCounter,
+    /// Outcomes by destination rule (`[[domains]]` match, `*` for the rest).
+    pub destination: IntCounterVec,
+    /// Jobs put back in the delayed set to keep a destination's rate.
+    pub shaping_delays: IntCounterVec,
+    /// Jobs put back because their destination was suspended.
+    pub suspended_delays: IntCounterVec,
+    /// Sites suspended after a throttling reply.
+    pub suspensions: IntCounterVec,
+    pub sessions_open: IntGauge,
+    pub sites_suspended: IntGauge,
 }
 
 impl Metrics {
@@ -122,6 +132,48 @@ impl Metrics {
         registry
             .register(Box::new(event_batch.clone()))
             .expect("unique metric");
+        let vec = |name: &str, help: &str, labels: &[&str]| {
+            let v = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(v.clone()))
+                .expect("unique metric");
+            v
+        };
+        let destination = vec(
+            "paloma_destination_messages_total",
+            "Delivery outcomes by destination rule.",
+            &["rule", "outcome"],
+        );
+        let shaping_delays = vec(
+            "paloma_shaping_delays_total",
+            "Jobs put back in the delayed set to keep their destination's rate.",
+            &["rule"],
+        );
+        let suspended_delays = vec(
+            "paloma_suspended_delays_total",
+            "Jobs put back in the delayed set because their destination is suspended.",
+            &["rule"],
+        );
+        let suspensions = vec(
+            "paloma_suspensions_total",
+            "Destinations suspended after a throttling reply.",
+            &["rule"],
+        );
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let sessions_open = gauge(
+            "paloma_smtp_sessions_open",
+            "SMTP sessions open (busy and idle).",
+        );
+        let sites_suspended = gauge(
+            "paloma_sites_suspended",
+            "Destinations suspended right now.",
+        );
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
@@ -141,6 +193,12 @@ impl Metrics {
             event_batch,
             redis_errors,
             scheduled_moved,
+            destination,
+            shaping_delays,
+            suspended_delays,
+            suspensions,
+            sessions_open,
+            sites_suspended,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Delivery: SMTP sessions to the relay (or, in mx mode, to each domain's MX hosts) and the
 //! one outcome type every layer speaks.
 
+pub mod mx;
 pub mod smtp;
 
 /// What one delivery attempt came to.
@@ -185,31 +186,63 @@ mod tests {
     }
 }
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::extension::ClientId;
 
 use crate::config::{DeliveryMode, Settings};
-use smtp::{Pool, SessionConfig};
+use crate::shape::Shaper;
+use smtp::{Pool, SessionConfig, Site};
 
 /// Where messages go.
 pub enum Deliverer {
     /// Everything through one smarthost.
-    Relay(Arc<Pool>),
+    Relay(Arc<Site>),
+    /// Straight to each domain's MX hosts.
+    Mx(mx::MxRouter),
+}
+
+/// Where one recipient domain's mail goes right now.
+pub enum Route {
+    Site(Arc<Site>),
+    /// Decided without a session: null MX or NXDOMAIN (bounce), DNS failure (defer).
+    Final(Outcome),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {
     #[error("delivery.relay {0:?}: {1}")]
     Relay(String, String),
-    #[error("delivery.mode = \"mx\" is not available in this build yet; use mode = \"relay\"")]
-    MxUnavailable,
+    #[error("delivery.nameservers: {0}")]
+    Resolver(String),
+}
+
+/// The session settings shared by every destination.
+pub fn session_config(
+    settings: &Settings,
+    tls_name: String,
+    messages_per_connection: u32,
+) -> SessionConfig {
+    let d = &settings.delivery;
+    SessionConfig {
+        helo: ClientId::Domain(settings.sender.helo.clone()),
+        tls: d.tls,
+        tls_name,
+        credentials: None,
+        timeout: d.timeout.get(),
+        idle_timeout: d.idle_timeout.get(),
+        messages_per_connection: messages_per_connection.max(1),
+    }
 }
 
 impl Deliverer {
-    pub async fn new(settings: &Settings) -> Result<Self, DeliverError> {
+    pub async fn new(
+        settings: &Settings,
+        shaper: Arc<Shaper>,
+        open: Arc<AtomicI64>,
+    ) -> Result<Self, DeliverError> {
         let d = &settings.delivery;
         match d.mode {
             DeliveryMode::Relay => {
@@ -224,42 +257,51 @@ impl Deliverer {
                     .relay
                     .rsplit_once(':')
                     .map_or(d.relay.as_str(), |(h, _)| h);
-                let credentials = d
+                let mut cfg = session_config(
+                    settings,
+                    host.trim_matches(['[', ']']).to_string(),
+                    d.messages_per_connection,
+                );
+                cfg.credentials = d
                     .username
                     .clone()
                     .map(|u| Credentials::new(u, d.password.clone().unwrap_or_default()));
-                let cfg = SessionConfig {
-                    helo: ClientId::Domain(settings.sender.helo.clone()),
-                    tls: d.tls,
-                    tls_name: host.trim_matches(['[', ']']).to_string(),
-                    credentials,
-                    timeout: d.timeout.get(),
-                    idle_timeout: d.idle_timeout.get(),
-                    messages_per_connection: d.messages_per_connection.max(1),
-                };
-                Ok(Deliverer::Relay(Pool::new(addr, d.connections, cfg)))
+                let pool = Pool::new(addr, cfg, open);
+                Ok(Deliverer::Relay(Site::new(
+                    d.relay.clone(),
+                    vec![pool],
+                    d.connections,
+                )))
             }
-            DeliveryMode::Mx => Err(DeliverError::MxUnavailable),
+            DeliveryMode::Mx => Ok(Deliverer::Mx(mx::MxRouter::new(settings, shaper, open)?)),
         }
     }
 
-    /// Delivers one message to `domain`'s route; None when shutdown came first (nothing
-    /// was sent).
-    pub async fn send(
-        &self,
-        _domain: &str,
-        envelope: &Envelope,
-        message: &[u8],
-        stop: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Option<Outcome> {
+    /// The route for a recipient domain.
+    pub async fn route(&self, domain: &str) -> Route {
         match self {
-            Deliverer::Relay(pool) => pool.send(envelope, message, stop).await,
+            Deliverer::Relay(site) => Route::Site(site.clone()),
+            Deliverer::Mx(router) => router.route(domain).await,
         }
     }
 
     pub async fn close(&self) {
         match self {
-            Deliverer::Relay(pool) => pool.close_idle().await,
+            Deliverer::Relay(site) => site.close_idle().await,
+            Deliverer::Mx(router) => router.close_idle().await,
         }
     }
+
+    /// Sites suspended right now (throttling).
+    pub fn suspended_sites(&self) -> usize {
+        match self {
+            Deliverer::Relay(site) => usize::from(site.suspended_for().is_some()),
+            Deliverer::Mx(router) => router.suspended_sites(),
+        }
+    }
+}
+
+/// Open SMTP sessions, for the gauge.
+pub fn open_sessions(counter: &AtomicI64) -> i64 {
+    counter.load(Ordering::Relaxed)
 }

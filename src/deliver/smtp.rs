@@ -3,6 +3,7 @@
 //! kept in a small pool per destination and capped by a semaphore.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,14 +34,32 @@ struct Idle {
     conn: AsyncSmtpConnection,
     sent: u32,
     since: Instant,
+    _open: OpenGuard,
 }
 
-/// Connections to one destination address: at most `max` at once, idle ones reused.
+/// Counts open sessions for the `paloma_smtp_sessions_open` gauge.
+struct OpenGuard(Arc<AtomicI64>);
+
+impl OpenGuard {
+    fn new(c: Arc<AtomicI64>) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(c)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Connections to one server address; idle ones are reused. Concurrency is capped by the
+/// [`Site`] the address belongs to.
 pub struct Pool {
     addr: SocketAddr,
     cfg: SessionConfig,
-    permits: Semaphore,
     idle: Mutex<Vec<Idle>>,
+    open: Arc<AtomicI64>,
 }
 
 /// Why a session could not be used.
@@ -50,13 +69,22 @@ enum SessionError {
     Outcome(Outcome),
 }
 
+/// One attempt at one address.
+pub enum Attempt {
+    /// The server answered the transaction.
+    Done(Outcome),
+    /// No session could be set up (refused, timed out, greeting/EHLO/TLS failed): the next
+    /// MX host may do better.
+    Unreachable(String),
+}
+
 impl Pool {
-    pub fn new(addr: SocketAddr, max: usize, cfg: SessionConfig) -> Arc<Self> {
+    pub fn new(addr: SocketAddr, cfg: SessionConfig, open: Arc<AtomicI64>) -> Arc<Self> {
         Arc::new(Pool {
             addr,
             cfg,
-            permits: Semaphore::new(max.max(1)),
             idle: Mutex::new(Vec::new()),
+            open,
         })
     }
 
@@ -64,67 +92,49 @@ impl Pool {
         self.addr
     }
 
-    /// Sessions open right now (in use and idle).
-    pub fn open_idle(&self) -> usize {
-        self.idle.lock().map(|v| v.len()).unwrap_or(0)
-    }
-
-    /// Sends one message. A reused connection that turns out dead is replaced once.
-    /// Returns None, without touching the server, when `stop` turns true while waiting for
-    /// a free session: the job is left for another daemon.
-    pub async fn send(
-        &self,
-        envelope: &Envelope,
-        message: &[u8],
-        stop: &mut watch::Receiver<bool>,
-    ) -> Option<Outcome> {
-        let _permit = tokio::select! {
-            p = self.permits.acquire() => p.expect("pool semaphore never closes"),
-            _ = stop.wait_for(|s| *s) => return None,
-        };
-        Some(self.send_with_permit(envelope, message).await)
-    }
-
-    async fn send_with_permit(&self, envelope: &Envelope, message: &[u8]) -> Outcome {
+    /// Sends one message over a reused or new session. A reused session that turns out
+    /// dead is replaced once.
+    pub async fn attempt(&self, envelope: &Envelope, message: &[u8]) -> Attempt {
         let reused = self.take_idle();
         let fresh_tried = reused.is_none();
         let mut session = match reused {
             Some(s) => s,
             None => match self.connect().await {
-                Ok(c) => Idle {
-                    conn: c,
-                    sent: 0,
-                    since: Instant::now(),
-                },
-                Err(o) => return o,
+                Ok(c) => self.fresh(c),
+                Err(reason) => return Attempt::Unreachable(reason),
             },
         };
         match self.transact(&mut session.conn, envelope, message).await {
             Ok(response) => {
                 self.put_back(session);
-                Outcome::Delivered { response }
+                Attempt::Done(Outcome::Delivered { response })
             }
-            Err(SessionError::Outcome(o)) => o,
+            Err(SessionError::Outcome(o)) => Attempt::Done(o),
             Err(SessionError::Stale(reason)) if !fresh_tried => {
                 tracing::debug!(addr = %self.addr, %reason, "pooled connection was dead; reconnecting");
-                let mut conn = match self.connect().await {
-                    Ok(c) => c,
-                    Err(o) => return o,
+                let mut session = match self.connect().await {
+                    Ok(c) => self.fresh(c),
+                    Err(reason) => return Attempt::Unreachable(reason),
                 };
-                match self.transact(&mut conn, envelope, message).await {
+                match self.transact(&mut session.conn, envelope, message).await {
                     Ok(response) => {
-                        self.put_back(Idle {
-                            conn,
-                            sent: 0,
-                            since: Instant::now(),
-                        });
-                        Outcome::Delivered { response }
+                        self.put_back(session);
+                        Attempt::Done(Outcome::Delivered { response })
                     }
-                    Err(SessionError::Outcome(o)) => o,
-                    Err(SessionError::Stale(r)) => Outcome::Deferred { response: r },
+                    Err(SessionError::Outcome(o)) => Attempt::Done(o),
+                    Err(SessionError::Stale(r)) => Attempt::Done(Outcome::Deferred { response: r }),
                 }
             }
-            Err(SessionError::Stale(r)) => Outcome::Deferred { response: r },
+            Err(SessionError::Stale(r)) => Attempt::Done(Outcome::Deferred { response: r }),
+        }
+    }
+
+    fn fresh(&self, conn: AsyncSmtpConnection) -> Idle {
+        Idle {
+            conn,
+            sent: 0,
+            since: Instant::now(),
+            _open: OpenGuard::new(self.open.clone()),
         }
     }
 
@@ -166,10 +176,8 @@ impl Pool {
         }
     }
 
-    async fn connect(&self) -> Result<AsyncSmtpConnection, Outcome> {
-        let deferred = |what: &str, e: &dyn std::fmt::Display| Outcome::Deferred {
-            response: format!("{what} {}: {e}", self.addr),
-        };
+    async fn connect(&self) -> Result<AsyncSmtpConnection, String> {
+        let deferred = |what: &str, e: &dyn std::fmt::Display| format!("{what} {}: {e}", self.addr);
         let tcp =
             match tokio::time::timeout(self.cfg.timeout, tokio::net::TcpStream::connect(self.addr))
                 .await
@@ -255,6 +263,80 @@ impl Pool {
             Err(_) => Err(SessionError::Outcome(Outcome::Deferred {
                 response: format!("{}: timed out after {:?}", self.addr, self.cfg.timeout),
             })),
+        }
+    }
+}
+
+/// A destination: the addresses of one relay, or of the MX hosts of one or more domains
+/// (domains served by the same MX set share a site, as KumoMTA's sites do), in preference
+/// order, with one cap on concurrent sessions and a suspension switch for throttling.
+pub struct Site {
+    pub key: String,
+    pools: Vec<Arc<Pool>>,
+    permits: Semaphore,
+    suspended_until: Mutex<Option<Instant>>,
+}
+
+impl Site {
+    pub fn new(key: String, pools: Vec<Arc<Pool>>, connections: usize) -> Arc<Self> {
+        Arc::new(Site {
+            key,
+            pools,
+            permits: Semaphore::new(connections.max(1)),
+            suspended_until: Mutex::new(None),
+        })
+    }
+
+    /// Sends over the first address that accepts a session. None when `stop` turned true
+    /// while waiting for a free session (nothing was sent).
+    pub async fn send(
+        &self,
+        envelope: &Envelope,
+        message: &[u8],
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Outcome> {
+        let _permit = tokio::select! {
+            p = self.permits.acquire() => p.expect("site semaphore never closes"),
+            _ = stop.wait_for(|s| *s) => return None,
+        };
+        let mut last = String::from("no address to deliver to");
+        for pool in &self.pools {
+            match pool.attempt(envelope, message).await {
+                Attempt::Done(o) => return Some(o),
+                Attempt::Unreachable(reason) => {
+                    tracing::debug!(site = %self.key, %reason, "trying the next address");
+                    last = reason;
+                }
+            }
+        }
+        Some(Outcome::Deferred { response: last })
+    }
+
+    /// Suspends the site (no sessions) until `until`.
+    pub fn suspend(&self, until: Instant) {
+        if let Ok(mut s) = self.suspended_until.lock() {
+            if s.is_none_or(|t| t < until) {
+                *s = Some(until);
+            }
+        }
+    }
+
+    /// How long the site stays suspended, if it is.
+    pub fn suspended_for(&self) -> Option<Duration> {
+        let mut s = self.suspended_until.lock().ok()?;
+        match *s {
+            Some(t) if t > Instant::now() => Some(t - Instant::now()),
+            Some(_) => {
+                *s = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub async fn close_idle(&self) {
+        for p in &self.pools {
+            p.close_idle().await;
         }
     }
 }

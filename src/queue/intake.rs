@@ -132,15 +132,19 @@ impl Intake {
         Ok(())
     }
 
-    /// Claims each job id for its entry, one pipelined round trip per batch:
-    /// `SET idem:{id} p:{entry} NX GET` answers nil when new, else the current holder.
-    pub async fn claim(&mut self, jobs: &[(&str, &str)]) -> redis::RedisResult<Vec<Claim>> {
+    /// Claims each job id for its entry and looks its recipient up in the suppression list,
+    /// one pipelined round trip per batch: `SET idem:{id} p:{entry} NX GET` answers nil when
+    /// new, else the current holder; `HGET suppressed addr` the reason, if any.
+    pub async fn claim(
+        &mut self,
+        jobs: &[(&str, &str, &str)],
+    ) -> redis::RedisResult<Vec<(Claim, Option<String>)>> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
         let mut p = redis::pipe();
         let mut owner = String::new();
-        for (job_id, entry_id) in jobs {
+        for (job_id, entry_id, addr) in jobs {
             owner.clear();
             owner.push_str("p:");
             owner.push_str(entry_id);
@@ -151,15 +155,21 @@ impl Intake {
                 .arg("GET")
                 .arg("EX")
                 .arg(self.idem_ttl);
+            p.cmd("HGET")
+                .arg(&self.keys.suppressed)
+                .arg(crate::policy::suppression::field(addr));
         }
         let replies: Vec<Option<String>> = p.query_async(&mut self.conn).await?;
         Ok(replies
-            .into_iter()
+            .chunks(2)
             .zip(jobs)
-            .map(|(prev, (_, entry_id))| match prev {
-                None => Claim::New,
-                Some(v) if v.strip_prefix("p:") == Some(entry_id) => Claim::Resumed,
-                Some(_) => Claim::Duplicate,
+            .map(|(pair, (_, entry_id, _))| {
+                let claim = match &pair[0] {
+                    None => Claim::New,
+                    Some(v) if v.strip_prefix("p:") == Some(*entry_id) => Claim::Resumed,
+                    Some(_) => Claim::Duplicate,
+                };
+                (claim, pair.get(1).cloned().flatten())
             })
             .collect())
     }

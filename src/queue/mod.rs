@@ -12,6 +12,7 @@
 //! | `idem:{id}` | string | `p:{entry}` in progress, `s` scheduled, `d` done |
 //! | `stats:{campaign}` | hash | counters per outcome |
 //! | `campaigns` | set | campaign codes seen |
+//! | `suppressed` | hash | lower-cased address → reason |
 
 pub mod events;
 pub mod intake;
@@ -30,6 +31,7 @@ pub struct Keys {
     pub dead: String,
     pub scheduled: String,
     pub campaigns: String,
+    pub suppressed: String,
 }
 
 impl Keys {
@@ -41,6 +43,7 @@ impl Keys {
             dead: format!("{prefix}dead"),
             scheduled: format!("{prefix}scheduled"),
             campaigns: format!("{prefix}campaigns"),
+            suppressed: format!("{prefix}suppressed"),
         }
     }
 

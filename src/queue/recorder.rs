@@ -36,6 +36,8 @@ pub struct Record {
     pub schedule: Option<(i64, String)>,
     /// `(job as received, error)` for `{prefix}dead`.
     pub dead: Option<(Vec<u8>, String)>,
+    /// `(address, reason)` to add to the suppression list (kept if already there).
+    pub suppress: Option<(String, &'static str)>,
     /// `(campaign, outcome)` for stats and metrics; `first` counts the job as accepted.
     pub stat: Option<(String, &'static str)>,
     pub first: bool,
@@ -180,6 +182,13 @@ impl Recorder {
                         p.cmd("DEL").arg(k.idem(id)).ignore();
                     }
                 }
+            }
+            if let Some((addr, reason)) = &r.suppress {
+                p.cmd("HSETNX")
+                    .arg(&k.suppressed)
+                    .arg(crate::policy::suppression::field(addr))
+                    .arg(*reason)
+                    .ignore();
             }
             if let Some((campaign, outcome)) = &r.stat {
                 *stats.entry((campaign.as_str(), outcome)).or_default() += 1;

@@ -1,0 +1,265 @@
+//! Direct delivery: MX resolution (hickory), routes cached for their DNS TTL, and sites
+//! shared by every domain served by the same MX hosts.
+//!
+//! RFC 5321 §5.1: MX hosts in preference order, the next one tried when a host cannot be
+//! reached; a domain without MX records is its own mail host (implicit MX, A/AAAA); RFC 7505:
+//! a single `MX 0 .` (null MX) means the domain takes no mail.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
+use hickory_resolver::TokioResolver;
+
+use super::smtp::{Pool, SessionConfig, Site};
+use super::{session_config, DeliverError, Outcome, Route};
+use crate::config::Settings;
+use crate::shape::Shaper;
+
+/// How long a negative answer (NXDOMAIN, null MX) is cached.
+const NEGATIVE_TTL: Duration = Duration::from_secs(300);
+/// Cap on the cached routes, so a campaign over millions of domains keeps memory flat.
+const MAX_ROUTES: usize = 100_000;
+
+enum Cached {
+    Site(Arc<Site>),
+    Bounce(Outcome),
+}
+
+pub struct MxRouter {
+    resolver: TokioResolver,
+    port: u16,
+    base: SessionConfig,
+    shaper: Arc<Shaper>,
+    open: Arc<AtomicI64>,
+    routes: Mutex<HashMap<String, (Cached, Instant)>>,
+    sites: Mutex<HashMap<String, Arc<Site>>>,
+    pools: Mutex<HashMap<SocketAddr, Arc<Pool>>>,
+}
+
+impl MxRouter {
+    pub fn new(
+        settings: &Settings,
+        shaper: Arc<Shaper>,
+        open: Arc<AtomicI64>,
+    ) -> Result<Self, DeliverError> {
+        let d = &settings.delivery;
+        let mut opts = ResolverOpts::default();
+        opts.timeout = Duration::from_secs(5);
+        opts.attempts = 2;
+        opts.cache_size = 10_000;
+        opts.max_active_requests = 256;
+        let builder = if d.nameservers.is_empty() {
+            TokioResolver::builder_tokio().map_err(|e| DeliverError::Resolver(e.to_string()))?
+        } else {
+            let mut servers = Vec::new();
+            for ns in &d.nameservers {
+                let addr: SocketAddr = ns
+                    .parse()
+                    .or_else(|_| ns.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map_err(|_| DeliverError::Resolver(format!("{ns:?} is not ip or ip:port")))?;
+                let mut cfg = NameServerConfig::udp_and_tcp(addr.ip());
+                for c in &mut cfg.connections {
+                    c.port = addr.port();
+                }
+                servers.push(cfg);
+            }
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(servers),
+                TokioRuntimeProvider::default(),
+            )
+        };
+        let resolver = builder
+            .with_options(opts)
+            .build()
+            .map_err(|e| DeliverError::Resolver(e.to_string()))?;
+        Ok(MxRouter {
+            resolver,
+            port: d.mx_port,
+            base: session_config(settings, String::new(), d.messages_per_connection),
+            shaper,
+            open,
+            routes: Mutex::new(HashMap::new()),
+            sites: Mutex::new(HashMap::new()),
+            pools: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub async fn route(&self, domain: &str) -> Route {
+        if let Some(r) = self.cached(domain) {
+            return r;
+        }
+        match self.resolve(domain).await {
+            Ok((cached, until)) => {
+                let route = match &cached {
+                    Cached::Site(s) => Route::Site(s.clone()),
+                    Cached::Bounce(o) => Route::Final(o.clone()),
+                };
+                if let Ok(mut routes) = self.routes.lock() {
+                    if routes.len() >= MAX_ROUTES {
+                        let now = Instant::now();
+                        routes.retain(|_, (_, t)| *t > now);
+                        if routes.len() >= MAX_ROUTES {
+                            routes.clear();
+                        }
+                    }
+                    routes.insert(domain.to_string(), (cached, until));
+                }
+                route
+            }
+            Err(reason) => Route::Final(Outcome::Deferred { response: reason }),
+        }
+    }
+
+    fn cached(&self, domain: &str) -> Option<Route> {
+        let routes = self.routes.lock().ok()?;
+        let (c, until) = routes.get(domain)?;
+        if *until <= Instant::now() {
+            return None;
+        }
+        Some(match c {
+            Cached::Site(s) => Route::Site(s.clone()),
+            Cached::Bounce(o) => Route::Final(o.clone()),
+        })
+    }
+
+    /// MX hosts by preference, then their addresses. Err is a temporary DNS failure.
+    async fn resolve(&self, domain: &str) -> Result<(Cached, Instant), String> {
+        let fqdn = format!("{domain}.");
+        let mut hosts: Vec<(u16, String)> = Vec::new();
+        let mut until = Instant::now() + Duration::from_secs(3600);
+        match self.resolver.mx_lookup(fqdn.as_str()).await {
+            Ok(lookup) => {
+                until = until.min(lookup.valid_until());
+                for r in lookup.answers() {
+                    // Answers can carry the CNAME chain too.
+                    if let RData::MX(mx) = &r.data {
+                        hosts.push((
+                            mx.preference,
+                            mx.exchange
+                                .to_ascii()
+                                .trim_end_matches('.')
+                                .to_ascii_lowercase(),
+                        ));
+                    }
+                }
+                if hosts.len() == 1 && hosts[0].1.is_empty() {
+                    return Ok((
+                        Cached::Bounce(Outcome::bounce(
+                            556,
+                            format!("556 5.1.10 {domain} does not accept mail (null MX)"),
+                        )),
+                        Instant::now() + NEGATIVE_TTL,
+                    ));
+                }
+                hosts.retain(|(_, h)| !h.is_empty());
+                if hosts.is_empty() {
+                    hosts.push((0, domain.to_string()));
+                }
+            }
+            Err(e) if e.is_nx_domain() => {
+                return Ok((
+                    Cached::Bounce(Outcome::bounce(
+                        550,
+                        format!("550 5.1.2 {domain}: domain does not exist (NXDOMAIN)"),
+                    )),
+                    Instant::now() + NEGATIVE_TTL,
+                ));
+            }
+            // No MX records: the domain itself is the mail host (RFC 5321 §5.1).
+            Err(e) if e.is_no_records_found() => hosts.push((0, domain.to_string())),
+            Err(e) => return Err(format!("DNS MX lookup for {domain} failed: {e}")),
+        }
+        hosts.sort_by_key(|(p, _)| *p);
+        let mut addrs: Vec<(String, IpAddr)> = Vec::new();
+        let mut dns_errors = Vec::new();
+        for (_, host) in &hosts {
+            match self.resolver.lookup_ip(format!("{host}.").as_str()).await {
+                Ok(ips) => {
+                    until = until.min(ips.valid_until());
+                    addrs.extend(ips.iter().map(|ip| (host.clone(), ip)));
+                }
+                Err(e) if e.is_no_records_found() => {}
+                Err(e) => dns_errors.push(format!("{host}: {e}")),
+            }
+        }
+        if addrs.is_empty() {
+            if !dns_errors.is_empty() {
+                return Err(format!(
+                    "DNS address lookup for the MX hosts of {domain} failed: {}",
+                    dns_errors.join("; ")
+                ));
+            }
+            return Ok((
+                Cached::Bounce(Outcome::bounce(
+                    550,
+                    format!("550 5.1.2 {domain}: no MX host has an address"),
+                )),
+                Instant::now() + NEGATIVE_TTL,
+            ));
+        }
+        let names: Vec<&str> = hosts.iter().map(|(_, h)| h.as_str()).collect();
+        let key = names.join(",");
+        let site = self.site(&key, domain, &names, &addrs);
+        Ok((
+            Cached::Site(site),
+            until.max(Instant::now() + Duration::from_secs(5)),
+        ))
+    }
+
+    fn site(
+        &self,
+        key: &str,
+        domain: &str,
+        names: &[&str],
+        addrs: &[(String, IpAddr)],
+    ) -> Arc<Site> {
+        let mut sites = self.sites.lock().expect("sites lock");
+        if let Some(s) = sites.get(key) {
+            return s.clone();
+        }
+        let rule = self.shaper.rule_for(domain, names);
+        let mut pools = self.pools.lock().expect("pools lock");
+        let list = addrs
+            .iter()
+            .map(|(host, ip)| {
+                let addr = SocketAddr::new(*ip, self.port);
+                pools
+                    .entry(addr)
+                    .or_insert_with(|| {
+                        let mut cfg = self.base.clone();
+                        cfg.tls_name = host.clone();
+                        cfg.messages_per_connection = rule.messages_per_connection;
+                        Pool::new(addr, cfg, self.open.clone())
+                    })
+                    .clone()
+            })
+            .collect();
+        let site = Site::new(key.to_string(), list, rule.connections);
+        sites.insert(key.to_string(), site.clone());
+        site
+    }
+
+    pub async fn close_idle(&self) {
+        let sites: Vec<Arc<Site>> = self
+            .sites
+            .lock()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        for s in sites {
+            s.close_idle().await;
+        }
+    }
+
+    pub fn suspended_sites(&self) -> usize {
+        self.sites
+            .lock()
+            .map(|s| s.values().filter(|s| s.suspended_for().is_some()).count())
+            .unwrap_or(0)
+    }
+}

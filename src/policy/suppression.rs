@@ -1,0 +1,81 @@
+//! The suppression list: the hash `{prefix}suppressed`, field = lower-cased address,
+//! value = reason (`unsubscribed`, `bounced`, `complained`, `manual`). Hard bounces and
+//! unsubscribes add to it; operators manage it with `paloma suppress`.
+
+use redis::aio::ConnectionManager;
+
+use crate::queue::Keys;
+
+pub const REASONS: [&str; 4] = ["unsubscribed", "bounced", "complained", "manual"];
+
+/// Does `reason` stop this job? Transactional mail ignores marketing opt-outs, never a hard
+/// bounce or an operator's block.
+pub fn blocks(reason: &str, transactional: bool) -> bool {
+    !transactional || matches!(reason, "bounced" | "manual")
+}
+
+pub fn field(addr: &str) -> String {
+    addr.trim().to_ascii_lowercase()
+}
+
+pub async fn add(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    addrs: &[String],
+    reason: &str,
+) -> redis::RedisResult<u64> {
+    if addrs.is_empty() {
+        return Ok(0);
+    }
+    let mut cmd = redis::cmd("HSET");
+    cmd.arg(keys.suppressed.as_str());
+    for a in addrs {
+        cmd.arg(field(a)).arg(reason);
+    }
+    cmd.query_async(conn).await
+}
+
+pub async fn remove(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    addrs: &[String],
+) -> redis::RedisResult<u64> {
+    if addrs.is_empty() {
+        return Ok(0);
+    }
+    let fields: Vec<String> = addrs.iter().map(|a| field(a)).collect();
+    redis::cmd("HDEL")
+        .arg(keys.suppressed.as_str())
+        .arg(fields)
+        .query_async(conn)
+        .await
+}
+
+/// Every entry, via HSCAN (no blocking HGETALL on a large list).
+pub async fn list(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    mut each: impl FnMut(&str, &str),
+) -> redis::RedisResult<u64> {
+    let mut cursor = 0u64;
+    let mut n = 0;
+    loop {
+        let (next, items): (u64, Vec<String>) = redis::cmd("HSCAN")
+            .arg(keys.suppressed.as_str())
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        for kv in items.chunks(2) {
+            if let [k, v] = kv {
+                each(k, v);
+                n += 1;
+            }
+        }
+        if next == 0 {
+            return Ok(n);
+        }
+        cursor = next;
+    }
+}

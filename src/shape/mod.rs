@@ -1,0 +1,342 @@
+//! Traffic shaping per destination: which rule a recipient domain falls under (by domain, or
+//! by the suffix of its MX hosts), how fast it may be sent to (governor, keyed by domain or
+//! site), how many sessions its site may open, and how throttling replies suspend a site.
+//!
+//! A job over its domain's rate waits in memory only briefly (up to [`MAX_WAIT`], for at most
+//! a second's worth of that domain's traffic); the rest is put back in the delayed set at the
+//! time its slot comes, so a slow domain never holds workers that other domains need and
+//! memory stays flat however large its backlog.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use crate::config::{BackoffRule, DeliveryMode, DomainRule, Rate, Settings};
+use crate::deliver::{enhanced_status, Outcome};
+
+/// The longest a job waits in memory for its rate slot.
+pub const MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// Starting points for the large mailbox providers: they limit concurrent connections per
+/// sending IP and publish no fixed message rate, so these cap sessions and messages per
+/// session. A `[[domains]]` rule for the same domain replaces them.
+const PROVIDERS: &[(&str, usize, u32)] = &[
+    ("gmail.com", 20, 100),
+    ("googlemail.com", 20, 100),
+    (".google.com", 20, 100),
+    ("yahoo.com", 10, 20),
+    ("ymail.com", 10, 20),
+    ("aol.com", 10, 20),
+    (".yahoodns.net", 10, 20),
+    ("outlook.com", 10, 100),
+    ("hotmail.com", 10, 100),
+    ("live.com", 10, 100),
+    ("msn.com", 10, 100),
+    (".protection.outlook.com", 10, 100),
+    ("icloud.com", 10, 50),
+    ("me.com", 10, 50),
+    ("mac.com", 10, 50),
+];
+
+/// Replies that mean "you are sending too fast" (Gmail 4.7.28, Yahoo TS01/TS02, Microsoft
+/// "try again later", generic 421).
+const THROTTLE_WORDS: &[&str] = &[
+    "try again later",
+    "too many",
+    "rate limit",
+    "throttl",
+    "temporarily deferred",
+    "4.7.28",
+    "ts01",
+    "ts02",
+    "ts03",
+];
+
+pub struct RuleState {
+    /// The `match` pattern, also the metrics label.
+    pub name: String,
+    pub connections: usize,
+    pub messages_per_connection: u32,
+    rate: Option<Rate>,
+    limiter: Option<DefaultKeyedRateLimiter<String>>,
+    keys: Mutex<HashMap<String, KeyState>>,
+}
+
+#[derive(Clone, Copy)]
+struct KeyState {
+    waiting: usize,
+    /// The next free slot for a job put back in the delayed set.
+    horizon: Instant,
+}
+
+/// What to do with a job now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    Go,
+    /// Back to the delayed set, due after this long.
+    Later(Duration),
+}
+
+impl RuleState {
+    fn new(
+        name: &str,
+        rate: Option<Rate>,
+        connections: usize,
+        messages_per_connection: u32,
+    ) -> Self {
+        let limiter = rate.map(|r| {
+            let per_cell = r.per / r.count;
+            // Bursts of up to one second's worth: 60 messages at 10/s take at least 5 s.
+            let burst = ((r.count as f64) * Duration::from_secs(1).as_secs_f64()
+                / r.per.as_secs_f64())
+            .clamp(1.0, 1e6) as u32;
+            let quota = Quota::with_period(per_cell.max(Duration::from_nanos(1)))
+                .expect("non-zero period")
+                .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
+            RateLimiter::keyed(quota)
+        });
+        RuleState {
+            name: name.to_string(),
+            connections: connections.max(1),
+            messages_per_connection: messages_per_connection.max(1),
+            rate,
+            limiter,
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits for `key`'s rate slot if it is close, else says when to come back.
+    pub async fn admit(&self, key: &str) -> Admission {
+        let (Some(limiter), Some(rate)) = (&self.limiter, self.rate) else {
+            return Admission::Go;
+        };
+        let key_owned = key.to_string();
+        let wait = match limiter.check_key(&key_owned) {
+            Ok(()) => return Admission::Go,
+            Err(not_until) => not_until.wait_time_from(DefaultClock::default().now()),
+        };
+        let per_second = (rate.count as f64 / rate.per.as_secs_f64()).max(1.0) as usize;
+        let now = Instant::now();
+        {
+            let mut keys = self.keys.lock().expect("shaper lock");
+            if keys.len() > 100_000 {
+                keys.retain(|_, k| k.waiting > 0 || k.horizon > now);
+            }
+            let ks = keys.entry(key_owned.clone()).or_insert(KeyState {
+                waiting: 0,
+                horizon: now,
+            });
+            if ks.waiting >= per_second || wait > MAX_WAIT {
+                let interval = rate.per / rate.count;
+                let slot = ks.horizon.max(now + MAX_WAIT);
+                ks.horizon = slot + interval;
+                return Admission::Later(slot - now);
+            }
+            ks.waiting += 1;
+        }
+        limiter.until_key_ready(&key_owned).await;
+        if let Some(ks) = self.keys.lock().expect("shaper lock").get_mut(&key_owned) {
+            ks.waiting -= 1;
+        }
+        Admission::Go
+    }
+}
+
+/// Per-domain rules and throttling reactions.
+pub struct Shaper {
+    rules: Vec<(String, Arc<RuleState>)>,
+    default: Arc<RuleState>,
+    backoff: Vec<BackoffRule>,
+    builtin_suspend: Option<Duration>,
+}
+
+impl Shaper {
+    pub fn new(settings: &Settings) -> Self {
+        let d = &settings.delivery;
+        let mut default = RuleState::new("*", None, d.connections, d.messages_per_connection);
+        let mut rules: Vec<(String, Arc<RuleState>)> = Vec::new();
+        let mut add = |r: &DomainRule| {
+            let state = RuleState::new(
+                &r.pattern,
+                r.rate,
+                r.connections.unwrap_or(d.connections),
+                r.messages_per_connection
+                    .unwrap_or(d.messages_per_connection),
+            );
+            if r.pattern == "*" {
+                default = state;
+            } else {
+                rules.push((r.pattern.to_ascii_lowercase(), Arc::new(state)));
+            }
+        };
+        for r in &settings.domains {
+            add(r);
+        }
+        if d.mode == DeliveryMode::Mx {
+            for (pattern, connections, mpc) in PROVIDERS {
+                if !settings
+                    .domains
+                    .iter()
+                    .any(|r| r.pattern.eq_ignore_ascii_case(pattern))
+                {
+                    rules.push((
+                        pattern.to_string(),
+                        Arc::new(RuleState::new(pattern, None, *connections, *mpc)),
+                    ));
+                }
+            }
+        }
+        Shaper {
+            rules,
+            default: Arc::new(default),
+            backoff: settings.backoff.clone(),
+            builtin_suspend: (d.mode == DeliveryMode::Mx).then(|| d.throttle_suspend.get()),
+        }
+    }
+
+    /// The rule for a domain whose MX hosts are `mx_hosts`, and the key its rate is counted
+    /// under: the domain for a domain rule, the site for an MX-suffix rule.
+    pub fn rule_for(&self, domain: &str, mx_hosts: &[&str]) -> Arc<RuleState> {
+        self.rule_and_key(domain, mx_hosts).0
+    }
+
+    pub fn rule_and_key(&self, domain: &str, mx_hosts: &[&str]) -> (Arc<RuleState>, bool) {
+        let under = |name: &str, pattern: &str| {
+            let p = pattern.trim_start_matches('.');
+            name == p
+                || (name.len() > p.len()
+                    && name.ends_with(p)
+                    && name.as_bytes()[name.len() - p.len() - 1] == b'.')
+        };
+        for (pattern, rule) in &self.rules {
+            if under(domain, pattern) {
+                return (rule.clone(), false);
+            }
+        }
+        for (pattern, rule) in &self.rules {
+            if mx_hosts.iter().any(|h| under(h, pattern)) {
+                return (rule.clone(), true);
+            }
+        }
+        (self.default.clone(), false)
+    }
+
+    /// How long a site is suspended after this outcome, if it says to slow down.
+    pub fn backoff_for(&self, outcome: &Outcome) -> Option<Duration> {
+        let Outcome::Deferred { response } = outcome else {
+            return None;
+        };
+        let code = response
+            .get(..3)
+            .filter(|c| c.bytes().all(|b| b.is_ascii_digit()));
+        let enhanced = enhanced_status(response);
+        let text = response.to_ascii_lowercase();
+        for r in &self.backoff {
+            let code_ok = r
+                .code
+                .as_deref()
+                .is_none_or(|c| code.is_some_and(|have| have.starts_with(c)));
+            let enh_ok = r
+                .enhanced
+                .as_deref()
+                .is_none_or(|e| enhanced.starts_with(e));
+            let text_ok = r
+                .text
+                .as_deref()
+                .is_none_or(|t| text.contains(&t.to_ascii_lowercase()));
+            if code_ok && enh_ok && text_ok {
+                return Some(r.suspend.get());
+            }
+        }
+        let throttled = code == Some("421") || THROTTLE_WORDS.iter().any(|w| text.contains(w));
+        self.builtin_suspend.filter(|_| throttled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(extra: &str) -> Settings {
+        Settings::from_toml(
+            &format!(
+                "[sender]\nfrom = \"a@b.test\"\nhelo = \"h\"\n[tracking]\nsecret = \"0123456789abcdef0\"\n[delivery]\nmode = \"mx\"\nthrottle_suspend = \"7s\"\n{extra}"
+            ),
+            Vec::new(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn rules_match_domains_subdomains_and_mx_suffixes() {
+        let s = Shaper::new(&settings("[[domains]]\nmatch = \"example.com\"\nconnections = 3\n[[domains]]\nmatch = \".mx.test\"\nconnections = 4\n[[domains]]\nmatch = \"*\"\nconnections = 9\n"));
+        assert_eq!(s.rule_for("example.com", &[]).connections, 3);
+        assert_eq!(s.rule_for("eu.example.com", &[]).connections, 3);
+        assert_eq!(s.rule_for("notexample.com", &[]).connections, 9);
+        let (r, by_mx) = s.rule_and_key("corp.test", &["a.mx.test"]);
+        assert_eq!((r.connections, by_mx), (4, true));
+        assert_eq!(
+            s.rule_for("gmail.com", &[]).connections,
+            20,
+            "provider default"
+        );
+        assert_eq!(
+            s.rule_for("acme.test", &["aspmx.l.google.com"]).name,
+            ".google.com"
+        );
+    }
+
+    #[test]
+    fn throttling_replies_suspend() {
+        let s = Shaper::new(&settings(
+            "[[backoff]]\nenhanced = \"4.7.1\"\ntext = \"blocked\"\nsuspend = \"1h\"\n",
+        ));
+        let d = |r: &str| s.backoff_for(&Outcome::Deferred { response: r.into() });
+        assert_eq!(d("421 4.7.0 Try again later"), Some(Duration::from_secs(7)));
+        assert_eq!(
+            d("451 4.7.28 Our system has detected an unusual rate"),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            d("450 4.7.1 Client host blocked for now"),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(d("450 4.2.1 Mailbox busy"), None);
+        assert_eq!(
+            s.backoff_for(&Outcome::bounce(550, "550 5.1.1 no".into())),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn over_rate_jobs_wait_briefly_then_are_spread_out() {
+        let r = RuleState::new("t", Some("10/s".parse().unwrap()), 1, 1);
+        let t = Instant::now();
+        let results = futures::future::join_all((0..40).map(|_| r.admit("d.test"))).await;
+        let go = results.iter().filter(|a| **a == Admission::Go).count();
+        let mut later: Vec<Duration> = results
+            .iter()
+            .filter_map(|a| match a {
+                Admission::Later(d) => Some(*d),
+                Admission::Go => None,
+            })
+            .collect();
+        later.sort();
+        assert_eq!(go, 20, "a burst of 10 and 10 short waits");
+        // The waiters took the next second's worth of slots.
+        assert!(
+            t.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(later.len(), 20);
+        // Jobs put back are spread at the rate, not all due at once.
+        for w in later.windows(2) {
+            assert!(w[1] >= w[0] + Duration::from_millis(90), "{later:?}");
+        }
+    }
+}
