@@ -46,6 +46,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage the suppression list: add, remove, list, import.
+    Suppress {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: SuppressAction,
+    },
     /// The quick start: a throwaway Redis, a local mail capture, a sample campaign.
     Demo {
         /// How many recipients.
@@ -59,6 +66,26 @@ enum Command {
         redis_url: Option<String>,
         #[arg(long, default_value = "templates")]
         templates: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SuppressAction {
+    /// Add addresses (reason: manual unless given).
+    Add {
+        addresses: Vec<String>,
+        #[arg(long, default_value = "manual")]
+        reason: String,
+    },
+    /// Remove addresses.
+    Remove { addresses: Vec<String> },
+    /// Print `address reason` lines.
+    List,
+    /// Add every address of a file (one per line, or the first CSV column; - for stdin).
+    Import {
+        file: String,
+        #[arg(long, default_value = "manual")]
+        reason: String,
     },
 }
 
@@ -111,6 +138,10 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
                 cli::print_stats(&o);
             }
         }
+        Command::Suppress { config, action } => {
+            let settings = load(&config)?;
+            return cli::suppress(&settings, action.into()).await;
+        }
         Command::Demo {
             count,
             dir,
@@ -127,6 +158,17 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+impl From<SuppressAction> for cli::Suppress {
+    fn from(a: SuppressAction) -> Self {
+        match a {
+            SuppressAction::Add { addresses, reason } => cli::Suppress::Add(addresses, reason),
+            SuppressAction::Remove { addresses } => cli::Suppress::Remove(addresses),
+            SuppressAction::List => cli::Suppress::List,
+            SuppressAction::Import { file, reason } => cli::Suppress::Import(file, reason),
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -201,7 +201,7 @@ pub enum Deliverer {
     /// Everything through one smarthost.
     Relay(Arc<Site>),
     /// Straight to each domain's MX hosts.
-    Mx(mx::MxRouter),
+    Mx(Box<mx::MxRouter>),
 }
 
 /// Where one recipient domain's mail goes right now.
@@ -273,7 +273,9 @@ impl Deliverer {
                     d.connections,
                 )))
             }
-            DeliveryMode::Mx => Ok(Deliverer::Mx(mx::MxRouter::new(settings, shaper, open)?)),
+            DeliveryMode::Mx => Ok(Deliverer::Mx(Box::new(mx::MxRouter::new(
+                settings, shaper, open,
+            )?))),
         }
     }
 

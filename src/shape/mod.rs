@@ -198,12 +198,15 @@ impl Shaper {
         }
     }
 
-    /// The rule for a domain whose MX hosts are `mx_hosts`, and the key its rate is counted
-    /// under: the domain for a domain rule, the site for an MX-suffix rule.
+    /// The rule for a domain whose MX hosts are `mx_hosts`. `example.com` matches that
+    /// domain and its subdomains; `.example.com` also matches domains whose MX hosts are
+    /// under example.com; `*` is the default.
     pub fn rule_for(&self, domain: &str, mx_hosts: &[&str]) -> Arc<RuleState> {
         self.rule_and_key(domain, mx_hosts).0
     }
 
+    /// The rule, and whether it matched by MX host (its rate is then counted per site rather
+    /// than per domain).
     pub fn rule_and_key(&self, domain: &str, mx_hosts: &[&str]) -> (Arc<RuleState>, bool) {
         let under = |name: &str, pattern: &str| {
             let p = pattern.trim_start_matches('.');
@@ -217,7 +220,9 @@ impl Shaper {
                 return (rule.clone(), false);
             }
         }
-        for (pattern, rule) in &self.rules {
+        // Only suffix patterns (".google.com") look at the MX hosts: a plain domain pattern
+        // is about that domain, not about every domain it hosts mail for.
+        for (pattern, rule) in self.rules.iter().filter(|(p, _)| p.starts_with('.')) {
             if mx_hosts.iter().any(|h| under(h, pattern)) {
                 return (rule.clone(), true);
             }
