@@ -5,6 +5,7 @@
 //! ```text
 //! cargo bench --bench e2e                      # relay, 20,000 newsletter messages
 //! cargo bench --bench e2e -- --jobs 50000 --dkim rsa --connections 64
+//! cargo bench --bench e2e -- --mx --domains 1000 # also mx mode: 1,000 domains over 4 sinks
 //! cargo bench --bench e2e -- --quick           # smoke run (CI)
 //! ```
 //!
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 struct Opts {
+    mx: bool,
     jobs: usize,
     connections: usize,
     dkim: Option<String>,
@@ -30,6 +32,7 @@ struct Opts {
 
 fn opts() -> Opts {
     let mut o = Opts {
+        mx: false,
         jobs: 20_000,
         connections: 50,
         dkim: None,
@@ -62,6 +65,7 @@ fn opts() -> Opts {
                 i += 1;
             }
             "--quick" => o.jobs = 2_000,
+            "--mx" => o.mx = true,
             _ => {} // cargo passes --bench
         }
         i += 1;
@@ -114,12 +118,8 @@ fn proc_stat(pid: u32) -> (u64, f64) {
     (hwm, ticks / 100.0)
 }
 
-fn main() {
-    let o = opts();
-    ensure_tools();
-    let redis = Redis::start();
+fn sink_on(ip: &str, port: u16) -> std::process::Child {
     // The harness sink dumps every message; under load we want one that only accepts.
-    let port = free_port();
     let mut sink = Command::new("/usr/sbin/smtp-sink");
     if std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -128,64 +128,88 @@ fn main() {
     {
         sink.args(["-u", "nobody"]);
     }
-    let mut sink = sink
+    let child = sink
         .args(["-m", "1024"])
-        .arg(format!("127.0.0.1:{port}"))
+        .arg(format!("{ip}:{port}"))
         .arg("1024")
         .spawn()
         .expect("smtp-sink");
-    wait_port("127.0.0.1", port, Duration::from_secs(5));
+    wait_port(ip, port, Duration::from_secs(5));
+    child
+}
 
-    let mut dkim_extra = String::new();
-    let keydir = tempfile::tempdir().unwrap();
-    if let Some(alg) = &o.dkim {
-        let key = keydir.path().join("k.pem");
-        let args: Vec<&str> = match alg.as_str() {
-            "rsa" => vec![
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-                "-out",
-            ],
-            "ed25519" => vec!["genpkey", "-algorithm", "ed25519", "-out"],
-            other => panic!("--dkim rsa|ed25519, not {other}"),
-        };
-        assert!(Command::new("openssl")
-            .args(&args)
-            .arg(&key)
-            .status()
-            .unwrap()
-            .success());
-        dkim_extra = format!(
-            "[[dkim]]\ndomain = \"shop.test\"\nselector = \"s1\"\nkey = \"{}\"\n",
-            key.display()
-        );
+fn dkim_config(o: &Opts, dir: &std::path::Path) -> String {
+    let Some(alg) = &o.dkim else {
+        return String::new();
+    };
+    let key = dir.join("k.pem");
+    let args: Vec<&str> = match alg.as_str() {
+        "rsa" => vec![
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ],
+        "ed25519" => vec!["genpkey", "-algorithm", "ed25519", "-out"],
+        other => panic!("--dkim rsa|ed25519, not {other}"),
+    };
+    assert!(Command::new("openssl")
+        .args(&args)
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success());
+    format!(
+        "[[dkim]]\ndomain = \"shop.test\"\nselector = \"s1\"\nkey = \"{}\"\n",
+        key.display()
+    )
+}
+
+struct Run {
+    rate: f64,
+    wall: f64,
+    peak_kb: u64,
+    cpu: f64,
+}
+
+/// Fills the stream, runs the daemon until every job is delivered, and measures it.
+fn run(
+    o: &Opts,
+    redis: &Redis,
+    config_extra: &str,
+    relay_port: u16,
+    dkim: &str,
+    mx: Option<(u16, u16)>,
+) -> Run {
+    let mut delivery = String::new();
+    if let Some((dns_port, mx_port)) = mx {
+        delivery = format!("mx_port = {mx_port}\nnameservers = [\"127.0.0.1:{dns_port}\"]");
     }
     let setup = Setup::new(
         &redis.url(),
-        port,
-        "",
+        relay_port,
+        &delivery,
         &format!(
             "workers = {}\nbatch = 512\nevent_batch = 1024",
             o.connections * 2
         ),
-        &dkim_extra,
+        &format!("{dkim}\n{config_extra}"),
     );
-    // Raise the connection count (the harness config fixes 8).
-    let cfg = std::fs::read_to_string(&setup.config).unwrap().replace(
+    let mut cfg = std::fs::read_to_string(&setup.config).unwrap().replace(
         "connections = 8",
         &format!("connections = {}", o.connections),
     );
+    if mx.is_some() {
+        cfg = cfg.replace("mode = \"relay\"", "mode = \"mx\"");
+    }
     std::fs::write(&setup.config, cfg).unwrap();
 
-    // Fill the stream.
     let mut conn = redis.conn();
     let products: Vec<_> = (0..o.products)
         .map(|i| serde_json::json!({"name": format!("Product {i}"), "price": "29.90", "url": format!("https://shop.test/p/{i}?utm_source=mail")}))
         .collect();
-    let t = Instant::now();
     for chunk in (0..o.jobs).collect::<Vec<_>>().chunks(5000) {
         let jobs: Vec<String> = chunk
             .iter()
@@ -201,17 +225,67 @@ fn main() {
             .collect();
         enqueue_raw(&mut conn, &setup.prefix, &jobs);
     }
-    eprintln!(
-        "filled {} jobs in {:.2}s",
-        o.jobs,
-        t.elapsed().as_secs_f64()
+    let t0 = Instant::now();
+    let daemon = Daemon::spawn(&setup.config);
+    let pid = daemon.pid().expect("daemon running");
+    let stats_key = format!("{}stats:bench", setup.prefix);
+    let mut peak = 0;
+    loop {
+        let delivered: Option<i64> = redis::cmd("HGET")
+            .arg(&stats_key)
+            .arg("delivered")
+            .query(&mut conn)
+            .unwrap();
+        peak = peak.max(proc_stat(pid).0);
+        if delivered.unwrap_or(0) as usize >= o.jobs {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "bench did not finish in 10 minutes\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let (hwm, cpu) = proc_stat(pid);
+    drop(daemon);
+    Run {
+        rate: o.jobs as f64 / wall,
+        wall,
+        peak_kb: peak.max(hwm),
+        cpu,
+    }
+}
+
+fn report(label: &str, o: &Opts, r: &Run, ceiling: f64) {
+    println!(
+        "  {label:<28} {:>6.0} msg/s  ratio {:.2}  ({:.2} s, peak RSS {} MB, {:.0} µs CPU/msg)",
+        r.rate,
+        r.rate / ceiling,
+        r.wall,
+        r.peak_kb / 1024,
+        r.cpu * 1e6 / o.jobs as f64
     );
+}
+
+fn main() {
+    let o = opts();
+    ensure_tools();
+    let redis = Redis::start();
+    let port = free_port();
+    let mut sinks = vec![sink_on("127.0.0.1", port)];
+    let keydir = tempfile::tempdir().unwrap();
+    let dkim = dkim_config(&o, keydir.path());
 
     // Size of one rendered message, for smtp-source.
     let size = {
         let probe = Sink::start(&[]);
-        let s2 = Setup::new(&redis.url(), probe.port, "", "", &dkim_extra);
+        let s2 = Setup::new(&redis.url(), probe.port, "", "", &dkim);
         let mut c2 = redis.conn();
+        let products: Vec<_> = (0..o.products)
+            .map(|i| serde_json::json!({"name": format!("Product {i}"), "price": "29.90", "url": format!("https://shop.test/p/{i}?utm_source=mail")}))
+            .collect();
         enqueue_raw(
             &mut c2,
             &s2.prefix,
@@ -228,56 +302,45 @@ fn main() {
         std::thread::sleep(Duration::from_millis(200));
         probe.dumps().first().map(|m| m.len()).unwrap_or(10_000)
     };
-
     let count = o.jobs.min(20_000);
     let before = ceiling(port, size, count);
     eprintln!("ceiling before: smtp-source {before:.0} msg/s ({size} bytes)");
 
-    let t0 = Instant::now();
-    let daemon = Daemon::spawn(&setup.config);
-    let daemon_pid = daemon.pid().expect("daemon running");
-    let stats_key = format!("{}stats:bench", setup.prefix);
-    let mut peak = 0;
-    loop {
-        let delivered: Option<i64> = redis::cmd("HGET")
-            .arg(&stats_key)
-            .arg("delivered")
-            .query(&mut conn)
-            .unwrap();
-        let (hwm, _) = proc_stat(daemon_pid);
-        peak = peak.max(hwm);
-        if delivered.unwrap_or(0) as usize >= o.jobs {
-            break;
+    let relay = run(&o, &redis, "", port, &dkim, None);
+    let mx = o.mx.then(|| {
+        // `domains` recipient domains, each with its own MX record, over 4 sinks.
+        let ips = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"];
+        for ip in ips {
+            sinks.push(sink_on(ip, port));
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(600),
-            "bench did not finish in 10 minutes\n{}",
-            daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let wall = t0.elapsed().as_secs_f64();
-    let (hwm, cpu) = proc_stat(daemon_pid);
-    peak = peak.max(hwm);
-    drop(daemon);
+        let mut records: Vec<String> = vec!["local=/test/".into()];
+        for (i, ip) in ips.iter().enumerate() {
+            records.push(format!("host-record=mx{i}.sinks.test,{ip}"));
+        }
+        for d in 0..o.domains {
+            records.push(format!(
+                "mx-host=d{d}.test,mx{}.sinks.test,10",
+                d % ips.len()
+            ));
+        }
+        let dns = Dns::start(&records);
+        let r = run(&o, &redis, "", port, &dkim, Some((dns.port, port)));
+        drop(dns);
+        r
+    });
     let after = ceiling(port, size, count);
-    let rate = o.jobs as f64 / wall;
     let ceil = (before + after) / 2.0;
     println!(
-        "paloma e2e bench: {} jobs, newsletter {} products ({size} bytes), {} connections, dkim {}",
-        o.jobs,
-        o.products,
-        o.connections,
-        o.dkim.as_deref().unwrap_or("off")
+        "paloma e2e bench: {} jobs, newsletter {} products ({size} bytes), {} connections, {} domains, dkim {}",
+        o.jobs, o.products, o.connections, o.domains, o.dkim.as_deref().unwrap_or("off")
     );
-    println!("  smtp-source ceiling: {before:.0} msg/s before, {after:.0} msg/s after");
-    println!("  paloma:              {rate:.0} msg/s ({wall:.2} s wall, from daemon start)");
-    println!("  ratio to ceiling:    {:.2}", rate / ceil);
-    println!("  daemon peak RSS:     {} MB", peak / 1024);
-    println!(
-        "  daemon CPU:          {:.1} µs per message ({cpu:.2} s)",
-        cpu * 1e6 / o.jobs as f64
-    );
-    let _ = sink.kill();
-    let _ = sink.wait();
+    println!("  smtp-source ceiling:         {before:.0} msg/s before, {after:.0} msg/s after");
+    report("paloma relay", &o, &relay, ceil);
+    if let Some(mx) = &mx {
+        report("paloma mx", &o, mx, ceil);
+    }
+    for mut s in sinks {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
 }
