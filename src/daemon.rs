@@ -181,6 +181,18 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         }
         None => None,
     };
+    let track_task = match shared.settings.tracking.listen {
+        Some(addr) => {
+            let state = crate::track::server::TrackState {
+                signer: shared.renderer.signer().clone(),
+                redis: conn.clone(),
+                keys: keys.clone(),
+                metrics: metrics.clone(),
+            };
+            Some(crate::track::server::serve(addr, state, exit_rx.clone()).await?)
+        }
+        None => None,
+    };
     tracing::info!(
         consumer = %consumer,
         mode = ?shared.settings.delivery.mode,
@@ -229,6 +241,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     let _ = renew_task.await;
     if let Some(t) = http_task {
         let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+    }
+    if let Some(t) = track_task {
+        let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -10,7 +10,7 @@
 //!   and the recorder that writes outcomes and acks per batch.
 //! - [`render`]: templates → personalized parts → tracked links → MIME → DKIM.
 //! - [`deliver`]: SMTP sessions and the [`deliver::Outcome`] every layer speaks.
-//! - [`track`]: signed tracking tokens.
+//! - [`track`]: signed tracking tokens and the tracking server (pixel, clicks, unsubscribe).
 //! - [`daemon`]: the wiring: intake → workers → recorder, shutdown.
 //! - [`http`], [`metrics`]: the operations endpoint.
 //! - [`cli`]: `enqueue`, `stats`, and [`demo`].

@@ -33,6 +33,9 @@ pub struct Metrics {
     pub suspensions: IntCounterVec,
     pub sessions_open: IntGauge,
     pub sites_suspended: IntGauge,
+    /// Tracking endpoint requests by kind (open, click, unsubscribe) and result.
+    pub tracking_requests: IntCounterVec,
+    pub tracking_events_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -179,6 +182,21 @@ impl Metrics {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
             let _ = registry.register(Box::new(pc));
         }
+        let tracking_requests = IntCounterVec::new(
+            Opts::new(
+                "paloma_tracking_requests_total",
+                "Tracking requests by kind (open, click, unsubscribe) and result.",
+            ),
+            &["kind", "result"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(tracking_requests.clone()))
+            .expect("unique metric");
+        let tracking_events_dropped = counter(
+            "paloma_tracking_events_dropped_total",
+            "Open and click events dropped because Redis fell behind.",
+        );
         Metrics {
             registry,
             jobs_read,
@@ -199,6 +217,8 @@ impl Metrics {
             suspensions,
             sessions_open,
             sites_suspended,
+            tracking_requests,
+            tracking_events_dropped,
         }
     }
 

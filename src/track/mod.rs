@@ -1,3 +1,5 @@
-//! Tracking: signed tokens for links, the open pixel and unsubscribe.
+//! Tracking: signed tokens for links, the open pixel and unsubscribe, and the HTTP server
+//! that answers them.
 
+pub mod server;
 pub mod token;

@@ -1,0 +1,729 @@
+//! The tracking endpoint: the open pixel (`/o/{token}`), tracked links (`/c/{token}`) and
+//! unsubscribe (`/u/{token}`), all carrying tokens signed by [`Signer`].
+//!
+//! Opens and clicks never wait on Redis: their events go through a bounded queue to one
+//! writer task that stores them per batch (one script call, one round trip). When Redis
+//! falls behind and the queue is full, tracking events are dropped and counted
+//! (`paloma_tracking_events_dropped_total`); the pixel and the redirect are answered anyway.
+//! An unsubscribe, by contrast, is written before it is confirmed: the page must not say
+//! "unsubscribed" unless it is true.
+//!
+//! A recipient whose address is suppressed as `unsubscribed` or `complained` is no longer
+//! tracked: their links and pixel keep working, but record nothing.
+//!
+//! `HEAD` answers like `GET` and records nothing. `GET /u/…` only shows a confirmation
+//! page, because link scanners follow every link in a message; the unsubscribe itself is
+//! the `POST` (the page's button, or an RFC 8058 one-click POST from the mailbox provider).
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, watch};
+
+use super::token::{Claims, Kind, Signer, MAX_TOKEN_LEN};
+use crate::metrics::Metrics;
+use crate::queue::events::Event;
+use crate::queue::Keys;
+
+/// What the tracking server needs from the daemon.
+pub struct TrackState {
+    pub signer: Signer,
+    pub redis: ConnectionManager,
+    pub keys: Keys,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Tracking events waiting for the writer; beyond this, new ones are dropped.
+const EVENT_QUEUE: usize = 8192;
+/// Events per script call.
+const EVENT_BATCH: usize = 256;
+/// Largest POST body read (a one-click body is 26 bytes).
+const MAX_BODY: usize = 16 * 1024;
+/// An unsubscribe that Redis has not confirmed by then gets a "try again" page.
+const UNSUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// 1×1 transparent GIF89a.
+const PIXEL: &[u8] = &[
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
+    0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
+];
+
+/// Writes a batch of tracking events, skipping recipients who opted out.
+/// KEYS: suppressed hash, events stream; ARGV: (lowercased address, event JSON) pairs.
+const WRITE_EVENTS: &str = r#"
+local n = 0
+for i = 1, #ARGV, 2 do
+  local reason = redis.call('HGET', KEYS[1], ARGV[i])
+  if reason ~= 'unsubscribed' and reason ~= 'complained' then
+    redis.call('XADD', KEYS[2], '*', 'event', ARGV[i + 1])
+    n = n + 1
+  end
+end
+return n
+"#;
+
+/// Suppresses an address and writes its `unsubscribed` event, both only the first time, so
+/// that a second click or a provider's retried POST is not a second event.
+/// KEYS: suppressed hash, events stream; ARGV: lowercased address, event JSON.
+const UNSUBSCRIBE: &str = r#"
+if redis.call('HSETNX', KEYS[1], ARGV[1], 'unsubscribed') == 1 then
+  redis.call('XADD', KEYS[2], '*', 'event', ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+struct Pending {
+    to: String,
+    event: String,
+}
+
+struct Inner {
+    signer: Signer,
+    redis: ConnectionManager,
+    suppressed: String,
+    events: String,
+    metrics: Arc<Metrics>,
+    tx: mpsc::Sender<Pending>,
+    bursts: Mutex<Bursts>,
+    unsubscribe: redis::Script,
+}
+
+type App = Arc<Inner>;
+
+/// Binds `addr` and serves until `stop` turns true; the returned task ends once open
+/// connections are done and queued events are written (or a short grace period passes).
+pub async fn serve(
+    addr: SocketAddr,
+    state: TrackState,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("tracking.listen {addr}: {e}"))?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!(addr = %bound, "tracking endpoint listening");
+    let suppressed = format!("{}suppressed", state.keys.prefix);
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+    let writer = tokio::spawn(write_events(
+        rx,
+        state.redis.clone(),
+        suppressed.clone(),
+        state.keys.events.clone(),
+        state.metrics.clone(),
+    ));
+    let app = router(Arc::new(Inner {
+        signer: state.signer,
+        redis: state.redis,
+        suppressed,
+        events: state.keys.events,
+        metrics: state.metrics,
+        tx,
+        bursts: Mutex::new(Bursts::default()),
+        unsubscribe: redis::Script::new(UNSUBSCRIBE),
+    }));
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        // The router, and with it the queue's sender, is gone: the writer drains and ends.
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    }))
+}
+
+fn router(app: App) -> Router {
+    Router::new()
+        .route("/o/{token}", get(open))
+        .route("/c/{token}", get(click))
+        .route("/u/{token}", get(unsubscribe_page).post(unsubscribe))
+        .fallback(|| async { not_found() })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(app)
+}
+
+async fn write_events(
+    mut rx: mpsc::Receiver<Pending>,
+    mut redis: ConnectionManager,
+    suppressed: String,
+    events: String,
+    metrics: Arc<Metrics>,
+) {
+    let script = redis::Script::new(WRITE_EVENTS);
+    let mut buf = Vec::with_capacity(EVENT_BATCH);
+    while rx.recv_many(&mut buf, EVENT_BATCH).await > 0 {
+        let mut inv = script.key(&suppressed);
+        inv.key(&events);
+        for p in &buf {
+            inv.arg(&p.to).arg(&p.event);
+        }
+        let mut delay = Duration::from_millis(50);
+        while let Err(e) = inv.invoke_async::<i64>(&mut redis).await {
+            metrics.redis_errors.inc();
+            tracing::warn!(error = %e, events = buf.len(), "writing tracking events failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+        buf.clear();
+    }
+}
+
+impl Inner {
+    fn count(&self, kind: &str, result: &str) {
+        self.metrics
+            .tracking_requests
+            .with_label_values(&[kind, result])
+            .inc();
+    }
+
+    /// Queues an event without waiting; a full queue drops it.
+    fn record(&self, to: &str, event: String) {
+        let p = Pending {
+            to: to.to_lowercase(),
+            event,
+        };
+        if self.tx.try_send(p).is_err() {
+            self.metrics.tracking_events_dropped.inc();
+            tracing::debug!("tracking event queue full; event dropped");
+        }
+    }
+
+    /// The claims of a token of `kind`, or None for anything else.
+    fn verify(&self, token: Result<Path<String>, PathRejection>, kind: Kind) -> Option<Claims> {
+        let Path(token) = token.ok()?;
+        if token.len() > MAX_TOKEN_LEN {
+            return None;
+        }
+        self.signer.verify(&token).ok().filter(|c| c.kind == kind)
+    }
+}
+
+async fn open(
+    State(app): State<App>,
+    method: Method,
+    headers: HeaderMap,
+    token: Result<Path<String>, PathRejection>,
+) -> Response {
+    let token = token.map(|Path(t)| Path(t.strip_suffix(".gif").unwrap_or(&t).to_string()));
+    let Some(c) = app.verify(token, Kind::Open) else {
+        app.count("open", "invalid");
+        return not_found();
+    };
+    if method == Method::HEAD {
+        app.count("open", "head");
+    } else {
+        let machine = machine_user_agent(user_agent(&headers));
+        app.count("open", if machine { "machine" } else { "human" });
+        let mut ev = Event::new("opened", &c.id, &c.campaign, &c.to);
+        ev.machine = Some(machine);
+        app.record(&c.to, ev.to_json());
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "image/gif"),
+            (
+                header::CACHE_CONTROL,
+                "no-store, no-cache, must-revalidate, private",
+            ),
+            (header::PRAGMA, "no-cache"),
+        ],
+        Bytes::from_static(PIXEL),
+    )
+        .into_response()
+}
+
+async fn click(
+    State(app): State<App>,
+    method: Method,
+    headers: HeaderMap,
+    token: Result<Path<String>, PathRejection>,
+) -> Response {
+    let Some((c, location)) = app
+        .verify(token, Kind::Click)
+        .and_then(|c| location(&c.url).map(|l| (c, l)))
+    else {
+        app.count("click", "invalid");
+        return not_found();
+    };
+    if method == Method::HEAD {
+        app.count("click", "head");
+    } else {
+        let by_agent = machine_user_agent(user_agent(&headers));
+        let burst = {
+            let mut h = DefaultHasher::new();
+            c.url.hash(&mut h);
+            let mut bursts = app.bursts.lock().unwrap_or_else(|p| p.into_inner());
+            bursts.click(&c.id, h.finish(), Instant::now())
+        };
+        let machine = by_agent || burst;
+        app.count("click", if machine { "machine" } else { "human" });
+        let mut ev = Event::new("clicked", &c.id, &c.campaign, &c.to);
+        ev.url = Some(&c.url);
+        ev.link = Some(&c.link);
+        ev.machine = Some(machine);
+        app.record(&c.to, ev.to_json());
+    }
+    Response::builder()
+        .status(StatusCode::FOUND)
+        .header(header::LOCATION, location)
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::empty())
+        .unwrap_or_else(|_| not_found())
+}
+
+async fn unsubscribe_page(
+    State(app): State<App>,
+    uri: Uri,
+    headers: HeaderMap,
+    token: Result<Path<String>, PathRejection>,
+) -> Response {
+    let Some(c) = app.verify(token, Kind::Unsubscribe) else {
+        app.count("unsubscribe", "invalid");
+        return not_found();
+    };
+    app.count("unsubscribe", "page");
+    let lang = Lang::of(&uri, &headers);
+    page(StatusCode::OK, lang, Page::Confirm, &c.to)
+}
+
+async fn unsubscribe(
+    State(app): State<App>,
+    uri: Uri,
+    headers: HeaderMap,
+    token: Result<Path<String>, PathRejection>,
+    // Read (and so bounded by the body limit) but not needed: any POST to a valid token
+    // unsubscribes, whether the page's button or an RFC 8058 `List-Unsubscribe=One-Click`.
+    _body: Bytes,
+) -> Response {
+    let Some(c) = app.verify(token, Kind::Unsubscribe) else {
+        app.count("unsubscribe", "invalid");
+        return not_found();
+    };
+    let lang = Lang::of(&uri, &headers);
+    let event = Event::new("unsubscribed", &c.id, &c.campaign, &c.to).to_json();
+    let mut redis = app.redis.clone();
+    let mut inv = app.unsubscribe.key(&app.suppressed);
+    inv.key(&app.events).arg(c.to.to_lowercase()).arg(event);
+    match tokio::time::timeout(UNSUBSCRIBE_TIMEOUT, inv.invoke_async::<i64>(&mut redis)).await {
+        Ok(Ok(first)) => {
+            app.count(
+                "unsubscribe",
+                if first == 1 { "unsubscribed" } else { "repeat" },
+            );
+            page(StatusCode::OK, lang, Page::Done, &c.to)
+        }
+        Ok(Err(e)) => {
+            app.metrics.redis_errors.inc();
+            app.count("unsubscribe", "error");
+            tracing::warn!(error = %e, "unsubscribe not written");
+            page(StatusCode::SERVICE_UNAVAILABLE, lang, Page::Failed, &c.to)
+        }
+        Err(_) => {
+            app.count("unsubscribe", "error");
+            tracing::warn!("unsubscribe not written: Redis did not answer in time");
+            page(StatusCode::SERVICE_UNAVAILABLE, lang, Page::Failed, &c.to)
+        }
+    }
+}
+
+fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CACHE_CONTROL, "no-store")],
+        "not found\n",
+    )
+        .into_response()
+}
+
+fn user_agent(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// The redirect target of a click token: only `http(s)` URLs, never one with control
+/// characters; spaces and non-ASCII bytes are percent-encoded so the header stays valid.
+fn location(url: &str) -> Option<HeaderValue> {
+    let scheme = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+    if !(scheme.starts_with("http://") || scheme.starts_with("https://")) {
+        return None;
+    }
+    if url.chars().any(char::is_control) {
+        return None;
+    }
+    let mut out = String::with_capacity(url.len() + 16);
+    for b in url.bytes() {
+        if b.is_ascii_graphic() {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    HeaderValue::from_str(&out).ok()
+}
+
+/// Lower-case substrings of user agents that fetch on nobody's behalf: image proxies of
+/// webmail providers, link scanners of mail-security gateways, crawlers and HTTP libraries,
+/// and link-preview fetchers (Office's "existence discovery", chat apps).
+const MACHINE_AGENTS: &[&str] = &[
+    "googleimageproxy",
+    "yahoomailproxy",
+    "barracuda",
+    "proofpoint",
+    "mimecast",
+    "urldefense",
+    "safelinks",
+    "bot",
+    "crawler",
+    "spider",
+    "curl/",
+    "wget/",
+    "python-requests",
+    "python-urllib",
+    "aiohttp",
+    "go-http-client",
+    "java/",
+    "okhttp",
+    "libwww-perl",
+    "httpclient",
+    "headlesschrome",
+    "phantomjs",
+    "ms-office",
+    "existence discovery",
+    "protocol discovery",
+    "bingpreview",
+    "skypeuripreview",
+    "facebookexternalhit",
+    "whatsapp",
+];
+
+/// Is this request made by a machine rather than a person reading the mail?
+///
+/// - an empty or missing user agent (also one that is not valid header text);
+/// - exactly `Mozilla/5.0` with nothing after it: what Apple Mail Privacy Protection's
+///   proxy sends (a real browser always adds its platform);
+/// - a user agent containing one of [`MACHINE_AGENTS`] (case-insensitive): webmail image
+///   proxies (GoogleImageProxy, YahooMailProxy), security gateways that pre-fetch every link
+///   (Barracuda, Proofpoint, Mimecast, urldefense, Microsoft SafeLinks), bots, crawlers,
+///   spiders, HTTP libraries (curl, python-requests, Go-http-client, …), headless browsers,
+///   and Office/chat link-preview fetchers.
+///
+/// Clicks also count as machine-made when they come in a burst: see [`Bursts`].
+pub fn machine_user_agent(ua: &str) -> bool {
+    let ua = ua.trim();
+    if ua.is_empty() || ua == "Mozilla/5.0" {
+        return true;
+    }
+    let lower = ua.to_ascii_lowercase();
+    MACHINE_AGENTS.iter().any(|m| lower.contains(m))
+}
+
+/// "Several links clicked at once": a scanner that opens every link of a message does so
+/// within moments, a person does not. A click is machine-made when, with it, the same
+/// recipient (the token's job id) has clicked at least `THRESHOLD` distinct links within
+/// `WINDOW`. The earlier clicks of such a burst were already recorded as human; the rule
+/// flags the third and later ones.
+///
+/// Memory is bounded: at most `MAX_IDS` recipients are remembered (when full, stale ones
+/// are pruned, and if none is stale the map starts over) and at most `MAX_LINKS` links each.
+#[derive(Debug, Default)]
+pub struct Bursts {
+    recent: HashMap<String, Vec<(Instant, u64)>>,
+}
+
+impl Bursts {
+    pub const WINDOW: Duration = Duration::from_secs(2);
+    pub const THRESHOLD: usize = 3;
+    const MAX_IDS: usize = 50_000;
+    const MAX_LINKS: usize = 8;
+
+    /// Notes a click of `link` (a hash of its URL) by job `id` at `now`; true when it
+    /// completes a burst.
+    pub fn click(&mut self, id: &str, link: u64, now: Instant) -> bool {
+        let fresh = |t: &Instant| now.saturating_duration_since(*t) < Self::WINDOW;
+        if self.recent.len() >= Self::MAX_IDS && !self.recent.contains_key(id) {
+            self.recent
+                .retain(|_, hits| hits.iter().any(|(t, _)| fresh(t)));
+            if self.recent.len() >= Self::MAX_IDS {
+                self.recent.clear();
+            }
+        }
+        let hits = self.recent.entry(id.to_string()).or_default();
+        hits.retain(|(t, l)| fresh(t) && *l != link);
+        if hits.len() >= Self::MAX_LINKS {
+            hits.remove(0);
+        }
+        hits.push((now, link));
+        hits.len() >= Self::THRESHOLD
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lang {
+    En,
+    Es,
+}
+
+impl Lang {
+    /// `?lang=es|en` first, then the first language of Accept-Language; English otherwise.
+    fn of(uri: &Uri, headers: &HeaderMap) -> Lang {
+        let from = |s: &str| {
+            let s = s.trim().to_ascii_lowercase();
+            if s.starts_with("es") {
+                Some(Lang::Es)
+            } else if s.starts_with("en") {
+                Some(Lang::En)
+            } else {
+                None
+            }
+        };
+        let query = uri.query().unwrap_or("").split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            (k == "lang").then(|| from(v)).flatten()
+        });
+        query
+            .or_else(|| {
+                headers
+                    .get(header::ACCEPT_LANGUAGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| (from(v) == Some(Lang::Es)).then_some(Lang::Es))
+            })
+            .unwrap_or(Lang::En)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Page {
+    Confirm,
+    Done,
+    Failed,
+}
+
+fn page(status: StatusCode, lang: Lang, which: Page, to: &str) -> Response {
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            // The token in the URL is the recipient's key to this page.
+            (header::REFERRER_POLICY, "no-referrer"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+            ),
+        ],
+        page_html(lang, which, to),
+    )
+        .into_response()
+}
+
+fn page_html(lang: Lang, which: Page, to: &str) -> String {
+    let to = escape_html(to);
+    let (code, title, body) = match (lang, which) {
+        (Lang::En, Page::Confirm) => (
+            "en",
+            "Unsubscribe",
+            format!(
+                "<p>Stop sending emails to <strong>{to}</strong>?</p>\n\
+                 <form method=\"post\"><input type=\"hidden\" name=\"List-Unsubscribe\" value=\"One-Click\">\
+                 <button type=\"submit\">Unsubscribe</button></form>"
+            ),
+        ),
+        (Lang::Es, Page::Confirm) => (
+            "es",
+            "Darse de baja",
+            format!(
+                "<p>¿Dejamos de enviar correos a <strong>{to}</strong>?</p>\n\
+                 <form method=\"post\"><input type=\"hidden\" name=\"List-Unsubscribe\" value=\"One-Click\">\
+                 <button type=\"submit\">Darme de baja</button></form>"
+            ),
+        ),
+        (Lang::En, Page::Done) => (
+            "en",
+            "You are unsubscribed",
+            format!("<p><strong>{to}</strong> will get no more emails from this list.</p>"),
+        ),
+        (Lang::Es, Page::Done) => (
+            "es",
+            "Te has dado de baja",
+            format!("<p><strong>{to}</strong> no recibirá más correos de esta lista.</p>"),
+        ),
+        (Lang::En, Page::Failed) => (
+            "en",
+            "Please try again",
+            "<p>We could not unsubscribe you just now. Please try again in a minute.</p>".into(),
+        ),
+        (Lang::Es, Page::Failed) => (
+            "es",
+            "Inténtalo de nuevo",
+            "<p>No hemos podido darte de baja ahora mismo. Inténtalo de nuevo en un minuto.</p>"
+                .into(),
+        ),
+    };
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"{code}\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <meta name=\"robots\" content=\"noindex\">\n<title>{title}</title>\n\
+         <style>body{{font-family:Helvetica,Arial,sans-serif;max-width:32em;margin:3em auto;padding:0 1em;color:#222}}\
+         button{{padding:.6em 1.2em;font-size:1em}}</style>\n</head>\n<body>\n<h1>{title}</h1>\n{body}\n</body>\n</html>\n"
+    )
+}
+
+fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_agents_are_machines_and_mail_clients_are_not() {
+        for ua in [
+            "",
+            "   ",
+            "Mozilla/5.0",
+            "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)",
+            "YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html",
+            "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+            "curl/8.5.0",
+            "python-requests/2.31.0",
+            "Go-http-client/1.1",
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/120.0 Safari/537.36",
+            "Mozilla/4.0 (compatible; ms-office; MSOffice 16)",
+            "Microsoft Office Existence Discovery",
+            "Barracuda Sentinel (EE)",
+            "Proofpoint URL Defense",
+            "Mimecast-Link-Scanner",
+        ] {
+            assert!(machine_user_agent(ua), "{ua:?} should be a machine");
+        }
+        for ua in [
+            "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)",
+            "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148",
+            "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
+            "Mozilla/5.0 (X11; Linux x86_64; rv:115.0) Gecko/20100101 Thunderbird/115.5.0",
+            "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17029; Pro)",
+        ] {
+            assert!(!machine_user_agent(ua), "{ua:?} should be a person");
+        }
+    }
+
+    #[test]
+    fn three_distinct_links_within_two_seconds_are_a_burst() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut b = Bursts::default();
+        assert!(!b.click("j1", 1, ms(0)));
+        assert!(!b.click("j1", 1, ms(100)), "same link again is not a burst");
+        assert!(!b.click("j1", 2, ms(200)));
+        assert!(!b.click("j2", 3, ms(250)), "another recipient is separate");
+        assert!(b.click("j1", 3, ms(300)), "third distinct link");
+        assert!(b.click("j1", 4, ms(400)));
+
+        let mut b = Bursts::default();
+        assert!(!b.click("j", 1, ms(0)));
+        assert!(!b.click("j", 2, ms(1500)));
+        assert!(
+            !b.click("j", 3, ms(3000)),
+            "spread over more than the window"
+        );
+        assert!(b.click("j", 4, ms(3100)));
+    }
+
+    #[test]
+    fn burst_memory_is_bounded() {
+        let t0 = Instant::now();
+        let mut b = Bursts::default();
+        for i in 0..Bursts::MAX_IDS + 10 {
+            b.click(&format!("id{i}"), 1, t0);
+        }
+        assert!(b.recent.len() <= Bursts::MAX_IDS);
+        let later = t0 + Duration::from_secs(5);
+        b.click("late", 1, later);
+        for i in 0..100u64 {
+            b.click("many", i, later);
+        }
+        assert!(b.recent["many"].len() <= Bursts::MAX_LINKS);
+    }
+
+    #[test]
+    fn only_http_urls_become_locations() {
+        assert_eq!(
+            location("https://shop.example/x?a=1&b=2").unwrap(),
+            "https://shop.example/x?a=1&b=2"
+        );
+        assert_eq!(
+            location("HTTP://shop.example/caf\u{e9} y").unwrap(),
+            "HTTP://shop.example/caf%C3%A9%20y"
+        );
+        for bad in [
+            "javascript:alert(1)",
+            "//evil.example/",
+            "ftp://x/",
+            "https://x/\r\nSet-Cookie: a=b",
+            "",
+        ] {
+            assert!(location(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn language_from_query_then_accept_language() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_str(v).unwrap());
+            m
+        };
+        let u = |s: &str| s.parse::<Uri>().unwrap();
+        assert_eq!(Lang::of(&u("/u/t"), &HeaderMap::new()), Lang::En);
+        assert_eq!(Lang::of(&u("/u/t?lang=es"), &HeaderMap::new()), Lang::Es);
+        assert_eq!(
+            Lang::of(&u("/u/t"), &h("es-ES,es;q=0.9,en;q=0.5")),
+            Lang::Es
+        );
+        assert_eq!(Lang::of(&u("/u/t"), &h("en-US,es;q=0.5")), Lang::En);
+        assert_eq!(Lang::of(&u("/u/t?lang=en"), &h("es")), Lang::En);
+        assert_eq!(
+            Lang::of(&u("/u/t?x=1&lang=ES"), &HeaderMap::new()),
+            Lang::Es
+        );
+    }
+
+    #[test]
+    fn pages_escape_the_address() {
+        assert_eq!(
+            escape_html("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
+        let html = page_html(Lang::Es, Page::Confirm, "a<b>\"@x.test");
+        assert!(html.contains("a&lt;b&gt;&quot;@x.test"), "{html}");
+        assert!(html.contains("<html lang=\"es\">") && html.contains("method=\"post\""));
+        assert!(page_html(Lang::En, Page::Done, "a@x.test").contains("unsubscribed"));
+    }
+}
