@@ -196,6 +196,16 @@ pub struct CampaignStats {
     pub failed: i64,
     pub suppressed: i64,
     pub dead: i64,
+    /// Opens and clicks by people (machine hits in `*_machine`), total and unique per send.
+    pub opened: i64,
+    pub unique_opened: i64,
+    pub clicked: i64,
+    pub unique_clicked: i64,
+    pub opened_machine: i64,
+    pub clicked_machine: i64,
+    pub unsubscribed: i64,
+    /// Clicks per named link: (link, total, unique).
+    pub links: Vec<(String, i64, i64)>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -227,6 +237,7 @@ pub async fn stats(settings: &Settings, campaign: Option<&str>) -> anyhow::Resul
     let mut p = redis::pipe();
     for n in &names {
         p.cmd("HGETALL").arg(keys.stats(n));
+        p.cmd("HGETALL").arg(format!("{}links:{n}", keys.prefix));
     }
     p.cmd("XLEN").arg(&keys.sends);
     p.cmd("ZCARD").arg(&keys.scheduled);
@@ -248,8 +259,25 @@ pub async fn stats(settings: &Settings, campaign: Option<&str>) -> anyhow::Resul
         _ => 0,
     };
     let mut campaigns = Vec::new();
-    for (name, reply) in names.into_iter().zip(replies) {
-        let h: BTreeMap<String, i64> = redis::from_redis_value(reply).unwrap_or_default();
+    let mut replies = replies.into_iter();
+    for name in names {
+        let h: BTreeMap<String, i64> =
+            redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))
+                .unwrap_or_default();
+        let l: BTreeMap<String, i64> =
+            redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))
+                .unwrap_or_default();
+        let links = l
+            .iter()
+            .filter(|(k, _)| !k.ends_with(":unique"))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    *v,
+                    l.get(&format!("{k}:unique")).copied().unwrap_or(0),
+                )
+            })
+            .collect();
         let g = |k: &str| h.get(k).copied().unwrap_or(0);
         let terminal = g("delivered") + g("bounced") + g("failed") + g("suppressed") + g("dead");
         campaigns.push(CampaignStats {
@@ -261,6 +289,14 @@ pub async fn stats(settings: &Settings, campaign: Option<&str>) -> anyhow::Resul
             failed: g("failed"),
             suppressed: g("suppressed"),
             dead: g("dead"),
+            opened: g("opened"),
+            unique_opened: g("unique_opened"),
+            clicked: g("clicked"),
+            unique_clicked: g("unique_clicked"),
+            opened_machine: g("opened_machine"),
+            clicked_machine: g("clicked_machine"),
+            unsubscribed: g("unsubscribed"),
+            links,
             campaign: name,
         });
     }
@@ -292,6 +328,25 @@ pub fn print_stats(o: &Overview) {
     }
     if o.campaigns.is_empty() {
         println!("(no campaign has an outcome yet)");
+    }
+    println!(
+        "\n{:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12}",
+        "engagement", "opens", "unique", "clicks", "unique", "unsubs", "machine hits"
+    );
+    for c in &o.campaigns {
+        println!(
+            "{:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12}",
+            c.campaign,
+            c.opened,
+            c.unique_opened,
+            c.clicked,
+            c.unique_clicked,
+            c.unsubscribed,
+            c.opened_machine + c.clicked_machine
+        );
+        for (link, total, unique) in &c.links {
+            println!("  link {link:<19} {:>29} {:>9}", total, unique);
+        }
     }
     println!(
         "\nsends stream: {} waiting ({} being processed); delayed set: {} (retries and send_at)",
@@ -394,4 +449,41 @@ pub async fn suppress(
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// What is known about one recipient: engagement, suppression, recent sends.
+pub async fn recipient(
+    settings: &Settings,
+    addr: &str,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let client = redis_client(settings).await?;
+    let mut conn = manager(&client, std::time::Duration::from_secs(10)).await?;
+    let keys = Keys::new(&settings.redis.prefix);
+    let field = crate::policy::suppression::field(addr);
+    let (mut info, suppressed): (BTreeMap<String, String>, Option<String>) = redis::pipe()
+        .cmd("HGETALL")
+        .arg(format!("{}r:{field}", keys.prefix))
+        .cmd("HGET")
+        .arg(&keys.suppressed)
+        .arg(&field)
+        .query_async(&mut conn)
+        .await?;
+    for k in ["last_open", "last_click"] {
+        if let Some(t) = info.get(k).and_then(|v| v.parse::<i64>().ok()) {
+            info.insert(k.into(), crate::queue::events::rfc3339_ms(t * 1000));
+        }
+    }
+    if let Some(sends) = info.remove("s") {
+        let times: Vec<String> = sends
+            .split(',')
+            .filter_map(|t| t.parse::<i64>().ok())
+            .map(|t| crate::queue::events::rfc3339_ms(t * 1000))
+            .collect();
+        info.insert("recent_sends".into(), times.join(" "));
+    }
+    info.insert(
+        "suppressed".into(),
+        suppressed.unwrap_or_else(|| "no".into()),
+    );
+    Ok(info)
 }

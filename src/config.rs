@@ -48,6 +48,9 @@ pub struct Settings {
     pub tracking: TrackingSettings,
     #[serde(default)]
     pub metrics: MetricsSettings,
+    /// Frequency caps (`[[caps]]`): contact pressure per recipient across campaigns.
+    #[serde(default)]
+    pub caps: Vec<CapRule>,
     /// Workflow rules (see `[[workflows]]` in config/paloma.toml). Parsed and validated here;
     /// executed by the workflow engine.
     #[serde(default)]
@@ -226,6 +229,15 @@ pub struct DomainRule {
     pub rate: Option<Rate>,
     pub connections: Option<usize>,
     pub messages_per_connection: Option<u32>,
+}
+
+/// At most `max` marketing messages per recipient in any window of `per` (transactional
+/// jobs are exempt and not counted).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapRule {
+    pub max: u32,
+    pub per: Dur,
 }
 
 /// A reply pattern that suspends the destination it came from (`[[backoff]]`). Every field
@@ -446,6 +458,11 @@ impl Settings {
         }
         if self.delivery.mode == DeliveryMode::Relay && self.delivery.relay.is_empty() {
             return bad("delivery.relay must be set in relay mode".into());
+        }
+        for (i, c) in self.caps.iter().enumerate() {
+            if c.max == 0 || c.per.get().is_zero() {
+                return bad(format!("caps[{i}]: max and per must be above zero"));
+            }
         }
         for (i, w) in self.workflows.iter().enumerate() {
             const ON: [&str; 7] = [

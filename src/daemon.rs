@@ -21,6 +21,7 @@ use crate::config::Settings;
 use crate::deliver::{Deliverer, Outcome, Route};
 use crate::job::{Job, JobError, JobIdentity};
 use crate::metrics::Metrics;
+use crate::policy::caps::Caps;
 use crate::policy::suppression;
 use crate::queue::events::{rfc3339_ms, Event};
 use crate::queue::intake::{Claim, Intake};
@@ -40,6 +41,9 @@ pub struct Shared {
     pub ready: AtomicBool,
     pub leases: Arc<Leases>,
     pub shaper: Arc<Shaper>,
+    pub caps: Option<Caps>,
+    pub redis: ConnectionManager,
+    pub keys: Keys,
     /// Open SMTP sessions (for the gauge).
     pub sessions: Arc<AtomicI64>,
     /// Turns true when shutdown begins.
@@ -163,6 +167,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     ));
 
     let workers = settings.intake.workers;
+    let caps = Caps::new(&settings.caps);
     let shared = Arc::new(Shared {
         settings,
         renderer,
@@ -172,6 +177,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         ready: AtomicBool::new(false),
         leases,
         shaper,
+        caps,
+        redis: conn.clone(),
+        keys: keys.clone(),
         sessions,
         stop: stop_rx.clone(),
     });
@@ -354,6 +362,7 @@ async fn dispatch(
     };
     drop(ids);
     let now = now_ms();
+    let mut ready = Vec::with_capacity(valid.len());
     for ((entry, job), (claim, suppressed)) in valid.into_iter().zip(claims) {
         if claim == Claim::Duplicate {
             shared.metrics.jobs_duplicate.inc();
@@ -402,6 +411,10 @@ async fn dispatch(
                 .await;
             continue;
         }
+        ready.push((entry, job));
+    }
+    let ready = apply_caps(shared, ready).await;
+    for (entry, job) in ready {
         let permit = permits
             .clone()
             .acquire_owned()
@@ -410,6 +423,54 @@ async fn dispatch(
         tokio::spawn(work(shared.clone(), entry, job, permit));
     }
     Ok(())
+}
+
+/// Frequency caps: reserves each marketing job's slot; a recipient over a cap gets a
+/// `suppressed` event (reason `frequency_cap`) instead of the message.
+async fn apply_caps(shared: &Arc<Shared>, ready: Vec<(Entry, Job)>) -> Vec<(Entry, Job)> {
+    let Some(caps) = &shared.caps else {
+        return ready;
+    };
+    let marketing: Vec<(&str, &str)> = ready
+        .iter()
+        .filter(|(_, j)| !j.transactional)
+        .map(|(_, j)| (j.to.as_str(), j.id.as_str()))
+        .collect();
+    let mut redis = shared.redis.clone();
+    let allowed = loop {
+        match caps.reserve(&mut redis, &shared.keys, &marketing).await {
+            Ok(a) => break a,
+            Err(e) => {
+                shared.metrics.redis_errors.inc();
+                tracing::warn!(error = %e, "checking frequency caps failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    drop(marketing);
+    let mut allowed = allowed.into_iter();
+    let mut out = Vec::with_capacity(ready.len());
+    for (entry, job) in ready {
+        if job.transactional || allowed.next().unwrap_or(true) {
+            out.push((entry, job));
+            continue;
+        }
+        let (id, campaign, to) = (job.id.as_str(), job.campaign.as_str(), job.to.as_str());
+        let mut ev = Event::new("suppressed", id, campaign, to);
+        ev.reason = Some("frequency_cap");
+        shared
+            .recorder
+            .send(Record {
+                ack: Some(entry.id.clone()),
+                event: Some(ev.to_json()),
+                idem: Some((id.to_string(), Some(IdemState::Done))),
+                stat: Some((campaign.to_string(), "suppressed")),
+                first: entry.attempt == 0,
+                ..Default::default()
+            })
+            .await;
+    }
+    out
 }
 
 fn dead_record(entry: &Entry, err: &JobError, ident: &JobIdentity, claimed: bool) -> Record {

@@ -42,6 +42,9 @@ enum Command {
         config: PathBuf,
         #[arg(long)]
         campaign: Option<String>,
+        /// One recipient's engagement, suppression and recent sends instead.
+        #[arg(long)]
+        recipient: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -127,8 +130,26 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Stats {
             config,
+            recipient: Some(addr),
+            json,
+            ..
+        } => {
+            let settings = load(&config)?;
+            let info = cli::recipient(&settings, &addr).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                println!("{addr}");
+                for (k, v) in &info {
+                    println!("  {k:<14} {v}");
+                }
+            }
+        }
+        Command::Stats {
+            config,
             campaign,
             json,
+            ..
         } => {
             let settings = load(&config)?;
             let o = cli::stats(&settings, campaign.as_deref()).await?;

@@ -1,3 +1,4 @@
-//! Send policy checked before rendering: the suppression list (and, later, frequency caps).
+//! Send policy checked before rendering: the suppression list and frequency caps.
 
+pub mod caps;
 pub mod suppression;

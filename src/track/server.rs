@@ -60,14 +60,42 @@ const PIXEL: &[u8] = &[
     0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
 ];
 
-/// Writes a batch of tracking events, skipping recipients who opted out.
-/// KEYS: suppressed hash, events stream; ARGV: (lowercased address, event JSON) pairs.
+/// Writes a batch of tracking events, skipping recipients who opted out, and keeps the
+/// counters that `paloma stats` reads: per campaign `opened`/`clicked` (people, not
+/// machines), `unique_opened`/`unique_clicked` (one per send, counted with a HyperLogLog per
+/// campaign so millions of sends cost kilobytes), `*_machine` for scanner hits; per link
+/// totals and uniques in `links:{campaign}`; and the recipient's `last_open`/`last_click`
+/// in `r:{address}`.
+/// KEYS: suppressed hash, events stream. ARGV[1]: key prefix, ARGV[2]: now (unix s); then
+/// per event 6 values: address, event JSON, kind (o|c), job id, campaign, link ("" if none),
+/// and a 7th: "1" when a machine made the request.
 const WRITE_EVENTS: &str = r#"
+local p = ARGV[1]
 local n = 0
-for i = 1, #ARGV, 2 do
-  local reason = redis.call('HGET', KEYS[1], ARGV[i])
+for i = 3, #ARGV, 7 do
+  local addr, ev, kind, id, campaign, link, machine =
+    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
+  local reason = redis.call('HGET', KEYS[1], addr)
   if reason ~= 'unsubscribed' and reason ~= 'complained' then
-    redis.call('XADD', KEYS[2], '*', 'event', ARGV[i + 1])
+    redis.call('XADD', KEYS[2], '*', 'event', ev)
+    local what = (kind == 'o') and 'opened' or 'clicked'
+    local stats = p .. 'stats:' .. campaign
+    if machine == '1' then
+      redis.call('HINCRBY', stats, what .. '_machine', 1)
+    else
+      redis.call('HINCRBY', stats, what, 1)
+      if redis.call('PFADD', p .. 'uniq:' .. kind .. ':' .. campaign, id) == 1 then
+        redis.call('HINCRBY', stats, 'unique_' .. what, 1)
+      end
+      if kind == 'c' and link ~= '' then
+        local links = p .. 'links:' .. campaign
+        redis.call('HINCRBY', links, link, 1)
+        if redis.call('PFADD', p .. 'uniq:l:' .. campaign .. ':' .. link, id) == 1 then
+          redis.call('HINCRBY', links, link .. ':unique', 1)
+        end
+      end
+      redis.call('HSET', p .. 'r:' .. addr, (kind == 'o') and 'last_open' or 'last_click', ARGV[2])
+    end
     n = n + 1
   end
 end
@@ -76,10 +104,12 @@ return n
 
 /// Suppresses an address and writes its `unsubscribed` event, both only the first time, so
 /// that a second click or a provider's retried POST is not a second event.
-/// KEYS: suppressed hash, events stream; ARGV: lowercased address, event JSON.
+/// KEYS: suppressed hash, events stream, the campaign's stats hash; ARGV: lowercased
+/// address, event JSON.
 const UNSUBSCRIBE: &str = r#"
 if redis.call('HSETNX', KEYS[1], ARGV[1], 'unsubscribed') == 1 then
   redis.call('XADD', KEYS[2], '*', 'event', ARGV[2])
+  redis.call('HINCRBY', KEYS[3], 'unsubscribed', 1)
   return 1
 end
 return 0
@@ -88,6 +118,12 @@ return 0
 struct Pending {
     to: String,
     event: String,
+    /// `o` or `c`.
+    kind: &'static str,
+    id: String,
+    campaign: String,
+    link: String,
+    machine: bool,
 }
 
 struct Inner {
@@ -95,6 +131,7 @@ struct Inner {
     redis: ConnectionManager,
     suppressed: String,
     events: String,
+    prefix: String,
     metrics: Arc<Metrics>,
     tx: mpsc::Sender<Pending>,
     bursts: Mutex<Bursts>,
@@ -122,6 +159,7 @@ pub async fn serve(
         state.redis.clone(),
         suppressed.clone(),
         state.keys.events.clone(),
+        state.keys.prefix.clone(),
         state.metrics.clone(),
     ));
     let app = router(Arc::new(Inner {
@@ -129,6 +167,7 @@ pub async fn serve(
         redis: state.redis,
         suppressed,
         events: state.keys.events,
+        prefix: state.keys.prefix,
         metrics: state.metrics,
         tx,
         bursts: Mutex::new(Bursts::default()),
@@ -160,15 +199,24 @@ async fn write_events(
     mut redis: ConnectionManager,
     suppressed: String,
     events: String,
+    prefix: String,
     metrics: Arc<Metrics>,
 ) {
     let script = redis::Script::new(WRITE_EVENTS);
     let mut buf = Vec::with_capacity(EVENT_BATCH);
     while rx.recv_many(&mut buf, EVENT_BATCH).await > 0 {
         let mut inv = script.key(&suppressed);
-        inv.key(&events);
+        inv.key(&events)
+            .arg(&prefix)
+            .arg(chrono::Utc::now().timestamp());
         for p in &buf {
-            inv.arg(&p.to).arg(&p.event);
+            inv.arg(&p.to)
+                .arg(&p.event)
+                .arg(p.kind)
+                .arg(&p.id)
+                .arg(&p.campaign)
+                .arg(&p.link)
+                .arg(if p.machine { "1" } else { "0" });
         }
         let mut delay = Duration::from_millis(50);
         while let Err(e) = inv.invoke_async::<i64>(&mut redis).await {
@@ -190,10 +238,15 @@ impl Inner {
     }
 
     /// Queues an event without waiting; a full queue drops it.
-    fn record(&self, to: &str, event: String) {
+    fn record(&self, c: &Claims, kind: &'static str, machine: bool, event: String) {
         let p = Pending {
-            to: to.to_lowercase(),
+            to: c.to.to_lowercase(),
             event,
+            kind,
+            id: c.id.clone(),
+            campaign: c.campaign.clone(),
+            link: c.link.clone(),
+            machine,
         };
         if self.tx.try_send(p).is_err() {
             self.metrics.tracking_events_dropped.inc();
@@ -229,7 +282,7 @@ async fn open(
         app.count("open", if machine { "machine" } else { "human" });
         let mut ev = Event::new("opened", &c.id, &c.campaign, &c.to);
         ev.machine = Some(machine);
-        app.record(&c.to, ev.to_json());
+        app.record(&c, "o", machine, ev.to_json());
     }
     (
         [
@@ -274,7 +327,7 @@ async fn click(
         ev.url = Some(&c.url);
         ev.link = Some(&c.link);
         ev.machine = Some(machine);
-        app.record(&c.to, ev.to_json());
+        app.record(&c, "c", machine, ev.to_json());
     }
     Response::builder()
         .status(StatusCode::FOUND)
@@ -316,7 +369,10 @@ async fn unsubscribe(
     let event = Event::new("unsubscribed", &c.id, &c.campaign, &c.to).to_json();
     let mut redis = app.redis.clone();
     let mut inv = app.unsubscribe.key(&app.suppressed);
-    inv.key(&app.events).arg(c.to.to_lowercase()).arg(event);
+    inv.key(&app.events)
+        .key(format!("{}stats:{}", app.prefix, c.campaign))
+        .arg(c.to.to_lowercase())
+        .arg(event);
     match tokio::time::timeout(UNSUBSCRIBE_TIMEOUT, inv.invoke_async::<i64>(&mut redis)).await {
         Ok(Ok(first)) => {
             app.count(

@@ -1,0 +1,121 @@
+//! Frequency caps: "at most 1 marketing message per 90 days", "3 per week", counted per
+//! recipient across campaigns.
+//!
+//! Each recipient's recent sends live in one compact hash field, `{prefix}r:{address}` →
+//! `s` = `"{unix s}:{job tag},…"`, next to the engagement fields (`last_open`,
+//! `last_click`). A Lua script checks every cap and reserves the slot atomically, so two
+//! daemons cannot both take the last one; the job tag makes the reservation idempotent for a
+//! job that comes back (a retry, a rate put-back).
+
+use redis::aio::ConnectionManager;
+
+use crate::config::CapRule;
+use crate::queue::Keys;
+
+/// KEYS[1]: the recipient hash. ARGV[1]: now (s), ARGV[2]: longest window (s), ARGV[3]: job
+/// tag, then (max, window s) pairs. Returns 1 when the job may go (slot reserved), 0 when a
+/// cap is reached.
+const RESERVE: &str = r#"
+local now, keep, tag = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local kept = {}
+for entry in string.gmatch(redis.call('HGET', KEYS[1], 's') or '', '[^,]+') do
+  local t, g = string.match(entry, '^(%d+):(.*)$')
+  t = tonumber(t)
+  if t and t > now - keep then
+    if g == tag then return 1 end
+    table.insert(kept, {t, entry})
+  end
+end
+for i = 4, #ARGV, 2 do
+  local max, per = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  local c = 0
+  for _, e in ipairs(kept) do if e[1] > now - per then c = c + 1 end end
+  if c >= max then return 0 end
+end
+local out = {}
+for _, e in ipairs(kept) do table.insert(out, e[2]) end
+table.insert(out, now .. ':' .. tag)
+redis.call('HSET', KEYS[1], 's', table.concat(out, ','))
+redis.call('EXPIRE', KEYS[1], math.max(keep, 34560000))
+return 1
+"#;
+
+pub struct Caps {
+    rules: Vec<(u32, u64)>,
+    longest: u64,
+    script: redis::Script,
+}
+
+impl Caps {
+    pub fn new(rules: &[CapRule]) -> Option<Caps> {
+        if rules.is_empty() {
+            return None;
+        }
+        let rules: Vec<(u32, u64)> = rules
+            .iter()
+            .map(|r| (r.max, r.per.get().as_secs().max(1)))
+            .collect();
+        let longest = rules.iter().map(|(_, p)| *p).max().unwrap_or(1);
+        Some(Caps {
+            rules,
+            longest,
+            script: redis::Script::new(RESERVE),
+        })
+    }
+
+    /// Reserves a slot for each `(address, job id)`; false where a cap is reached. One
+    /// pipelined round trip per batch.
+    pub async fn reserve(
+        &self,
+        conn: &mut ConnectionManager,
+        keys: &Keys,
+        jobs: &[(&str, &str)],
+    ) -> redis::RedisResult<Vec<bool>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = chrono::Utc::now().timestamp();
+        let build = || {
+            let mut p = redis::pipe();
+            for (addr, id) in jobs {
+                let c = p
+                    .cmd("EVALSHA")
+                    .arg(self.script.get_hash())
+                    .arg(1)
+                    .arg(format!(
+                        "{}r:{}",
+                        keys.prefix,
+                        super::suppression::field(addr)
+                    ))
+                    .arg(now)
+                    .arg(self.longest)
+                    .arg(tag(id));
+                for (max, per) in &self.rules {
+                    c.arg(*max).arg(*per);
+                }
+            }
+            p
+        };
+        let replies: redis::RedisResult<Vec<i64>> = build().query_async(conn).await;
+        let replies = match replies {
+            // A restarted Redis forgot the script: load it and go again.
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(RESERVE)
+                    .query_async::<String>(conn)
+                    .await?;
+                build().query_async(conn).await?
+            }
+            other => other?,
+        };
+        Ok(replies.into_iter().map(|r| r == 1).collect())
+    }
+}
+
+/// A short stable tag of a job id (the reservation's owner).
+fn tag(id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(id.as_bytes());
+    d[..6].iter().map(|b| format!("{b:02x}")).collect()
+}

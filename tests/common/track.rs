@@ -1,0 +1,175 @@
+//! HTTP helpers for tests that click through captured mail: plain HTTP/1.1 requests over a
+//! TCP stream, and the tracked links, pixel and unsubscribe URL of each captured message.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use mail_parser::MessageParser;
+use serde_json::Value;
+
+use super::{events, Sink};
+
+pub const MAIL_UA: &str =
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)";
+pub const PROXY_UA: &str =
+    "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)";
+
+pub struct Resp {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One HTTP/1.1 request on its own connection; `target` goes on the request line as is.
+pub fn request(
+    port: u16,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req =
+        format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Resp {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+pub fn get(port: u16, target: &str, ua: &str) -> Resp {
+    request(port, "GET", target, &[("User-Agent", ua)], b"")
+}
+
+pub fn one_click(port: u16, target: &str) -> Resp {
+    request(
+        port,
+        "POST",
+        target,
+        &[
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("User-Agent", "Mozilla/5.0 (compatible; Google-Unsubscribe)"),
+        ],
+        b"List-Unsubscribe=One-Click",
+    )
+}
+
+/// What one captured message points at: paths of its tracked links, its pixel and its
+/// List-Unsubscribe URL, relative to the tracking server.
+pub struct Mail {
+    pub clicks: Vec<String>,
+    pub pixel: String,
+    pub unsubscribe: String,
+}
+
+pub fn paths_after(html: &str, prefix: &str) -> Vec<String> {
+    html.match_indices(prefix)
+        .map(|(i, _)| {
+            let rest = &html[i + prefix.len()..];
+            rest[..rest.find('"').unwrap()].to_string()
+        })
+        .collect()
+}
+
+pub fn captured(sink: &Sink, base: &str) -> HashMap<String, Mail> {
+    let mut out = HashMap::new();
+    for raw in sink.dumps() {
+        let msg = MessageParser::default().parse(&raw).expect("parsable mail");
+        let id = msg.header_raw("X-Paloma-Id").unwrap().trim().to_string();
+        let html = msg.body_html(0).unwrap().into_owned();
+        let clicks: Vec<String> = paths_after(&html, &format!("href=\"{base}"))
+            .into_iter()
+            .filter(|p| p.starts_with("/c/"))
+            .collect();
+        let pixel = paths_after(&html, &format!("src=\"{base}"))
+            .into_iter()
+            .find(|p| p.starts_with("/o/"))
+            .expect("an open pixel");
+        let lu = msg.header_raw("List-Unsubscribe").unwrap();
+        let lu = lu.trim().trim_start_matches('<').trim_end_matches('>');
+        let unsubscribe = lu
+            .strip_prefix(base)
+            .expect("unsubscribe on the tracking server");
+        out.insert(
+            id,
+            Mail {
+                clicks,
+                pixel,
+                unsubscribe: unsubscribe.to_string(),
+            },
+        );
+    }
+    out
+}
+
+/// Tracking events (opened, clicked, unsubscribed) of job `id`.
+pub fn tracking_events(conn: &mut redis::Connection, prefix: &str, id: &str) -> Vec<Value> {
+    events(conn, prefix)
+        .into_iter()
+        .filter(|e| {
+            e["id"] == id
+                && matches!(
+                    e["type"].as_str(),
+                    Some("opened" | "clicked" | "unsubscribed")
+                )
+        })
+        .collect()
+}
+
+/// Waits until job `id` has at least `n` tracking events.
+pub fn wait_tracking(conn: &mut redis::Connection, prefix: &str, id: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let evs = tracking_events(conn, prefix, id);
+        if evs.len() >= n {
+            return evs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id}: {} of {n} tracking events: {evs:?}",
+            evs.len()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}

@@ -1,0 +1,192 @@
+//! Contact pressure and engagement: a frequency cap holds across campaigns (transactional
+//! mail exempt); opens and clicks are counted per campaign and per link, total and unique,
+//! with machine hits apart; `paloma stats --recipient` shows one person's engagement.
+
+mod common;
+
+use std::time::Duration;
+
+use common::track::*;
+use common::*;
+use serde_json::json;
+
+fn tracked_setup(redis: &Redis, sink: &Sink, extra: &str) -> (Setup, u16, String) {
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let setup = Setup::new(&redis.url(), sink.port, "", "", extra);
+    let cfg = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "base_url = \"https://t.shop.test\"",
+        &format!("base_url = \"{base}\"\nlisten = \"127.0.0.1:{port}\""),
+    );
+    std::fs::write(&setup.config, cfg).unwrap();
+    (setup, port, base)
+}
+
+fn news(id: &str, campaign: &str, to: &str) -> String {
+    job(
+        id,
+        campaign,
+        "newsletter",
+        to,
+        json!({"first_name": "F", "products": [{"name": "X", "price": "1", "url": "https://shop.example/x"}]}),
+    )
+}
+
+#[test]
+fn a_frequency_cap_holds_across_campaigns() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let (setup, _, _) = tracked_setup(
+        &redis,
+        &sink,
+        "[[caps]]\nmax = 1\nper = \"90d\"\n[[caps]]\nmax = 3\nper = \"7d\"\n",
+    );
+    let mut conn = redis.conn();
+    enqueue_raw(
+        &mut conn,
+        &setup.prefix,
+        &[
+            news("a1", "spring", "x@cap.test"),
+            news("a2", "spring", "y@cap.test"),
+        ],
+    );
+    let daemon = Daemon::spawn(&setup.config);
+    wait_terminal(
+        &mut conn,
+        &setup.prefix,
+        2,
+        Duration::from_secs(30),
+        Some(&daemon),
+    );
+    enqueue_raw(
+        &mut conn,
+        &setup.prefix,
+        &[
+            news("b1", "summer", "x@cap.test"),
+            news("b2", "summer", "Y@cap.test"),
+            news("b3", "summer", "z@cap.test"),
+            json!({"id": "t1", "campaign": "receipts", "template": "receipt", "to": "x@cap.test", "transactional": true, "data": {"name": "X"}}).to_string(),
+        ],
+    );
+    let evs = wait_terminal(
+        &mut conn,
+        &setup.prefix,
+        6,
+        Duration::from_secs(30),
+        Some(&daemon),
+    );
+    let t = terminal_by_id(&evs);
+    assert_eq!(t["a1"][0]["type"], "delivered");
+    for id in ["b1", "b2"] {
+        assert_eq!(
+            (t[id][0]["type"].as_str(), t[id][0]["reason"].as_str()),
+            (Some("suppressed"), Some("frequency_cap")),
+            "{id}"
+        );
+    }
+    assert_eq!(
+        t["b3"][0]["type"], "delivered",
+        "a new recipient is not capped"
+    );
+    assert_eq!(
+        t["t1"][0]["type"], "delivered",
+        "transactional mail is exempt"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(sink.count(), 4);
+    let (_, out, _) = paloma(
+        &[
+            "stats",
+            "--config",
+            setup.config.to_str().unwrap(),
+            "--recipient",
+            "x@cap.test",
+        ],
+        None,
+    );
+    assert!(
+        out.contains("recent_sends") && out.contains("suppressed     no"),
+        "{out}"
+    );
+}
+
+#[test]
+fn opens_and_clicks_are_counted_per_campaign_and_link() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let (setup, port, base) = tracked_setup(&redis, &sink, "");
+    let mut conn = redis.conn();
+    enqueue_raw(
+        &mut conn,
+        &setup.prefix,
+        &[
+            news("e1", "eng", "a@eng.test"),
+            news("e2", "eng", "b@eng.test"),
+        ],
+    );
+    let daemon = Daemon::spawn(&setup.config);
+    wait_terminal(
+        &mut conn,
+        &setup.prefix,
+        2,
+        Duration::from_secs(30),
+        Some(&daemon),
+    );
+    wait_port("127.0.0.1", port, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(200));
+    let mails = captured(&sink, &base);
+    let (m1, m2) = (&mails["e1"], &mails["e2"]);
+    // e1 opens twice and clicks "pricing" twice; e2 opens once; a proxy fetches e2's pixel.
+    for _ in 0..2 {
+        assert_eq!(get(port, &m1.pixel, MAIL_UA).status, 200);
+    }
+    assert_eq!(get(port, &m2.pixel, MAIL_UA).status, 200);
+    assert_eq!(get(port, &m2.pixel, PROXY_UA).status, 200);
+    let pricing = &m1.clicks[8];
+    for _ in 0..2 {
+        assert_eq!(get(port, pricing, MAIL_UA).status, 302);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_tracking(&mut conn, &setup.prefix, "e1", 4);
+    wait_tracking(&mut conn, &setup.prefix, "e2", 2);
+    let (st, out, err) = paloma(
+        &[
+            "stats",
+            "--config",
+            setup.config.to_str().unwrap(),
+            "--json",
+        ],
+        None,
+    );
+    assert!(st.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let c = &v["campaigns"][0];
+    assert_eq!(
+        (
+            &c["opened"],
+            &c["unique_opened"],
+            &c["clicked"],
+            &c["unique_clicked"],
+            &c["opened_machine"]
+        ),
+        (&json!(3), &json!(2), &json!(2), &json!(1), &json!(1)),
+        "{c}"
+    );
+    assert_eq!(c["links"], json!([["pricing", 2, 1]]));
+    let (_, out, _) = paloma(
+        &[
+            "stats",
+            "--config",
+            setup.config.to_str().unwrap(),
+            "--recipient",
+            "a@eng.test",
+        ],
+        None,
+    );
+    assert!(
+        out.contains("last_open") && out.contains("last_click"),
+        "{out}"
+    );
+    let (_, out, _) = paloma(&["stats", "--config", setup.config.to_str().unwrap()], None);
+    assert!(out.contains("link pricing"), "{out}");
+}
