@@ -135,6 +135,41 @@ fn bench(c: &mut Criterion) {
     }
     g.finish();
 
+    // Link rewriting alone: a newsletter body with 30 tracked links and the pixel.
+    let mut html = String::from("<html><body><h1>Spring</h1>");
+    for i in 0..30 {
+        html.push_str(&format!(
+            "<p>Item {i}: a sturdy thing &amp; more. <a href=\"https://shop.example/p/{i}?utm_source=mail&amp;utm_medium=email\" data-paloma-link=\"item-{i}\" class=\"btn\">Buy {i}</a></p>\n"
+        ));
+    }
+    html.push_str("<a href=\"mailto:help@shop.example\">help</a></body></html>");
+    let rw_signer = Signer::new("1", "bench-secret-0123456789", &HashMap::new());
+    let who = paloma::render::html::LinkOwner {
+        id: "bench-1",
+        campaign: "spring",
+        to: "ana@example.com",
+    };
+    let mut g = c.benchmark_group("links");
+    g.throughput(Throughput::Elements(1));
+    let mut out = String::new();
+    g.bench_function("rewrite 30 links + pixel", |b| {
+        b.iter(|| {
+            out.clear();
+            paloma::render::html::rewrite(
+                black_box(&html),
+                "https://t.shop.example",
+                &rw_signer,
+                &who,
+                &mut out,
+            );
+            black_box(out.len())
+        })
+    });
+    g.bench_function("text part from html (30 links)", |b| {
+        b.iter(|| black_box(paloma::render::html::to_text(black_box(&html)).len()))
+    });
+    g.finish();
+
     let signer = Signer::new("1", "bench-secret-0123456789", &HashMap::new());
     let mut g = c.benchmark_group("token");
     g.throughput(Throughput::Elements(1));

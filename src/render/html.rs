@@ -4,6 +4,8 @@
 //! A scanner, not a DOM: it looks only at `<a …>` tags and `</body>`, copies everything
 //! else through untouched, and costs one walk over the bytes per message.
 
+use std::borrow::Cow;
+
 use crate::track::token::{Kind, Signer};
 
 /// Who the tracked links belong to.
@@ -191,9 +193,10 @@ fn rewrite_anchor(
 }
 
 /// Decodes the character references that HTML escaping produces (`&amp;`, `&#x3D;`, …).
-pub fn decode_entities(s: &str) -> String {
+/// Borrows when there is nothing to decode, which is the common case.
+pub fn decode_entities(s: &str) -> Cow<'_, str> {
     if !s.contains('&') {
-        return s.to_string();
+        return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
@@ -248,7 +251,13 @@ pub fn decode_entities(s: &str) -> String {
         }
     }
     out.push_str(rest);
-    out
+    Cow::Owned(out)
+}
+
+/// Position of `needle` (ASCII, lower case) in `hay`, ignoring ASCII case.
+fn find_ci(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len())
+        .position(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// A readable plain-text version of an HTML body: block elements become line breaks, links
@@ -268,7 +277,11 @@ pub fn to_text(html: &str) -> String {
             if !out.is_empty() && !out.ends_with('\n') && !out.ends_with(' ') {
                 out.push(' ');
             }
-            out.push_str(&word.replace('\u{a0}', " "));
+            if word.contains('\u{a0}') {
+                out.extend(word.chars().map(|c| if c == '\u{a0}' { ' ' } else { c }));
+            } else {
+                out.push_str(word);
+            }
         }
     };
     while i < b.len() {
@@ -286,17 +299,28 @@ pub fn to_text(html: &str) -> String {
         let tag = &html[i..=end];
         let closing = tag.as_bytes().get(1) == Some(&b'/');
         let name_start = if closing { 2 } else { 1 };
-        let name: String = tag[name_start..]
-            .chars()
+        // The tag name, lower-cased into a small buffer (no allocation per tag).
+        let mut name_buf = [0u8; 12];
+        let mut len = 0;
+        for &c in tag.as_bytes()[name_start..]
+            .iter()
             .take_while(|c| c.is_ascii_alphanumeric())
-            .collect::<String>()
-            .to_ascii_lowercase();
+        {
+            if len == name_buf.len() {
+                len = 0; // longer than any tag we act on
+                break;
+            }
+            name_buf[len] = c.to_ascii_lowercase();
+            len += 1;
+        }
+        let name = std::str::from_utf8(&name_buf[..len]).unwrap_or("");
         i = end + 1;
-        match name.as_str() {
+        match name {
             "head" | "style" | "script" | "title" if !closing => {
-                let close = format!("</{name}");
-                let lower = html[i..].to_ascii_lowercase();
-                i = lower.find(&close).map_or(b.len(), |p| {
+                let mut close = [0u8; 9];
+                close[..2].copy_from_slice(b"</");
+                close[2..2 + name.len()].copy_from_slice(name.as_bytes());
+                i = find_ci(&b[i..], &close[..2 + name.len()]).map_or(b.len(), |p| {
                     let p = i + p;
                     html[p..].find('>').map_or(b.len(), |e| p + e + 1)
                 });
@@ -309,7 +333,7 @@ pub fn to_text(html: &str) -> String {
                 out.push_str("- ");
             }
             "a" if !closing => {
-                let href = attributes_of(tag, "href").map(|h| decode_entities(&h));
+                let href = attributes_of(tag, "href").map(|h| decode_entities(&h).into_owned());
                 pending_href.push(href);
             }
             "a" => {
