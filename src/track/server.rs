@@ -46,6 +46,8 @@ pub struct TrackState {
 
 /// Tracking events waiting for the writer; beyond this, new ones are dropped.
 const EVENT_QUEUE: usize = 8192;
+/// How long a request waits for room in a full event queue before its event is dropped.
+const QUEUE_WAIT: Duration = Duration::from_secs(2);
 /// Events per script call.
 const EVENT_BATCH: usize = 256;
 /// Largest POST body read (a one-click body is 26 bytes).
@@ -237,8 +239,10 @@ impl Inner {
             .inc();
     }
 
-    /// Queues an event without waiting; a full queue drops it.
-    fn record(&self, c: &Claims, kind: &'static str, machine: bool, event: String) {
+    /// Queues an event. A full queue (Redis behind) makes the request wait, up to
+    /// [`QUEUE_WAIT`], rather than lose the event: under overload responses slow down first;
+    /// only past that is an event dropped (and counted).
+    async fn record(&self, c: &Claims, kind: &'static str, machine: bool, event: String) {
         let p = Pending {
             to: c.to.to_lowercase(),
             event,
@@ -248,7 +252,15 @@ impl Inner {
             link: c.link.clone(),
             machine,
         };
-        if self.tx.try_send(p).is_err() {
+        let p = match self.tx.try_send(p) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(p)) => p,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.metrics.tracking_events_dropped.inc();
+                return;
+            }
+        };
+        if self.tx.send_timeout(p, QUEUE_WAIT).await.is_err() {
             self.metrics.tracking_events_dropped.inc();
             tracing::debug!("tracking event queue full; event dropped");
         }
@@ -282,7 +294,7 @@ async fn open(
         app.count("open", if machine { "machine" } else { "human" });
         let mut ev = Event::new("opened", &c.id, &c.campaign, &c.to);
         ev.machine = Some(machine);
-        app.record(&c, "o", machine, ev.to_json());
+        app.record(&c, "o", machine, ev.to_json()).await;
     }
     (
         [
@@ -327,7 +339,7 @@ async fn click(
         ev.url = Some(&c.url);
         ev.link = Some(&c.link);
         ev.machine = Some(machine);
-        app.record(&c, "c", machine, ev.to_json());
+        app.record(&c, "c", machine, ev.to_json()).await;
     }
     Response::builder()
         .status(StatusCode::FOUND)
