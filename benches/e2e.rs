@@ -23,6 +23,7 @@ use common::*;
 
 struct Opts {
     mx: bool,
+    profile: bool,
     jobs: usize,
     connections: usize,
     dkim: Option<String>,
@@ -33,6 +34,7 @@ struct Opts {
 fn opts() -> Opts {
     let mut o = Opts {
         mx: false,
+        profile: false,
         jobs: 20_000,
         connections: 50,
         dkim: None,
@@ -66,6 +68,7 @@ fn opts() -> Opts {
             }
             "--quick" => o.jobs = 2_000,
             "--mx" => o.mx = true,
+            "--profile" => o.profile = true,
             _ => {} // cargo passes --bench
         }
         i += 1;
@@ -228,6 +231,24 @@ fn run(
     let t0 = Instant::now();
     let daemon = Daemon::spawn(&setup.config);
     let pid = daemon.pid().expect("daemon running");
+    let perf = o.profile.then(|| {
+        Command::new("perf")
+            .args([
+                "record",
+                "-F",
+                "999",
+                "--call-graph",
+                "dwarf,16384",
+                "-o",
+                "/tmp/paloma-e2e.perf",
+                "-p",
+                &pid.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf (apt-get install linux-perf)")
+    });
     let stats_key = format!("{}stats:bench", setup.prefix);
     let mut peak = 0;
     loop {
@@ -249,12 +270,79 @@ fn run(
     }
     let wall = t0.elapsed().as_secs_f64();
     let (hwm, cpu) = proc_stat(pid);
+    if let Some(p) = perf {
+        let _ = Command::new("kill")
+            .args(["-INT", &p.id().to_string()])
+            .status();
+        let _ = p.wait_with_output();
+        stage_breakdown("/tmp/paloma-e2e.perf");
+    }
     drop(daemon);
     Run {
         rate: o.jobs as f64 / wall,
         wall,
         peak_kb: peak.max(hwm),
         cpu,
+    }
+}
+
+/// CPU time of the daemon by pipeline stage, from a perf profile: inclusive samples of the
+/// functions that start each stage.
+fn stage_breakdown(file: &str) {
+    let out = Command::new("perf")
+        .args([
+            "report",
+            "-i",
+            file,
+            "--children",
+            "--percent-limit",
+            "0.5",
+            "--stdio",
+            "--no-demangle",
+        ])
+        .output();
+    let Ok(out) = out else { return };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stages = [
+        ("intake (XREADGROUP, claim)", "paloma..queue..intake"),
+        ("job JSON parse", "paloma..job..Job..parse"),
+        (
+            "render (handlebars)",
+            "handlebars..registry..Registry..render_with_context",
+        ),
+        ("links + pixel", "paloma..render..html..rewrite"),
+        ("text part", "paloma..render..html..to_text"),
+        (
+            "MIME (mail-builder)",
+            "mail_builder..MessageBuilder..serialize",
+        ),
+        (
+            "DKIM (mail-auth)",
+            "paloma..render..dkim..DkimKeys..sign_into",
+        ),
+        (
+            "SMTP (lettre)",
+            "lettre..transport..smtp..client..async_connection..AsyncSmtpConnection..send",
+        ),
+        (
+            "recorder (events, acks)",
+            "paloma..queue..recorder..Recorder..flush",
+        ),
+    ];
+    println!("  CPU by stage (inclusive share of the daemon's samples):");
+    for (label, sym) in stages {
+        let pct = text
+            .lines()
+            .filter(|l| l.contains(sym) || l.contains(&sym.replace("..", "::")))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .next()?
+                    .trim_end_matches('%')
+                    .parse::<f64>()
+                    .ok()
+            })
+            .fold(0.0_f64, f64::max);
+        println!("    {label:<28} {pct:>5.1}%");
     }
 }
 

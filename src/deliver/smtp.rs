@@ -32,6 +32,8 @@ pub struct SessionConfig {
 
 struct Idle {
     conn: AsyncSmtpConnection,
+    /// The server offered PIPELINING.
+    pipelining: bool,
     sent: u32,
     since: Instant,
     _open: OpenGuard,
@@ -104,7 +106,7 @@ impl Pool {
                 Err(reason) => return Attempt::Unreachable(reason),
             },
         };
-        match self.transact(&mut session.conn, envelope, message).await {
+        match self.transact(&mut session, envelope, message).await {
             Ok(response) => {
                 self.put_back(session);
                 Attempt::Done(Outcome::Delivered { response })
@@ -116,7 +118,7 @@ impl Pool {
                     Ok(c) => self.fresh(c),
                     Err(reason) => return Attempt::Unreachable(reason),
                 };
-                match self.transact(&mut session.conn, envelope, message).await {
+                match self.transact(&mut session, envelope, message).await {
                     Ok(response) => {
                         self.put_back(session);
                         Attempt::Done(Outcome::Delivered { response })
@@ -129,9 +131,10 @@ impl Pool {
         }
     }
 
-    fn fresh(&self, conn: AsyncSmtpConnection) -> Idle {
+    fn fresh(&self, (conn, pipelining): (AsyncSmtpConnection, bool)) -> Idle {
         Idle {
             conn,
+            pipelining,
             sent: 0,
             since: Instant::now(),
             _open: OpenGuard::new(self.open.clone()),
@@ -176,7 +179,8 @@ impl Pool {
         }
     }
 
-    async fn connect(&self) -> Result<AsyncSmtpConnection, String> {
+    /// A new session, and whether it offers PIPELINING.
+    async fn connect(&self) -> Result<(AsyncSmtpConnection, bool), String> {
         let deferred = |what: &str, e: &dyn std::fmt::Display| format!("{what} {}: {e}", self.addr);
         let tcp =
             match tokio::time::timeout(self.cfg.timeout, tokio::net::TcpStream::connect(self.addr))
@@ -195,6 +199,18 @@ impl Pool {
             // A refusal at greeting or EHLO is about the server, not the recipient: defer.
             Ok(Err(e)) => return Err(deferred("greeting/EHLO from", &e)),
             Err(_) => return Err(deferred("greeting from", &"timed out")),
+        };
+        // lettre keeps only the EHLO keywords it uses itself; ask once more (once per
+        // session, not per message) to learn whether the server pipelines.
+        let ehlo = format!("EHLO {}\r\n", self.cfg.helo);
+        let probe = conn.command(Raw(&ehlo));
+        let pipelining = match tokio::time::timeout(self.cfg.timeout, probe).await {
+            Ok(Ok(resp)) => resp.message().any(|l| {
+                l.split_whitespace()
+                    .next()
+                    .is_some_and(|k| k.eq_ignore_ascii_case("PIPELINING"))
+            }),
+            _ => false,
         };
         match self.cfg.tls {
             TlsMode::None => {}
@@ -229,16 +245,27 @@ impl Pool {
                 Err(_) => return Err(deferred("AUTH with", &"timed out")),
             }
         }
-        Ok(conn)
+        Ok((conn, pipelining))
     }
 
     async fn transact(
         &self,
-        conn: &mut AsyncSmtpConnection,
+        session: &mut Idle,
         envelope: &Envelope,
         message: &[u8],
     ) -> Result<String, SessionError> {
-        match tokio::time::timeout(self.cfg.timeout, conn.send(envelope, message)).await {
+        let run = async {
+            match std::str::from_utf8(message) {
+                // The fast path: our own MAIL/RCPT/DATA (pipelined when offered) and one
+                // write of the dot-stuffed body with its terminator.
+                Ok(text) => {
+                    transaction(&mut session.conn, session.pipelining, envelope, text).await
+                }
+                // Not UTF-8 (a raw 8-bit body): lettre's own transaction handles it.
+                Err(_) => session.conn.send(envelope, message).await,
+            }
+        };
+        match tokio::time::timeout(self.cfg.timeout, run).await {
             Ok(Ok(resp)) => {
                 let mut s = resp.code().to_string();
                 for line in resp.message() {
@@ -265,6 +292,88 @@ impl Pool {
             })),
         }
     }
+}
+
+/// Text handed to lettre's `command()` as is (it writes the `Display` form in one write).
+struct Raw<'a>(&'a str);
+
+impl std::fmt::Display for Raw<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// One SMTP transaction. lettre's `send` writes MAIL, RCPT and DATA in lockstep and then
+/// dot-stuffs the body a byte at a time (9% of the daemon's CPU in the e2e profile) and
+/// writes the terminator separately. Here, with PIPELINING (RFC 2920) the three commands
+/// go in one write and their replies are read together, and the body is dot-stuffed with a
+/// line scan and written with its terminator in one write. A failed transaction's session
+/// is not reused (the caller drops it), so no RSET is needed.
+async fn transaction(
+    conn: &mut AsyncSmtpConnection,
+    pipelining: bool,
+    envelope: &Envelope,
+    message: &str,
+) -> Result<lettre::transport::smtp::response::Response, lettre::transport::smtp::Error> {
+    let from = envelope.from().map(|a| a.as_ref()).unwrap_or("");
+    let mut head = String::with_capacity(96);
+    head.push_str("MAIL FROM:<");
+    head.push_str(from);
+    head.push('>');
+    if !message.is_ascii() {
+        head.push_str(" BODY=8BITMIME");
+    }
+    head.push_str("\r\n");
+    let mut rcpts = 0;
+    for to in envelope.to() {
+        head.push_str("RCPT TO:<");
+        head.push_str(to.as_ref());
+        head.push_str(">\r\n");
+        rcpts += 1;
+    }
+    if pipelining {
+        head.push_str("DATA\r\n");
+        // Every pipelined reply is read, even after a failure, so that the first one is
+        // what counts and the stream stays in step.
+        let mut first_err = conn.command(Raw(&head)).await.err();
+        for _ in 0..rcpts + 1 {
+            let r = conn.read_response().await;
+            if let (None, Err(e)) = (&first_err, r) {
+                first_err = Some(e);
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+    } else {
+        let mut lines = head.split_inclusive("\r\n");
+        for line in lines.by_ref() {
+            conn.command(Raw(line)).await?;
+        }
+        conn.command(Raw("DATA\r\n")).await?;
+    }
+    conn.command(Raw(&dot_stuff(message))).await
+}
+
+/// The DATA payload: lines starting with `.` get another `.` (RFC 5321 §4.5.2), the body
+/// ends with CRLF, then `.` CRLF.
+fn dot_stuff(message: &str) -> String {
+    let mut out = String::with_capacity(message.len() + message.len() / 64 + 8);
+    let mut rest = message;
+    if rest.starts_with('.') {
+        out.push('.');
+    }
+    while let Some(i) = rest.find("\n.") {
+        out.push_str(&rest[..=i]);
+        out.push('.');
+        rest = &rest[i + 1..];
+    }
+    out.push_str(rest);
+    if !out.ends_with("\r\n") {
+        out.push_str("\r\n");
+    }
+    out.push_str(".\r\n");
+    out
 }
 
 /// A destination: the addresses of one relay, or of the MX hosts of one or more domains
@@ -361,6 +470,16 @@ pub fn envelope(mail_from: &str, rcpt: &str) -> Result<Envelope, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn dot_stuffing() {
+        assert_eq!(
+            super::dot_stuff("a\r\n.b\r\n..c\r\nd"),
+            "a\r\n..b\r\n...c\r\nd\r\n.\r\n"
+        );
+        assert_eq!(super::dot_stuff(".x\r\n"), "..x\r\n.\r\n");
+        assert_eq!(super::dot_stuff("plain\r\n"), "plain\r\n.\r\n");
+    }
+
     #[test]
     fn reply_text_keeps_code_and_enhanced_status() {
         assert_eq!(
