@@ -521,8 +521,12 @@ impl Settings {
         {
             return bad("webhooks.secret must be set (at least 16 characters) when a workflow has a webhook: receivers check X-Paloma-Signature with it".into());
         }
-        if w.retry_intervals.is_empty() || w.max_attempts == 0 || w.concurrency == 0 {
-            return bad("webhooks.retry_intervals must not be empty; webhooks.max_attempts and webhooks.concurrency must be above zero".into());
+        if w.retry_intervals.is_empty()
+            || w.max_attempts == 0
+            || w.concurrency == 0
+            || w.timeout.get().is_zero()
+        {
+            return bad("webhooks.retry_intervals must not be empty; webhooks.max_attempts, concurrency and timeout must be above zero".into());
         }
         Ok(())
     }

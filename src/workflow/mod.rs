@@ -591,7 +591,8 @@ impl Engine {
             .inc();
     }
 
-    /// Creates the group at the end of the stream if missing (see the module docs).
+    /// Creates the group if missing, reading from `from`: `$` (the end) at start, see the
+    /// module docs; `0` when it vanished with its stream.
     async fn ensure_group(
         &self,
         conn: &mut ConnectionManager,
