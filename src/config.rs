@@ -55,6 +55,9 @@ pub struct Settings {
     /// executed by the workflow engine.
     #[serde(default)]
     pub workflows: Vec<WorkflowRule>,
+    /// Delivery of workflow webhooks: signing key, retries, timeout.
+    #[serde(default)]
+    pub webhooks: WebhookSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -319,6 +322,39 @@ pub struct WorkflowSend {
     pub campaign: Option<String>,
 }
 
+/// How workflow webhooks are delivered (`[webhooks]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookSettings {
+    /// HMAC-SHA256 key of `X-Paloma-Signature`, shared with the receivers. Required (≥ 16
+    /// characters) when a workflow has a webhook. Deliberately not the tracking secret: a
+    /// receiver holding that could forge click and unsubscribe tokens.
+    pub secret: Option<String>,
+    /// Wait before each retry of a failed POST; the last one repeats.
+    pub retry_intervals: Vec<Dur>,
+    /// POSTs tried (the first included) before the webhook goes to `{prefix}dead`.
+    pub max_attempts: u32,
+    /// Connect + request + response-head timeout of one POST.
+    pub timeout: Dur,
+    /// POSTs in flight at once per daemon.
+    pub concurrency: usize,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            retry_intervals: ["1s", "5s", "30s", "2m", "10m", "1h"]
+                .iter()
+                .map(|s| s.parse().expect("valid default"))
+                .collect(),
+            max_attempts: 12,
+            timeout: "10s".parse().expect("valid default"),
+            concurrency: 8,
+        }
+    }
+}
+
 /// A duration written with its unit: `500ms`, `2s`, `5m`, `1h`, `3d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
@@ -492,9 +528,82 @@ impl Settings {
                     w.name, w.on
                 ));
             }
+            if let Err(e) = validate_workflow(w, &self.workflows[..i]) {
+                return bad(format!("workflows[{i}] ({}): {e}", w.name));
+            }
+        }
+        let w = &self.webhooks;
+        if self.workflows.iter().any(|r| r.webhook.is_some())
+            && w.secret.as_ref().is_none_or(|s| s.len() < 16)
+        {
+            return bad("webhooks.secret must be set (at least 16 characters) when a workflow has a webhook: receivers check X-Paloma-Signature with it".into());
+        }
+        if w.retry_intervals.is_empty()
+            || w.max_attempts == 0
+            || w.concurrency == 0
+            || w.timeout.get().is_zero()
+        {
+            return bad("webhooks.retry_intervals must not be empty; webhooks.max_attempts, concurrency and timeout must be above zero".into());
         }
         Ok(())
     }
+}
+
+/// The checks of one `[[workflows]]` rule beyond `on` and the send/webhook choice; `earlier`
+/// are the rules before it (names must be unique: they key timers, metrics and follow-up ids).
+fn validate_workflow(w: &WorkflowRule, earlier: &[WorkflowRule]) -> Result<(), String> {
+    // The name goes into follow-up job ids (`wf:{name}:{id}`) and Redis keys, so it is kept
+    // to characters that need no quoting anywhere and cannot be confused with a separator.
+    if w.name.is_empty()
+        || w.name.len() > 64
+        || !w
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err("name must be 1-64 of A-Z a-z 0-9 - _ .".into());
+    }
+    if earlier.iter().any(|e| e.name == w.name) {
+        return Err("another rule has the same name".into());
+    }
+    if let Some(c) = &w.campaign {
+        crate::job::CampaignId::parse(c.clone()).map_err(|e| format!("campaign: {e}"))?;
+    }
+    if w.link.is_some() && !matches!(w.on.as_str(), "clicked" | "not_clicked") {
+        return Err(format!(
+            "link applies to clicked and not_clicked, not {}",
+            w.on
+        ));
+    }
+    if w.within.is_some() && !w.on.starts_with("not_") {
+        return Err(format!(
+            "within applies to not_opened and not_clicked, not {}",
+            w.on
+        ));
+    }
+    if let Some(send) = &w.send {
+        if w.on == "unsubscribed" {
+            return Err("a send on unsubscribed would never go out (unsubscribed recipients get no follow-ups); use a webhook".into());
+        }
+        if send.template.is_empty()
+            || !send
+                .template
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "send.template {:?} is not a template name",
+                send.template
+            ));
+        }
+        if let Some(c) = &send.campaign {
+            crate::job::CampaignId::parse(c.clone()).map_err(|e| format!("send.campaign: {e}"))?;
+        }
+    }
+    if let Some(url) = &w.webhook {
+        crate::workflow::client::Target::parse(url).map_err(|e| format!("webhook: {e}"))?;
+    }
+    Ok(())
 }
 
 /// `PALOMA_DELIVERY__RELAY=host:port` sets `[delivery] relay`. Values are read as TOML when

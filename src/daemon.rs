@@ -48,6 +48,8 @@ pub struct Shared {
     pub sessions: Arc<AtomicI64>,
     /// Turns true when shutdown begins.
     pub stop: watch::Receiver<bool>,
+    /// Which finished jobs are kept for workflow follow-ups.
+    pub workflow_jobs: crate::workflow::KeepJobs,
 }
 
 pub async fn redis_client(settings: &Settings) -> anyhow::Result<redis::Client> {
@@ -165,6 +167,18 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         metrics.clone(),
         exit_rx.clone(),
     ));
+    // Started before the intake: its consumer group must exist before the first outcome.
+    let workflow_task = crate::workflow::start(
+        &settings,
+        renderer.templates(),
+        &client,
+        conn.clone(),
+        &consumer,
+        metrics.clone(),
+        stop_rx.clone(),
+    )
+    .await?;
+    let workflow_jobs = crate::workflow::KeepJobs::new(&settings);
 
     let workers = settings.intake.workers;
     let caps = Caps::new(&settings.caps);
@@ -182,6 +196,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         keys: keys.clone(),
         sessions,
         stop: stop_rx.clone(),
+        workflow_jobs,
     });
     let http_task = match shared.settings.metrics.listen {
         Some(addr) => {
@@ -246,6 +261,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     let _ = tokio::time::timeout(Duration::from_secs(1), recorder_task).await;
     let _ = exit_tx.send(true);
     let _ = scheduler_task.await;
+    if let Some(t) = workflow_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
     let _ = renew_task.await;
     if let Some(t) = http_task {
         let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
@@ -651,7 +669,11 @@ fn outcome_record(
         Outcome::Delivered { response } => {
             let mut ev = Event::new("delivered", id, campaign, to);
             ev.response = Some(&response);
-            done("delivered", ev.to_json())
+            let mut record = done("delivered", ev.to_json());
+            record.store = shared
+                .workflow_jobs
+                .store("delivered", id, campaign, &entry.job);
+            record
         }
         Outcome::Bounced(b) => {
             shared
@@ -665,6 +687,9 @@ fn outcome_record(
             ev.class = Some(b.class.as_str());
             ev.response = Some(&b.response);
             let mut record = done("bounced", ev.to_json());
+            record.store = shared
+                .workflow_jobs
+                .store("bounced", id, campaign, &entry.job);
             if b.class.is_hard() {
                 record.suppress = Some((to.to_string(), "bounced"));
             }

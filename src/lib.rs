@@ -11,6 +11,7 @@
 //! - [`render`]: templates → personalized parts → tracked links → MIME → DKIM.
 //! - [`deliver`]: SMTP sessions and the [`deliver::Outcome`] every layer speaks.
 //! - [`track`]: signed tracking tokens and the tracking server (pixel, clicks, unsubscribe).
+//! - [`workflow`]: rules → actions: follow-up sends, signed webhooks, not_opened timers.
 //! - [`daemon`]: the wiring: intake → workers → recorder, shutdown.
 //! - [`http`], [`metrics`]: the operations endpoint.
 //! - [`cli`]: `enqueue`, `stats`, and [`demo`].
@@ -28,3 +29,4 @@ pub mod queue;
 pub mod render;
 pub mod shape;
 pub mod track;
+pub mod workflow;

@@ -36,6 +36,9 @@ pub struct Metrics {
     /// Tracking endpoint requests by kind (open, click, unsubscribe) and result.
     pub tracking_requests: IntCounterVec,
     pub tracking_events_dropped: IntCounter,
+    /// Workflow actions by rule (config names: bounded), action (send, webhook, timer) and
+    /// result.
+    pub workflow_actions: IntCounterVec,
 }
 
 impl Metrics {
@@ -197,6 +200,11 @@ impl Metrics {
             "paloma_tracking_events_dropped_total",
             "Open and click events dropped because Redis fell behind.",
         );
+        let workflow_actions = vec(
+            "paloma_workflow_actions_total",
+            "Workflow actions by rule, action (send, webhook, timer) and result.",
+            &["rule", "action", "result"],
+        );
         Metrics {
             registry,
             jobs_read,
@@ -219,6 +227,7 @@ impl Metrics {
             sites_suspended,
             tracking_requests,
             tracking_events_dropped,
+            workflow_actions,
         }
     }
 

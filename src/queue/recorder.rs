@@ -41,6 +41,9 @@ pub struct Record {
     /// `(campaign, outcome)` for stats and metrics; `first` counts the job as accepted.
     pub stat: Option<(String, &'static str)>,
     pub first: bool,
+    /// `(key, value, ttl secs)` to SET with the outcome (a delivered job's JSON, kept for
+    /// workflow follow-ups).
+    pub store: Option<(String, Vec<u8>, u64)>,
 }
 
 #[derive(Clone)]
@@ -182,6 +185,14 @@ impl Recorder {
                         p.cmd("DEL").arg(k.idem(id)).ignore();
                     }
                 }
+            }
+            if let Some((key, value, ttl)) = &r.store {
+                p.cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .arg("EX")
+                    .arg(*ttl)
+                    .ignore();
             }
             if let Some((addr, reason)) = &r.suppress {
                 p.cmd("HSETNX")
