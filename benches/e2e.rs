@@ -24,6 +24,10 @@ use common::*;
 struct Opts {
     mx: bool,
     profile: bool,
+    /// Enqueue → accepted latency at this many jobs/s (0: half the measured relay rate).
+    latency: Option<f64>,
+    /// Peak RSS with this many jobs waiting in the stream.
+    backlog: Option<usize>,
     jobs: usize,
     connections: usize,
     dkim: Option<String>,
@@ -35,6 +39,8 @@ fn opts() -> Opts {
     let mut o = Opts {
         mx: false,
         profile: false,
+        latency: None,
+        backlog: None,
         jobs: 20_000,
         connections: 50,
         dkim: None,
@@ -69,6 +75,18 @@ fn opts() -> Opts {
             "--quick" => o.jobs = 2_000,
             "--mx" => o.mx = true,
             "--profile" => o.profile = true,
+            "--latency" => {
+                o.latency = Some(next(i).parse().unwrap_or(0.0));
+                if args.get(i + 1).is_some_and(|a| a.parse::<f64>().is_ok()) {
+                    i += 1;
+                }
+            }
+            "--backlog" => {
+                o.backlog = Some(next(i).parse().unwrap_or(1_000_000));
+                if args.get(i + 1).is_some_and(|a| a.parse::<usize>().is_ok()) {
+                    i += 1;
+                }
+            }
             _ => {} // cargo passes --bench
         }
         i += 1;
@@ -346,6 +364,176 @@ fn stage_breakdown(file: &str) {
     }
 }
 
+/// Jobs enqueued at a steady rate into a running daemon; latency is the time from enqueue
+/// (carried in the job id) to the `delivered` event.
+fn latency(o: &Opts, redis: &Redis, relay_port: u16, dkim: &str, rate: f64) {
+    let setup = Setup::new(
+        &redis.url(),
+        relay_port,
+        "",
+        &format!(
+            "workers = {}\nbatch = 512\nevent_batch = 1024",
+            o.connections * 2
+        ),
+        dkim,
+    );
+    let cfg = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "connections = 8",
+        &format!("connections = {}", o.connections),
+    );
+    std::fs::write(&setup.config, cfg).unwrap();
+    let daemon = Daemon::spawn(&setup.config);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut conn = redis.conn();
+    let products: Vec<_> = (0..o.products)
+        .map(|i| serde_json::json!({"name": format!("Product {i}"), "price": "29.90", "url": format!("https://shop.test/p/{i}")}))
+        .collect();
+    let seconds = 10.0;
+    let total = (rate * seconds) as usize;
+    let tick = Duration::from_millis(10);
+    let per_tick = rate * tick.as_secs_f64();
+    let start = Instant::now();
+    let mut sent = 0usize;
+    while sent < total {
+        let due = ((start.elapsed().as_secs_f64() / tick.as_secs_f64()) * per_tick) as usize;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let batch: Vec<String> = (sent..due.min(total))
+            .map(|i| {
+                job(
+                    &format!("lat-{i}-{now_ms}"),
+                    "lat",
+                    "newsletter",
+                    &format!("u{i}@d{}.test", i % o.domains),
+                    serde_json::json!({"first_name": "L", "products": products}),
+                )
+            })
+            .collect();
+        if !batch.is_empty() {
+            sent += batch.len();
+            enqueue_raw(&mut conn, &setup.prefix, &batch);
+        }
+        std::thread::sleep(tick);
+    }
+    let evs = wait_terminal(
+        &mut conn,
+        &setup.prefix,
+        total,
+        Duration::from_secs(120),
+        Some(&daemon),
+    );
+    let mut lat: Vec<i64> = evs
+        .iter()
+        .filter(|e| e["type"] == "delivered")
+        .filter_map(|e| {
+            let t0: i64 = e["id"].as_str()?.rsplit('-').next()?.parse().ok()?;
+            let t1 = chrono::DateTime::parse_from_rfc3339(e["at"].as_str()?)
+                .ok()?
+                .timestamp_millis();
+            Some(t1 - t0)
+        })
+        .collect();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "  latency at {rate:.0} msg/s:       p50 {} ms, p90 {} ms, p99 {} ms, max {} ms ({} messages)",
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        lat.last().copied().unwrap_or(0),
+        lat.len()
+    );
+}
+
+/// A large backlog waits in Redis; the daemon works through it for a while: its memory must
+/// not depend on the backlog's size.
+fn backlog(o: &Opts, redis: &Redis, relay_port: u16, n: usize) {
+    let setup = Setup::new(
+        &redis.url(),
+        relay_port,
+        "",
+        &format!(
+            "workers = {}\nbatch = 512\nevent_batch = 1024",
+            o.connections * 2
+        ),
+        "",
+    );
+    let cfg = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "connections = 8",
+        &format!("connections = {}", o.connections),
+    );
+    std::fs::write(&setup.config, cfg).unwrap();
+    let mut conn = redis.conn();
+    let products: Vec<_> = (0..o.products)
+        .map(|i| serde_json::json!({"name": format!("Product {i}"), "price": "29.90", "url": format!("https://shop.test/p/{i}")}))
+        .collect();
+    let t = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let batch: Vec<String> = (i..(i + 10_000).min(n))
+            .map(|k| {
+                job(
+                    &format!("bl{k}"),
+                    "backlog",
+                    "newsletter",
+                    &format!("u{k}@d{}.test", k % o.domains),
+                    serde_json::json!({"first_name": "B", "products": products}),
+                )
+            })
+            .collect();
+        i += batch.len();
+        enqueue_raw(&mut conn, &setup.prefix, &batch);
+    }
+    eprintln!(
+        "filled a backlog of {n} jobs in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let daemon = Daemon::spawn(&setup.config);
+    let pid = daemon.pid().expect("daemon");
+    let t0 = Instant::now();
+    let mut peak = 0;
+    let mut samples = Vec::new();
+    while t0.elapsed() < Duration::from_secs(20) {
+        let rss = proc_rss(pid);
+        peak = peak.max(proc_stat(pid).0);
+        samples.push(rss);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let delivered: Option<i64> = redis::cmd("HGET")
+        .arg(format!("{}stats:backlog", setup.prefix))
+        .arg("delivered")
+        .query(&mut conn)
+        .unwrap();
+    let waiting: i64 = redis::cmd("XLEN")
+        .arg(format!("{}sends", setup.prefix))
+        .query(&mut conn)
+        .unwrap();
+    drop(daemon);
+    let first = samples.get(samples.len() / 4).copied().unwrap_or(0);
+    let last = samples.last().copied().unwrap_or(0);
+    println!(
+        "  backlog of {n}: peak RSS {} MB (RSS {} MB after 5 s, {} MB after 20 s) while delivering {} in 20 s; {} still waiting",
+        peak / 1024,
+        first / 1024,
+        last / 1024,
+        delivered.unwrap_or(0),
+        waiting
+    );
+}
+
+fn proc_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn report(label: &str, o: &Opts, r: &Run, ceiling: f64) {
     println!(
         "  {label:<28} {:>6.0} msg/s  ratio {:.2}  ({:.2} s, peak RSS {} MB, {:.0} µs CPU/msg)",
@@ -416,6 +604,13 @@ fn main() {
         drop(dns);
         r
     });
+    if let Some(r) = o.latency {
+        let rate = if r > 0.0 { r } else { relay.rate / 2.0 };
+        latency(&o, &redis, port, &dkim, rate);
+    }
+    if let Some(n) = o.backlog {
+        backlog(&o, &redis, port, n);
+    }
     let after = ceiling(port, size, count);
     let ceil = (before + after) / 2.0;
     println!(

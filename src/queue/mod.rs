@@ -13,6 +13,12 @@
 //! | `stats:{campaign}` | hash | counters per outcome |
 //! | `campaigns` | set | campaign codes seen |
 //! | `suppressed` | hash | lower-cased address → reason |
+//! | `r:{address}` | hash | recent sends (`s`, for frequency caps), `last_open`, `last_click` |
+//! | `links:{campaign}` | hash | clicks per named link, total and `:unique` |
+//! | `uniq:{o,c,l}:…` | HyperLogLog | sends that opened / clicked (a link), for unique counts |
+//! | `timers`, `timers:cancelled` | sorted set | workflow not_opened / not_clicked timers |
+//! | `webhooks` | sorted set | workflow webhooks waiting for their next attempt |
+//! | `wfjob:{id}`, `wf:{rule}:{id}` | string | a sent job kept for follow-ups; a fired rule |
 
 pub mod events;
 pub mod intake;
