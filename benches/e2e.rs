@@ -316,6 +316,8 @@ fn stage_breakdown(file: &str) {
             "--percent-limit",
             "0.5",
             "--stdio",
+            "-g",
+            "none",
             "--no-demangle",
         ])
         .output();
