@@ -170,6 +170,28 @@ fn bench(c: &mut Criterion) {
     });
     g.finish();
 
+    // The shaping layer per message: rule lookup and an admission check (no rate, and a rate
+    // high enough never to wait).
+    let shaper = paloma::shape::Shaper::new(&settings(Vec::new()));
+    let limited =
+        paloma::shape::RuleState::new("bench", Some("1000000/s".parse().unwrap()), 10, 100);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("shaping");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("rule lookup + admit (no rate)", |b| {
+        b.iter(|| {
+            let (rule, _) = shaper.rule_and_key(black_box("example.com"), &["mx1.example.com"]);
+            black_box(rt.block_on(rule.admit("example.com")))
+        })
+    });
+    g.bench_function("admit (rated domain)", |b| {
+        b.iter(|| black_box(rt.block_on(limited.admit(black_box("example.com")))))
+    });
+    g.finish();
+
     let signer = Signer::new("1", "bench-secret-0123456789", &HashMap::new());
     let mut g = c.benchmark_group("token");
     g.throughput(Throughput::Elements(1));

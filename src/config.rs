@@ -252,7 +252,11 @@ pub struct BackoffRule {
     pub code: Option<String>,
     pub enhanced: Option<String>,
     pub text: Option<String>,
-    pub suspend: Dur,
+    /// Stop sending to the destination for this long…
+    pub suspend: Option<Dur>,
+    /// …or send to it at most at this rate for `slow_for`.
+    pub slow_to: Option<Rate>,
+    pub slow_for: Option<Dur>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -494,6 +498,14 @@ impl Settings {
         }
         if self.delivery.mode == DeliveryMode::Relay && self.delivery.relay.is_empty() {
             return bad("delivery.relay must be set in relay mode".into());
+        }
+        for (i, b) in self.backoff.iter().enumerate() {
+            let slow = b.slow_to.is_some() && b.slow_for.is_some();
+            if b.suspend.is_some() == slow || b.slow_to.is_some() != b.slow_for.is_some() {
+                return bad(format!(
+                    "backoff[{i}]: set either suspend, or slow_to and slow_for"
+                ));
+            }
         }
         for (i, c) in self.caps.iter().enumerate() {
             if c.max == 0 || c.per.get().is_zero() {

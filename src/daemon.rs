@@ -29,7 +29,7 @@ use crate::queue::leases::{self, Leases};
 use crate::queue::recorder::{IdemState, Record, Recorder, RecorderHandle};
 use crate::queue::{now_ms, scheduler, Entry, Keys};
 use crate::render::{DkimKeys, Renderer, Templates};
-use crate::shape::{Admission, Shaper};
+use crate::shape::{Admission, Reaction, Shaper};
 
 /// Everything a worker needs, shared.
 pub struct Shared {
@@ -571,6 +571,15 @@ async fn deliver_job(
             .inc();
         return Some(put_back(entry, ident, wait));
     }
+    // A rate lowered by a throttling reply applies to the whole site.
+    if let Some(slowed) = site.slowed() {
+        if let Admission::Later(wait) = slowed.admit(&site.key).await {
+            m.shaping_delays
+                .with_label_values(&[rule.name.as_str()])
+                .inc();
+            return Some(put_back(entry, ident, wait));
+        }
+    }
 
     let t0 = Instant::now();
     let mut message = Vec::with_capacity(16 * 1024);
@@ -602,12 +611,22 @@ async fn deliver_job(
     m.smtp_seconds
         .with_label_values(&[label])
         .observe(t1.elapsed().as_secs_f64());
-    if let Some(pause) = shared.shaper.backoff_for(&outcome) {
-        if site.suspended_for().is_none() {
-            m.suspensions.with_label_values(&[rule.name.as_str()]).inc();
-            tracing::info!(site = %site.key, pause = ?pause, reply = %outcome_text(&outcome), "throttled: suspending the destination");
+    match shared.shaper.backoff_for(&outcome) {
+        Some(Reaction::Suspend(pause)) => {
+            if site.suspended_for().is_none() {
+                m.suspensions.with_label_values(&[rule.name.as_str()]).inc();
+                tracing::info!(site = %site.key, pause = ?pause, reply = %outcome_text(&outcome), "throttled: suspending the destination");
+            }
+            site.suspend(Instant::now() + pause);
         }
-        site.suspend(Instant::now() + pause);
+        Some(Reaction::Slow(rate, period)) => {
+            if site.slowed().is_none() {
+                m.suspensions.with_label_values(&[rule.name.as_str()]).inc();
+                tracing::info!(site = %site.key, rate = ?rate, period = ?period, reply = %outcome_text(&outcome), "throttled: lowering the destination's rate");
+            }
+            site.slow(rate, Instant::now() + period);
+        }
+        None => {}
     }
     Some(outcome_record(shared, entry, ident, &rule.name, outcome))
 }

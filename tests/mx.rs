@@ -374,3 +374,70 @@ fn a_rate_limited_domain_is_paced() {
     );
     assert!(t0.elapsed() < Duration::from_secs(30));
 }
+
+#[test]
+fn a_backoff_rule_can_lower_a_sites_rate_instead_of_suspending_it() {
+    let mut e = env(
+        &[
+            "mx-host=slow.test,mx.slow.test,10",
+            "host-record=mx.slow.test,127.0.0.9",
+        ],
+        &[(
+            "127.0.0.9",
+            &[
+                "-r",
+                "RCPT",
+                "-b",
+                "452 4.5.3 Too much mail, slow down please",
+            ],
+        )],
+        "retry_intervals = [\"1s\"]",
+        "[[backoff]]\ncode = \"452\"\nslow_to = \"2/s\"\nslow_for = \"1m\"\n",
+    );
+    let mut conn = e.redis.conn();
+    enqueue_raw(&mut conn, &e.setup.prefix, &jobs("first", &["a@slow.test"]));
+    let daemon = Daemon::spawn(&e.setup.config);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !events(&mut conn, &e.setup.prefix)
+        .iter()
+        .any(|v| v["type"] == "deferred")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        daemon
+            .log_text()
+            .contains("lowering the destination's rate"),
+        "{}",
+        daemon.log_text()
+    );
+    e.sinks.get_mut("127.0.0.9").unwrap().restart(&[]);
+    let to: Vec<String> = (0..10).map(|i| format!("u{i}@slow.test")).collect();
+    enqueue_raw(
+        &mut conn,
+        &e.setup.prefix,
+        &jobs("paced", &to.iter().map(String::as_str).collect::<Vec<_>>()),
+    );
+    let evs = wait_terminal(
+        &mut conn,
+        &e.setup.prefix,
+        11,
+        Duration::from_secs(60),
+        Some(&daemon),
+    );
+    let mut at: Vec<_> = evs
+        .iter()
+        .filter(|v| v["type"] == "delivered" && v["campaign"] == "paced")
+        .map(|v| chrono::DateTime::parse_from_rfc3339(v["at"].as_str().unwrap()).unwrap())
+        .collect();
+    at.sort();
+    assert_eq!(at.len(), 10);
+    let span = (at[9] - at[0]).num_milliseconds();
+    // 10 messages at 2/s after a burst of 2: at least ~4 s.
+    assert!(span >= 3_500, "the lowered rate held for only {span} ms");
+}

@@ -15,7 +15,8 @@ use lettre::Address;
 use tokio::sync::{watch, Semaphore};
 
 use super::Outcome;
-use crate::config::TlsMode;
+use crate::config::{Rate, TlsMode};
+use crate::shape::RuleState;
 
 /// How sessions to one destination are opened and reused.
 #[derive(Clone)]
@@ -384,6 +385,8 @@ pub struct Site {
     pools: Vec<Arc<Pool>>,
     permits: Semaphore,
     suspended_until: Mutex<Option<Instant>>,
+    /// A lowered rate after a throttling reply, until the instant given.
+    slowed: Mutex<Option<(Instant, Arc<RuleState>)>>,
 }
 
 impl Site {
@@ -393,7 +396,29 @@ impl Site {
             pools,
             permits: Semaphore::new(connections.max(1)),
             suspended_until: Mutex::new(None),
+            slowed: Mutex::new(None),
         })
+    }
+
+    /// Sends to this site at most at `rate` until `until`.
+    pub fn slow(&self, rate: Rate, until: Instant) {
+        if let Ok(mut s) = self.slowed.lock() {
+            let state = RuleState::new(&format!("slowed:{}", self.key), Some(rate), 1, 1);
+            *s = Some((until, Arc::new(state)));
+        }
+    }
+
+    /// The lowered rate in force, if any.
+    pub fn slowed(&self) -> Option<Arc<RuleState>> {
+        let mut s = self.slowed.lock().ok()?;
+        match &*s {
+            Some((t, r)) if *t > Instant::now() => Some(r.clone()),
+            Some(_) => {
+                *s = None;
+                None
+            }
+            None => None,
+        }
     }
 
     /// Sends over the first address that accepts a session. None when `stop` turned true

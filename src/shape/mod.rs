@@ -73,6 +73,15 @@ struct KeyState {
     horizon: Instant,
 }
 
+/// How a destination reacts to a throttling reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reaction {
+    /// No sessions for this long.
+    Suspend(Duration),
+    /// At most this rate for this long.
+    Slow(Rate, Duration),
+}
+
 /// What to do with a job now.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission {
@@ -82,7 +91,7 @@ pub enum Admission {
 }
 
 impl RuleState {
-    fn new(
+    pub fn new(
         name: &str,
         rate: Option<Rate>,
         connections: usize,
@@ -230,8 +239,8 @@ impl Shaper {
         (self.default.clone(), false)
     }
 
-    /// How long a site is suspended after this outcome, if it says to slow down.
-    pub fn backoff_for(&self, outcome: &Outcome) -> Option<Duration> {
+    /// How a site reacts to this outcome, if it says to slow down.
+    pub fn backoff_for(&self, outcome: &Outcome) -> Option<Reaction> {
         let Outcome::Deferred { response } = outcome else {
             return None;
         };
@@ -254,11 +263,17 @@ impl Shaper {
                 .as_deref()
                 .is_none_or(|t| text.contains(&t.to_ascii_lowercase()));
             if code_ok && enh_ok && text_ok {
-                return Some(r.suspend.get());
+                return match (r.suspend, r.slow_to, r.slow_for) {
+                    (Some(d), _, _) => Some(Reaction::Suspend(d.get())),
+                    (None, Some(rate), Some(d)) => Some(Reaction::Slow(rate, d.get())),
+                    _ => None,
+                };
             }
         }
         let throttled = code == Some("421") || THROTTLE_WORDS.iter().any(|w| text.contains(w));
-        self.builtin_suspend.filter(|_| throttled)
+        self.builtin_suspend
+            .filter(|_| throttled)
+            .map(Reaction::Suspend)
     }
 }
 
@@ -296,19 +311,24 @@ mod tests {
     }
 
     #[test]
-    fn throttling_replies_suspend() {
+    fn throttling_replies_suspend_or_slow_down() {
         let s = Shaper::new(&settings(
-            "[[backoff]]\nenhanced = \"4.7.1\"\ntext = \"blocked\"\nsuspend = \"1h\"\n",
+            "[[backoff]]\nenhanced = \"4.7.1\"\ntext = \"blocked\"\nsuspend = \"1h\"\n[[backoff]]\ncode = \"452\"\nslow_to = \"1/s\"\nslow_for = \"10m\"\n",
         ));
         let d = |r: &str| s.backoff_for(&Outcome::Deferred { response: r.into() });
-        assert_eq!(d("421 4.7.0 Try again later"), Some(Duration::from_secs(7)));
+        let sus = |secs| Some(Reaction::Suspend(Duration::from_secs(secs)));
+        assert_eq!(d("421 4.7.0 Try again later"), sus(7));
         assert_eq!(
             d("451 4.7.28 Our system has detected an unusual rate"),
-            Some(Duration::from_secs(7))
+            sus(7)
         );
+        assert_eq!(d("450 4.7.1 Client host blocked for now"), sus(3600));
         assert_eq!(
-            d("450 4.7.1 Client host blocked for now"),
-            Some(Duration::from_secs(3600))
+            d("452 4.5.3 Too much mail"),
+            Some(Reaction::Slow(
+                "1/s".parse().unwrap(),
+                Duration::from_secs(600)
+            ))
         );
         assert_eq!(d("450 4.2.1 Mailbox busy"), None);
         assert_eq!(
