@@ -188,6 +188,36 @@ fn dkim_config(o: &Opts, dir: &std::path::Path) -> String {
     )
 }
 
+/// A daemon config for load: `connections` sessions, twice as many workers, large batches.
+fn bench_setup(
+    o: &Opts,
+    redis: &Redis,
+    relay_port: u16,
+    delivery: &str,
+    extra: &str,
+    mx: bool,
+) -> Setup {
+    let setup = Setup::new(
+        &redis.url(),
+        relay_port,
+        delivery,
+        &format!(
+            "workers = {}\nbatch = 512\nevent_batch = 1024",
+            o.connections * 2
+        ),
+        extra,
+    );
+    let mut cfg = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "connections = 8",
+        &format!("connections = {}", o.connections),
+    );
+    if mx {
+        cfg = cfg.replace("mode = \"relay\"", "mode = \"mx\"");
+    }
+    std::fs::write(&setup.config, cfg).unwrap();
+    setup
+}
+
 struct Run {
     rate: f64,
     wall: f64,
@@ -208,24 +238,14 @@ fn run(
     if let Some((dns_port, mx_port)) = mx {
         delivery = format!("mx_port = {mx_port}\nnameservers = [\"127.0.0.1:{dns_port}\"]");
     }
-    let setup = Setup::new(
-        &redis.url(),
+    let setup = bench_setup(
+        o,
+        redis,
         relay_port,
         &delivery,
-        &format!(
-            "workers = {}\nbatch = 512\nevent_batch = 1024",
-            o.connections * 2
-        ),
         &format!("{dkim}\n{config_extra}"),
+        mx.is_some(),
     );
-    let mut cfg = std::fs::read_to_string(&setup.config).unwrap().replace(
-        "connections = 8",
-        &format!("connections = {}", o.connections),
-    );
-    if mx.is_some() {
-        cfg = cfg.replace("mode = \"relay\"", "mode = \"mx\"");
-    }
-    std::fs::write(&setup.config, cfg).unwrap();
 
     let mut conn = redis.conn();
     let products: Vec<_> = (0..o.products)
@@ -369,21 +389,7 @@ fn stage_breakdown(file: &str) {
 /// Jobs enqueued at a steady rate into a running daemon; latency is the time from enqueue
 /// (carried in the job id) to the `delivered` event.
 fn latency(o: &Opts, redis: &Redis, relay_port: u16, dkim: &str, rate: f64) {
-    let setup = Setup::new(
-        &redis.url(),
-        relay_port,
-        "",
-        &format!(
-            "workers = {}\nbatch = 512\nevent_batch = 1024",
-            o.connections * 2
-        ),
-        dkim,
-    );
-    let cfg = std::fs::read_to_string(&setup.config).unwrap().replace(
-        "connections = 8",
-        &format!("connections = {}", o.connections),
-    );
-    std::fs::write(&setup.config, cfg).unwrap();
+    let setup = bench_setup(o, redis, relay_port, "", dkim, false);
     let daemon = Daemon::spawn(&setup.config);
     std::thread::sleep(Duration::from_millis(500));
     let mut conn = redis.conn();
@@ -453,21 +459,7 @@ fn latency(o: &Opts, redis: &Redis, relay_port: u16, dkim: &str, rate: f64) {
 /// A large backlog waits in Redis; the daemon works through it for a while: its memory must
 /// not depend on the backlog's size.
 fn backlog(o: &Opts, redis: &Redis, relay_port: u16, n: usize) {
-    let setup = Setup::new(
-        &redis.url(),
-        relay_port,
-        "",
-        &format!(
-            "workers = {}\nbatch = 512\nevent_batch = 1024",
-            o.connections * 2
-        ),
-        "",
-    );
-    let cfg = std::fs::read_to_string(&setup.config).unwrap().replace(
-        "connections = 8",
-        &format!("connections = {}", o.connections),
-    );
-    std::fs::write(&setup.config, cfg).unwrap();
+    let setup = bench_setup(o, redis, relay_port, "", "", false);
     let mut conn = redis.conn();
     let products: Vec<_> = (0..o.products)
         .map(|i| serde_json::json!({"name": format!("Product {i}"), "price": "29.90", "url": format!("https://shop.test/p/{i}")}))

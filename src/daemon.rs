@@ -400,19 +400,9 @@ async fn dispatch(
             } else {
                 "manual".into()
             };
-            let (id, campaign, to) = (job.id.as_str(), job.campaign.as_str(), job.to.as_str());
-            let mut ev = Event::new("suppressed", id, campaign, to);
-            ev.reason = Some(&reason);
             shared
                 .recorder
-                .send(Record {
-                    ack: Some(entry.id.clone()),
-                    event: Some(ev.to_json()),
-                    idem: Some((id.to_string(), Some(IdemState::Done))),
-                    stat: Some((campaign.to_string(), "suppressed")),
-                    first: entry.attempt == 0,
-                    ..Default::default()
-                })
+                .send(suppressed_record(&entry, &job, &reason))
                 .await;
             continue;
         }
@@ -473,22 +463,27 @@ async fn apply_caps(shared: &Arc<Shared>, ready: Vec<(Entry, Job)>) -> Vec<(Entr
             out.push((entry, job));
             continue;
         }
-        let (id, campaign, to) = (job.id.as_str(), job.campaign.as_str(), job.to.as_str());
-        let mut ev = Event::new("suppressed", id, campaign, to);
-        ev.reason = Some("frequency_cap");
         shared
             .recorder
-            .send(Record {
-                ack: Some(entry.id.clone()),
-                event: Some(ev.to_json()),
-                idem: Some((id.to_string(), Some(IdemState::Done))),
-                stat: Some((campaign.to_string(), "suppressed")),
-                first: entry.attempt == 0,
-                ..Default::default()
-            })
+            .send(suppressed_record(&entry, &job, "frequency_cap"))
             .await;
     }
     out
+}
+
+/// A job that ends without being sent: suppression list or frequency cap.
+fn suppressed_record(entry: &Entry, job: &Job, reason: &str) -> Record {
+    let (id, campaign, to) = (job.id.as_str(), job.campaign.as_str(), job.to.as_str());
+    let mut ev = Event::new("suppressed", id, campaign, to);
+    ev.reason = Some(reason);
+    Record {
+        ack: Some(entry.id.clone()),
+        event: Some(ev.to_json()),
+        idem: Some((id.to_string(), Some(IdemState::Done))),
+        stat: Some((campaign.to_string(), "suppressed")),
+        first: entry.attempt == 0,
+        ..Default::default()
+    }
 }
 
 fn dead_record(entry: &Entry, err: &JobError, ident: &JobIdentity, claimed: bool) -> Record {
