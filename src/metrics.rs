@@ -36,6 +36,12 @@ pub struct Metrics {
     /// Tracking endpoint requests by kind (open, click, unsubscribe) and result.
     pub tracking_requests: IntCounterVec,
     pub tracking_events_dropped: IntCounter,
+    /// Opens and clicks recorded, by campaign, type and human/machine.
+    pub engagement: IntCounterVec,
+    /// Sends opened / clicked at least once by a person, by campaign.
+    pub engagement_unique: IntCounterVec,
+    /// Human clicks per named link (names come from templates: bounded).
+    pub link_clicks: IntCounterVec,
     /// Workflow actions by rule (config names: bounded), action (send, webhook, timer) and
     /// result.
     pub workflow_actions: IntCounterVec,
@@ -196,6 +202,21 @@ impl Metrics {
         registry
             .register(Box::new(tracking_requests.clone()))
             .expect("unique metric");
+        let engagement = vec(
+            "paloma_engagement_total",
+            "Opens and clicks recorded, by campaign, type and who (human or machine).",
+            &["campaign", "type", "who"],
+        );
+        let engagement_unique = vec(
+            "paloma_engagement_unique_total",
+            "Sends opened or clicked at least once by a person, by campaign.",
+            &["campaign", "type"],
+        );
+        let link_clicks = vec(
+            "paloma_link_clicks_total",
+            "Clicks by people on named links (data-paloma-link), by campaign.",
+            &["campaign", "link"],
+        );
         let tracking_events_dropped = counter(
             "paloma_tracking_events_dropped_total",
             "Open and click events dropped because Redis fell behind.",
@@ -227,6 +248,9 @@ impl Metrics {
             sites_suspended,
             tracking_requests,
             tracking_events_dropped,
+            engagement,
+            engagement_unique,
+            link_clicks,
             workflow_actions,
         }
     }

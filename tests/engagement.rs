@@ -114,7 +114,12 @@ fn a_frequency_cap_holds_across_campaigns() {
 fn opens_and_clicks_are_counted_per_campaign_and_link() {
     let redis = Redis::start();
     let sink = Sink::start(&[]);
-    let (setup, port, base) = tracked_setup(&redis, &sink, "");
+    let mport = free_port();
+    let (setup, port, base) = tracked_setup(
+        &redis,
+        &sink,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{mport}\""),
+    );
     let mut conn = redis.conn();
     enqueue_raw(
         &mut conn,
@@ -189,4 +194,14 @@ fn opens_and_clicks_are_counted_per_campaign_and_link() {
     );
     let (_, out, _) = paloma(&["stats", "--config", setup.config.to_str().unwrap()], None);
     assert!(out.contains("link pricing"), "{out}");
+    let metrics = get(mport, "/metrics", MAIL_UA).text();
+    for line in [
+        "paloma_engagement_total{campaign=\"eng\",type=\"opened\",who=\"human\"} 3",
+        "paloma_engagement_total{campaign=\"eng\",type=\"opened\",who=\"machine\"} 1",
+        "paloma_engagement_unique_total{campaign=\"eng\",type=\"opened\"} 2",
+        "paloma_engagement_unique_total{campaign=\"eng\",type=\"clicked\"} 1",
+        "paloma_link_clicks_total{campaign=\"eng\",link=\"pricing\"} 2",
+    ] {
+        assert!(metrics.contains(line), "/metrics lacks {line}:\n{metrics}");
+    }
 }

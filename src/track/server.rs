@@ -70,15 +70,18 @@ const PIXEL: &[u8] = &[
 /// in `r:{address}`.
 /// KEYS: suppressed hash, events stream. ARGV[1]: key prefix, ARGV[2]: now (unix s); then
 /// per event 6 values: address, event JSON, kind (o|c), job id, campaign, link ("" if none),
-/// and a 7th: "1" when a machine made the request.
+/// and a 7th: "1" when a machine made the request. Returns a code per event: 0 not
+/// recorded (opted out), 1 recorded, 2 recorded and the first by a person for that send.
 const WRITE_EVENTS: &str = r#"
 local p = ARGV[1]
-local n = 0
+local codes = {}
 for i = 3, #ARGV, 7 do
   local addr, ev, kind, id, campaign, link, machine =
     ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local reason = redis.call('HGET', KEYS[1], addr)
+  local code = 0
   if reason ~= 'unsubscribed' and reason ~= 'complained' then
+    code = 1
     redis.call('XADD', KEYS[2], '*', 'event', ev)
     local what = (kind == 'o') and 'opened' or 'clicked'
     local stats = p .. 'stats:' .. campaign
@@ -88,6 +91,7 @@ for i = 3, #ARGV, 7 do
       redis.call('HINCRBY', stats, what, 1)
       if redis.call('PFADD', p .. 'uniq:' .. kind .. ':' .. campaign, id) == 1 then
         redis.call('HINCRBY', stats, 'unique_' .. what, 1)
+        code = 2
       end
       if kind == 'c' and link ~= '' then
         local links = p .. 'links:' .. campaign
@@ -98,10 +102,10 @@ for i = 3, #ARGV, 7 do
       end
       redis.call('HSET', p .. 'r:' .. addr, (kind == 'o') and 'last_open' or 'last_click', ARGV[2])
     end
-    n = n + 1
   end
+  table.insert(codes, code)
 end
-return n
+return codes
 "#;
 
 /// Suppresses an address and writes its `unsubscribed` event, both only the first time, so
@@ -221,11 +225,41 @@ async fn write_events(
                 .arg(if p.machine { "1" } else { "0" });
         }
         let mut delay = Duration::from_millis(50);
-        while let Err(e) = inv.invoke_async::<i64>(&mut redis).await {
-            metrics.redis_errors.inc();
-            tracing::warn!(error = %e, events = buf.len(), "writing tracking events failed; retrying");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+        let codes = loop {
+            match inv.invoke_async::<Vec<i64>>(&mut redis).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    metrics.redis_errors.inc();
+                    tracing::warn!(error = %e, events = buf.len(), "writing tracking events failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        // Engagement metrics per campaign (and per named link), counted per batch from what
+        // the script actually recorded.
+        for (p, code) in buf.iter().zip(codes) {
+            if code == 0 {
+                continue;
+            }
+            let what = if p.kind == "o" { "opened" } else { "clicked" };
+            let who = if p.machine { "machine" } else { "human" };
+            metrics
+                .engagement
+                .with_label_values(&[p.campaign.as_str(), what, who])
+                .inc();
+            if code == 2 {
+                metrics
+                    .engagement_unique
+                    .with_label_values(&[p.campaign.as_str(), what])
+                    .inc();
+            }
+            if p.kind == "c" && !p.link.is_empty() && !p.machine {
+                metrics
+                    .link_clicks
+                    .with_label_values(&[p.campaign.as_str(), p.link.as_str()])
+                    .inc();
+            }
         }
         buf.clear();
     }
