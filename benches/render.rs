@@ -148,6 +148,7 @@ fn bench(c: &mut Criterion) {
         id: "bench-1",
         campaign: "spring",
         to: "ana@example.com",
+        sent: "1795000000",
     };
     let mut g = c.benchmark_group("links");
     g.throughput(Throughput::Elements(1));

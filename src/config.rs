@@ -282,6 +282,17 @@ pub struct TrackingSettings {
     pub key_id: String,
     /// Add the open pixel and rewrite links.
     pub enabled: bool,
+    /// Opens and clicks this soon after sending count as machine hits (security gateways
+    /// fetch while the message is delivered). "0s" (the default) turns the rule off.
+    pub machine_window: Dur,
+    /// Address ranges whose hits are machine hits (CIDR). Unset: a built-in list of
+    /// mail-security scanners and image proxies; `[]` turns the rule off.
+    pub scanner_networks: Option<Vec<String>>,
+    /// More ranges, one per line or CSV with the range first (Apple's Private Relay egress
+    /// list, which Mail Privacy Protection fetches through, has this format).
+    pub scanner_networks_file: Option<PathBuf>,
+    /// Behind a reverse proxy: take the client address from the last `X-Forwarded-For` entry.
+    pub trust_forwarded: bool,
 }
 
 impl Default for TrackingSettings {
@@ -293,6 +304,10 @@ impl Default for TrackingSettings {
             old_secrets: HashMap::new(),
             key_id: "0".into(),
             enabled: true,
+            machine_window: Dur(Duration::ZERO),
+            scanner_networks: None,
+            scanner_networks_file: None,
+            trust_forwarded: false,
         }
     }
 }
@@ -495,6 +510,11 @@ impl Settings {
                 "tracking.base_url {:?} must start with http:// or https://",
                 self.tracking.base_url
             ));
+        }
+        for n in self.tracking.scanner_networks.iter().flatten() {
+            if let Err(e) = crate::track::machine::Networks::parse_cidr(n) {
+                return bad(format!("tracking.scanner_networks: {e}"));
+            }
         }
         if self.delivery.mode == DeliveryMode::Relay && self.delivery.relay.is_empty() {
             return bad("delivery.relay must be set in relay mode".into());

@@ -206,7 +206,16 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     };
     let track_task = match shared.settings.tracking.listen {
         Some(addr) => {
+            let t = &shared.settings.tracking;
+            let detector = crate::track::machine::Detector::new(
+                t.scanner_networks.as_deref(),
+                t.scanner_networks_file.as_deref(),
+                t.machine_window.get(),
+                t.trust_forwarded,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
             let state = crate::track::server::TrackState {
+                detector,
                 signer: shared.renderer.signer().clone(),
                 redis: conn.clone(),
                 keys: keys.clone(),

@@ -36,6 +36,7 @@ pub struct Metrics {
     /// Tracking endpoint requests by kind (open, click, unsubscribe) and result.
     pub tracking_requests: IntCounterVec,
     pub tracking_events_dropped: IntCounter,
+    pub machine_hits: IntCounterVec,
     /// Opens and clicks recorded, by campaign, type and human/machine.
     pub engagement: IntCounterVec,
     /// Sends opened / clicked at least once by a person, by campaign.
@@ -217,6 +218,11 @@ impl Metrics {
             "Clicks by people on named links (data-paloma-link), by campaign.",
             &["campaign", "link"],
         );
+        let machine_hits = vec(
+            "paloma_machine_hits_total",
+            "Opens and clicks judged machine-made, by the first rule that matched (agent, network, window, burst).",
+            &["reason"],
+        );
         let tracking_events_dropped = counter(
             "paloma_tracking_events_dropped_total",
             "Open and click events dropped because Redis fell behind.",
@@ -248,6 +254,7 @@ impl Metrics {
             sites_suspended,
             tracking_requests,
             tracking_events_dropped,
+            machine_hits,
             engagement,
             engagement_unique,
             link_clicks,

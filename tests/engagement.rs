@@ -205,3 +205,67 @@ fn opens_and_clicks_are_counted_per_campaign_and_link() {
         assert!(metrics.contains(line), "/metrics lacks {line}:\n{metrics}");
     }
 }
+
+#[test]
+fn scanner_addresses_and_hits_right_after_sending_are_machine_hits() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let (setup, port, base) = tracked_setup(
+        &redis,
+        &sink,
+        "machine_window = \"3s\"\nscanner_networks = [\"203.0.113.0/24\"]\ntrust_forwarded = true",
+    );
+    let mut conn = redis.conn();
+    enqueue_raw(
+        &mut conn,
+        &setup.prefix,
+        &[news("m1", "mach", "a@mach.test")],
+    );
+    let daemon = Daemon::spawn(&setup.config);
+    wait_terminal(
+        &mut conn,
+        &setup.prefix,
+        1,
+        Duration::from_secs(30),
+        Some(&daemon),
+    );
+    let delivered = std::time::Instant::now();
+    wait_port("127.0.0.1", port, Duration::from_secs(5));
+    let mails = captured(&sink, &base);
+    let m = &mails["m1"];
+    let hit = |path: &str, from: &str| {
+        request(
+            port,
+            "GET",
+            path,
+            &[("User-Agent", MAIL_UA), ("X-Forwarded-For", from)],
+            b"",
+        )
+        .status
+    };
+    // A person's client, but right after delivery: a gateway prefetching.
+    assert_eq!(hit(&m.pixel, "198.51.100.7"), 200);
+    wait_tracking(&mut conn, &setup.prefix, "m1", 1);
+    std::thread::sleep(Duration::from_millis(3500).saturating_sub(delivered.elapsed()));
+    std::thread::sleep(Duration::from_millis(1000));
+    // Later: the same client is a person; a scanner's address range is not.
+    assert_eq!(hit(&m.pixel, "198.51.100.7"), 200);
+    wait_tracking(&mut conn, &setup.prefix, "m1", 2);
+    assert_eq!(hit(&m.clicks[0], "10.0.0.1, 203.0.113.40"), 302);
+    wait_tracking(&mut conn, &setup.prefix, "m1", 3);
+    assert_eq!(hit(&m.clicks[0], "203.0.113.40, 198.51.100.7"), 302);
+    let evs = wait_tracking(&mut conn, &setup.prefix, "m1", 4);
+    let seen: Vec<(&str, bool)> = evs
+        .iter()
+        .map(|e| (e["type"].as_str().unwrap(), e["machine"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("opened", true),
+            ("opened", false),
+            ("clicked", true),
+            ("clicked", false)
+        ]
+    );
+}

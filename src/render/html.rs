@@ -13,6 +13,9 @@ pub struct LinkOwner<'a> {
     pub id: &'a str,
     pub campaign: &'a str,
     pub to: &'a str,
+    /// When the message is rendered (Unix seconds, decimal): carried by open and click
+    /// tokens so that hits within seconds of delivery can be told apart.
+    pub sent: &'a str,
 }
 
 /// Rewrites every `http(s)` link of `<a>` tags in `html` into a tracked link, drops the
@@ -46,7 +49,11 @@ pub fn rewrite(html: &str, base_url: &str, signer: &Signer, who: &LinkOwner<'_>,
     out.push_str("<img src=\"");
     out.push_str(base_url);
     out.push_str("/o/");
-    signer.sign_into(out, Kind::Open, &[who.id, who.campaign, who.to]);
+    signer.sign_into(
+        out,
+        Kind::Open,
+        &[who.id, who.campaign, who.to, "", "", who.sent],
+    );
     out.push_str("\" width=\"1\" height=\"1\" alt=\"\" style=\"display:none;border:0\">");
     out.push_str(&html[pixel_at..]);
 }
@@ -183,7 +190,7 @@ fn rewrite_anchor(
             signer.sign_into(
                 out,
                 Kind::Click,
-                &[who.id, who.campaign, who.to, url.trim(), name],
+                &[who.id, who.campaign, who.to, url.trim(), name, who.sent],
             );
             out.push('"');
         }
@@ -398,6 +405,7 @@ mod tests {
             id: "j1",
             campaign: "c1",
             to: "a@b.co",
+            sent: "1795000000",
         }
     }
 

@@ -122,6 +122,23 @@ pub struct Parts {
     pub text: String,
 }
 
+/// The current Unix time in seconds, written as decimal into `buf`.
+fn unix_now(buf: &mut [u8; 20]) -> &str {
+    let mut n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+}
+
 /// Turns a job into signed MIME bytes.
 pub struct Renderer {
     templates: Templates,
@@ -235,10 +252,12 @@ impl Renderer {
         };
         let html = if self.tracking {
             let mut out = String::new();
+            let mut sent = [0u8; 20];
             let who = html::LinkOwner {
                 id: job.id.as_str(),
                 campaign: job.campaign.as_str(),
                 to: job.to.as_str(),
+                sent: unix_now(&mut sent),
             };
             html::rewrite(&html, &self.base_url, &self.signer, &who, &mut out);
             out

@@ -1,5 +1,6 @@
 //! Tracking: signed tokens for links, the open pixel and unsubscribe, and the HTTP server
 //! that answers them.
 
+pub mod machine;
 pub mod server;
 pub mod token;

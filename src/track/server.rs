@@ -15,15 +15,14 @@
 //! page, because link scanners follow every link in a message; the unsubscribe itself is
 //! the `POST` (the page's button, or an RFC 8058 one-click POST from the mailbox provider).
 
-use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -31,6 +30,7 @@ use axum::Router;
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, watch};
 
+use super::machine::{Detector, Hit};
 use super::token::{Claims, Kind, Signer, MAX_TOKEN_LEN};
 use crate::metrics::Metrics;
 use crate::queue::events::Event;
@@ -38,6 +38,7 @@ use crate::queue::Keys;
 
 /// What the tracking server needs from the daemon.
 pub struct TrackState {
+    pub detector: Detector,
     pub signer: Signer,
     pub redis: ConnectionManager,
     pub keys: Keys,
@@ -140,7 +141,7 @@ struct Inner {
     prefix: String,
     metrics: Arc<Metrics>,
     tx: mpsc::Sender<Pending>,
-    bursts: Mutex<Bursts>,
+    detector: Detector,
     unsubscribe: redis::Script,
 }
 
@@ -176,15 +177,18 @@ pub async fn serve(
         prefix: state.keys.prefix,
         metrics: state.metrics,
         tx,
-        bursts: Mutex::new(Bursts::default()),
+        detector: state.detector,
         unsubscribe: redis::Script::new(UNSUBSCRIBE),
     }));
     Ok(tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
         // The router, and with it the queue's sender, is gone: the writer drains and ends.
         let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     }))
@@ -300,6 +304,35 @@ impl Inner {
         }
     }
 
+    /// Judges a hit (see [`super::machine`]) and counts the reason of a machine's.
+    fn is_machine(
+        &self,
+        c: &Claims,
+        peer: SocketAddr,
+        headers: &HeaderMap,
+        link: Option<u64>,
+    ) -> bool {
+        let hit = Hit {
+            user_agent: user_agent(headers),
+            ip: self.detector.client_ip(peer, headers),
+            sent: c.sent,
+            click: link.map(|l| (c.id.as_str(), l)),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        match self.detector.judge(&hit, now) {
+            Some(reason) => {
+                self.metrics
+                    .machine_hits
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The claims of a token of `kind`, or None for anything else.
     fn verify(&self, token: Result<Path<String>, PathRejection>, kind: Kind) -> Option<Claims> {
         let Path(token) = token.ok()?;
@@ -312,6 +345,7 @@ impl Inner {
 
 async fn open(
     State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     headers: HeaderMap,
     token: Result<Path<String>, PathRejection>,
@@ -324,7 +358,7 @@ async fn open(
     if method == Method::HEAD {
         app.count("open", "head");
     } else {
-        let machine = machine_user_agent(user_agent(&headers));
+        let machine = app.is_machine(&c, peer, &headers, None);
         app.count("open", if machine { "machine" } else { "human" });
         let mut ev = Event::new("opened", &c.id, &c.campaign, &c.to);
         ev.machine = Some(machine);
@@ -346,6 +380,7 @@ async fn open(
 
 async fn click(
     State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     headers: HeaderMap,
     token: Result<Path<String>, PathRejection>,
@@ -360,14 +395,9 @@ async fn click(
     if method == Method::HEAD {
         app.count("click", "head");
     } else {
-        let by_agent = machine_user_agent(user_agent(&headers));
-        let burst = {
-            let mut h = DefaultHasher::new();
-            c.url.hash(&mut h);
-            let mut bursts = app.bursts.lock().unwrap_or_else(|p| p.into_inner());
-            bursts.click(&c.id, h.finish(), Instant::now())
-        };
-        let machine = by_agent || burst;
+        let mut h = DefaultHasher::new();
+        c.url.hash(&mut h);
+        let machine = app.is_machine(&c, peer, &headers, Some(h.finish()));
         app.count("click", if machine { "machine" } else { "human" });
         let mut ev = Event::new("clicked", &c.id, &c.campaign, &c.to);
         ev.url = Some(&c.url);
@@ -476,102 +506,6 @@ fn location(url: &str) -> Option<HeaderValue> {
         }
     }
     HeaderValue::from_str(&out).ok()
-}
-
-/// Lower-case substrings of user agents that fetch on nobody's behalf: image proxies of
-/// webmail providers, link scanners of mail-security gateways, crawlers and HTTP libraries,
-/// and link-preview fetchers (Office's "existence discovery", chat apps).
-const MACHINE_AGENTS: &[&str] = &[
-    "googleimageproxy",
-    "yahoomailproxy",
-    "barracuda",
-    "proofpoint",
-    "mimecast",
-    "urldefense",
-    "safelinks",
-    "bot",
-    "crawler",
-    "spider",
-    "curl/",
-    "wget/",
-    "python-requests",
-    "python-urllib",
-    "aiohttp",
-    "go-http-client",
-    "java/",
-    "okhttp",
-    "libwww-perl",
-    "httpclient",
-    "headlesschrome",
-    "phantomjs",
-    "ms-office",
-    "existence discovery",
-    "protocol discovery",
-    "bingpreview",
-    "skypeuripreview",
-    "facebookexternalhit",
-    "whatsapp",
-];
-
-/// Is this request made by a machine rather than a person reading the mail?
-///
-/// - an empty or missing user agent (also one that is not valid header text);
-/// - exactly `Mozilla/5.0` with nothing after it: what Apple Mail Privacy Protection's
-///   proxy sends (a real browser always adds its platform);
-/// - a user agent containing one of [`MACHINE_AGENTS`] (case-insensitive): webmail image
-///   proxies (GoogleImageProxy, YahooMailProxy), security gateways that pre-fetch every link
-///   (Barracuda, Proofpoint, Mimecast, urldefense, Microsoft SafeLinks), bots, crawlers,
-///   spiders, HTTP libraries (curl, python-requests, Go-http-client, …), headless browsers,
-///   and Office/chat link-preview fetchers.
-///
-/// Clicks also count as machine-made when they come in a burst: see [`Bursts`].
-pub fn machine_user_agent(ua: &str) -> bool {
-    let ua = ua.trim();
-    if ua.is_empty() || ua == "Mozilla/5.0" {
-        return true;
-    }
-    let lower = ua.to_ascii_lowercase();
-    MACHINE_AGENTS.iter().any(|m| lower.contains(m))
-}
-
-/// "Several links clicked at once": a scanner that opens every link of a message does so
-/// within moments, a person does not. A click is machine-made when, with it, the same
-/// recipient (the token's job id) has clicked at least `THRESHOLD` distinct links within
-/// `WINDOW`. The earlier clicks of such a burst were already recorded as human; the rule
-/// flags the third and later ones.
-///
-/// Memory is bounded: at most `MAX_IDS` recipients are remembered (when full, stale ones
-/// are pruned, and if none is stale the map starts over) and at most `MAX_LINKS` links each.
-#[derive(Debug, Default)]
-pub struct Bursts {
-    recent: HashMap<String, Vec<(Instant, u64)>>,
-}
-
-impl Bursts {
-    pub const WINDOW: Duration = Duration::from_secs(2);
-    pub const THRESHOLD: usize = 3;
-    const MAX_IDS: usize = 50_000;
-    const MAX_LINKS: usize = 8;
-
-    /// Notes a click of `link` (a hash of its URL) by job `id` at `now`; true when it
-    /// completes a burst.
-    pub fn click(&mut self, id: &str, link: u64, now: Instant) -> bool {
-        let fresh = |t: &Instant| now.saturating_duration_since(*t) < Self::WINDOW;
-        if self.recent.len() >= Self::MAX_IDS && !self.recent.contains_key(id) {
-            self.recent
-                .retain(|_, hits| hits.iter().any(|(t, _)| fresh(t)));
-            if self.recent.len() >= Self::MAX_IDS {
-                self.recent.clear();
-            }
-        }
-        let hits = self.recent.entry(id.to_string()).or_default();
-        hits.retain(|(t, l)| fresh(t) && *l != link);
-        if hits.len() >= Self::MAX_LINKS {
-            hits.remove(0);
-        }
-        hits.push((now, link));
-        hits.len() >= Self::THRESHOLD
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -703,76 +637,6 @@ fn escape_html(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn known_agents_are_machines_and_mail_clients_are_not() {
-        for ua in [
-            "",
-            "   ",
-            "Mozilla/5.0",
-            "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)",
-            "YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html",
-            "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
-            "curl/8.5.0",
-            "python-requests/2.31.0",
-            "Go-http-client/1.1",
-            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/120.0 Safari/537.36",
-            "Mozilla/4.0 (compatible; ms-office; MSOffice 16)",
-            "Microsoft Office Existence Discovery",
-            "Barracuda Sentinel (EE)",
-            "Proofpoint URL Defense",
-            "Mimecast-Link-Scanner",
-        ] {
-            assert!(machine_user_agent(ua), "{ua:?} should be a machine");
-        }
-        for ua in [
-            "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)",
-            "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148",
-            "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
-            "Mozilla/5.0 (X11; Linux x86_64; rv:115.0) Gecko/20100101 Thunderbird/115.5.0",
-            "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17029; Pro)",
-        ] {
-            assert!(!machine_user_agent(ua), "{ua:?} should be a person");
-        }
-    }
-
-    #[test]
-    fn three_distinct_links_within_two_seconds_are_a_burst() {
-        let t0 = Instant::now();
-        let ms = |n| t0 + Duration::from_millis(n);
-        let mut b = Bursts::default();
-        assert!(!b.click("j1", 1, ms(0)));
-        assert!(!b.click("j1", 1, ms(100)), "same link again is not a burst");
-        assert!(!b.click("j1", 2, ms(200)));
-        assert!(!b.click("j2", 3, ms(250)), "another recipient is separate");
-        assert!(b.click("j1", 3, ms(300)), "third distinct link");
-        assert!(b.click("j1", 4, ms(400)));
-
-        let mut b = Bursts::default();
-        assert!(!b.click("j", 1, ms(0)));
-        assert!(!b.click("j", 2, ms(1500)));
-        assert!(
-            !b.click("j", 3, ms(3000)),
-            "spread over more than the window"
-        );
-        assert!(b.click("j", 4, ms(3100)));
-    }
-
-    #[test]
-    fn burst_memory_is_bounded() {
-        let t0 = Instant::now();
-        let mut b = Bursts::default();
-        for i in 0..Bursts::MAX_IDS + 10 {
-            b.click(&format!("id{i}"), 1, t0);
-        }
-        assert!(b.recent.len() <= Bursts::MAX_IDS);
-        let later = t0 + Duration::from_secs(5);
-        b.click("late", 1, later);
-        for i in 0..100u64 {
-            b.click("many", i, later);
-        }
-        assert!(b.recent["many"].len() <= Bursts::MAX_LINKS);
-    }
 
     #[test]
     fn only_http_urls_become_locations() {

@@ -46,6 +46,9 @@ pub struct Claims {
     /// Click tokens: the original URL and the link's name (may be empty).
     pub url: String,
     pub link: String,
+    /// Open and click tokens: when the message was rendered for sending (Unix seconds), the
+    /// start of the "within seconds of delivery" machine window. None in older tokens.
+    pub sent: Option<i64>,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -142,6 +145,7 @@ impl Signer {
         let mut next = || parts.next().unwrap_or_default().to_string();
         let (id, campaign, to) = (next(), next(), next());
         let (url, link) = (next(), next());
+        let sent = next().parse().ok();
         if id.is_empty() || (kind == Kind::Click && url.is_empty()) {
             return Err(TokenError::Malformed);
         }
@@ -152,6 +156,7 @@ impl Signer {
             to,
             url,
             link,
+            sent,
         })
     }
 }
@@ -191,6 +196,13 @@ mod tests {
         assert_eq!(c.url, "https://shop.example/p?x=1&y=2");
         assert_eq!(c.link, "pricing");
         assert_eq!(c.to, "a@b.co");
+        assert_eq!(c.sent, None);
+        let t = s.sign(
+            Kind::Open,
+            &["job-1", "spring", "a@b.co", "", "", "1795000000"],
+        );
+        let c = s.verify(&t).unwrap();
+        assert_eq!((c.kind, c.sent), (Kind::Open, Some(1795000000)));
     }
 
     #[test]
