@@ -87,62 +87,81 @@ struct Attr<'a> {
     range: (usize, usize),
 }
 
-fn attributes(tag: &str) -> Vec<Attr<'_>> {
-    let b = tag.as_bytes();
-    let mut attrs = Vec::new();
-    let mut i = 2; // after "<a"
-    let end = b.len() - 1; // the '>'
-    while i < end {
-        while i < end && (is_space(b[i]) || b[i] == b'/') {
-            i += 1;
-        }
-        if i >= end {
-            break;
-        }
-        let start = i;
-        while i < end && !is_space(b[i]) && b[i] != b'=' && b[i] != b'>' {
-            i += 1;
-        }
-        let name = &tag[start..i];
-        let mut j = i;
-        while j < end && is_space(b[j]) {
-            j += 1;
-        }
-        let mut value = None;
-        if j < end && b[j] == b'=' {
-            j += 1;
+/// The attributes of an `<a …>` tag, in order, without allocating.
+struct Attrs<'a> {
+    tag: &'a str,
+    i: usize,
+}
+
+fn attributes(tag: &str) -> Attrs<'_> {
+    Attrs { tag, i: 2 } // after "<a"
+}
+
+impl<'a> Iterator for Attrs<'a> {
+    type Item = Attr<'a>;
+
+    fn next(&mut self) -> Option<Attr<'a>> {
+        let tag = self.tag;
+        let b = tag.as_bytes();
+        let end = b.len().saturating_sub(1); // the '>'
+        let mut i = self.i;
+        loop {
+            while i < end && (is_space(b[i]) || b[i] == b'/') {
+                i += 1;
+            }
+            if i >= end {
+                self.i = i;
+                return None;
+            }
+            let start = i;
+            while i < end && !is_space(b[i]) && b[i] != b'=' && b[i] != b'>' {
+                i += 1;
+            }
+            let name = &tag[start..i];
+            let mut j = i;
             while j < end && is_space(b[j]) {
                 j += 1;
             }
-            if j < end && (b[j] == b'"' || b[j] == b'\'') {
-                let q = b[j];
-                let vs = j + 1;
-                let mut k = vs;
-                while k < end && b[k] != q {
-                    k += 1;
+            let mut value = None;
+            if j < end && b[j] == b'=' {
+                j += 1;
+                while j < end && is_space(b[j]) {
+                    j += 1;
                 }
-                value = Some(&tag[vs..k]);
-                i = (k + 1).min(end);
-            } else {
-                let vs = j;
-                let mut k = vs;
-                while k < end && !is_space(b[k]) {
-                    k += 1;
+                if j < end && (b[j] == b'"' || b[j] == b'\'') {
+                    let q = b[j];
+                    let vs = j + 1;
+                    let k = b[vs..end]
+                        .iter()
+                        .position(|&c| c == q)
+                        .map_or(end, |p| vs + p);
+                    value = Some(&tag[vs..k]);
+                    i = (k + 1).min(end);
+                } else {
+                    let vs = j;
+                    let mut k = vs;
+                    while k < end && !is_space(b[k]) {
+                        k += 1;
+                    }
+                    value = Some(&tag[vs..k]);
+                    i = k;
                 }
-                value = Some(&tag[vs..k]);
-                i = k;
+            } else if name.is_empty() {
+                i += 1;
+                continue;
             }
-        } else if name.is_empty() {
-            i += 1;
-            continue;
+            self.i = i;
+            return Some(Attr {
+                name,
+                value,
+                range: (start, i),
+            });
         }
-        attrs.push(Attr {
-            name,
-            value,
-            range: (start, i),
-        });
     }
-    attrs
+}
+
+fn is_paloma_attr(name: &str) -> bool {
+    name.len() > 11 && name.as_bytes()[..11].eq_ignore_ascii_case(b"data-paloma")
 }
 
 fn rewrite_anchor(
@@ -152,24 +171,41 @@ fn rewrite_anchor(
     who: &LinkOwner<'_>,
     out: &mut String,
 ) {
-    let attrs = attributes(tag);
-    let find = |n: &str| attrs.iter().find(|a| a.name.eq_ignore_ascii_case(n));
-    let notrack = find("data-paloma-notrack").is_some();
-    let link_name = find("data-paloma-link")
-        .and_then(|a| a.value)
-        .map(decode_entities);
-    let href = find("href");
-    let target = href.and_then(|a| a.value).map(decode_entities);
+    // First pass: what the tag asks for.
+    let mut notrack = false;
+    let mut has_paloma = false;
+    let mut link_name = None;
+    let mut href = None;
+    for a in attributes(tag) {
+        if is_paloma_attr(a.name) {
+            has_paloma = true;
+            if a.name.eq_ignore_ascii_case("data-paloma-notrack") {
+                notrack = true;
+            } else if a.name.eq_ignore_ascii_case("data-paloma-link") {
+                link_name = a.value;
+            }
+        } else if href.is_none() && a.name.eq_ignore_ascii_case("href") {
+            href = a.value;
+        }
+    }
+    let target = href.map(decode_entities);
     let trackable = !notrack
         && target.as_deref().is_some_and(|u| {
-            let lower = u.get(..8).unwrap_or(u).to_ascii_lowercase();
-            (lower.starts_with("http://") || lower.starts_with("https://"))
+            let scheme = u.as_bytes().get(..8).unwrap_or(u.as_bytes());
+            (starts_with_ci(scheme, b"http://") || starts_with_ci(scheme, b"https://"))
                 && !u.chars().any(char::is_control)
         });
+    if !trackable && !has_paloma {
+        out.push_str(tag);
+        return;
+    }
+    // Second pass: copy the tag, replacing href and dropping data-paloma-*.
+    let link_name = link_name.map(decode_entities);
     let mut pos = 0;
-    for a in &attrs {
-        let is_paloma = a.name.len() > 11 && a.name[..11].eq_ignore_ascii_case("data-paloma");
-        let is_href = trackable && a.name.eq_ignore_ascii_case("href");
+    let mut href_done = false;
+    for a in attributes(tag) {
+        let is_paloma = is_paloma_attr(a.name);
+        let is_href = trackable && !href_done && a.name.eq_ignore_ascii_case("href");
         if !is_paloma && !is_href {
             continue;
         }
@@ -182,6 +218,7 @@ fn rewrite_anchor(
         }
         out.push_str(&tag[pos..cut]);
         if is_href {
+            href_done = true;
             out.push_str("href=\"");
             out.push_str(base_url);
             out.push_str("/c/");
@@ -197,6 +234,10 @@ fn rewrite_anchor(
         pos = a.range.1;
     }
     out.push_str(&tag[pos..]);
+}
+
+fn starts_with_ci(hay: &[u8], prefix: &[u8]) -> bool {
+    hay.len() >= prefix.len() && hay[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
 /// Decodes the character references that HTML escaping produces (`&amp;`, `&#x3D;`, …).
@@ -274,23 +315,8 @@ pub fn to_text(html: &str) -> String {
     let b = html.as_bytes();
     let mut i = 0;
     let mut text_start = 0;
-    let mut pending_href: Vec<Option<String>> = Vec::new();
-    let flush = |out: &mut String, s: &str| {
-        let decoded = decode_entities(s);
-        for word in decoded.split(|c: char| c.is_whitespace() && c != '\u{a0}') {
-            if word.is_empty() {
-                continue;
-            }
-            if !out.is_empty() && !out.ends_with('\n') && !out.ends_with(' ') {
-                out.push(' ');
-            }
-            if word.contains('\u{a0}') {
-                out.extend(word.chars().map(|c| if c == '\u{a0}' { ' ' } else { c }));
-            } else {
-                out.push_str(word);
-            }
-        }
-    };
+    let mut pending_href: Vec<Option<&str>> = Vec::new();
+    let flush = |out: &mut String, s: &str| push_words(out, &decode_entities(s));
     while i < b.len() {
         if b[i] != b'<' {
             i += 1;
@@ -340,13 +366,16 @@ pub fn to_text(html: &str) -> String {
                 out.push_str("- ");
             }
             "a" if !closing => {
-                let href = attributes_of(tag, "href").map(|h| decode_entities(&h).into_owned());
+                let href = attributes(tag)
+                    .find(|a| a.name.eq_ignore_ascii_case("href"))
+                    .and_then(|a| a.value);
                 pending_href.push(href);
             }
             "a" => {
                 if let Some(Some(href)) = pending_href.pop() {
+                    let href = decode_entities(href);
                     if (href.starts_with("http") || href.starts_with("mailto:"))
-                        && !out.trim_end().ends_with(href.as_str())
+                        && !out.trim_end().ends_with(href.as_ref())
                     {
                         out.push_str(" (");
                         out.push_str(&href);
@@ -368,14 +397,24 @@ pub fn to_text(html: &str) -> String {
     s
 }
 
-fn attributes_of(tag: &str, name: &str) -> Option<String> {
-    if !tag.starts_with("<a") && !tag.starts_with("<A") {
-        return None;
+/// Appends the words of a text run, each after one space (none at the start of a line);
+/// runs of ASCII whitespace collapse, a no-break space becomes a plain space inside a word.
+fn push_words(out: &mut String, s: &str) {
+    for word in s.as_bytes().split(|c| c.is_ascii_whitespace()) {
+        if word.is_empty() {
+            continue;
+        }
+        // `word` is cut at ASCII bytes, so it is valid UTF-8.
+        let word = std::str::from_utf8(word).unwrap_or_default();
+        if !matches!(out.as_bytes().last(), None | Some(b'\n' | b' ')) {
+            out.push(' ');
+        }
+        if word.as_bytes().contains(&0xa0) && word.contains('\u{a0}') {
+            out.extend(word.chars().map(|c| if c == '\u{a0}' { ' ' } else { c }));
+        } else {
+            out.push_str(word);
+        }
     }
-    attributes(tag)
-        .into_iter()
-        .find(|a| a.name.eq_ignore_ascii_case(name))
-        .and_then(|a| a.value.map(str::to_string))
 }
 
 fn newline(out: &mut String, n: usize) {

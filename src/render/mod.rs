@@ -57,6 +57,7 @@ impl Templates {
         let mut html = Handlebars::new();
         let mut plain = Handlebars::new();
         plain.register_escape_fn(handlebars::no_escape);
+        html.register_escape_fn(escape_html);
         html.set_strict_mode(strict);
         plain.set_strict_mode(strict);
         let mut has_text = HashMap::new();
@@ -120,6 +121,36 @@ pub struct Parts {
     pub subject: String,
     pub html: String,
     pub text: String,
+}
+
+/// HTML escaping of `{{value}}` in html.hbs: the same characters as Handlebars' own
+/// (`< > " & ' \` =`), but copied in runs and allocated once, not pushed char by char.
+pub fn escape_html(s: &str) -> String {
+    let b = s.as_bytes();
+    let special = |c: &u8| matches!(c, b'<' | b'>' | b'"' | b'&' | b'\'' | b'`' | b'=');
+    let Some(first) = b.iter().position(special) else {
+        return s.to_string();
+    };
+    let mut out = String::with_capacity(s.len() + 16);
+    out.push_str(&s[..first]);
+    let mut copied = first;
+    for (i, c) in b.iter().enumerate().skip(first) {
+        let rep = match c {
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'"' => "&quot;",
+            b'&' => "&amp;",
+            b'\'' => "&#x27;",
+            b'`' => "&#x60;",
+            b'=' => "&#x3D;",
+            _ => continue,
+        };
+        out.push_str(&s[copied..i]);
+        out.push_str(rep);
+        copied = i + 1;
+    }
+    out.push_str(&s[copied..]);
+    out
 }
 
 /// The current Unix time in seconds, written as decimal into `buf`.
@@ -365,4 +396,30 @@ fn message_id(id: &str, domain: &str) -> String {
     s.push('@');
     s.push_str(domain);
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_matches_handlebars() {
+        for v in [
+            "",
+            "plain",
+            "a<b>&\"c\"='d'`e`",
+            "ñandú & ☃ <x>",
+            "&&&",
+            "=",
+        ] {
+            assert_eq!(escape_html(v), handlebars::html_escape(v), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn unix_time_is_decimal() {
+        let mut b = [0u8; 20];
+        let t: u64 = unix_now(&mut b).parse().unwrap();
+        assert!(t > 1_700_000_000);
+    }
 }

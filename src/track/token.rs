@@ -94,16 +94,21 @@ impl Signer {
     /// Appends a token for these fields to `out`. Fields must not contain U+001F (job fields
     /// are free of control characters by validation; URLs are checked by the caller).
     pub fn sign_into(&self, out: &mut String, kind: Kind, fields: &[&str]) {
-        let mut body = String::with_capacity(fields.iter().map(|f| f.len() + 1).sum::<usize>() + 1);
-        body.push(kind.tag());
-        for f in fields {
-            body.push(SEP);
-            body.push_str(f);
+        thread_local! {
+            static BODY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let start = out.len();
         out.push_str(&self.kid);
         out.push('.');
-        B64.encode_string(body.as_bytes(), out);
+        BODY.with_borrow_mut(|body| {
+            body.clear();
+            body.push(kind.tag() as u8);
+            for f in fields {
+                body.push(SEP as u8);
+                body.extend_from_slice(f.as_bytes());
+            }
+            B64.encode_string(&body[..], out);
+        });
         let mut mac = self.current.clone();
         mac.update(&out.as_bytes()[start..]);
         let tag = mac.finalize().into_bytes();
