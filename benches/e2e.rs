@@ -338,7 +338,6 @@ fn stage_breakdown(file: &str) {
             "--stdio",
             "-g",
             "none",
-            "--no-demangle",
         ])
         .output();
     let Ok(out) = out else { return };
@@ -361,8 +360,8 @@ fn stage_breakdown(file: &str) {
             "paloma..render..dkim..DkimKeys..sign_into",
         ),
         (
-            "SMTP (lettre)",
-            "lettre..transport..smtp..client..async_connection..AsyncSmtpConnection..send",
+            "SMTP (pipelined transaction)",
+            "paloma..deliver..smtp..transaction",
         ),
         (
             "recorder (events, acks)",

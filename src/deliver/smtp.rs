@@ -360,16 +360,17 @@ async fn transaction(
 /// ends with CRLF, then `.` CRLF.
 fn dot_stuff(message: &str) -> String {
     let mut out = String::with_capacity(message.len() + message.len() / 64 + 8);
-    let mut rest = message;
+    let rest = message;
     if rest.starts_with('.') {
         out.push('.');
     }
-    while let Some(i) = rest.find("\n.") {
-        out.push_str(&rest[..=i]);
+    let mut copied = 0;
+    for i in memchr::memmem::find_iter(rest.as_bytes(), b"\n.") {
+        out.push_str(&rest[copied..=i]);
         out.push('.');
-        rest = &rest[i + 1..];
+        copied = i + 1;
     }
-    out.push_str(rest);
+    out.push_str(&rest[copied..]);
     if !out.ends_with("\r\n") {
         out.push_str("\r\n");
     }

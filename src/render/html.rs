@@ -63,7 +63,7 @@ fn is_space(b: u8) -> bool {
 }
 
 fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&b| b == needle)
+    memchr::memchr(needle, hay)
 }
 
 /// Index of the `>` closing the tag that starts before `from`, honouring quoted values.
@@ -319,7 +319,7 @@ pub fn to_text(html: &str) -> String {
     let flush = |out: &mut String, s: &str| push_words(out, &decode_entities(s));
     while i < b.len() {
         if b[i] != b'<' {
-            i += 1;
+            i = memchr(b'<', &b[i..]).map_or(b.len(), |p| i + p);
             continue;
         }
         flush(&mut out, &html[text_start..i]);
@@ -400,12 +400,7 @@ pub fn to_text(html: &str) -> String {
 /// Appends the words of a text run, each after one space (none at the start of a line);
 /// runs of ASCII whitespace collapse, a no-break space becomes a plain space inside a word.
 fn push_words(out: &mut String, s: &str) {
-    for word in s.as_bytes().split(|c| c.is_ascii_whitespace()) {
-        if word.is_empty() {
-            continue;
-        }
-        // `word` is cut at ASCII bytes, so it is valid UTF-8.
-        let word = std::str::from_utf8(word).unwrap_or_default();
+    for word in s.split_ascii_whitespace() {
         if !matches!(out.as_bytes().last(), None | Some(b'\n' | b' ')) {
             out.push(' ');
         }
