@@ -68,18 +68,7 @@ impl Intake {
     /// Creates the consumer group (and the stream) if missing. Reads from the start of the
     /// stream so that jobs enqueued before the first daemon started are not skipped.
     pub async fn ensure_group(&mut self) -> redis::RedisResult<()> {
-        let r: redis::RedisResult<()> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&self.keys.sends)
-            .arg(&self.group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut self.conn)
-            .await;
-        match r {
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            other => other,
-        }
+        super::create_group(&mut self.conn, &self.keys.sends, &self.group, "0").await
     }
 
     /// New entries for this consumer (blocks up to `block`).

@@ -186,6 +186,27 @@ pub fn parse_autoclaim(reply: &Value, out: &mut Vec<Entry>, gone: &mut Vec<Strin
     cursor
 }
 
+/// `XGROUP CREATE stream group from MKSTREAM`, where an existing group is not an error.
+pub async fn create_group<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    group: &str,
+    from: &str,
+) -> redis::RedisResult<()> {
+    let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg(from)
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match r {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
+}
+
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }

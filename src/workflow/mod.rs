@@ -598,18 +598,7 @@ impl Engine {
         conn: &mut ConnectionManager,
         from: &str,
     ) -> redis::RedisResult<()> {
-        let r: redis::RedisResult<()> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&self.keys.events)
-            .arg(&self.group)
-            .arg(from)
-            .arg("MKSTREAM")
-            .query_async(conn)
-            .await;
-        match r {
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            other => other,
-        }
+        crate::queue::create_group(conn, &self.keys.events, &self.group, from).await
     }
 
     async fn read(
