@@ -169,6 +169,19 @@ fn bench(c: &mut Criterion) {
     g.bench_function("text part from html (30 links)", |b| {
         b.iter(|| black_box(paloma::render::html::to_text(black_box(&html)).len()))
     });
+    g.bench_function("rewrite + text part in one pass (30 links)", |b| {
+        b.iter(|| {
+            out.clear();
+            let text = paloma::render::html::rewrite_and_text(
+                black_box(&html),
+                "https://t.shop.example",
+                &rw_signer,
+                &who,
+                &mut out,
+            );
+            black_box(out.len() + text.len())
+        })
+    });
     g.finish();
 
     // The shaping layer per message: rule lookup and an admission check (no rate, and a rate

@@ -21,41 +21,125 @@ pub struct LinkOwner<'a> {
 /// Rewrites every `http(s)` link of `<a>` tags in `html` into a tracked link, drops the
 /// `data-paloma-*` attributes, and adds the open pixel before `</body>` (or at the end).
 pub fn rewrite(html: &str, base_url: &str, signer: &Signer, who: &LinkOwner<'_>, out: &mut String) {
-    out.reserve(html.len() + html.len() / 2 + 256);
-    let bytes = html.as_bytes();
-    let mut copied = 0;
-    let mut i = 0;
-    let mut body_close = None;
-    while let Some(off) = memchr(b'<', &bytes[i..]) {
-        let lt = i + off;
-        let rest = &bytes[lt + 1..];
-        if rest.len() >= 2 && rest[0].eq_ignore_ascii_case(&b'a') && is_space(rest[1]) {
-            let Some(end) = tag_end(bytes, lt + 2) else {
+    let mut t = Tracker::new(html, base_url, signer, who, out);
+    t.scan(0, html.len());
+    t.finish();
+}
+
+/// [`rewrite`] and [`to_text`] in one walk over the HTML (templates without `text.hbs`): the
+/// tags are found and the anchors' attributes read once for both. Same results as calling
+/// the two.
+pub fn rewrite_and_text(
+    html: &str,
+    base_url: &str,
+    signer: &Signer,
+    who: &LinkOwner<'_>,
+    out: &mut String,
+) -> String {
+    let mut t = Tracker::new(html, base_url, signer, who, out);
+    let text = text_pass(html, Some(&mut t));
+    t.finish();
+    text
+}
+
+/// The tracked copy of an HTML body, written as anchors are met: everything between them is
+/// copied through in runs.
+struct Tracker<'a, 'o> {
+    html: &'a str,
+    base_url: &'a str,
+    signer: &'a Signer,
+    who: &'a LinkOwner<'a>,
+    out: &'o mut String,
+    copied: usize,
+    body_close: Option<usize>,
+    /// An unterminated tag was met: nothing after it is rewritten.
+    stopped: bool,
+}
+
+impl<'a, 'o> Tracker<'a, 'o> {
+    fn new(
+        html: &'a str,
+        base_url: &'a str,
+        signer: &'a Signer,
+        who: &'a LinkOwner<'a>,
+        out: &'o mut String,
+    ) -> Self {
+        out.reserve(html.len() + html.len() / 2 + 256);
+        Tracker {
+            html,
+            base_url,
+            signer,
+            who,
+            out,
+            copied: 0,
+            body_close: None,
+            stopped: false,
+        }
+    }
+
+    /// The `<a …>` tag at `lt..=end`.
+    fn anchor(&mut self, lt: usize, end: usize) {
+        if self.stopped || lt < self.copied {
+            return;
+        }
+        self.out.push_str(&self.html[self.copied..lt]);
+        rewrite_anchor(
+            &self.html[lt..=end],
+            self.base_url,
+            self.signer,
+            self.who,
+            self.out,
+        );
+        self.copied = end + 1;
+    }
+
+    /// Finds the anchors and `</body>` of `html[from..to]` by itself (the whole body, or what
+    /// the text pass skips: comments, `<head>`, `<style>`, `<script>`).
+    fn scan(&mut self, from: usize, to: usize) {
+        let bytes = self.html.as_bytes();
+        let mut i = from;
+        while !self.stopped && i < to {
+            let Some(off) = memchr(b'<', &bytes[i..to]) else {
                 break;
             };
-            out.push_str(&html[copied..lt]);
-            rewrite_anchor(&html[lt..=end], base_url, signer, who, out);
-            copied = end + 1;
-            i = end + 1;
-            continue;
+            let lt = i + off;
+            let rest = &bytes[lt + 1..];
+            if rest.len() >= 2 && rest[0].eq_ignore_ascii_case(&b'a') && is_space(rest[1]) {
+                let Some(end) = tag_end(bytes, lt + 2) else {
+                    self.stopped = true;
+                    break;
+                };
+                self.anchor(lt, end);
+                i = end + 1;
+                continue;
+            }
+            if rest.len() >= 6 && rest[..6].eq_ignore_ascii_case(b"/body>") {
+                self.body_close = Some(lt);
+            }
+            i = lt + 1;
         }
-        if rest.len() >= 6 && rest[..6].eq_ignore_ascii_case(b"/body>") {
-            body_close = Some(lt);
-        }
-        i = lt + 1;
     }
-    let pixel_at = body_close.filter(|&b| b >= copied).unwrap_or(html.len());
-    out.push_str(&html[copied..pixel_at]);
-    out.push_str("<img src=\"");
-    out.push_str(base_url);
-    out.push_str("/o/");
-    signer.sign_into(
-        out,
-        Kind::Open,
-        &[who.id, who.campaign, who.to, "", "", who.sent],
-    );
-    out.push_str("\" width=\"1\" height=\"1\" alt=\"\" style=\"display:none;border:0\">");
-    out.push_str(&html[pixel_at..]);
+
+    /// The rest of the body, with the open pixel before `</body>` (or at the end).
+    fn finish(self) {
+        let (html, out) = (self.html, self.out);
+        let pixel_at = self
+            .body_close
+            .filter(|&b| b >= self.copied)
+            .unwrap_or(html.len());
+        out.push_str(&html[self.copied..pixel_at]);
+        out.push_str("<img src=\"");
+        out.push_str(self.base_url);
+        out.push_str("/o/");
+        let who = self.who;
+        self.signer.sign_into(
+            out,
+            Kind::Open,
+            &[who.id, who.campaign, who.to, "", "", who.sent],
+        );
+        out.push_str("\" width=\"1\" height=\"1\" alt=\"\" style=\"display:none;border:0\">");
+        out.push_str(&html[pixel_at..]);
+    }
 }
 
 fn is_space(b: u8) -> bool {
@@ -311,6 +395,10 @@ fn find_ci(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// A readable plain-text version of an HTML body: block elements become line breaks, links
 /// keep their URL in parentheses, `<head>`, `<style>` and `<script>` are dropped.
 pub fn to_text(html: &str) -> String {
+    text_pass(html, None)
+}
+
+fn text_pass(html: &str, mut tracker: Option<&mut Tracker<'_, '_>>) -> String {
     let mut out = String::with_capacity(html.len() / 2);
     let b = html.as_bytes();
     let mut i = 0;
@@ -324,11 +412,17 @@ pub fn to_text(html: &str) -> String {
         }
         flush(&mut out, &html[text_start..i]);
         if html[i..].starts_with("<!--") {
+            let start = i;
             i = html[i..].find("-->").map_or(b.len(), |e| i + e + 3);
+            if let Some(t) = tracker.as_deref_mut() {
+                t.scan(start, i);
+            }
             text_start = i;
             continue;
         }
-        let end = tag_end(b, i + 1).unwrap_or(b.len() - 1);
+        let tag_start = i;
+        let found_end = tag_end(b, i + 1);
+        let end = found_end.unwrap_or(b.len() - 1);
         let tag = &html[i..=end];
         let closing = tag.as_bytes().get(1) == Some(&b'/');
         let name_start = if closing { 2 } else { 1 };
@@ -357,6 +451,16 @@ pub fn to_text(html: &str) -> String {
                     let p = i + p;
                     html[p..].find('>').map_or(b.len(), |e| p + e + 1)
                 });
+                if let Some(t) = tracker.as_deref_mut() {
+                    t.scan(tag_start, i);
+                }
+            }
+            "body" if closing => {
+                if let Some(t) = tracker.as_deref_mut() {
+                    if starts_with_ci(&b[tag_start + 1..], b"/body>") {
+                        t.body_close = Some(tag_start);
+                    }
+                }
             }
             "br" => newline(&mut out, 1),
             "p" | "div" | "tr" | "table" | "h1" | "h2" | "h3" | "h4" | "h5" | "h6" | "ul"
@@ -366,6 +470,14 @@ pub fn to_text(html: &str) -> String {
                 out.push_str("- ");
             }
             "a" if !closing => {
+                if let Some(t) = tracker.as_deref_mut() {
+                    if b.get(tag_start + 2).copied().is_some_and(is_space) {
+                        match found_end {
+                            Some(end) => t.anchor(tag_start, end),
+                            None => t.stopped = true,
+                        }
+                    }
+                }
                 let href = attributes(tag)
                     .find(|a| a.name.eq_ignore_ascii_case("href"))
                     .and_then(|a| a.value);
@@ -400,7 +512,12 @@ pub fn to_text(html: &str) -> String {
 /// Appends the words of a text run, each after one space (none at the start of a line);
 /// runs of ASCII whitespace collapse, a no-break space becomes a plain space inside a word.
 fn push_words(out: &mut String, s: &str) {
-    for word in s.split_ascii_whitespace() {
+    for word in s.as_bytes().split(|c| c.is_ascii_whitespace()) {
+        if word.is_empty() {
+            continue;
+        }
+        // `word` is cut at ASCII bytes, so it is valid UTF-8.
+        let word = std::str::from_utf8(word).unwrap_or_default();
         if !matches!(out.as_bytes().last(), None | Some(b'\n' | b' ')) {
             out.push(' ');
         }
@@ -429,6 +546,28 @@ fn newline(out: &mut String, n: usize) {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn one_pass_equals_rewrite_then_text() {
+        let samples = [
+            "<html><head><title>T <a href=\"https://x.example/t\">t</a></title><style>a{}</style></head><body><p>Hi &amp; welcome</p><a href=\"https://a.example/?x=1&amp;y=2\" data-paloma-link=\"one\">One</a> <A\tHREF='http://b.example/'>Two</A><!-- <a href=\"https://c.example/\">hidden</a> --><a data-paloma-notrack href=\"https://d.example/\">Three</a><a href=\"mailto:x@y.example\">mail</a><a>bare</a><ul><li>i1<li>i2</ul></body></html>",
+            "no body at all <a href=\"https://x.example/\">x</a> text",
+            "<body><p>a</p></body><p>after body</p></BODY >",
+            "<p>unterminated <a href=\"https://x.example/\" class=\"q",
+            "<script>var s = '<a href=\"https://s.example/\">';</script><a href=\"https://ok.example/\">ok</a>",
+            "",
+        ];
+        let s = signer();
+        for html in samples {
+            let mut a = String::new();
+            rewrite(html, "https://t.example", &s, &who(), &mut a);
+            let text = to_text(html);
+            let mut b = String::new();
+            let text2 = rewrite_and_text(html, "https://t.example", &s, &who(), &mut b);
+            assert_eq!(a, b, "html of {html:?}");
+            assert_eq!(text, text2, "text of {html:?}");
+        }
+    }
 
     fn signer() -> Signer {
         Signer::new("1", "test-secret-0123456789", &HashMap::new())

@@ -274,14 +274,16 @@ impl Renderer {
             .render_with_context(&tpl("html"), &ctx)
             .map_err(render_err)?;
         let text = if has_text {
-            self.templates
-                .plain
-                .render_with_context(&tpl("text"), &ctx)
-                .map_err(render_err)?
+            Some(
+                self.templates
+                    .plain
+                    .render_with_context(&tpl("text"), &ctx)
+                    .map_err(render_err)?,
+            )
         } else {
-            html::to_text(&html)
+            None
         };
-        let html = if self.tracking {
+        let (html, text) = if self.tracking {
             let mut out = String::new();
             let mut sent = [0u8; 20];
             let who = html::LinkOwner {
@@ -290,10 +292,18 @@ impl Renderer {
                 to: job.to.as_str(),
                 sent: unix_now(&mut sent),
             };
-            html::rewrite(&html, &self.base_url, &self.signer, &who, &mut out);
-            out
+            let text = match text {
+                Some(t) => {
+                    html::rewrite(&html, &self.base_url, &self.signer, &who, &mut out);
+                    t
+                }
+                // One walk over the HTML for both the tracked copy and the text part.
+                None => html::rewrite_and_text(&html, &self.base_url, &self.signer, &who, &mut out),
+            };
+            (out, text)
         } else {
-            html
+            let text = text.unwrap_or_else(|| html::to_text(&html));
+            (html, text)
         };
         Ok(Parts {
             subject,
