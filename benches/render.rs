@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::path::Path;
 use std::process::Command;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use paloma::config::{DkimSettings, Settings};
 use paloma::job::Job;
 use paloma::render::{DkimKeys, Renderer, Templates};
@@ -44,6 +44,18 @@ fn job(products: usize) -> String {
         "to": "ana.garcia@example.com", "to_name": "Ana García",
         "data": {"first_name": "Ana", "products": items}})
     .to_string()
+}
+
+/// A newsletter body with 30 tracked links.
+fn links_html() -> String {
+    let mut html = String::from("<html><body><h1>Spring</h1>");
+    for i in 0..30 {
+        html.push_str(&format!(
+            "<p>Item {i}: a sturdy thing &amp; more. <a href=\"https://shop.example/p/{i}?utm_source=mail&amp;utm_medium=email\" data-paloma-link=\"item-{i}\" class=\"btn\">Buy {i}</a></p>\n"
+        ));
+    }
+    html.push_str("<a href=\"mailto:help@shop.example\">help</a></body></html>");
+    html
 }
 
 fn keys(dir: &Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
@@ -97,6 +109,44 @@ fn bench(c: &mut Criterion) {
         (renderer(mk(rsa)), renderer(mk(ed)))
     });
 
+    // Where the newsletter's time goes: the job's JSON, Handlebars alone on html.hbs (the
+    // prescribed engine, with our escaping), and subject + HTML + links + text (`parts`);
+    // the rest of parse+render+mime below is MIME.
+    let mut g = c.benchmark_group("stages");
+    g.throughput(Throughput::Elements(1));
+    let raw = job(6);
+    g.bench_function("newsletter: job JSON parse", |b| {
+        b.iter(|| black_box(Job::parse(black_box(raw.as_bytes()), 1 << 20).unwrap()))
+    });
+    let mut hb = handlebars::Handlebars::new();
+    hb.register_escape_fn(paloma::render::escape_html);
+    let src = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/newsletter/html.hbs"),
+    )
+    .unwrap();
+    hb.register_template_string("html", src).unwrap();
+    let data: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    let mut ctx_data = data["data"].clone();
+    for k in ["to", "campaign", "id"] {
+        ctx_data[k] = data[k].clone();
+    }
+    ctx_data["unsubscribe_url"] = "https://t.shop.example/u/0.abc.def".into();
+    let ctx = handlebars::Context::from(ctx_data);
+    g.bench_function("newsletter: handlebars html.hbs only", |b| {
+        b.iter(|| black_box(hb.render_with_context("html", &ctx).unwrap().len()))
+    });
+    g.bench_function(
+        "newsletter: parse + parts (subject, html, links, text)",
+        |b| {
+            b.iter(|| {
+                let mut j = Job::parse(black_box(raw.as_bytes()), 1 << 20).unwrap();
+                let u = plain.unsubscribe_url(&j);
+                black_box(plain.parts(&mut j, &u).unwrap().html.len())
+            })
+        },
+    );
+    g.finish();
+
     let mut g = c.benchmark_group("render");
     for (label, products) in [("small", 1), ("newsletter", 6), ("large", 40)] {
         let raw = job(products);
@@ -136,13 +186,7 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     // Link rewriting alone: a newsletter body with 30 tracked links and the pixel.
-    let mut html = String::from("<html><body><h1>Spring</h1>");
-    for i in 0..30 {
-        html.push_str(&format!(
-            "<p>Item {i}: a sturdy thing &amp; more. <a href=\"https://shop.example/p/{i}?utm_source=mail&amp;utm_medium=email\" data-paloma-link=\"item-{i}\" class=\"btn\">Buy {i}</a></p>\n"
-        ));
-    }
-    html.push_str("<a href=\"mailto:help@shop.example\">help</a></body></html>");
+    let html = links_html();
     let rw_signer = Signer::new("1", "bench-secret-0123456789", &HashMap::new());
     let who = paloma::render::html::LinkOwner {
         id: "bench-1",
@@ -245,4 +289,81 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+/// `PALOMA_RENDER_STAGE=<stage> PALOMA_RENDER_ITERS=<n>`: runs one stage n times and nothing
+/// else, for instruction counts that do not depend on the machine's load:
+/// `valgrind --tool=callgrind` at n = 0 and n = 1000, difference / 1000 = instructions per
+/// message. Stages: parse, handlebars, parts, render (newsletter), links (30 links, one pass).
+fn count_mode(stage: &str, iters: usize) {
+    let r = renderer(Vec::new());
+    let raw = job(6);
+    let mut hb = handlebars::Handlebars::new();
+    hb.register_escape_fn(paloma::render::escape_html);
+    let src = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/newsletter/html.hbs"),
+    )
+    .unwrap();
+    hb.register_template_string("html", src).unwrap();
+    let data: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    let mut ctx_data = data["data"].clone();
+    for k in ["to", "campaign", "id"] {
+        ctx_data[k] = data[k].clone();
+    }
+    let ctx = handlebars::Context::from(ctx_data);
+    let html = links_html();
+    let signer = Signer::new("1", "bench-secret-0123456789", &HashMap::new());
+    let who = paloma::render::html::LinkOwner {
+        id: "bench-1",
+        campaign: "spring",
+        to: "ana@example.com",
+        sent: "1795000000",
+    };
+    let (mut out, mut scratch, mut s) = (Vec::new(), Vec::new(), String::new());
+    let mut total = 0;
+    for _ in 0..iters {
+        total += match stage {
+            "parse" => Job::parse(black_box(raw.as_bytes()), 1 << 20)
+                .unwrap()
+                .to
+                .as_str()
+                .len(),
+            "handlebars" => hb.render_with_context("html", &ctx).unwrap().len(),
+            "parts" => {
+                let mut j = Job::parse(black_box(raw.as_bytes()), 1 << 20).unwrap();
+                let u = r.unsubscribe_url(&j);
+                r.parts(&mut j, &u).unwrap().html.len()
+            }
+            "render" => {
+                let mut j = Job::parse(black_box(raw.as_bytes()), 1 << 20).unwrap();
+                r.render(&mut j, &mut out, &mut scratch).unwrap();
+                out.len()
+            }
+            "links" => {
+                s.clear();
+                let t = paloma::render::html::rewrite_and_text(
+                    black_box(&html),
+                    "https://t.shop.example",
+                    &signer,
+                    &who,
+                    &mut s,
+                );
+                s.len() + t.len()
+            }
+            other => panic!("unknown stage {other}"),
+        };
+    }
+    println!("{stage}: {iters} iterations ({total} bytes)");
+}
+
+fn main() {
+    if let Ok(stage) = std::env::var("PALOMA_RENDER_STAGE") {
+        let iters = std::env::var("PALOMA_RENDER_ITERS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1000);
+        count_mode(&stage, iters);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

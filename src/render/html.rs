@@ -77,13 +77,13 @@ impl<'a, 'o> Tracker<'a, 'o> {
         }
     }
 
-    /// The `<a …>` tag at `lt..=end`.
-    fn anchor(&mut self, lt: usize, end: usize) {
+    /// The `<a …>` tag at `lt..=end`; its raw `href` when the tag was read.
+    fn anchor(&mut self, lt: usize, end: usize) -> Option<Option<&'a str>> {
         if self.stopped || lt < self.copied {
-            return;
+            return None;
         }
         self.out.push_str(&self.html[self.copied..lt]);
-        rewrite_anchor(
+        let href = rewrite_anchor(
             &self.html[lt..=end],
             self.base_url,
             self.signer,
@@ -91,6 +91,7 @@ impl<'a, 'o> Tracker<'a, 'o> {
             self.out,
         );
         self.copied = end + 1;
+        Some(href)
     }
 
     /// Finds the anchors and `</body>` of `html[from..to]` by itself (the whole body, or what
@@ -109,7 +110,7 @@ impl<'a, 'o> Tracker<'a, 'o> {
                     self.stopped = true;
                     break;
                 };
-                self.anchor(lt, end);
+                let _ = self.anchor(lt, end);
                 i = end + 1;
                 continue;
             }
@@ -248,76 +249,106 @@ fn is_paloma_attr(name: &str) -> bool {
     name.len() > 11 && name.as_bytes()[..11].eq_ignore_ascii_case(b"data-paloma")
 }
 
-fn rewrite_anchor(
-    tag: &str,
+/// Writes the tracked copy of one `<a …>` tag and returns its (raw) `href`, reading the
+/// attributes once: the ones to replace or drop are noted on the way.
+fn rewrite_anchor<'t>(
+    tag: &'t str,
     base_url: &str,
     signer: &Signer,
     who: &LinkOwner<'_>,
     out: &mut String,
-) {
-    // First pass: what the tag asks for.
+) -> Option<&'t str> {
+    const MAX_EDITS: usize = 8;
     let mut notrack = false;
-    let mut has_paloma = false;
     let mut link_name = None;
     let mut href = None;
+    // Byte ranges of the data-paloma-* attributes and of the (first) href, and whether it
+    // is the href.
+    let mut edits = [(0usize, 0usize, false); MAX_EDITS];
+    let mut n = 0;
+    let mut overflow = false;
     for a in attributes(tag) {
-        if is_paloma_attr(a.name) {
-            has_paloma = true;
+        let is_paloma = is_paloma_attr(a.name);
+        if is_paloma {
             if a.name.eq_ignore_ascii_case("data-paloma-notrack") {
                 notrack = true;
             } else if a.name.eq_ignore_ascii_case("data-paloma-link") {
                 link_name = a.value;
             }
         } else if href.is_none() && a.name.eq_ignore_ascii_case("href") {
-            href = a.value;
+            href = Some(a.value.unwrap_or_default());
+        } else {
+            continue;
+        }
+        if n == MAX_EDITS {
+            overflow = true;
+        } else {
+            edits[n] = (a.range.0, a.range.1, !is_paloma);
+            n += 1;
         }
     }
     let target = href.map(decode_entities);
-    let trackable = !notrack
-        && target.as_deref().is_some_and(|u| {
-            let scheme = u.as_bytes().get(..8).unwrap_or(u.as_bytes());
-            (starts_with_ci(scheme, b"http://") || starts_with_ci(scheme, b"https://"))
-                && !u.chars().any(char::is_control)
-        });
-    if !trackable && !has_paloma {
+    let trackable = !notrack && target.as_deref().is_some_and(trackable_url);
+    if !overflow && !trackable && edits[..n].iter().all(|e| e.2) {
         out.push_str(tag);
-        return;
+        return href;
     }
-    // Second pass: copy the tag, replacing href and dropping data-paloma-*.
-    let link_name = link_name.map(decode_entities);
-    let mut pos = 0;
-    let mut href_done = false;
-    for a in attributes(tag) {
-        let is_paloma = is_paloma_attr(a.name);
-        let is_href = trackable && !href_done && a.name.eq_ignore_ascii_case("href");
-        if !is_paloma && !is_href {
-            continue;
+    let url = target.as_deref().unwrap_or_default().trim();
+    let name = link_name.map(decode_entities);
+    let name = name.as_deref().unwrap_or_default();
+    let mut edit = |pos: &mut usize, (start, end, is_href): (usize, usize, bool)| {
+        if is_href && !trackable {
+            return;
         }
-        // Drop preceding whitespace with a removed attribute.
-        let mut cut = a.range.0;
-        if is_paloma {
-            while cut > pos && is_space(tag.as_bytes()[cut - 1]) {
+        // A dropped attribute takes the whitespace before it along.
+        let mut cut = start;
+        if !is_href {
+            while cut > *pos && is_space(tag.as_bytes()[cut - 1]) {
                 cut -= 1;
             }
         }
-        out.push_str(&tag[pos..cut]);
+        out.push_str(&tag[*pos..cut]);
         if is_href {
-            href_done = true;
             out.push_str("href=\"");
             out.push_str(base_url);
             out.push_str("/c/");
-            let url = target.as_deref().unwrap_or_default();
-            let name = link_name.as_deref().unwrap_or_default();
             signer.sign_into(
                 out,
                 Kind::Click,
-                &[who.id, who.campaign, who.to, url.trim(), name, who.sent],
+                &[who.id, who.campaign, who.to, url, name, who.sent],
             );
             out.push('"');
         }
-        pos = a.range.1;
+        *pos = end;
+    };
+    let mut pos = 0;
+    if overflow {
+        // More attributes to touch than noted: read them again.
+        let mut seen_href = false;
+        for a in attributes(tag) {
+            let is_paloma = is_paloma_attr(a.name);
+            let is_href = !seen_href && !is_paloma && a.name.eq_ignore_ascii_case("href");
+            seen_href |= is_href;
+            if is_paloma || is_href {
+                edit(&mut pos, (a.range.0, a.range.1, is_href));
+            }
+        }
+    } else {
+        for &e in &edits[..n] {
+            edit(&mut pos, e);
+        }
     }
     out.push_str(&tag[pos..]);
+    href
+}
+
+/// An `http(s)` URL without control characters.
+fn trackable_url(u: &str) -> bool {
+    let scheme = u.as_bytes().get(..8).unwrap_or(u.as_bytes());
+    (starts_with_ci(scheme, b"http://") || starts_with_ci(scheme, b"https://"))
+        && !u.bytes().any(|b| b.is_ascii_control())
+        // C1 controls (U+0080..U+009F) are 0xC2 0x80..0x9F in UTF-8.
+        && !(u.as_bytes().contains(&0xc2) && u.chars().any(char::is_control))
 }
 
 fn starts_with_ci(hay: &[u8], prefix: &[u8]) -> bool {
@@ -327,7 +358,7 @@ fn starts_with_ci(hay: &[u8], prefix: &[u8]) -> bool {
 /// Decodes the character references that HTML escaping produces (`&amp;`, `&#x3D;`, …).
 /// Borrows when there is nothing to decode, which is the common case.
 pub fn decode_entities(s: &str) -> Cow<'_, str> {
-    if !s.contains('&') {
+    if memchr(b'&', s.as_bytes()).is_none() {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len());
@@ -440,13 +471,13 @@ fn text_pass(html: &str, mut tracker: Option<&mut Tracker<'_, '_>>) -> String {
             name_buf[len] = c.to_ascii_lowercase();
             len += 1;
         }
-        let name = std::str::from_utf8(&name_buf[..len]).unwrap_or("");
+        let name = &name_buf[..len];
         i = end + 1;
         match name {
-            "head" | "style" | "script" | "title" if !closing => {
+            b"head" | b"style" | b"script" | b"title" if !closing => {
                 let mut close = [0u8; 9];
                 close[..2].copy_from_slice(b"</");
-                close[2..2 + name.len()].copy_from_slice(name.as_bytes());
+                close[2..2 + name.len()].copy_from_slice(name);
                 i = find_ci(&b[i..], &close[..2 + name.len()]).map_or(b.len(), |p| {
                     let p = i + p;
                     html[p..].find('>').map_or(b.len(), |e| p + e + 1)
@@ -455,35 +486,40 @@ fn text_pass(html: &str, mut tracker: Option<&mut Tracker<'_, '_>>) -> String {
                     t.scan(tag_start, i);
                 }
             }
-            "body" if closing => {
+            b"body" if closing => {
                 if let Some(t) = tracker.as_deref_mut() {
                     if starts_with_ci(&b[tag_start + 1..], b"/body>") {
                         t.body_close = Some(tag_start);
                     }
                 }
             }
-            "br" => newline(&mut out, 1),
-            "p" | "div" | "tr" | "table" | "h1" | "h2" | "h3" | "h4" | "h5" | "h6" | "ul"
-            | "ol" | "hr" | "section" | "header" | "footer" | "blockquote" => newline(&mut out, 2),
-            "li" if !closing => {
+            b"br" => newline(&mut out, 1),
+            b"p" | b"div" | b"tr" | b"table" | b"h1" | b"h2" | b"h3" | b"h4" | b"h5" | b"h6"
+            | b"ul" | b"ol" | b"hr" | b"section" | b"header" | b"footer" | b"blockquote" => {
+                newline(&mut out, 2)
+            }
+            b"li" if !closing => {
                 newline(&mut out, 1);
                 out.push_str("- ");
             }
-            "a" if !closing => {
+            b"a" if !closing => {
+                let mut read = None;
                 if let Some(t) = tracker.as_deref_mut() {
                     if b.get(tag_start + 2).copied().is_some_and(is_space) {
                         match found_end {
-                            Some(end) => t.anchor(tag_start, end),
+                            Some(end) => read = t.anchor(tag_start, end),
                             None => t.stopped = true,
                         }
                     }
                 }
-                let href = attributes(tag)
-                    .find(|a| a.name.eq_ignore_ascii_case("href"))
-                    .and_then(|a| a.value);
+                let href = read.unwrap_or_else(|| {
+                    attributes(tag)
+                        .find(|a| a.name.eq_ignore_ascii_case("href"))
+                        .and_then(|a| a.value)
+                });
                 pending_href.push(href);
             }
-            "a" => {
+            b"a" => {
                 if let Some(Some(href)) = pending_href.pop() {
                     let href = decode_entities(href);
                     if (href.starts_with("http") || href.starts_with("mailto:"))
@@ -512,12 +548,19 @@ fn text_pass(html: &str, mut tracker: Option<&mut Tracker<'_, '_>>) -> String {
 /// Appends the words of a text run, each after one space (none at the start of a line);
 /// runs of ASCII whitespace collapse, a no-break space becomes a plain space inside a word.
 fn push_words(out: &mut String, s: &str) {
-    for word in s.as_bytes().split(|c| c.is_ascii_whitespace()) {
-        if word.is_empty() {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i].is_ascii_whitespace() {
+            i += 1;
             continue;
         }
-        // `word` is cut at ASCII bytes, so it is valid UTF-8.
-        let word = std::str::from_utf8(word).unwrap_or_default();
+        let start = i;
+        while i < b.len() && !b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        // Cut at ASCII bytes: char boundaries.
+        let word = &s[start..i];
         if !matches!(out.as_bytes().last(), None | Some(b'\n' | b' ')) {
             out.push(' ');
         }
