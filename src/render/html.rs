@@ -37,7 +37,7 @@ pub fn rewrite_and_text(
     out: &mut String,
 ) -> String {
     let mut t = Tracker::new(html, base_url, signer, who, out);
-    let text = text_pass(html, Some(&mut t), &[]);
+    let text = text_pass(html, Some(&mut t));
     t.finish();
     text
 }
@@ -143,16 +143,16 @@ impl<'a, 'o> Tracker<'a, 'o> {
     }
 }
 
-pub(super) fn is_space(b: u8) -> bool {
+fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b'\x0c')
 }
 
-pub(super) fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
+fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
     memchr::memchr(needle, hay)
 }
 
 /// Index of the `>` closing the tag that starts before `from`, honouring quoted values.
-pub(super) fn tag_end(b: &[u8], from: usize) -> Option<usize> {
+fn tag_end(b: &[u8], from: usize) -> Option<usize> {
     let mut quote = 0u8;
     for (k, &c) in b.iter().enumerate().skip(from) {
         match (quote, c) {
@@ -165,20 +165,20 @@ pub(super) fn tag_end(b: &[u8], from: usize) -> Option<usize> {
     None
 }
 
-pub(super) struct Attr<'a> {
-    pub(super) name: &'a str,
+struct Attr<'a> {
+    name: &'a str,
     /// Raw (still entity-encoded) value and its byte range in the tag.
-    pub(super) value: Option<&'a str>,
-    pub(super) range: (usize, usize),
+    value: Option<&'a str>,
+    range: (usize, usize),
 }
 
 /// The attributes of an `<a …>` tag, in order, without allocating.
-pub(super) struct Attrs<'a> {
+struct Attrs<'a> {
     tag: &'a str,
     i: usize,
 }
 
-pub(super) fn attributes(tag: &str) -> Attrs<'_> {
+fn attributes(tag: &str) -> Attrs<'_> {
     Attrs { tag, i: 2 } // after "<a"
 }
 
@@ -245,7 +245,7 @@ impl<'a> Iterator for Attrs<'a> {
     }
 }
 
-pub(super) fn is_paloma_attr(name: &str) -> bool {
+fn is_paloma_attr(name: &str) -> bool {
     name.len() > 11 && name.as_bytes()[..11].eq_ignore_ascii_case(b"data-paloma")
 }
 
@@ -343,7 +343,7 @@ fn rewrite_anchor<'t>(
 }
 
 /// An `http(s)` URL without control characters.
-pub(super) fn trackable_url(u: &str) -> bool {
+fn trackable_url(u: &str) -> bool {
     let scheme = u.as_bytes().get(..8).unwrap_or(u.as_bytes());
     (starts_with_ci(scheme, b"http://") || starts_with_ci(scheme, b"https://"))
         && !u.bytes().any(|b| b.is_ascii_control())
@@ -426,21 +426,10 @@ fn find_ci(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// A readable plain-text version of an HTML body: block elements become line breaks, links
 /// keep their URL in parentheses, `<head>`, `<style>` and `<script>` are dropped.
 pub fn to_text(html: &str) -> String {
-    text_pass(html, None, &[])
+    text_pass(html, None)
 }
 
-/// [`to_text`] of HTML whose links were tracked as it was rendered: `links` are the tracked
-/// URLs in document order, each with the href it replaced, which the text shows instead.
-pub fn to_text_tracked(html: &str, links: &[(String, String)]) -> String {
-    text_pass(html, None, links)
-}
-
-fn text_pass(
-    html: &str,
-    mut tracker: Option<&mut Tracker<'_, '_>>,
-    tracked: &[(String, String)],
-) -> String {
-    let mut next_tracked = 0;
+fn text_pass(html: &str, mut tracker: Option<&mut Tracker<'_, '_>>) -> String {
     let mut out = String::with_capacity(html.len() / 2);
     let b = html.as_bytes();
     let mut i = 0;
@@ -523,17 +512,11 @@ fn text_pass(
                         }
                     }
                 }
-                let mut href = read.unwrap_or_else(|| {
+                let href = read.unwrap_or_else(|| {
                     attributes(tag)
                         .find(|a| a.name.eq_ignore_ascii_case("href"))
                         .and_then(|a| a.value)
                 });
-                if let (Some(h), Some((url, original))) = (href, tracked.get(next_tracked)) {
-                    if h == url {
-                        href = Some(original.as_str());
-                        next_tracked += 1;
-                    }
-                }
                 pending_href.push(href);
             }
             b"a" => {

@@ -8,7 +8,6 @@
 
 pub mod dkim;
 pub mod html;
-mod links;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -51,10 +50,6 @@ pub struct Templates {
     /// No escaping: subject.hbs and text.hbs.
     plain: Handlebars<'static>,
     has_text: HashMap<String, bool>,
-    /// Templates whose html.hbs also compiled with link tracking built in (`{name}/html+t`).
-    tracked: std::collections::HashSet<String>,
-    /// Their links, indexed by the tracking helpers.
-    links: Vec<links::LinkSpec>,
 }
 
 impl Templates {
@@ -66,8 +61,6 @@ impl Templates {
         html.set_strict_mode(strict);
         plain.set_strict_mode(strict);
         let mut has_text = HashMap::new();
-        let mut tracked = std::collections::HashSet::new();
-        let mut link_table = Vec::new();
         let entries =
             std::fs::read_dir(dir).map_err(|e| TemplateError::Dir(dir.display().to_string(), e))?;
         for entry in entries {
@@ -101,11 +94,6 @@ impl Templates {
                 subject.trim_end_matches(['\r', '\n']),
             )?;
             compile(&mut html, "html", &body)?;
-            if let Some(t) = links::compile(&body, &mut link_table) {
-                if compile(&mut html, "html+t", &t).is_ok() {
-                    tracked.insert(name.clone());
-                }
-            }
             let text = read("text.hbs");
             if let Some(text) = &text {
                 compile(&mut plain, "text", text)?;
@@ -116,8 +104,6 @@ impl Templates {
             html,
             plain,
             has_text,
-            tracked,
-            links: link_table,
         })
     }
 
@@ -197,11 +183,7 @@ pub struct Renderer {
 }
 
 impl Renderer {
-    pub fn new(
-        settings: &Settings,
-        mut templates: Templates,
-        dkim: DkimKeys,
-    ) -> Result<Self, String> {
+    pub fn new(settings: &Settings, templates: Templates, dkim: DkimKeys) -> Result<Self, String> {
         let from =
             Mailbox::parse(&settings.sender.from).map_err(|e| format!("sender.from: {e}"))?;
         let reply_to = settings
@@ -212,15 +194,11 @@ impl Renderer {
             .transpose()
             .map_err(|e| format!("sender.reply_to: {e}"))?;
         let t = &settings.tracking;
-        let signer = Signer::new(&t.key_id, &t.secret, &t.old_secrets);
-        let base_url = t.base_url.trim_end_matches('/').to_string();
-        let table = std::sync::Arc::new(std::mem::take(&mut templates.links));
-        links::register(&mut templates.html, table, &signer, &base_url);
         Ok(Renderer {
             templates,
-            signer,
+            signer: Signer::new(&t.key_id, &t.secret, &t.old_secrets),
             dkim,
-            base_url,
+            base_url: t.base_url.trim_end_matches('/').to_string(),
             tracking: t.enabled,
             from,
             reply_to,
@@ -251,19 +229,6 @@ impl Renderer {
 
     /// Subject, HTML (tracked) and text for a job. Consumes the job's data.
     pub fn parts(&self, job: &mut Job, unsubscribe_url: &str) -> Result<Parts, JobError> {
-        let mut sent = [0u8; 20];
-        self.parts_at(job, unsubscribe_url, unix_now(&mut sent), true)
-    }
-
-    /// [`Self::parts`] at send time `sent`; `built_in`: use the template's compiled-in link
-    /// tracking when it has one (the runtime rewriter otherwise).
-    fn parts_at(
-        &self,
-        job: &mut Job,
-        unsubscribe_url: &str,
-        sent: &str,
-        built_in: bool,
-    ) -> Result<Parts, JobError> {
         let name = job.template.as_str();
         let Some(&has_text) = self.templates.has_text.get(name) else {
             return Err(JobError::UnknownTemplate(job.template.clone()));
@@ -303,35 +268,6 @@ impl Renderer {
             return Err(JobError::HeaderInjection("subject (rendered)".into()));
         }
         let subject = subject.to_string();
-        let text_tpl = tpl("text");
-        if self.tracking && built_in && self.templates.tracked.contains(name) {
-            links::begin(
-                job.id.as_str(),
-                job.campaign.as_str(),
-                job.to.as_str(),
-                sent,
-                !has_text,
-            );
-            let html = self
-                .templates
-                .html
-                .render_with_context(&tpl("html+t"), &ctx);
-            let tracked = links::end();
-            let html = html.map_err(render_err)?;
-            let text = if has_text {
-                self.templates
-                    .plain
-                    .render_with_context(&text_tpl, &ctx)
-                    .map_err(render_err)?
-            } else {
-                html::to_text_tracked(&html, &tracked)
-            };
-            return Ok(Parts {
-                subject,
-                html,
-                text,
-            });
-        }
         let html = self
             .templates
             .html
@@ -341,7 +277,7 @@ impl Renderer {
             Some(
                 self.templates
                     .plain
-                    .render_with_context(&text_tpl, &ctx)
+                    .render_with_context(&tpl("text"), &ctx)
                     .map_err(render_err)?,
             )
         } else {
@@ -349,11 +285,12 @@ impl Renderer {
         };
         let (html, text) = if self.tracking {
             let mut out = String::new();
+            let mut sent = [0u8; 20];
             let who = html::LinkOwner {
                 id: job.id.as_str(),
                 campaign: job.campaign.as_str(),
                 to: job.to.as_str(),
-                sent,
+                sent: unix_now(&mut sent),
             };
             let text = match text {
                 Some(t) => {
@@ -486,90 +423,6 @@ mod tests {
             "=",
         ] {
             assert_eq!(escape_html(v), handlebars::html_escape(v), "{v:?}");
-        }
-    }
-
-    fn renderer(dir: &Path) -> Renderer {
-        let settings = Settings::from_toml(
-            "[sender]\nfrom = \"Shop <news@shop.example>\"\nhelo = \"mta.shop.example\"\n[tracking]\nbase_url = \"https://t.shop.example\"\nsecret = \"test-secret-0123456789\"\n",
-            Vec::new(),
-        )
-        .unwrap();
-        let templates = Templates::load(dir, false).unwrap();
-        Renderer::new(&settings, templates, DkimKeys::load(&[]).unwrap()).unwrap()
-    }
-
-    /// Link tracking compiled into the template gives the same bytes as the runtime rewriter.
-    #[test]
-    fn built_in_tracking_equals_runtime_rewriting() {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
-        for t in ["newsletter", "receipt", "followup"] {
-            let to = dir.path().join(t);
-            std::fs::create_dir_all(&to).unwrap();
-            for f in std::fs::read_dir(repo.join(t)).unwrap() {
-                let f = f.unwrap();
-                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
-            }
-        }
-        let tricky = dir.path().join("tricky");
-        std::fs::create_dir_all(&tricky).unwrap();
-        std::fs::write(tricky.join("subject.hbs"), "Hi {{name}}").unwrap();
-        std::fs::write(
-            tricky.join("html.hbs"),
-            r#"<html><head><title>{{name}}</title></head><body>
-<p>Hello {{name}} &amp; friends</p>
-<a href="https://shop.example/?a=1&amp;b=2" data-paloma-link="home &amp; garden" class="x">Home</a>
-<a data-paloma-notrack href="https://private.example/">private</a>
-<a href="mailto:help@shop.example">mail</a>
-<a href=https://bare.example/x>bare</a>
-<a name="top">no href</a>
-<a href='{{site}}/single' class="{{cls}}">single</a>
-{{#each items}}<li><a href="{{url}}" data-paloma-link="item">{{title}}</a> <a href="{{contact}}">contact</a></li>{{/each}}
-<a href="  https://spaced.example/  ">spaced</a>
-<!-- <a href="https://commented.example/">c</a> -->
-</body></html>"#,
-        )
-        .unwrap();
-        let raw = dir.path().join("raw");
-        std::fs::create_dir_all(&raw).unwrap();
-        std::fs::write(raw.join("subject.hbs"), "x").unwrap();
-        std::fs::write(
-            raw.join("html.hbs"),
-            "<p>{{{snippet}}}</p><a href=\"https://a.example/\">a</a>",
-        )
-        .unwrap();
-        let r = renderer(dir.path());
-        assert!(
-            r.templates.tracked.contains("tricky") && r.templates.tracked.contains("newsletter")
-        );
-        assert!(
-            !r.templates.tracked.contains("raw"),
-            "raw output keeps the runtime rewriter"
-        );
-        let jobs = [
-            serde_json::json!({"id": "j1", "campaign": "c", "template": "tricky", "to": "a@b.example",
-                "data": {"name": "Ana <&>", "site": "https://s.example", "cls": "k",
-                    "items": [{"url": "https://i.example/1?x=1&y=2", "title": "One", "contact": "mailto:x@y.example"},
-                              {"url": "javascript:alert(1)", "title": "Two", "contact": "https://c.example/"}]}}),
-            serde_json::json!({"id": "j2", "campaign": "c", "template": "newsletter", "to": "a@b.example",
-                "data": {"first_name": "Ana", "products": [{"name": "P & Q", "price": "1", "url": "https://shop.example/p?a=1&b=2"}]}}),
-            serde_json::json!({"id": "j3", "campaign": "c", "template": "receipt", "to": "a@b.example",
-                "data": {"name": "Ana", "order": "1", "items": [], "total": "0"}}),
-            serde_json::json!({"id": "j4", "campaign": "c", "template": "followup", "to": "a@b.example",
-                "data": {"first_name": "Ana"}}),
-        ];
-        for j in jobs {
-            let raw = j.to_string();
-            let mut a = Job::parse(raw.as_bytes(), 1 << 20).unwrap();
-            let mut b = Job::parse(raw.as_bytes(), 1 << 20).unwrap();
-            let u = r.unsubscribe_url(&a);
-            let pa = r.parts_at(&mut a, &u, "1795000000", true).unwrap();
-            let pb = r.parts_at(&mut b, &u, "1795000000", false).unwrap();
-            assert_eq!(pa.subject, pb.subject);
-            assert_eq!(pa.html, pb.html, "html of {}", j["template"]);
-            assert_eq!(pa.text, pb.text, "text of {}", j["template"]);
-            assert!(pa.html.contains("https://t.shop.example/o/"), "pixel");
         }
     }
 
