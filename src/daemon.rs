@@ -588,7 +588,18 @@ async fn deliver_job(
     let t0 = Instant::now();
     let mut message = Vec::with_capacity(16 * 1024);
     let mut scratch = Vec::new();
-    if let Err(e) = shared.renderer.render(job, &mut message, &mut scratch) {
+    // A bug in rendering must not leave the job without an outcome (unacked, its lease
+    // renewed for ever): a panic becomes a dead letter like any render error.
+    let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        shared.renderer.render(job, &mut message, &mut scratch)
+    }))
+    .unwrap_or_else(|_| {
+        Err(JobError::Render {
+            template: job.template.as_str().to_string(),
+            reason: "internal error while rendering (a paloma bug; the job is kept here)".into(),
+        })
+    });
+    if let Err(e) = rendered {
         return Some(dead_record(entry, &e, ident, true));
     }
     m.render_seconds.observe(t0.elapsed().as_secs_f64());

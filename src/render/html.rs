@@ -188,7 +188,12 @@ impl<'a> Iterator for Attrs<'a> {
     fn next(&mut self) -> Option<Attr<'a>> {
         let tag = self.tag;
         let b = tag.as_bytes();
-        let end = b.len().saturating_sub(1); // the '>'
+        // Before the closing '>' (an unterminated tag runs to the end).
+        let end = if b.last() == Some(&b'>') {
+            b.len() - 1
+        } else {
+            b.len()
+        };
         let mut i = self.i;
         loop {
             while i < end && (is_space(b[i]) || b[i] == b'/') {
@@ -272,7 +277,7 @@ fn rewrite_anchor<'t>(
         if is_paloma {
             if a.name.eq_ignore_ascii_case("data-paloma-notrack") {
                 notrack = true;
-            } else if a.name.eq_ignore_ascii_case("data-paloma-link") {
+            } else if link_name.is_none() && a.name.eq_ignore_ascii_case("data-paloma-link") {
                 link_name = a.value;
             }
         } else if href.is_none() && a.name.eq_ignore_ascii_case("href") {
@@ -366,7 +371,10 @@ pub fn decode_entities(s: &str) -> Cow<'_, str> {
     while let Some(amp) = rest.find('&') {
         out.push_str(&rest[..amp]);
         rest = &rest[amp..];
-        let semi = rest[..rest.len().min(12)].find(';');
+        // Bytes, not a str slice: byte 12 may fall inside a multi-byte character.
+        let semi = rest.as_bytes()[..rest.len().min(12)]
+            .iter()
+            .position(|&c| c == b';');
         let decoded = semi.and_then(|semi| {
             let ent = &rest[1..semi];
             let c = match ent {
@@ -473,6 +481,9 @@ fn text_pass(html: &str, mut tracker: Option<&mut Tracker<'_, '_>>) -> String {
         }
         let name = &name_buf[..len];
         i = end + 1;
+        let is_anchor =
+            !closing && name == b"a" && b.get(tag_start + 2).copied().is_some_and(is_space);
+        let mut skipped = false;
         match name {
             b"head" | b"style" | b"script" | b"title" if !closing => {
                 let mut close = [0u8; 9];
@@ -485,10 +496,11 @@ fn text_pass(html: &str, mut tracker: Option<&mut Tracker<'_, '_>>) -> String {
                 if let Some(t) = tracker.as_deref_mut() {
                     t.scan(tag_start, i);
                 }
+                skipped = true;
             }
             b"body" if closing => {
                 if let Some(t) = tracker.as_deref_mut() {
-                    if starts_with_ci(&b[tag_start + 1..], b"/body>") {
+                    if !t.stopped && starts_with_ci(&b[tag_start + 1..], b"/body>") {
                         t.body_close = Some(tag_start);
                     }
                 }
@@ -505,7 +517,7 @@ fn text_pass(html: &str, mut tracker: Option<&mut Tracker<'_, '_>>) -> String {
             b"a" if !closing => {
                 let mut read = None;
                 if let Some(t) = tracker.as_deref_mut() {
-                    if b.get(tag_start + 2).copied().is_some_and(is_space) {
+                    if is_anchor {
                         match found_end {
                             Some(end) => read = t.anchor(tag_start, end),
                             None => t.stopped = true,
@@ -533,6 +545,13 @@ fn text_pass(html: &str, mut tracker: Option<&mut Tracker<'_, '_>>) -> String {
             }
             _ => {}
         }
+        // What the text reads as one tag may hold an `<a ` the rewriter would meet on its own
+        // (`1 < 2 <a href=…>`, `<img alt="<a href=…>">`): look inside it as the rewriter does.
+        if let Some(t) = tracker.as_deref_mut() {
+            if !is_anchor && !skipped {
+                t.scan(tag_start + 1, i);
+            }
+        }
         text_start = i;
     }
     if text_start < b.len() {
@@ -548,6 +567,13 @@ fn text_pass(html: &str, mut tracker: Option<&mut Tracker<'_, '_>>) -> String {
 /// Appends the words of a text run, each after one space (none at the start of a line);
 /// runs of ASCII whitespace collapse, a no-break space becomes a plain space inside a word.
 fn push_words(out: &mut String, s: &str) {
+    if !s.is_ascii() {
+        // Unicode spaces (U+2003, U+3000, …) separate words too; a no-break space does not.
+        for word in s.split(|c: char| c.is_whitespace() && c != '\u{a0}') {
+            push_word(out, word);
+        }
+        return;
+    }
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
@@ -559,16 +585,21 @@ fn push_words(out: &mut String, s: &str) {
         while i < b.len() && !b[i].is_ascii_whitespace() {
             i += 1;
         }
-        // Cut at ASCII bytes: char boundaries.
-        let word = &s[start..i];
-        if !matches!(out.as_bytes().last(), None | Some(b'\n' | b' ')) {
-            out.push(' ');
-        }
-        if word.as_bytes().contains(&0xa0) && word.contains('\u{a0}') {
-            out.extend(word.chars().map(|c| if c == '\u{a0}' { ' ' } else { c }));
-        } else {
-            out.push_str(word);
-        }
+        push_word(out, &s[start..i]);
+    }
+}
+
+fn push_word(out: &mut String, word: &str) {
+    if word.is_empty() {
+        return;
+    }
+    if !matches!(out.as_bytes().last(), None | Some(b'\n' | b' ')) {
+        out.push(' ');
+    }
+    if word.as_bytes().contains(&0xa0) && word.contains('\u{a0}') {
+        out.extend(word.chars().map(|c| if c == '\u{a0}' { ' ' } else { c }));
+    } else {
+        out.push_str(word);
     }
 }
 
@@ -591,6 +622,24 @@ mod tests {
     use std::collections::HashMap;
 
     #[test]
+    fn entities_next_to_multibyte_text_and_the_first_link_name() {
+        // Byte 12 after '&' falls inside 'ß': once a panic.
+        assert_eq!(decode_entities("&amp;M Größe&amp;Co"), "&M Größe&Co");
+        assert_eq!(decode_entities("&ñandú;x"), "&ñandú;x");
+        let mut out = String::new();
+        rewrite(
+            "<a href=\"https://x.example/\" data-paloma-link=\"one\" data-paloma-link=\"two\">x</a>",
+            "https://t.example",
+            &signer(),
+            &who(),
+            &mut out,
+        );
+        let token = &out[out.find("/c/").unwrap() + 3..out.find("\">").unwrap()];
+        assert_eq!(signer().verify(token).unwrap().link, "one", "{out}");
+        assert!(!out.contains("data-paloma"), "{out}");
+    }
+
+    #[test]
     fn one_pass_equals_rewrite_then_text() {
         let samples = [
             "<html><head><title>T <a href=\"https://x.example/t\">t</a></title><style>a{}</style></head><body><p>Hi &amp; welcome</p><a href=\"https://a.example/?x=1&amp;y=2\" data-paloma-link=\"one\">One</a> <A\tHREF='http://b.example/'>Two</A><!-- <a href=\"https://c.example/\">hidden</a> --><a data-paloma-notrack href=\"https://d.example/\">Three</a><a href=\"mailto:x@y.example\">mail</a><a>bare</a><ul><li>i1<li>i2</ul></body></html>",
@@ -598,6 +647,13 @@ mod tests {
             "<body><p>a</p></body><p>after body</p></BODY >",
             "<p>unterminated <a href=\"https://x.example/\" class=\"q",
             "<script>var s = '<a href=\"https://s.example/\">';</script><a href=\"https://ok.example/\">ok</a>",
+            "1 < 2 <a href=\"https://x.example/\">x</a> and <p data-x=it's>q <a href=\"https://y.example/\">y</a></p>",
+            "<img alt=\"<a href='https://y.example/'>\"><a>bare</a><abbr title=\"<a href=https://z.example/>\">z</abbr>",
+            "<!-- <a title=\"x --><p>hi</p></body>",
+            "<p>H&amp;M Größe&amp;Co — ñandú 1&lt;2</p><a href=\"https://x.example/?q=Größe&amp;a=1\" data-paloma-link=\"one\" data-paloma-link=\"two\">G</a>",
+            "<p>word\u{3000}word\u{2003}x\u{a0}y</p>",
+            "<p>ends in <a x=\"é",
+            "<p>ends in <aé",
             "",
         ];
         let s = signer();
