@@ -87,6 +87,11 @@ impl Networks {
             .map_err(|_| format!("{s:?} is not an address range (a.b.c.d/n or x::/n)"))?;
         let (bits, max) = match ip {
             IpAddr::V4(v4) => (u128::from(v4.to_ipv6_mapped()), 32),
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() && len.is_some() => {
+                return Err(format!(
+                    "{s:?}: write IPv4 ranges as a.b.c.d/n (an IPv4-mapped IPv6 prefix is easy to get wrong)"
+                ))
+            }
             IpAddr::V6(v6) => (u128::from(v6), 128),
         };
         let len: u32 = match len {
@@ -158,6 +163,14 @@ impl Networks {
     }
 }
 
+/// `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1` or `[2001:db8::1]:5678`.
+fn forwarded_addr(a: &str) -> Option<IpAddr> {
+    a.parse::<IpAddr>()
+        .or_else(|_| a.parse::<SocketAddr>().map(|s| s.ip()))
+        .ok()
+        .or_else(|| a.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
+}
+
 /// The tracking server's judge of machine hits.
 #[derive(Debug)]
 pub struct Detector {
@@ -220,17 +233,20 @@ impl Detector {
         &self.networks
     }
 
-    /// The client's address: the peer, or behind a trusted proxy the last valid address of
-    /// `X-Forwarded-For`.
+    /// The client's address: the peer, or behind a trusted proxy the last entry of the last
+    /// `X-Forwarded-For` line — the one that proxy added (with or without a port). Earlier
+    /// entries are the client's own words and never used; when the last one does not parse,
+    /// the peer is.
     pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
         if self.trust_forwarded {
             let last = headers
                 .get_all("x-forwarded-for")
                 .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .filter_map(|a| a.trim().parse::<IpAddr>().ok())
-                .next_back();
+                .next_back()
+                .map(|v| v.as_bytes())
+                .and_then(|v| v.rsplit(|&c| c == b',').next())
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|a| forwarded_addr(a.trim()));
             if let Some(ip) = last {
                 return ip;
             }
@@ -531,16 +547,30 @@ mod tests {
             None
         );
 
-        let mut h = HeaderMap::new();
-        h.append("x-forwarded-for", "10.1.1.1, 203.0.113.9".parse().unwrap());
-        h.append("x-forwarded-for", "bogus".parse().unwrap());
         let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let xff = |lines: &[&str]| {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append("x-forwarded-for", l.parse().unwrap());
+            }
+            h
+        };
+        let h = xff(&["40.107.0.1", "10.1.1.1, 203.0.113.9"]);
         assert_eq!(d.client_ip(peer, &h), ip("203.0.113.9"));
         assert_eq!(
             off.client_ip(peer, &h),
             ip("127.0.0.1"),
             "untrusted header ignored"
         );
+        // The proxy's entry does not parse: the peer, never an earlier (client-written) entry.
+        let h = xff(&["40.107.0.1, bogus"]);
+        assert_eq!(d.client_ip(peer, &h), ip("127.0.0.1"));
+        let h = xff(&["40.107.0.1, 198.51.100.4:4711"]);
+        assert_eq!(d.client_ip(peer, &h), ip("198.51.100.4"));
+        let h = xff(&["[2001:db8::7]:443"]);
+        assert_eq!(d.client_ip(peer, &h), ip("2001:db8::7"));
+        assert!(Networks::parse_cidr("::ffff:10.0.0.0/8").is_err());
+        assert!(Networks::parse_cidr("::ffff:10.0.0.1").is_ok());
         let mapped: SocketAddr = "[::ffff:192.0.2.1]:80".parse().unwrap();
         assert_eq!(off.client_ip(mapped, &HeaderMap::new()), ip("192.0.2.1"));
     }

@@ -105,7 +105,13 @@ impl Signer {
             body.push(kind.tag() as u8);
             for f in fields {
                 body.push(SEP as u8);
-                body.extend_from_slice(f.as_bytes());
+                // A separator inside a field (a link name from a template) would shift the
+                // fields after it: it becomes '?'.
+                if f.as_bytes().contains(&(SEP as u8)) {
+                    body.extend(f.bytes().map(|b| if b == SEP as u8 { b'?' } else { b }));
+                } else {
+                    body.extend_from_slice(f.as_bytes());
+                }
             }
             B64.encode_string(&body[..], out);
         });
@@ -208,6 +214,19 @@ mod tests {
         );
         let c = s.verify(&t).unwrap();
         assert_eq!((c.kind, c.sent), (Kind::Open, Some(1795000000)));
+        let t = s.sign(
+            Kind::Click,
+            &[
+                "j",
+                "c",
+                "a@b.co",
+                "https://x.example/",
+                "a\u{1f}0",
+                "1795000000",
+            ],
+        );
+        let c = s.verify(&t).unwrap();
+        assert_eq!((c.link.as_str(), c.sent), ("a?0", Some(1795000000)));
     }
 
     #[test]
