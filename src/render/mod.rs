@@ -426,6 +426,57 @@ mod tests {
         }
     }
 
+    /// Whatever the data holds, rendering ends in Ok or Err, never a panic (a panic in a
+    /// worker is a job without an outcome).
+    #[test]
+    fn hostile_data_never_panics_the_renderer() {
+        let settings = Settings::from_toml(
+            "[sender]\nfrom = \"Shop <news@shop.example>\"\nhelo = \"mta.shop.example\"\n[tracking]\nbase_url = \"https://t.shop.example\"\nsecret = \"test-secret-0123456789\"\n",
+            Vec::new(),
+        )
+        .unwrap();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+        let r = Renderer::new(
+            &settings,
+            Templates::load(&dir, false).unwrap(),
+            DkimKeys::load(&[]).unwrap(),
+        )
+        .unwrap();
+        let long = "é&amp;<a href=\"x".repeat(2000);
+        let nasty = [
+            "H&M Größe",
+            "&amp;M Größe&amp;",
+            "&#1114112; &#xD800; &#99999999999999999999; &#x; &; &",
+            "<a href=\"https://evil.example/\">x</a><!-- <a ",
+            "javascript:alert(1)",
+            "https://ok.example/?a=1&b=\u{1f}2",
+            "\u{1f}\u{7f}\u{85}\u{2028}\u{feff}",
+            "<",
+            "<a",
+            "<a ",
+            "<a href=",
+            "</body>",
+            "ñ\u{3000}ñ\u{a0}ñ",
+            "😀😀😀&😀;",
+            long.as_str(),
+            "",
+        ];
+        for t in ["newsletter", "receipt", "followup"] {
+            for v in nasty {
+                let product =
+                    serde_json::json!({"name": v, "price": v, "url": v, "description": v});
+                let data = serde_json::json!({"first_name": v, "name": v, "lang": v, "order": v,
+                    "total": v, "products": [product.clone(), product.clone()], "items": [product]});
+                let raw = serde_json::json!({"id": "j", "campaign": "c", "template": t,
+                    "to": "a@b.example", "data": data})
+                .to_string();
+                let mut job = Job::parse(raw.as_bytes(), 1 << 22).unwrap();
+                let (mut out, mut scratch) = (Vec::new(), Vec::new());
+                let _ = r.render(&mut job, &mut out, &mut scratch);
+            }
+        }
+    }
+
     #[test]
     fn unix_time_is_decimal() {
         let mut b = [0u8; 20];
