@@ -495,10 +495,17 @@ impl Settings {
         if self.delivery.retry_intervals.is_empty() {
             return bad("delivery.retry_intervals must not be empty".into());
         }
-        if self.delivery.connections == 0 || self.intake.workers == 0 || self.intake.batch == 0 {
+        if self.delivery.connections == 0
+            || self.intake.workers == 0
+            || self.intake.batch == 0
+            || self.intake.event_batch == 0
+        {
             return bad(
-                "delivery.connections, intake.workers and intake.batch must be above zero".into(),
+                "delivery.connections, intake.workers, intake.batch and intake.event_batch must be above zero".into(),
             );
+        }
+        if self.intake.claim_idle.get() < Duration::from_secs(1) {
+            return bad("intake.claim_idle must be at least 1s: daemons reclaim each other's jobs idle that long".into());
         }
         if self.tracking.secret.len() < 16 {
             return bad("tracking.secret must be set (at least 16 characters; it signs every tracking and unsubscribe link)".into());

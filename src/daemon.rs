@@ -13,8 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use futures::FutureExt;
 use rand::Rng;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::panic::AssertUnwindSafe;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Settings;
@@ -416,7 +418,8 @@ async fn dispatch(
             continue;
         }
         if let Some(at) = job.send_at.filter(|&t| t > now + 250) {
-            let member = scheduler::member(entry.attempt, entry.first_at, &entry.job);
+            // The job's age (max_age) counts from its send time, not from the enqueue.
+            let member = scheduler::member(entry.attempt, entry.first_at.max(at), &entry.job);
             shared
                 .recorder
                 .send(Record {
@@ -534,10 +537,22 @@ async fn work(shared: Arc<Shared>, entry: Entry, mut job: Job, _permit: OwnedSem
         campaign: job.campaign.as_str().to_string(),
         to: job.to.as_str().to_string(),
     };
-    if let Some(record) = deliver_job(&shared, &entry, &mut job, &ident).await {
-        shared.recorder.send(record).await;
-    } else {
-        shared.leases.drop_one(&entry.id);
+    // A bug anywhere in routing, shaping, rendering or SMTP must not leave the job without
+    // an outcome (unacked, its lease renewed for ever): a panic becomes a dead letter.
+    let attempt = AssertUnwindSafe(deliver_job(&shared, &entry, &mut job, &ident))
+        .catch_unwind()
+        .await;
+    match attempt {
+        Ok(Some(record)) => shared.recorder.send(record).await,
+        Ok(None) => shared.leases.drop_one(&entry.id),
+        Err(_) => {
+            tracing::error!(id = %ident.id, "internal error (panic) while delivering; job dead-lettered");
+            let err = JobError::Internal("panic while delivering (a paloma bug)".into());
+            shared
+                .recorder
+                .send(dead_record(&entry, &err, &ident, true))
+                .await;
+        }
     }
     m.in_flight.dec();
 }
@@ -588,18 +603,7 @@ async fn deliver_job(
     let t0 = Instant::now();
     let mut message = Vec::with_capacity(16 * 1024);
     let mut scratch = Vec::new();
-    // A bug in rendering must not leave the job without an outcome (unacked, its lease
-    // renewed for ever): a panic becomes a dead letter like any render error.
-    let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        shared.renderer.render(job, &mut message, &mut scratch)
-    }))
-    .unwrap_or_else(|_| {
-        Err(JobError::Render {
-            template: job.template.as_str().to_string(),
-            reason: "internal error while rendering (a paloma bug; the job is kept here)".into(),
-        })
-    });
-    if let Err(e) = rendered {
+    if let Err(e) = shared.renderer.render(job, &mut message, &mut scratch) {
         return Some(dead_record(entry, &e, ident, true));
     }
     m.render_seconds.observe(t0.elapsed().as_secs_f64());
@@ -731,13 +735,13 @@ fn outcome_record(
         }
         Outcome::Deferred { response } => {
             let d = &shared.settings.delivery;
-            let attempt = entry.attempt + 1;
+            let attempt = entry.attempt.saturating_add(1);
             let base =
                 d.retry_intervals[(attempt as usize - 1).min(d.retry_intervals.len() - 1)].get();
             // ±10% jitter so a burst of deferrals does not come back as one burst.
             let jitter = rand::thread_rng().gen_range(0.9..1.1);
             let retry_at = now_ms() + (base.as_secs_f64() * jitter * 1000.0) as i64;
-            if retry_at - entry.first_at > d.max_age.get().as_millis() as i64 {
+            if retry_at.saturating_sub(entry.first_at) > d.max_age.get().as_millis() as i64 {
                 let mut ev = Event::new("failed", id, campaign, to);
                 ev.attempt = Some(attempt);
                 ev.response = Some(&response);

@@ -26,6 +26,8 @@ pub enum JobError {
     UnknownTemplate(String),
     #[error("render error in template {template:?}: {reason}")]
     Render { template: String, reason: String },
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> JobError {
@@ -156,6 +158,12 @@ impl Job {
                 return Err(invalid(
                     "headers",
                     format!("{name:?}: only X-… header names of ASCII letters, digits, - and _"),
+                ));
+            }
+            if name.len() >= 9 && name[..9].eq_ignore_ascii_case("x-paloma-") {
+                return Err(invalid(
+                    "headers",
+                    format!("{name:?}: X-Paloma-… headers are paloma's own"),
                 ));
             }
             headers.push((name, header_text("headers", value)?));
@@ -426,6 +434,10 @@ mod tests {
             ),
             (
                 r#"{"id":"1","campaign":"c","template":"t","to":"a@b.co","headers":{"Bcc":"e@x.com"}}"#,
+                "invalid `headers`",
+            ),
+            (
+                r#"{"id":"1","campaign":"c","template":"t","to":"a@b.co","headers":{"x-paloma-id":"other"}}"#,
                 "invalid `headers`",
             ),
             (

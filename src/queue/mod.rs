@@ -135,8 +135,13 @@ pub fn parse_entries(list: &Value, out: &mut Vec<Entry>, gone: &mut Vec<String>)
                         .unwrap_or(0)
                 }
                 b"first_at" => {
-                    if let Some(t) = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()) {
-                        entry.first_at = t;
+                    // Never later than the entry itself (a forged future first_at would
+                    // keep a job out of max_age for ever).
+                    if let Some(t) = std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.parse::<i64>().ok())
+                    {
+                        entry.first_at = t.min(entry.first_at);
                     }
                 }
                 _ => {}
