@@ -132,6 +132,19 @@ pub fn enhanced_status(text: &str) -> String {
 
 impl Outcome {
     /// A 5xx reply turned into a bounce.
+    /// A permanent refusal of MAIL FROM: classified like any bounce, except that a
+    /// recipient class ("5.1.0 Sender address rejected", "5.1.8 Domain not found") becomes
+    /// policy_block, so the recipient is not suppressed for the sender's problem.
+    pub fn sender_bounce(code: u16, response: String) -> Outcome {
+        let mut o = Outcome::bounce(code, response);
+        if let Outcome::Bounced(b) = &mut o {
+            if b.class.is_hard() {
+                b.class = BounceClass::PolicyBlock;
+            }
+        }
+        o
+    }
+
     pub fn bounce(code: u16, response: String) -> Outcome {
         let enhanced = enhanced_status(&response);
         let class = BounceClass::classify(&enhanced, &response);
@@ -147,6 +160,27 @@ impl Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_sender_never_suppresses_the_recipient() {
+        let r = "550 5.1.0 <news@shop.example>: Sender address rejected: undeliverable address";
+        let Outcome::Bounced(b) = Outcome::bounce(550, r.into()) else {
+            panic!()
+        };
+        assert!(
+            b.class.is_hard(),
+            "the text alone reads as a recipient problem"
+        );
+        let Outcome::Bounced(b) = Outcome::sender_bounce(550, r.into()) else {
+            panic!()
+        };
+        assert_eq!(b.class, BounceClass::PolicyBlock);
+        let Outcome::Bounced(b) = Outcome::sender_bounce(554, "554 5.7.1 spamhaus listed".into())
+        else {
+            panic!()
+        };
+        assert_eq!(b.class, BounceClass::SpamBlock);
+    }
 
     #[test]
     fn enhanced_codes_are_found() {

@@ -33,8 +33,8 @@ pub struct SessionConfig {
 
 struct Idle {
     conn: AsyncSmtpConnection,
-    /// The server offered PIPELINING.
-    pipelining: bool,
+    /// What the server offered in its EHLO reply.
+    caps: Caps,
     sent: u32,
     since: Instant,
     _open: OpenGuard,
@@ -132,10 +132,10 @@ impl Pool {
         }
     }
 
-    fn fresh(&self, (conn, pipelining): (AsyncSmtpConnection, bool)) -> Idle {
+    fn fresh(&self, (conn, caps): (AsyncSmtpConnection, Caps)) -> Idle {
         Idle {
             conn,
-            pipelining,
+            caps,
             sent: 0,
             since: Instant::now(),
             _open: OpenGuard::new(self.open.clone()),
@@ -180,8 +180,8 @@ impl Pool {
         }
     }
 
-    /// A new session, and whether it offers PIPELINING.
-    async fn connect(&self) -> Result<(AsyncSmtpConnection, bool), String> {
+    /// A new session, and the extensions it offers.
+    async fn connect(&self) -> Result<(AsyncSmtpConnection, Caps), String> {
         let deferred = |what: &str, e: &dyn std::fmt::Display| format!("{what} {}: {e}", self.addr);
         let tcp =
             match tokio::time::timeout(self.cfg.timeout, tokio::net::TcpStream::connect(self.addr))
@@ -200,18 +200,6 @@ impl Pool {
             // A refusal at greeting or EHLO is about the server, not the recipient: defer.
             Ok(Err(e)) => return Err(deferred("greeting/EHLO from", &e)),
             Err(_) => return Err(deferred("greeting from", &"timed out")),
-        };
-        // lettre keeps only the EHLO keywords it uses itself; ask once more (once per
-        // session, not per message) to learn whether the server pipelines.
-        let ehlo = format!("EHLO {}\r\n", self.cfg.helo);
-        let probe = conn.command(Raw(&ehlo));
-        let pipelining = match tokio::time::timeout(self.cfg.timeout, probe).await {
-            Ok(Ok(resp)) => resp.message().any(|l| {
-                l.split_whitespace()
-                    .next()
-                    .is_some_and(|k| k.eq_ignore_ascii_case("PIPELINING"))
-            }),
-            _ => false,
         };
         match self.cfg.tls {
             TlsMode::None => {}
@@ -238,6 +226,16 @@ impl Pool {
             }
             TlsMode::Opportunistic => {}
         }
+        // lettre keeps only the EHLO keywords it uses itself; ask once more (once per
+        // session, not per message, and after STARTTLS as RFC 3207 requires) to learn what the
+        // server offers. A probe without its reply leaves the session out of step (the late
+        // reply would answer the next command): the session is dropped, never used.
+        let ehlo = format!("EHLO {}\r\n", self.cfg.helo);
+        let caps = match tokio::time::timeout(self.cfg.timeout, conn.command(Raw(&ehlo))).await {
+            Ok(Ok(resp)) => Caps::of(resp.message()),
+            Ok(Err(e)) => return Err(deferred("EHLO to", &e)),
+            Err(_) => return Err(deferred("EHLO to", &"timed out")),
+        };
         if let Some(creds) = &self.cfg.credentials {
             let auth = conn.auth(&[Mechanism::Plain, Mechanism::Login], creds);
             match tokio::time::timeout(self.cfg.timeout, auth).await {
@@ -246,7 +244,7 @@ impl Pool {
                 Err(_) => return Err(deferred("AUTH with", &"timed out")),
             }
         }
-        Ok((conn, pipelining))
+        Ok((conn, caps))
     }
 
     async fn transact(
@@ -259,11 +257,13 @@ impl Pool {
             match std::str::from_utf8(message) {
                 // The fast path: our own MAIL/RCPT/DATA (pipelined when offered) and one
                 // write of the dot-stuffed body with its terminator.
-                Ok(text) => {
-                    transaction(&mut session.conn, session.pipelining, envelope, text).await
-                }
+                Ok(text) => transaction(&mut session.conn, session.caps, envelope, text).await,
                 // Not UTF-8 (a raw 8-bit body): lettre's own transaction handles it.
-                Err(_) => session.conn.send(envelope, message).await,
+                Err(_) => session
+                    .conn
+                    .send(envelope, message)
+                    .await
+                    .map_err(|e| (Stage::Data, e)),
             }
         };
         match tokio::time::timeout(self.cfg.timeout, run).await {
@@ -275,11 +275,16 @@ impl Pool {
                 }
                 Ok(s)
             }
-            Ok(Err(e)) => {
+            Ok(Err((stage, e))) => {
                 let text = e.to_string();
                 let code = e.status().and_then(|c| c.to_string().parse::<u16>().ok());
                 let response = reply_text(code, &text);
                 match code {
+                    // A refused MAIL FROM is about the sender (verification, SPF, our
+                    // domain): never a recipient class that would suppress the recipient.
+                    Some(c) if e.is_permanent() && stage == Stage::Mail => {
+                        Err(SessionError::Outcome(Outcome::sender_bounce(c, response)))
+                    }
                     Some(c) if e.is_permanent() => {
                         Err(SessionError::Outcome(Outcome::bounce(c, response)))
                     }
@@ -292,6 +297,27 @@ impl Pool {
                 response: format!("{}: timed out after {:?}", self.addr, self.cfg.timeout),
             })),
         }
+    }
+}
+
+/// The EHLO keywords the transaction uses.
+#[derive(Debug, Clone, Copy, Default)]
+struct Caps {
+    pipelining: bool,
+    eightbitmime: bool,
+}
+
+impl Caps {
+    fn of<'a>(lines: impl Iterator<Item = &'a str>) -> Caps {
+        let mut caps = Caps::default();
+        for l in lines {
+            match l.split_whitespace().next() {
+                Some(k) if k.eq_ignore_ascii_case("PIPELINING") => caps.pipelining = true,
+                Some(k) if k.eq_ignore_ascii_case("8BITMIME") => caps.eightbitmime = true,
+                _ => {}
+            }
+        }
+        caps
     }
 }
 
@@ -312,16 +338,17 @@ impl std::fmt::Display for Raw<'_> {
 /// is not reused (the caller drops it), so no RSET is needed.
 async fn transaction(
     conn: &mut AsyncSmtpConnection,
-    pipelining: bool,
+    caps: Caps,
     envelope: &Envelope,
     message: &str,
-) -> Result<lettre::transport::smtp::response::Response, lettre::transport::smtp::Error> {
+) -> Result<lettre::transport::smtp::response::Response, (Stage, lettre::transport::smtp::Error)> {
     let from = envelope.from().map(|a| a.as_ref()).unwrap_or("");
     let mut head = String::with_capacity(96);
     head.push_str("MAIL FROM:<");
     head.push_str(from);
     head.push('>');
-    if !message.is_ascii() {
+    // Only where offered (RFC 6152): elsewhere the parameter itself is a 5xx.
+    if caps.eightbitmime && !message.is_ascii() {
         head.push_str(" BODY=8BITMIME");
     }
     head.push_str("\r\n");
@@ -332,28 +359,44 @@ async fn transaction(
         head.push_str(">\r\n");
         rcpts += 1;
     }
-    if pipelining {
+    if caps.pipelining {
         head.push_str("DATA\r\n");
         // Every pipelined reply is read, even after a failure, so that the first one is
         // what counts and the stream stays in step.
-        let mut first_err = conn.command(Raw(&head)).await.err();
-        for _ in 0..rcpts + 1 {
+        let mut first_err = conn
+            .command(Raw(&head))
+            .await
+            .err()
+            .map(|e| (Stage::Mail, e));
+        for i in 0..rcpts + 1 {
             let r = conn.read_response().await;
             if let (None, Err(e)) = (&first_err, r) {
-                first_err = Some(e);
+                first_err = Some((if i < rcpts { Stage::Rcpt } else { Stage::Data }, e));
             }
         }
         if let Some(e) = first_err {
             return Err(e);
         }
     } else {
-        let mut lines = head.split_inclusive("\r\n");
-        for line in lines.by_ref() {
-            conn.command(Raw(line)).await?;
+        for (i, line) in head.split_inclusive("\r\n").enumerate() {
+            let stage = if i == 0 { Stage::Mail } else { Stage::Rcpt };
+            conn.command(Raw(line)).await.map_err(|e| (stage, e))?;
         }
-        conn.command(Raw("DATA\r\n")).await?;
+        conn.command(Raw("DATA\r\n"))
+            .await
+            .map_err(|e| (Stage::Data, e))?;
     }
-    conn.command(Raw(&dot_stuff(message))).await
+    conn.command(Raw(&dot_stuff(message)))
+        .await
+        .map_err(|e| (Stage::Data, e))
+}
+
+/// Which command of a transaction a reply answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Mail,
+    Rcpt,
+    Data,
 }
 
 /// The DATA payload: lines starting with `.` get another `.` (RFC 5321 §4.5.2), the body
