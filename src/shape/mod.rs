@@ -64,6 +64,8 @@ pub struct RuleState {
     rate: Option<Rate>,
     limiter: Option<DefaultKeyedRateLimiter<String>>,
     keys: Mutex<HashMap<String, KeyState>>,
+    /// Admissions so far, to prune the limiter's keys every few thousand.
+    admits: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone, Copy)]
@@ -115,6 +117,7 @@ impl RuleState {
             rate,
             limiter,
             keys: Mutex::new(HashMap::new()),
+            admits: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -123,6 +126,18 @@ impl RuleState {
         let (Some(limiter), Some(rate)) = (&self.limiter, self.rate) else {
             return Admission::Go;
         };
+        // Keys whose state has fully decayed are dropped now and then, so one state per
+        // recipient domain ever seen does not pile up over a long run.
+        if self
+            .admits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % 4096
+            == 4095
+            && limiter.len() > 10_000
+        {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
         let key_owned = key.to_string();
         let wait = match limiter.check_key(&key_owned) {
             Ok(()) => return Admission::Go,
@@ -335,6 +350,22 @@ mod tests {
             s.backoff_for(&Outcome::bounce(550, "550 5.1.1 no".into())),
             None
         );
+    }
+
+    #[tokio::test]
+    async fn limiter_keys_of_past_domains_are_pruned() {
+        let r = RuleState::new("*", Some("1000000/s".parse().unwrap()), 10, 100);
+        for i in 0..12_000 {
+            assert_eq!(r.admit(&format!("d{i}.test")).await, Admission::Go);
+        }
+        let limiter = r.limiter.as_ref().unwrap();
+        assert!(limiter.len() >= 12_000);
+        // Past the burst window every one of those keys is back to a fresh state.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        for _ in 0..4096 {
+            r.admit("busy.test").await;
+        }
+        assert!(limiter.len() < 100, "{} keys left", limiter.len());
     }
 
     #[tokio::test]
