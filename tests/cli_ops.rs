@@ -307,3 +307,48 @@ fn smtp_auth_credentials_come_from_config_or_environment() {
         "no secret in the logs"
     );
 }
+
+#[test]
+fn credentials_are_not_sent_in_clear_unless_tls_is_none() {
+    let redis = Redis::start();
+    let (port, rx) = auth_relay("paloma", "s3cret-pass");
+    let setup = Setup::new(&redis.url(), port, "username = \"paloma\"", "", "");
+    let cfg = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace("tls = \"none\"", "tls = \"opportunistic\"");
+    std::fs::write(&setup.config, cfg).unwrap();
+    let mut conn = redis.conn();
+    enqueue_raw(
+        &mut conn,
+        &setup.prefix,
+        &[job(
+            "c1",
+            "auth",
+            "receipt",
+            "a@x.test",
+            serde_json::json!({"name": "A"}),
+        )],
+    );
+    let daemon = Daemon::spawn_env(
+        &setup.config,
+        &[("PALOMA_DELIVERY__PASSWORD", "s3cret-pass")],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let evs = events(&mut conn, &setup.prefix);
+        if let Some(e) = evs.iter().find(|e| e["type"] == "deferred") {
+            assert!(
+                e["response"].as_str().unwrap().contains("AUTH refused"),
+                "{e}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(rx.try_recv().is_err(), "nothing delivered");
+}

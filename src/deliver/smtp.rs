@@ -237,6 +237,14 @@ impl Pool {
             Err(_) => return Err(deferred("EHLO to", &"timed out")),
         };
         if let Some(creds) = &self.cfg.credentials {
+            // With tls = "opportunistic" a relay without STARTTLS (or a path that strips
+            // it) would get the password in clear: refused unless tls = "none" says so.
+            if !conn.is_encrypted() && self.cfg.tls != TlsMode::None {
+                return Err(deferred(
+                    "AUTH refused without TLS to",
+                    &"no STARTTLS (set delivery.tls = \"none\" to send credentials in clear)",
+                ));
+            }
             let auth = conn.auth(&[Mechanism::Plain, Mechanism::Login], creds);
             match tokio::time::timeout(self.cfg.timeout, auth).await {
                 Ok(Ok(_)) => {}
