@@ -107,7 +107,10 @@ impl Pool {
                 Err(reason) => return Attempt::Unreachable(reason),
             },
         };
-        match self.transact(&mut session, envelope, message).await {
+        match self
+            .transact(&mut session, envelope, message, !fresh_tried)
+            .await
+        {
             Ok(response) => {
                 self.put_back(session);
                 Attempt::Done(Outcome::Delivered { response })
@@ -119,7 +122,7 @@ impl Pool {
                     Ok(c) => self.fresh(c),
                     Err(reason) => return Attempt::Unreachable(reason),
                 };
-                match self.transact(&mut session, envelope, message).await {
+                match self.transact(&mut session, envelope, message, false).await {
                     Ok(response) => {
                         self.put_back(session);
                         Attempt::Done(Outcome::Delivered { response })
@@ -255,11 +258,15 @@ impl Pool {
         Ok((conn, caps))
     }
 
+    /// One transaction on `session`; `reused`: it waited in the pool, so a 421 to its first
+    /// command is the server's idle timeout, not about this message (Stale: retried at once
+    /// on a fresh connection, and no throttling is inferred).
     async fn transact(
         &self,
         session: &mut Idle,
         envelope: &Envelope,
         message: &[u8],
+        reused: bool,
     ) -> Result<String, SessionError> {
         let run = async {
             match std::str::from_utf8(message) {
@@ -288,6 +295,9 @@ impl Pool {
                 let code = e.status().and_then(|c| c.to_string().parse::<u16>().ok());
                 let response = reply_text(code, &text);
                 match code {
+                    Some(421) if reused && stage == Stage::Mail => {
+                        Err(SessionError::Stale(format!("{}: {response}", self.addr)))
+                    }
                     // A refused MAIL FROM is about the sender (verification, SPF, our
                     // domain): never a recipient class that would suppress the recipient.
                     Some(c) if e.is_permanent() && stage == Stage::Mail => {
