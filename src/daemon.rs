@@ -200,6 +200,22 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         stop: stop_rx.clone(),
         workflow_jobs,
     });
+    // Housekeeping of SMTP sessions and mx routes, every 5 s until shutdown begins (it
+    // then lets go of `shared`, whose recorder handle the drain waits for).
+    {
+        let shared = shared.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => shared.deliverer.reap(),
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+            }
+        });
+    }
     let http_task = match shared.settings.metrics.listen {
         Some(addr) => {
             Some(crate::http::serve_ops(addr, shared.clone(), conn.clone(), exit_rx.clone()).await?)

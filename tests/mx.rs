@@ -441,3 +441,50 @@ fn a_backoff_rule_can_lower_a_sites_rate_instead_of_suspending_it() {
     // 10 messages at 2/s after a burst of 2: at least ~4 s.
     assert!(span >= 3_500, "the lowered rate held for only {span} ms");
 }
+
+#[test]
+fn idle_sessions_are_closed_after_their_timeout_without_more_mail() {
+    let mport = free_port();
+    let e = env(
+        &[
+            "mx-host=idle.test,mx.idle.test,10",
+            "host-record=mx.idle.test,127.0.0.3",
+        ],
+        &[("127.0.0.3", &[])],
+        "idle_timeout = \"1s\"",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{mport}\""),
+    );
+    let mut conn = e.redis.conn();
+    enqueue_raw(
+        &mut conn,
+        &e.setup.prefix,
+        &jobs("i", &["a@idle.test", "b@idle.test", "c@idle.test"]),
+    );
+    let daemon = Daemon::spawn(&e.setup.config);
+    wait_terminal(
+        &mut conn,
+        &e.setup.prefix,
+        3,
+        Duration::from_secs(30),
+        Some(&daemon),
+    );
+    let open = || {
+        common::track::get(mport, "/metrics", "test")
+            .text()
+            .lines()
+            .find(|l| l.starts_with("paloma_smtp_sessions_open "))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+    // Nothing else is sent: the housekeeping closes the idle sessions on its own.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while open() != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} sessions still open\n{}",
+            open(),
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

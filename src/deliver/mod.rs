@@ -328,6 +328,15 @@ impl Deliverer {
         }
     }
 
+    /// Closes idle sessions past their timeout; in mx mode also forgets unused routes,
+    /// sites and pools. Called every few seconds by the daemon.
+    pub fn reap(&self) {
+        match self {
+            Deliverer::Relay(site) => site.reap_idle(),
+            Deliverer::Mx(router) => router.reap(),
+        }
+    }
+
     /// Sites suspended right now (throttling).
     pub fn suspended_sites(&self) -> usize {
         match self {

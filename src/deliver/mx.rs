@@ -245,6 +245,37 @@ impl MxRouter {
         site
     }
 
+    /// Housekeeping, every few seconds: expired routes go, idle sessions past their
+    /// timeout are closed, and sites and pools nothing refers to any more (no route, no job)
+    /// are forgotten — so a campaign over many small domains keeps neither sockets nor
+    /// memory, and an MX whose addresses changed gets a new site once its routes expire.
+    pub fn reap(&self) {
+        let now = Instant::now();
+        if let Ok(mut routes) = self.routes.lock() {
+            routes.retain(|_, (_, until)| *until > now);
+        }
+        let Ok(mut sites) = self.sites.lock() else {
+            return;
+        };
+        for s in sites.values() {
+            s.reap_idle();
+        }
+        // Only this map holds it: no cached route, no job in flight; and not suspended (the
+        // suspension must outlive the routes of a throttling site).
+        sites.retain(|_, s| Arc::strong_count(s) > 1 || s.suspended_for().is_some());
+        drop(sites);
+        if let Ok(mut pools) = self.pools.lock() {
+            pools.retain(|_, p| Arc::strong_count(p) > 1);
+        }
+    }
+
+    /// Sites and pools held, for tests and metrics.
+    pub fn sizes(&self) -> (usize, usize) {
+        let sites = self.sites.lock().map(|s| s.len()).unwrap_or(0);
+        let pools = self.pools.lock().map(|p| p.len()).unwrap_or(0);
+        (sites, pools)
+    }
+
     pub async fn close_idle(&self) {
         let sites: Vec<Arc<Site>> = self
             .sites

@@ -171,6 +171,26 @@ impl Pool {
         }
     }
 
+    /// Closes (QUIT, in the background) idle sessions past `idle_timeout` or broken, so a
+    /// pool that is not used again does not hold its sockets for ever.
+    pub fn reap_idle(&self) {
+        let expired: Vec<Idle> = match self.idle.lock() {
+            Ok(mut idle) => {
+                let (keep, gone): (Vec<Idle>, Vec<Idle>) = idle.drain(..).partition(|s| {
+                    s.since.elapsed() < self.cfg.idle_timeout && !s.conn.has_broken()
+                });
+                *idle = keep;
+                gone
+            }
+            Err(_) => return,
+        };
+        for mut s in expired {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), s.conn.quit()).await;
+            });
+        }
+    }
+
     /// Closes idle sessions politely (QUIT), for shutdown.
     pub async fn close_idle(&self) {
         let drained: Vec<Idle> = self
@@ -533,6 +553,12 @@ impl Site {
     pub async fn close_idle(&self) {
         for p in &self.pools {
             p.close_idle().await;
+        }
+    }
+
+    pub fn reap_idle(&self) {
+        for p in &self.pools {
+            p.reap_idle();
         }
     }
 }
