@@ -531,9 +531,14 @@ fn dead_record(entry: &Entry, err: &JobError, ident: &JobIdentity, claimed: bool
     }
 }
 
+/// The campaign a dead job is counted under: its own when it is a valid campaign id,
+/// else `(none)` / `(invalid)` — a stream of bad jobs with random campaigns must not grow
+/// the metrics and the campaigns set without bound.
 fn stat_campaign(c: &str) -> String {
     if c.is_empty() {
         "(none)".into()
+    } else if crate::job::CampaignId::parse(c.to_string()).is_err() {
+        "(invalid)".into()
     } else {
         c.to_string()
     }

@@ -174,11 +174,17 @@ impl Recorder {
                             .ignore();
                     }
                     Some(IdemState::Scheduled) => {
+                        // Kept at least until the job is due (send_at or a retry may be further
+                        // off than the TTL), so a re-enqueue meanwhile is still a duplicate.
+                        let until_due = r
+                            .schedule
+                            .as_ref()
+                            .map_or(0, |(due, _)| (due - super::now_ms()).max(0) as u64 / 1000);
                         p.cmd("SET")
                             .arg(k.idem(id))
                             .arg("s")
                             .arg("EX")
-                            .arg(self.idem_ttl)
+                            .arg(self.idem_ttl + until_due)
                             .ignore();
                     }
                     None => {
