@@ -208,7 +208,7 @@ impl Worker {
                         let mut next = w.clone();
                         next.attempt += 1;
                         let due = now_ms() + self.backoff(w.attempt).as_millis() as i64;
-                        tracing::debug!(url = %w.url, attempt = next.attempt, error = %error, "webhook failed; will retry");
+                        tracing::debug!(url = without_query(&w.url), attempt = next.attempt, error = %error, "webhook failed; will retry");
                         enqueue(&mut p, k, due, &next);
                         "retry"
                     }
@@ -246,7 +246,7 @@ impl Worker {
             None => (member, "", ""),
         };
         tracing::warn!(
-            url,
+            url = without_query(url),
             workflow,
             error,
             "webhook gave up; moved to the dead letters"
@@ -271,6 +271,11 @@ impl Worker {
         let base = self.intervals[(attempt as usize).min(self.intervals.len() - 1)];
         base.mul_f64(rand::thread_rng().gen_range(0.9..1.1))
     }
+}
+
+/// A webhook URL for the log: its query string may carry a token.
+fn without_query(url: &str) -> &str {
+    url.split('?').next().unwrap_or(url)
 }
 
 #[cfg(test)]
