@@ -113,6 +113,12 @@ fn opts() -> Opts {
 /// smtp-source's rate into the sink: the ceiling.
 fn ceiling(port: u16, size: usize, count: usize) -> f64 {
     let t = Instant::now();
+    smtp_source(port, size, count);
+    count as f64 / t.elapsed().as_secs_f64()
+}
+
+/// `count` messages of `size` bytes from smtp-source over 50 sessions to 127.0.0.1:`port`.
+fn smtp_source(port: u16, size: usize, count: usize) {
     let st = Command::new("/usr/sbin/smtp-source")
         .args([
             "-d",
@@ -128,7 +134,6 @@ fn ceiling(port: u16, size: usize, count: usize) -> f64 {
         .status()
         .expect("smtp-source");
     assert!(st.success());
-    count as f64 / t.elapsed().as_secs_f64()
 }
 
 /// A throwaway Postfix instance relaying everything to the sink, as many senders run it
@@ -232,21 +237,7 @@ impl Postfix {
     /// smtp-source into Postfix until Postfix has relayed every message to the sink.
     fn relay_rate(&self, size: usize, count: usize) -> f64 {
         let t = Instant::now();
-        let st = Command::new("/usr/sbin/smtp-source")
-            .args([
-                "-d",
-                "-s",
-                "50",
-                "-l",
-                &size.to_string(),
-                "-m",
-                &count.to_string(),
-            ])
-            .args(["-f", "bench@shop.test", "-t", "sink@dest.test"])
-            .arg(format!("127.0.0.1:{}", self.port))
-            .status()
-            .expect("smtp-source");
-        assert!(st.success());
+        smtp_source(self.port, size, count);
         while !self.queue_empty() {
             assert!(
                 t.elapsed() < Duration::from_secs(600),

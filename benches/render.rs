@@ -58,6 +58,25 @@ fn links_html() -> String {
     html
 }
 
+/// Handlebars alone on the newsletter's html.hbs (our escaping), with the context the
+/// renderer would build for job `raw`.
+fn newsletter_handlebars(raw: &str) -> (handlebars::Handlebars<'static>, handlebars::Context) {
+    let mut hb = handlebars::Handlebars::new();
+    hb.register_escape_fn(paloma::render::escape_html);
+    let src = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/newsletter/html.hbs"),
+    )
+    .unwrap();
+    hb.register_template_string("html", src).unwrap();
+    let data: serde_json::Value = serde_json::from_str(raw).unwrap();
+    let mut ctx_data = data["data"].clone();
+    for k in ["to", "campaign", "id"] {
+        ctx_data[k] = data[k].clone();
+    }
+    ctx_data["unsubscribe_url"] = "https://t.shop.example/u/0.abc.def".into();
+    (hb, handlebars::Context::from(ctx_data))
+}
+
 fn keys(dir: &Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
     let rsa = dir.join("rsa.pem");
     let ed = dir.join("ed.pem");
@@ -118,20 +137,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("newsletter: job JSON parse", |b| {
         b.iter(|| black_box(Job::parse(black_box(raw.as_bytes()), 1 << 20).unwrap()))
     });
-    let mut hb = handlebars::Handlebars::new();
-    hb.register_escape_fn(paloma::render::escape_html);
-    let src = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/newsletter/html.hbs"),
-    )
-    .unwrap();
-    hb.register_template_string("html", src).unwrap();
-    let data: serde_json::Value = serde_json::from_str(&raw).unwrap();
-    let mut ctx_data = data["data"].clone();
-    for k in ["to", "campaign", "id"] {
-        ctx_data[k] = data[k].clone();
-    }
-    ctx_data["unsubscribe_url"] = "https://t.shop.example/u/0.abc.def".into();
-    let ctx = handlebars::Context::from(ctx_data);
+    let (hb, ctx) = newsletter_handlebars(&raw);
     g.bench_function("newsletter: handlebars html.hbs only", |b| {
         b.iter(|| black_box(hb.render_with_context("html", &ctx).unwrap().len()))
     });
@@ -297,19 +303,7 @@ criterion_group!(benches, bench);
 fn count_mode(stage: &str, iters: usize) {
     let r = renderer(Vec::new());
     let raw = job(6);
-    let mut hb = handlebars::Handlebars::new();
-    hb.register_escape_fn(paloma::render::escape_html);
-    let src = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/newsletter/html.hbs"),
-    )
-    .unwrap();
-    hb.register_template_string("html", src).unwrap();
-    let data: serde_json::Value = serde_json::from_str(&raw).unwrap();
-    let mut ctx_data = data["data"].clone();
-    for k in ["to", "campaign", "id"] {
-        ctx_data[k] = data[k].clone();
-    }
-    let ctx = handlebars::Context::from(ctx_data);
+    let (hb, ctx) = newsletter_handlebars(&raw);
     let html = links_html();
     let signer = Signer::new("1", "bench-secret-0123456789", &HashMap::new());
     let who = paloma::render::html::LinkOwner {
