@@ -97,3 +97,40 @@ fn bad_jobs_are_dead_lettered_while_good_ones_deliver() {
         Some(&daemon),
     );
 }
+
+#[test]
+fn a_suppression_entry_that_is_not_utf8_does_not_stall_intake() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let setup = Setup::new(&redis.url(), sink.port, "", "", "");
+    let mut conn = redis.conn();
+    // Written by some other tool: not UTF-8.
+    redis::cmd("HSET")
+        .arg(format!("{}suppressed", setup.prefix))
+        .arg("odd@ok.test")
+        .arg(&b"\xff\xfe"[..])
+        .query::<()>(&mut conn)
+        .unwrap();
+    let jobs: Vec<String> = ["a@ok.test", "odd@ok.test", "b@ok.test"]
+        .iter()
+        .enumerate()
+        .map(|(i, to)| job(&format!("u{i}"), "c1", "receipt", to, json!({"name": "U"})))
+        .collect();
+    enqueue_raw(&mut conn, &setup.prefix, &jobs);
+    let daemon = Daemon::spawn(&setup.config);
+    let evs = wait_terminal(
+        &mut conn,
+        &setup.prefix,
+        3,
+        Duration::from_secs(20),
+        Some(&daemon),
+    );
+    let t = terminal_by_id(&evs);
+    assert_eq!(t["u0"][0]["type"], "delivered");
+    assert_eq!(t["u2"][0]["type"], "delivered");
+    assert_eq!(
+        (t["u1"][0]["type"].as_str(), t["u1"][0]["reason"].as_str()),
+        (Some("suppressed"), Some("manual")),
+        "{evs:?}"
+    );
+}

@@ -148,7 +148,18 @@ impl Intake {
                 .arg(&self.keys.suppressed)
                 .arg(crate::policy::suppression::field(addr));
         }
-        let replies: Vec<Option<String>> = p.query_async(&mut self.conn).await?;
+        // Read as raw values: one value that is not UTF-8 (a suppression reason written by
+        // another tool) must not fail the whole batch, and so stall the intake, for ever.
+        let replies: Vec<redis::Value> = p.query_async(&mut self.conn).await?;
+        let replies: Vec<Option<String>> = replies
+            .into_iter()
+            .map(|v| match v {
+                redis::Value::BulkString(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+                redis::Value::SimpleString(s) => Some(s),
+                redis::Value::Okay => Some("OK".into()),
+                _ => None,
+            })
+            .collect();
         Ok(replies
             .chunks(2)
             .zip(jobs)
