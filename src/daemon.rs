@@ -8,6 +8,7 @@
 //! record and the stream ack in one transaction.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +17,6 @@ use anyhow::Context as _;
 use futures::FutureExt;
 use rand::Rng;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use std::panic::AssertUnwindSafe;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Settings;
