@@ -77,19 +77,15 @@ impl Intake {
         out: &mut Vec<Entry>,
         gone: &mut Vec<String>,
     ) -> redis::RedisResult<()> {
-        let reply: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(&self.group)
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(self.batch)
-            .arg("BLOCK")
-            .arg(self.block_ms)
-            .arg("STREAMS")
-            .arg(&self.keys.sends)
-            .arg(">")
-            .query_async(&mut self.reader)
-            .await;
+        let reply: redis::RedisResult<Value> = super::read_group(
+            &self.keys.sends,
+            &self.group,
+            &self.consumer,
+            self.batch,
+            self.block_ms,
+        )
+        .query_async(&mut self.reader)
+        .await;
         match reply {
             Ok(v) => {
                 parse_xread(&v, out, gone);

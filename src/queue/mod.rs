@@ -191,6 +191,29 @@ pub fn parse_autoclaim(reply: &Value, out: &mut Vec<Entry>, gone: &mut Vec<Strin
     cursor
 }
 
+/// `XREADGROUP GROUP group consumer COUNT batch BLOCK block_ms STREAMS stream >`: new
+/// entries for this consumer.
+pub fn read_group(
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    batch: usize,
+    block_ms: u64,
+) -> redis::Cmd {
+    let mut c = redis::cmd("XREADGROUP");
+    c.arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(batch)
+        .arg("BLOCK")
+        .arg(block_ms)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">");
+    c
+}
+
 /// `XGROUP CREATE stream group from MKSTREAM`, where an existing group is not an error.
 pub async fn create_group<C: redis::aio::ConnectionLike>(
     conn: &mut C,

@@ -607,19 +607,15 @@ impl Engine {
         conn: &mut ConnectionManager,
         out: &mut Vec<(String, Option<Map<String, serde_json::Value>>)>,
     ) -> redis::RedisResult<()> {
-        let reply: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(&self.group)
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(self.batch)
-            .arg("BLOCK")
-            .arg(self.block_ms)
-            .arg("STREAMS")
-            .arg(&self.keys.events)
-            .arg(">")
-            .query_async(reader)
-            .await;
+        let reply: redis::RedisResult<Value> = crate::queue::read_group(
+            &self.keys.events,
+            &self.group,
+            &self.consumer,
+            self.batch,
+            self.block_ms,
+        )
+        .query_async(reader)
+        .await;
         match reply {
             Ok(v) => {
                 parse_read(&v, out);
