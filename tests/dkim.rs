@@ -1,5 +1,5 @@
-//! DKIM: messages from two sender domains, one with an RSA-2048 key and one with Ed25519,
-//! are signed on the way out; mail-auth's verifier, resolving the public keys from a real
+//! DKIM: messages from three sender domains, an RSA-2048 key as PKCS#8, the same key as
+//! PKCS#1 ("RSA PRIVATE KEY") and an Ed25519 key, are signed on the way out; mail-auth's verifier, resolving the public keys from a real
 //! dnsmasq, passes them, and fails a message altered after signing.
 
 mod common;
@@ -73,6 +73,18 @@ async fn rsa_and_ed25519_signatures_verify_against_published_keys() {
         "-outform",
         "DER",
     ]);
+    let rsa1 = keys.path().join("rsa1.pem");
+    openssl(&[
+        "rsa",
+        "-in",
+        rsa.to_str().unwrap(),
+        "-traditional",
+        "-out",
+        rsa1.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read_to_string(&rsa1)
+        .unwrap()
+        .starts_with("-----BEGIN RSA PRIVATE KEY-----"));
     let ed_pub = openssl(&[
         "pkey",
         "-in",
@@ -88,14 +100,19 @@ async fn rsa_and_ed25519_signatures_verify_against_published_keys() {
             &format!("v=DKIM1; k=rsa; p={}", b64(&rsa_pub)),
         ),
         txt(
+            "p1._domainkey.old.test",
+            &format!("v=DKIM1; k=rsa; p={}", b64(&rsa_pub)),
+        ),
+        txt(
             "e1._domainkey.news.test",
             &format!("v=DKIM1; k=ed25519; p={}", b64(ed_raw)),
         ),
     ]);
     let extra = format!(
-        "[[dkim]]\ndomain = \"shop.test\"\nselector = \"s1\"\nkey = \"{}\"\n[[dkim]]\ndomain = \"news.test\"\nselector = \"e1\"\nkey = \"{}\"\n",
+        "[[dkim]]\ndomain = \"shop.test\"\nselector = \"s1\"\nkey = \"{}\"\n[[dkim]]\ndomain = \"news.test\"\nselector = \"e1\"\nkey = \"{}\"\n[[dkim]]\ndomain = \"old.test\"\nselector = \"p1\"\nkey = \"{}\"\n",
         rsa.display(),
-        ed.display()
+        ed.display(),
+        rsa1.display()
     );
     let setup = Setup::new(&redis.url(), sink.port, "", "", &extra);
     let mut conn = redis.conn();
@@ -103,8 +120,10 @@ async fn rsa_and_ed25519_signatures_verify_against_published_keys() {
     for i in 0..6 {
         let mut j = json!({"id": format!("d{i}"), "campaign": "dk", "template": "newsletter", "to": format!("r{i}@dest.test"),
             "data": {"first_name": "Ünïcode", "products": [{"name": "A", "price": "1", "url": "https://a.test/"}]}});
-        if i % 2 == 1 {
-            j["from"] = json!("News Desk <hello@news.test>");
+        match i % 3 {
+            1 => j["from"] = json!("News Desk <hello@news.test>"),
+            2 => j["from"] = json!("Old Desk <hello@old.test>"),
+            _ => {}
         }
         jobs.push(j.to_string());
     }
@@ -130,7 +149,7 @@ async fn rsa_and_ed25519_signatures_verify_against_published_keys() {
     .unwrap();
     let dumps = sink.dumps();
     assert_eq!(dumps.len(), 6);
-    let (mut rsa_pass, mut ed_pass) = (0, 0);
+    let (mut rsa_pass, mut rsa1_pass, mut ed_pass) = (0, 0, 0);
     for raw in &dumps {
         let msg = AuthenticatedMessage::parse(raw).expect("parse");
         let out = auth.verify_dkim(&msg).await;
@@ -165,8 +184,12 @@ async fn rsa_and_ed25519_signatures_verify_against_published_keys() {
             );
         }
         if sig.contains("a=rsa-sha256") {
-            assert!(sig_block.contains("d=shop.test"));
-            rsa_pass += 1;
+            if sig_block.contains("d=old.test") {
+                rsa1_pass += 1;
+            } else {
+                assert!(sig_block.contains("d=shop.test"), "{sig_block}");
+                rsa_pass += 1;
+            }
         } else {
             assert!(sig.contains("a=ed25519-sha256"), "{sig}");
             assert!(sig_block.contains("d=news.test"));
@@ -183,5 +206,5 @@ async fn rsa_and_ed25519_signatures_verify_against_published_keys() {
             out[0].result()
         );
     }
-    assert_eq!((rsa_pass, ed_pass), (3, 3));
+    assert_eq!((rsa_pass, ed_pass, rsa1_pass), (2, 2, 2));
 }
