@@ -88,6 +88,12 @@ pub async fn enqueue(
         None => {
             for (i, line) in reader.lines().enumerate() {
                 let line = line.with_context(|| format!("reading line {}", i + 1))?;
+                // A byte-order mark (spreadsheet and Windows exports) is not part of the JSON.
+                let line = if i == 0 {
+                    line.trim_start_matches('\u{feff}')
+                } else {
+                    &line
+                };
                 let line = line.trim();
                 if line.is_empty() {
                     continue;
@@ -111,15 +117,25 @@ pub async fn enqueue(
             let mut rdr = csv::ReaderBuilder::new()
                 .flexible(false)
                 .from_reader(reader);
-            let headers = rdr.headers().context("reading the CSV header row")?.clone();
+            let headers: Vec<String> = rdr
+                .headers()
+                .context("reading the CSV header row")?
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    let h = if i == 0 {
+                        h.trim_start_matches('\u{feff}')
+                    } else {
+                        h
+                    };
+                    h.trim().to_string()
+                })
+                .collect();
             let Some(email_col) = headers
                 .iter()
                 .position(|h| h.trim().eq_ignore_ascii_case("email"))
             else {
-                bail!(
-                    "the CSV has no `email` column (header row: {:?})",
-                    headers.iter().collect::<Vec<_>>()
-                );
+                bail!("the CSV has no `email` column (header row: {:?})", headers);
             };
             for (i, rec) in rdr.records().enumerate() {
                 let line_no = i + 2;
@@ -128,7 +144,6 @@ pub async fn enqueue(
                     let mut data = Map::new();
                     let mut id = None;
                     for (h, v) in headers.iter().zip(rec.iter()) {
-                        let h = h.trim();
                         if h.eq_ignore_ascii_case("email") {
                             continue;
                         }
@@ -139,9 +154,7 @@ pub async fn enqueue(
                         data.insert(h.to_string(), Value::String(v.to_string()));
                     }
                     // Deterministic id: enqueueing the same list twice sends once.
-                    let id = id.unwrap_or_else(|| {
-                        format!("{}:{}", opts.campaign, email.to_ascii_lowercase())
-                    });
+                    let id = id.unwrap_or_else(|| csv_job_id(&opts.campaign, &email));
                     serde_json::json!({
                         "id": id,
                         "campaign": opts.campaign,
@@ -172,6 +185,24 @@ pub async fn enqueue(
         eprint!("\r\x1b[K");
     }
     Ok(report)
+}
+
+/// `campaign:address` (lowercased), or, where that would pass the 200 characters a job id
+/// may have, `campaign:` and the SHA-256 of the address: still deterministic.
+fn csv_job_id(campaign: &str, email: &str) -> String {
+    let email = email.to_ascii_lowercase();
+    if campaign.len() + 1 + email.len() <= 200 {
+        return format!("{campaign}:{email}");
+    }
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
+    let mut id = String::with_capacity(campaign.len() + 65);
+    id.push_str(campaign);
+    id.push(':');
+    for b in Sha256::digest(email.as_bytes()) {
+        let _ = write!(id, "{b:02x}");
+    }
+    id
 }
 
 fn show(progress: bool, last: &mut Instant, started: Instant, n: u64) {

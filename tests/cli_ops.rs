@@ -57,7 +57,8 @@ fn enqueue_stats_and_metrics() {
         .join("\n");
     let (st, _, err) = paloma(
         &["enqueue", "--config", cfg, "-"],
-        Some(&format!("{lines}\n{{broken\n")),
+        // A byte-order mark before the first line (spreadsheet exports) is not an error.
+        Some(&format!("\u{feff}{lines}\n{{broken\n")),
     );
     assert_eq!(st.code(), Some(1), "{err}");
     assert!(
@@ -65,11 +66,20 @@ fn enqueue_stats_and_metrics() {
         "{err}"
     );
 
-    // CSV: the email column is `to`, the others are data; ids are campaign:email.
+    // CSV: the email column is `to`, the others are data; ids are campaign:email, or
+    // campaign:sha256(email) where that would pass 200 characters. The file starts with a
+    // byte-order mark.
     let csv = setup.path("list.csv");
+    let long = format!(
+        "{}@{}.{}.{}.test",
+        "l".repeat(64),
+        "a".repeat(60),
+        "b".repeat(60),
+        "c".repeat(60)
+    );
     std::fs::write(
         &csv,
-        "email,name,order_id\nana@x.test,Ana,A1\n\"bo@x.test\",\"Bo, Jr.\",B2\n",
+        format!("\u{feff}email,name,order_id\nana@x.test,Ana,A1\n\"bo@x.test\",\"Bo, Jr.\",B2\n{long},Long,C3\n"),
     )
     .unwrap();
     let (st, _, err) = paloma(
@@ -101,9 +111,20 @@ fn enqueue_stats_and_metrics() {
     let evs = wait_terminal(
         &mut conn,
         &setup.prefix,
-        7,
+        8,
         Duration::from_secs(30),
         Some(&daemon),
+    );
+    let long_id = evs
+        .iter()
+        .find(|e| e["to"] == long.as_str())
+        .expect("the long address was enqueued")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        long_id.len() == 4 + 64 && long_id.starts_with("csv:"),
+        "{long_id}"
     );
     let bo = evs
         .iter()
@@ -135,8 +156,8 @@ fn enqueue_stats_and_metrics() {
     let (code, body) = http_get(mport, "/metrics");
     assert_eq!(code, 200);
     for m in [
-        "paloma_jobs_read_total 7",
-        "paloma_messages_total{campaign=\"csv\",outcome=\"delivered\"} 2",
+        "paloma_jobs_read_total 8",
+        "paloma_messages_total{campaign=\"csv\",outcome=\"delivered\"} 3",
         "paloma_render_seconds_bucket",
         "paloma_smtp_seconds_bucket",
         "paloma_in_flight",
