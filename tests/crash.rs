@@ -201,3 +201,120 @@ fn a_redis_restart_mid_campaign_loses_nothing() {
         "only delivered events"
     );
 }
+
+/// A TCP proxy in front of Redis. Armed, it passes on the client's next write that holds a
+/// whole transaction acknowledging stream entries (`XACK` … `EXEC`), lets the server execute
+/// it, then cuts both connections without passing on a byte of the reply: the outcome is
+/// written, but the daemon cannot know.
+struct ReplyCutter {
+    port: u16,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ReplyCutter {
+    fn start(upstream: u16) -> ReplyCutter {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let (a, c) = (armed.clone(), cuts.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let cut = Arc::new(AtomicBool::new(false));
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let cut2 = cut.clone();
+                // server → client, until the cut.
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = s2.read(&mut buf) {
+                        if n == 0 || cut2.load(Ordering::SeqCst) || c2.write_all(&buf[..n]).is_err()
+                        {
+                            break;
+                        }
+                    }
+                    let _ = c2.shutdown(Shutdown::Both);
+                });
+                let (a, c) = (a.clone(), c.clone());
+                // client → server, cutting after a whole acknowledging transaction.
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    while let Ok(n) = client.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let chunk = &buf[..n];
+                        let has = |w: &[u8]| chunk.windows(w.len()).any(|x| x == w);
+                        let trigger = a.load(Ordering::SeqCst) && has(b"XACK") && has(b"EXEC");
+                        if trigger {
+                            a.store(false, Ordering::SeqCst);
+                            cut.store(true, Ordering::SeqCst);
+                        }
+                        if server.write_all(chunk).is_err() {
+                            break;
+                        }
+                        if trigger {
+                            c.fetch_add(1, Ordering::SeqCst);
+                            // The server reads and executes it; its reply goes nowhere.
+                            std::thread::sleep(Duration::from_millis(300));
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(Shutdown::Both);
+                    let _ = server.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        ReplyCutter { port, armed, cuts }
+    }
+}
+
+#[test]
+fn a_lost_reply_to_a_written_outcome_does_not_write_it_twice() {
+    use std::sync::atomic::Ordering;
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let cutter = ReplyCutter::start(redis.port);
+    let url = format!("redis://127.0.0.1:{}/", cutter.port);
+    let setup = Setup::new(&url, sink.port, "", "", "");
+    let mut conn = redis.conn();
+    let n = 20;
+    enqueue_raw(&mut conn, &setup.prefix, &jobs(n, "lost"));
+    cutter.armed.store(true, Ordering::SeqCst);
+    let daemon = Daemon::spawn(&setup.config);
+    wait_terminal(
+        &mut conn,
+        &setup.prefix,
+        n,
+        Duration::from_secs(60),
+        Some(&daemon),
+    );
+    assert_eq!(
+        cutter.cuts.load(Ordering::SeqCst),
+        1,
+        "one reply was lost after its transaction ran"
+    );
+    // Time for a wrongly repeated batch to land.
+    std::thread::sleep(Duration::from_secs(2));
+    let evs = events(&mut conn, &setup.prefix);
+    let by_id = terminal_by_id(&evs);
+    assert_eq!(by_id.len(), n);
+    for (id, t) in &by_id {
+        assert_eq!(t.len(), 1, "{id}: exactly one terminal event, got {t:?}");
+    }
+    let accepted = evs.iter().filter(|e| e["type"] == "accepted").count();
+    assert!(accepted <= n, "accepted events written twice: {accepted}");
+    assert!(
+        daemon.log_text().contains("only the reply was lost"),
+        "the recorder found its batch written"
+    );
+}

@@ -2,6 +2,11 @@
 //! per batch in one MULTI/EXEC: events, dead letters, delayed jobs, idempotency records,
 //! stats, then XACK + XDEL of the stream entries. A job's entry is acknowledged in the same
 //! transaction that makes its outcome durable, never before.
+//!
+//! Each transaction also sets a marker key of its own. When the reply to EXEC is lost (the
+//! connection broke or timed out after the server read EXEC), the marker tells whether the
+//! batch was written; only a batch that was not is written again, so a lost reply never
+//! duplicates events, dead letters or stats.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,7 +74,15 @@ pub struct Recorder {
     batch: usize,
     metrics: Arc<Metrics>,
     leases: Arc<Leases>,
+    /// `{prefix}written:{random}:`: the marker keys of this recorder's transactions.
+    marker_base: String,
+    seq: u64,
+    /// The marker of the last batch written, deleted by the next transaction.
+    last_marker: Option<String>,
 }
+
+/// How long a batch marker outlives a daemon that stopped before deleting it.
+const MARKER_TTL_SECS: u64 = 24 * 3600;
 
 impl Recorder {
     pub fn new(
@@ -82,6 +95,7 @@ impl Recorder {
         leases: Arc<Leases>,
     ) -> (Self, RecorderHandle) {
         let (tx, rx) = mpsc::channel(batch * 2);
+        let marker_base = format!("{}written:{:016x}:", keys.prefix, rand::random::<u64>());
         (
             Recorder {
                 rx,
@@ -92,6 +106,9 @@ impl Recorder {
                 batch,
                 metrics,
                 leases,
+                marker_base,
+                seq: 0,
+                last_marker: None,
             },
             RecorderHandle { tx },
         )
@@ -106,18 +123,36 @@ impl Recorder {
                 return;
             }
             self.metrics.event_batch.observe(buf.len() as f64);
+            self.seq += 1;
+            let marker = format!("{}{}", self.marker_base, self.seq);
             let mut delay = Duration::from_millis(50);
             loop {
-                match self.flush(&buf).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        self.metrics.redis_errors.inc();
-                        tracing::warn!(error = %e, records = buf.len(), "writing outcomes failed; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(2));
+                let Err(e) = self.flush(&buf, &marker).await else {
+                    break;
+                };
+                self.metrics.redis_errors.inc();
+                tracing::warn!(error = %e, records = buf.len(), "writing outcomes failed; checking whether they were written");
+                // Written or not: asked until Redis answers.
+                let written = loop {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                    match self.written(&marker).await {
+                        Ok(w) => break w,
+                        Err(e) => {
+                            self.metrics.redis_errors.inc();
+                            tracing::warn!(error = %e, "Redis still unavailable");
+                        }
                     }
+                };
+                if written {
+                    tracing::info!(
+                        records = buf.len(),
+                        "the outcomes had been written; only the reply was lost"
+                    );
+                    break;
                 }
             }
+            self.last_marker = Some(marker);
             self.leases
                 .release(buf.iter().filter_map(|r| r.ack.as_deref()));
             for r in &buf {
@@ -131,10 +166,27 @@ impl Recorder {
         }
     }
 
-    async fn flush(&mut self, records: &[Record]) -> redis::RedisResult<()> {
+    /// Whether the transaction that set `marker` was executed.
+    async fn written(&mut self, marker: &str) -> redis::RedisResult<bool> {
+        redis::cmd("EXISTS")
+            .arg(marker)
+            .query_async(&mut self.conn)
+            .await
+    }
+
+    async fn flush(&mut self, records: &[Record], marker: &str) -> redis::RedisResult<()> {
         let k = &self.keys;
         let mut p = redis::pipe();
         p.atomic();
+        p.cmd("SET")
+            .arg(marker)
+            .arg(1)
+            .arg("EX")
+            .arg(MARKER_TTL_SECS)
+            .ignore();
+        if let Some(last) = &self.last_marker {
+            p.cmd("DEL").arg(last).ignore();
+        }
         let mut acks: Vec<&str> = Vec::with_capacity(records.len());
         let mut stats: HashMap<(&str, &str), i64> = HashMap::new();
         for r in records {
