@@ -161,6 +161,9 @@ pub struct DeliverySettings {
     /// mx mode: how long a site is suspended after a 421 or a "slow down" reply, when no
     /// `[[backoff]]` rule matches first.
     pub throttle_suspend: Dur,
+    /// `[[domains]]` rates are held in Redis (GCRA under `{prefix}rate:`), so they bound the
+    /// whole fleet of daemons sharing the prefix; false: each daemon keeps its own.
+    pub shared_rates: bool,
 }
 
 impl Default for DeliverySettings {
@@ -184,6 +187,7 @@ impl Default for DeliverySettings {
             timeout: "30s".parse().expect("valid default"),
             max_message_bytes: 10 * 1024 * 1024,
             throttle_suspend: "5m".parse().expect("valid default"),
+            shared_rates: true,
         }
     }
 }

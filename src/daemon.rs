@@ -108,9 +108,6 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     let templates = Templates::load(&settings.templates.dir, settings.templates.strict)?;
     let dkim = DkimKeys::load(&settings.dkim)?;
     let renderer = Renderer::new(&settings, templates, dkim).map_err(anyhow::Error::msg)?;
-    let shaper = Arc::new(Shaper::new(&settings));
-    let sessions = Arc::new(AtomicI64::new(0));
-    let deliverer = Deliverer::new(&settings, shaper.clone(), sessions.clone()).await?;
     let metrics = Arc::new(Metrics::new());
     let keys = Keys::new(&settings.redis.prefix);
 
@@ -118,6 +115,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     let block = settings.intake.block.get();
     let reader = manager(&client, block + Duration::from_secs(5)).await?;
     let conn = manager(&client, Duration::from_secs(10)).await?;
+    let shaper = Arc::new(Shaper::with_redis(&settings, Some(conn.clone())));
+    let sessions = Arc::new(AtomicI64::new(0));
+    let deliverer = Deliverer::new(&settings, shaper.clone(), sessions.clone()).await?;
     let consumer = consumer_name(&settings);
     let mut intake = Intake::new(
         reader,

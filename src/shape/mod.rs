@@ -2,6 +2,12 @@
 //! by the suffix of its MX hosts), how fast it may be sent to (governor, keyed by domain or
 //! site), how many sessions its site may open, and how throttling replies suspend a site.
 //!
+//! Rates given in `[[domains]]` are kept in Redis by default (`delivery.shared_rates`): a
+//! GCRA whose state is one key per domain or site, advanced by a script, so every daemon
+//! sharing the prefix draws from the same budget. Each admission reserves the next slot if
+//! it comes within [`MAX_WAIT`] (the job waits for it in memory) or says when to come back.
+//! If Redis does not answer, the daemon's own limiter (governor) takes over until it does.
+//!
 //! A job over its domain's rate waits in memory only briefly (up to [`MAX_WAIT`], for at most
 //! a second's worth of that domain's traffic); the rest is put back in the delayed set at the
 //! time its slot comes, so a slow domain never holds workers that other domains need and
@@ -14,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use redis::aio::ConnectionManager;
 
 use crate::config::{BackoffRule, DeliveryMode, DomainRule, Rate, Settings};
 use crate::deliver::{enhanced_status, Outcome};
@@ -66,6 +73,89 @@ pub struct RuleState {
     keys: Mutex<HashMap<String, KeyState>>,
     /// Admissions so far, to prune the limiter's keys every few thousand.
     admits: std::sync::atomic::AtomicU64,
+    /// The rate in Redis, shared by every daemon; None: this daemon's limiter only.
+    shared: Option<SharedRate>,
+}
+
+/// GCRA with reservations, in Redis. KEYS[1]: the theoretical arrival time (TAT, µs of the
+/// server's clock). ARGV: emission interval, burst tolerance, longest reservation, all µs.
+/// Returns {1, wait}: a slot is reserved `wait` µs from now; {0, wait}: none within the
+/// longest reservation, the next one conforms in `wait` µs. The server's clock is the one
+/// clock of the fleet.
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local wait = tat - tolerance - now
+if wait > tonumber(ARGV[3]) then return {0, wait} end
+if wait < 0 then wait = 0 end
+local next_tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX',
+  math.floor((next_tat - now) / 1000) + 1000)
+return {1, wait}
+";
+
+struct SharedRate {
+    conn: ConnectionManager,
+    script: redis::Script,
+    /// `{prefix}rate:{pattern}:`, followed by the domain or site.
+    key_prefix: String,
+    interval_us: u64,
+    tolerance_us: u64,
+    /// When a failed call was last logged (Unix seconds), to log once a minute at most.
+    last_warned: std::sync::atomic::AtomicU64,
+}
+
+enum Reservation {
+    /// A slot, this far off.
+    In(Duration),
+    /// None within [`MAX_WAIT`]; the next conforming one is this far off.
+    No(Duration),
+}
+
+impl SharedRate {
+    async fn reserve(&self, key: &str) -> redis::RedisResult<Reservation> {
+        let mut k = String::with_capacity(self.key_prefix.len() + key.len());
+        k.push_str(&self.key_prefix);
+        k.push_str(key);
+        let (ok, wait): (i64, i64) = self
+            .script
+            .key(k)
+            .arg(self.interval_us)
+            .arg(self.tolerance_us)
+            .arg(MAX_WAIT.as_micros() as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let wait = Duration::from_micros(wait.max(0) as u64);
+        Ok(if ok == 1 {
+            Reservation::In(wait)
+        } else {
+            Reservation::No(wait)
+        })
+    }
+
+    fn warn(&self, e: &redis::RedisError) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last_warned.load(std::sync::atomic::Ordering::Relaxed);
+        if now >= last + 60
+            && self
+                .last_warned
+                .compare_exchange(
+                    last,
+                    now,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            tracing::warn!(error = %e, "shared rate: Redis did not answer; this daemon's own limiter applies meanwhile");
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -99,12 +189,36 @@ impl RuleState {
         connections: usize,
         messages_per_connection: u32,
     ) -> Self {
+        Self::with_redis(name, rate, connections, messages_per_connection, None)
+    }
+
+    /// `redis`: where the rate is shared (connection, key prefix); only used with a rate.
+    pub fn with_redis(
+        name: &str,
+        rate: Option<Rate>,
+        connections: usize,
+        messages_per_connection: u32,
+        redis: Option<(ConnectionManager, &str)>,
+    ) -> Self {
+        // Bursts of up to one second's worth: 60 messages at 10/s take at least 5 s.
+        let burst = |r: Rate| {
+            ((r.count as f64) * Duration::from_secs(1).as_secs_f64() / r.per.as_secs_f64())
+                .clamp(1.0, 1e6) as u32
+        };
+        let shared = rate.zip(redis).map(|(r, (conn, prefix))| {
+            let interval_us = (r.per.as_micros() as u64 / r.count as u64).max(1);
+            SharedRate {
+                conn,
+                script: redis::Script::new(GCRA),
+                key_prefix: format!("{prefix}rate:{name}:"),
+                interval_us,
+                tolerance_us: interval_us * (burst(r) as u64 - 1),
+                last_warned: std::sync::atomic::AtomicU64::new(0),
+            }
+        });
         let limiter = rate.map(|r| {
             let per_cell = r.per / r.count;
-            // Bursts of up to one second's worth: 60 messages at 10/s take at least 5 s.
-            let burst = ((r.count as f64) * Duration::from_secs(1).as_secs_f64()
-                / r.per.as_secs_f64())
-            .clamp(1.0, 1e6) as u32;
+            let burst = burst(r);
             let quota = Quota::with_period(per_cell.max(Duration::from_nanos(1)))
                 .expect("non-zero period")
                 .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
@@ -118,6 +232,7 @@ impl RuleState {
             limiter,
             keys: Mutex::new(HashMap::new()),
             admits: std::sync::atomic::AtomicU64::new(0),
+            shared,
         }
     }
 
@@ -139,34 +254,75 @@ impl RuleState {
             limiter.shrink_to_fit();
         }
         let key_owned = key.to_string();
+        let per_second = (rate.count as f64 / rate.per.as_secs_f64()).max(1.0) as usize;
+        if let Some(shared) = &self.shared {
+            // At most a second's worth of this key waits in this daemon's memory.
+            if self.waiting(&key_owned) >= per_second {
+                return self.later(&key_owned, rate, MAX_WAIT);
+            }
+            match shared.reserve(&key_owned).await {
+                Ok(Reservation::In(wait)) if wait.is_zero() => return Admission::Go,
+                Ok(Reservation::In(wait)) => {
+                    self.add_waiting(&key_owned, 1);
+                    tokio::time::sleep(wait).await;
+                    self.add_waiting(&key_owned, -1);
+                    return Admission::Go;
+                }
+                Ok(Reservation::No(wait)) => return self.later(&key_owned, rate, wait),
+                Err(e) => shared.warn(&e),
+            }
+        }
         let wait = match limiter.check_key(&key_owned) {
             Ok(()) => return Admission::Go,
             Err(not_until) => not_until.wait_time_from(DefaultClock::default().now()),
         };
-        let per_second = (rate.count as f64 / rate.per.as_secs_f64()).max(1.0) as usize;
-        let now = Instant::now();
-        {
-            let mut keys = self.keys.lock().expect("shaper lock");
-            if keys.len() > 100_000 {
-                keys.retain(|_, k| k.waiting > 0 || k.horizon > now);
-            }
-            let ks = keys.entry(key_owned.clone()).or_insert(KeyState {
-                waiting: 0,
-                horizon: now,
-            });
-            if ks.waiting >= per_second || wait > MAX_WAIT {
-                let interval = rate.per / rate.count;
-                let slot = ks.horizon.max(now + MAX_WAIT);
-                ks.horizon = slot + interval;
-                return Admission::Later(slot - now);
-            }
-            ks.waiting += 1;
+        if wait > MAX_WAIT || self.waiting(&key_owned) >= per_second {
+            return self.later(&key_owned, rate, wait);
         }
+        self.add_waiting(&key_owned, 1);
         limiter.until_key_ready(&key_owned).await;
-        if let Some(ks) = self.keys.lock().expect("shaper lock").get_mut(&key_owned) {
-            ks.waiting -= 1;
-        }
+        self.add_waiting(&key_owned, -1);
         Admission::Go
+    }
+
+    /// Jobs of `key` waiting in memory for their slot.
+    fn waiting(&self, key: &str) -> usize {
+        self.keys
+            .lock()
+            .expect("shaper lock")
+            .get(key)
+            .map_or(0, |k| k.waiting)
+    }
+
+    fn add_waiting(&self, key: &str, n: isize) {
+        let now = Instant::now();
+        let mut keys = self.keys.lock().expect("shaper lock");
+        if keys.len() > 100_000 {
+            keys.retain(|_, k| k.waiting > 0 || k.horizon > now);
+        }
+        let ks = keys.entry(key.to_string()).or_insert(KeyState {
+            waiting: 0,
+            horizon: now,
+        });
+        ks.waiting = ks.waiting.saturating_add_signed(n);
+    }
+
+    /// Back to the delayed set: no sooner than `wait` (and [`MAX_WAIT`]), and spread one
+    /// interval apart from the others put back for this key, so they do not all return at
+    /// once.
+    fn later(&self, key: &str, rate: Rate, wait: Duration) -> Admission {
+        let now = Instant::now();
+        let mut keys = self.keys.lock().expect("shaper lock");
+        if keys.len() > 100_000 {
+            keys.retain(|_, k| k.waiting > 0 || k.horizon > now);
+        }
+        let ks = keys.entry(key.to_string()).or_insert(KeyState {
+            waiting: 0,
+            horizon: now,
+        });
+        let slot = ks.horizon.max(now + wait.max(MAX_WAIT));
+        ks.horizon = slot + rate.per / rate.count;
+        Admission::Later(slot - now)
     }
 }
 
@@ -179,17 +335,27 @@ pub struct Shaper {
 }
 
 impl Shaper {
+    /// Rules with each daemon's own rate limiters (tests, benches, `shared_rates = false`).
     pub fn new(settings: &Settings) -> Self {
+        Self::with_redis(settings, None)
+    }
+
+    /// `redis`: the connection through which `[[domains]]` rates are shared, when
+    /// `delivery.shared_rates` is on.
+    pub fn with_redis(settings: &Settings, redis: Option<ConnectionManager>) -> Self {
         let d = &settings.delivery;
+        let redis = redis.filter(|_| d.shared_rates);
+        let prefix = settings.redis.prefix.as_str();
         let mut default = RuleState::new("*", None, d.connections, d.messages_per_connection);
         let mut rules: Vec<(String, Arc<RuleState>)> = Vec::new();
         let mut add = |r: &DomainRule| {
-            let state = RuleState::new(
+            let state = RuleState::with_redis(
                 &r.pattern,
                 r.rate,
                 r.connections.unwrap_or(d.connections),
                 r.messages_per_connection
                     .unwrap_or(d.messages_per_connection),
+                redis.clone().map(|c| (c, prefix)),
             );
             if r.pattern == "*" {
                 default = state;
