@@ -165,7 +165,15 @@ const LAST: [&str; 6] = [
     "García", "Müller", "O'Brien", "Nakamura", "Silva", "Kowalski",
 ];
 
-pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
+pub async fn run(mut opts: DemoOptions) -> anyhow::Result<()> {
+    // Run from elsewhere (`cargo run --manifest-path …`): the checkout this was built from.
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+    if !opts.templates.join("newsletter").is_dir()
+        && opts.templates == Path::new("templates")
+        && built_from.join("newsletter").is_dir()
+    {
+        opts.templates = built_from;
+    }
     if !opts.templates.join("newsletter").is_dir() {
         bail!(
             "templates not found at {} (run the demo from the repository root, or pass --templates DIR)",
