@@ -318,3 +318,48 @@ fn a_lost_reply_to_a_written_outcome_does_not_write_it_twice() {
         "the recorder found its batch written"
     );
 }
+
+#[test]
+fn a_refused_write_inside_an_outcome_batch_is_reported_not_repeated() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let setup = Setup::new(&redis.url(), sink.port, "", "", "");
+    let mut conn = redis.conn();
+    // Another tool wrote a plain string where the event stream belongs: every XADD to it is
+    // refused (WRONGTYPE) inside transactions whose other writes succeed.
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}events", setup.prefix))
+        .arg("not a stream")
+        .query(&mut conn)
+        .unwrap();
+    let n = 10;
+    enqueue_raw(&mut conn, &setup.prefix, &jobs(n, "wt"));
+    let daemon = Daemon::spawn(&setup.config);
+    let stats = format!("{}stats:wt", setup.prefix);
+    wait_for("outcomes written", Duration::from_secs(30), || {
+        let d: Option<i64> = redis::cmd("HGET")
+            .arg(&stats)
+            .arg("delivered")
+            .query(&mut conn)
+            .unwrap();
+        d == Some(n as i64)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let d: i64 = redis::cmd("HGET")
+        .arg(&stats)
+        .arg("delivered")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(d, n as i64, "the batch was not written again");
+    assert_eq!(sink.count(), n);
+    let pending: i64 = redis::cmd("XLEN")
+        .arg(format!("{}sends", setup.prefix))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(pending, 0, "every entry acknowledged and deleted");
+    let log = daemon.log_text();
+    assert!(
+        log.contains("WRONGTYPE") && log.contains("refused"),
+        "the refusal is in the log: {log}"
+    );
+}

@@ -131,7 +131,18 @@ impl Recorder {
                     break;
                 };
                 self.metrics.redis_errors.inc();
-                tracing::warn!(error = %e, records = buf.len(), "writing outcomes failed; checking whether they were written");
+                // An error reply inside EXEC (a key of the wrong type, written by another
+                // tool) fails that command alone: the rest of the batch is written, and
+                // writing it again would count it twice.
+                let refused = !(e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal());
+                if refused {
+                    tracing::error!(error = %e, records = buf.len(), "Redis refused part of an outcome batch");
+                } else {
+                    tracing::warn!(error = %e, records = buf.len(), "writing outcomes failed; checking whether they were written");
+                }
                 // Written or not: asked until Redis answers.
                 let written = loop {
                     tokio::time::sleep(delay).await;
@@ -145,10 +156,12 @@ impl Recorder {
                     }
                 };
                 if written {
-                    tracing::info!(
-                        records = buf.len(),
-                        "the outcomes had been written; only the reply was lost"
-                    );
+                    if !refused {
+                        tracing::info!(
+                            records = buf.len(),
+                            "the outcomes had been written; only the reply was lost"
+                        );
+                    }
                     break;
                 }
             }
