@@ -485,6 +485,14 @@ impl Site {
     /// Sends to this site at most at `rate` until `until`.
     pub fn slow(&self, rate: Rate, until: Instant) {
         if let Ok(mut s) = self.slowed.lock() {
+            // Another throttling reply while slowed to the same rate extends the period but
+            // keeps the limiter: a new one would start with a fresh burst each time.
+            if let Some((t, r)) = s.as_mut() {
+                if *t > Instant::now() && r.rate() == Some(rate) {
+                    *t = (*t).max(until);
+                    return;
+                }
+            }
             let state = RuleState::new(&format!("slowed:{}", self.key), Some(rate), 1, 1);
             *s = Some((until, Arc::new(state)));
         }
@@ -591,6 +599,28 @@ mod tests {
         );
         assert_eq!(super::dot_stuff(".x\r\n"), "..x\r\n.\r\n");
         assert_eq!(super::dot_stuff("plain\r\n"), "plain\r\n.\r\n");
+    }
+
+    #[test]
+    fn a_second_throttling_reply_extends_the_slow_down_without_a_fresh_burst() {
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+        let site = super::Site::new("mx.test".into(), Vec::new(), 1);
+        let rate: crate::config::Rate = "2/s".parse().unwrap();
+        let now = Instant::now();
+        site.slow(rate, now + Duration::from_secs(10));
+        let first = site.slowed().expect("slowed");
+        site.slow(rate, now + Duration::from_secs(20));
+        let second = site.slowed().expect("still slowed");
+        assert!(
+            Arc::ptr_eq(&first, &second),
+            "the same limiter, its burst spent"
+        );
+        // A different rate replaces it.
+        site.slow("1/s".parse().unwrap(), now + Duration::from_secs(5));
+        let third = site.slowed().expect("slowed");
+        assert!(!Arc::ptr_eq(&second, &third));
+        assert_eq!(third.rate(), Some("1/s".parse().unwrap()));
     }
 
     #[test]

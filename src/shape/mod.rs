@@ -236,6 +236,10 @@ impl RuleState {
         }
     }
 
+    pub fn rate(&self) -> Option<Rate> {
+        self.rate
+    }
+
     /// Waits for `key`'s rate slot if it is close, else says when to come back.
     pub async fn admit(&self, key: &str) -> Admission {
         let (Some(limiter), Some(rate)) = (&self.limiter, self.rate) else {
