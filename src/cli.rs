@@ -48,7 +48,13 @@ pub async fn enqueue(
     let client = redis_client(settings).await?;
     let mut conn = manager(&client, std::time::Duration::from_secs(30)).await?;
     let keys = Keys::new(&settings.redis.prefix);
-    let reader = open(&input)?;
+    let mut reader = open(&input)?;
+    // A byte-order mark (spreadsheet and Windows exports) is not part of the first line or
+    // the header row; removed from the bytes, before a quote of a quoted header is read.
+    let head = reader.fill_buf().context("reading the input")?;
+    if head.starts_with(b"\xEF\xBB\xBF") {
+        reader.consume(3);
+    }
     let progress = std::io::stderr().is_terminal();
     let started = Instant::now();
     let mut last_report = Instant::now();
@@ -88,12 +94,6 @@ pub async fn enqueue(
         None => {
             for (i, line) in reader.lines().enumerate() {
                 let line = line.with_context(|| format!("reading line {}", i + 1))?;
-                // A byte-order mark (spreadsheet and Windows exports) is not part of the JSON.
-                let line = if i == 0 {
-                    line.trim_start_matches('\u{feff}')
-                } else {
-                    &line
-                };
                 let line = line.trim();
                 if line.is_empty() {
                     continue;
@@ -121,15 +121,7 @@ pub async fn enqueue(
                 .headers()
                 .context("reading the CSV header row")?
                 .iter()
-                .enumerate()
-                .map(|(i, h)| {
-                    let h = if i == 0 {
-                        h.trim_start_matches('\u{feff}')
-                    } else {
-                        h
-                    };
-                    h.trim().to_string()
-                })
+                .map(|h| h.trim().to_string())
                 .collect();
             let Some(email_col) = headers
                 .iter()

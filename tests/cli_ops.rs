@@ -79,7 +79,7 @@ fn enqueue_stats_and_metrics() {
     );
     std::fs::write(
         &csv,
-        format!("\u{feff}email,name,order_id\nana@x.test,Ana,A1\n\"bo@x.test\",\"Bo, Jr.\",B2\n{long},Long,C3\n"),
+        format!("\u{feff}\"email\",\"name\",order_id\nana@x.test,Ana,A1\n\"bo@x.test\",\"Bo, Jr.\",B2\n{long},Long,C3\n"),
     )
     .unwrap();
     let (st, _, err) = paloma(

@@ -175,7 +175,10 @@ impl MxRouter {
             Err(e) if e.is_no_records_found() => hosts.push((0, domain.to_string())),
             Err(e) => return Err(format!("DNS MX lookup for {domain} failed: {e}")),
         }
-        hosts.sort_by_key(|(p, _)| *p);
+        // By preference, then name: resolvers rotate hosts of equal preference, and the site
+        // key (which names the site's shared rate in Redis) must not depend on that order.
+        hosts.sort();
+        hosts.dedup();
         let mut addrs: Vec<(String, IpAddr)> = Vec::new();
         let mut dns_errors = Vec::new();
         for (_, host) in &hosts {
