@@ -605,13 +605,8 @@ async fn deliver_job(
     } else {
         domain.as_str()
     };
-    if let Admission::Later(wait) = rule.admit(key).await {
-        m.shaping_delays
-            .with_label_values(&[rule.name.as_str()])
-            .inc();
-        return Some(put_back(entry, ident, wait));
-    }
-    // A rate lowered by a throttling reply applies to the whole site.
+    // A rate lowered by a throttling reply applies to the whole site; checked first, as it
+    // is this daemon's own: a job it sends back then takes no slot of the shared rate.
     if let Some(slowed) = site.slowed() {
         if let Admission::Later(wait) = slowed.admit(&site.key).await {
             m.shaping_delays
@@ -619,6 +614,12 @@ async fn deliver_job(
                 .inc();
             return Some(put_back(entry, ident, wait));
         }
+    }
+    if let Admission::Later(wait) = rule.admit(key).await {
+        m.shaping_delays
+            .with_label_values(&[rule.name.as_str()])
+            .inc();
+        return Some(put_back(entry, ident, wait));
     }
 
     let t0 = Instant::now();

@@ -202,10 +202,10 @@ fn a_redis_restart_mid_campaign_loses_nothing() {
     );
 }
 
-/// A TCP proxy in front of Redis. Armed, it passes on the client's next write that holds a
-/// whole transaction acknowledging stream entries (`XACK` … `EXEC`), lets the server execute
-/// it, then cuts both connections without passing on a byte of the reply: the outcome is
-/// written, but the daemon cannot know.
+/// A TCP proxy in front of Redis. Armed, it passes on the client's next transaction that
+/// acknowledges stream entries (`XACK` … `EXEC`), waits until the server has executed it
+/// (the reply to EXEC follows the last `+QUEUED`), then cuts both connections without passing
+/// on a byte of those replies: the outcome is written, but the daemon cannot know.
 struct ReplyCutter {
     port: u16,
     armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -219,6 +219,10 @@ impl ReplyCutter {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         use std::sync::Arc;
 
+        fn has(hay: &[u8], w: &[u8]) -> bool {
+            hay.windows(w.len()).any(|x| x == w)
+        }
+
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let armed = Arc::new(AtomicBool::new(false));
@@ -231,41 +235,64 @@ impl ReplyCutter {
                     continue;
                 };
                 let cut = Arc::new(AtomicBool::new(false));
+                let executed = Arc::new(AtomicBool::new(false));
                 let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let cut2 = cut.clone();
-                // server → client, until the cut.
+                let (cut2, executed2) = (cut.clone(), executed.clone());
+                // server → client; after the cut, swallowed until EXEC's reply has come.
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 64 * 1024];
+                    let mut swallowed = Vec::new();
                     while let Ok(n) = s2.read(&mut buf) {
-                        if n == 0 || cut2.load(Ordering::SeqCst) || c2.write_all(&buf[..n]).is_err()
-                        {
+                        if n == 0 {
+                            break;
+                        }
+                        if cut2.load(Ordering::SeqCst) {
+                            swallowed.extend_from_slice(&buf[..n]);
+                            if has(&swallowed, b"QUEUED\r\n*") {
+                                executed2.store(true, Ordering::SeqCst);
+                            }
+                            continue;
+                        }
+                        if c2.write_all(&buf[..n]).is_err() {
                             break;
                         }
                     }
                     let _ = c2.shutdown(Shutdown::Both);
                 });
                 let (a, c) = (a.clone(), c.clone());
-                // client → server, cutting after a whole acknowledging transaction.
+                // client → server, cutting after a whole acknowledging transaction (which
+                // may arrive in several reads).
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 256 * 1024];
+                    let mut tail: Vec<u8> = Vec::new();
+                    let mut saw_xack = false;
                     while let Ok(n) = client.read(&mut buf) {
                         if n == 0 {
                             break;
                         }
-                        let chunk = &buf[..n];
-                        let has = |w: &[u8]| chunk.windows(w.len()).any(|x| x == w);
-                        let trigger = a.load(Ordering::SeqCst) && has(b"XACK") && has(b"EXEC");
+                        // The end of the previous read, for words split across reads.
+                        tail.extend_from_slice(&buf[..n]);
+                        saw_xack |= has(&tail, b"XACK");
+                        let exec = has(&tail, b"EXEC");
+                        let trigger = a.load(Ordering::SeqCst) && saw_xack && exec;
+                        if exec {
+                            saw_xack = false;
+                        }
+                        let keep = tail.len().saturating_sub(8);
+                        tail.drain(..keep);
                         if trigger {
                             a.store(false, Ordering::SeqCst);
                             cut.store(true, Ordering::SeqCst);
                         }
-                        if server.write_all(chunk).is_err() {
+                        if server.write_all(&buf[..n]).is_err() {
                             break;
                         }
                         if trigger {
                             c.fetch_add(1, Ordering::SeqCst);
-                            // The server reads and executes it; its reply goes nowhere.
-                            std::thread::sleep(Duration::from_millis(300));
+                            let deadline = Instant::now() + Duration::from_secs(10);
+                            while !executed.load(Ordering::SeqCst) && Instant::now() < deadline {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
                             break;
                         }
                     }
@@ -359,7 +386,40 @@ fn a_refused_write_inside_an_outcome_batch_is_reported_not_repeated() {
     assert_eq!(pending, 0, "every entry acknowledged and deleted");
     let log = daemon.log_text();
     assert!(
-        log.contains("WRONGTYPE") && log.contains("refused"),
+        log.contains("WRONGTYPE") && log.contains("event not written"),
         "the refusal is in the log: {log}"
     );
+}
+
+#[test]
+fn a_job_redis_refuses_to_schedule_goes_to_the_dead_letters_not_nowhere() {
+    let redis = Redis::start();
+    // Every RCPT deferred: each job goes back to the delayed set for a retry.
+    let sink = Sink::start(&["-r", "RCPT"]);
+    let setup = Setup::new(&redis.url(), sink.port, "", "", "");
+    let mut conn = redis.conn();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}scheduled", setup.prefix))
+        .arg("not a sorted set")
+        .query(&mut conn)
+        .unwrap();
+    let n = 3;
+    enqueue_raw(&mut conn, &setup.prefix, &jobs(n, "ns"));
+    let daemon = Daemon::spawn(&setup.config);
+    wait_for("dead letters", Duration::from_secs(30), || {
+        dead_letters(&mut conn, &setup.prefix).len() >= n
+    });
+    let dead = dead_letters(&mut conn, &setup.prefix);
+    assert_eq!(dead.len(), n, "{dead:?}");
+    let mut ids: Vec<String> = dead
+        .iter()
+        .map(|(job, error)| {
+            assert!(error.contains("delayed set"), "{error}");
+            let v: serde_json::Value = serde_json::from_str(job).expect("the job as received");
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["ns-0", "ns-1", "ns-2"]);
+    assert!(daemon.log_text().contains("dead-letter"));
 }

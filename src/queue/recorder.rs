@@ -127,7 +127,8 @@ impl Recorder {
             let marker = format!("{}{}", self.marker_base, self.seq);
             let mut delay = Duration::from_millis(50);
             loop {
-                let Err(e) = self.flush(&buf, &marker).await else {
+                let (result, ops) = self.flush(&buf, &marker).await;
+                let Err(e) = result else {
                     break;
                 };
                 self.metrics.redis_errors.inc();
@@ -138,11 +139,7 @@ impl Recorder {
                     || e.is_timeout()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal());
-                if refused {
-                    tracing::error!(error = %e, records = buf.len(), "Redis refused part of an outcome batch");
-                } else {
-                    tracing::warn!(error = %e, records = buf.len(), "writing outcomes failed; checking whether they were written");
-                }
+                tracing::warn!(error = %e, records = buf.len(), "writing outcomes failed; checking whether they were written");
                 // Written or not: asked until Redis answers.
                 let written = loop {
                     tokio::time::sleep(delay).await;
@@ -156,7 +153,9 @@ impl Recorder {
                     }
                 };
                 if written {
-                    if !refused {
+                    if refused {
+                        self.refused(&buf, &ops, e).await;
+                    } else {
                         tracing::info!(
                             records = buf.len(),
                             "the outcomes had been written; only the reply was lost"
@@ -187,22 +186,31 @@ impl Recorder {
             .await
     }
 
-    async fn flush(&mut self, records: &[Record], marker: &str) -> redis::RedisResult<()> {
+    /// Writes the batch in one transaction. Also returns what each command of the
+    /// transaction writes, by position, to name what a refusal inside it lost.
+    async fn flush(
+        &mut self,
+        records: &[Record],
+        marker: &str,
+    ) -> (redis::RedisResult<()>, Vec<(usize, Op)>) {
         let k = &self.keys;
         let mut p = redis::pipe();
         p.atomic();
+        let mut ops: Vec<(usize, Op)> = Vec::with_capacity(records.len() * 4 + 8);
         p.cmd("SET")
             .arg(marker)
             .arg(1)
             .arg("EX")
             .arg(MARKER_TTL_SECS)
             .ignore();
+        ops.push((0, Op::Other));
         if let Some(last) = &self.last_marker {
             p.cmd("DEL").arg(last).ignore();
+            ops.push((0, Op::Other));
         }
         let mut acks: Vec<&str> = Vec::with_capacity(records.len());
         let mut stats: HashMap<(&str, &str), i64> = HashMap::new();
-        for r in records {
+        for (i, r) in records.iter().enumerate() {
             if let Some(ev) = &r.event {
                 p.cmd("XADD")
                     .arg(&k.events)
@@ -210,6 +218,7 @@ impl Recorder {
                     .arg("event")
                     .arg(ev)
                     .ignore();
+                ops.push((i, Op::Event));
             }
             if let Some((job, error)) = &r.dead {
                 p.cmd("XADD")
@@ -220,6 +229,7 @@ impl Recorder {
                     .arg("error")
                     .arg(error)
                     .ignore();
+                ops.push((i, Op::Dead));
             }
             if let Some((due, member)) = &r.schedule {
                 p.cmd("ZADD")
@@ -227,6 +237,7 @@ impl Recorder {
                     .arg(*due)
                     .arg(member)
                     .ignore();
+                ops.push((i, Op::Schedule));
             }
             if let Some((id, state)) = &r.idem {
                 match state {
@@ -256,6 +267,7 @@ impl Recorder {
                         p.cmd("DEL").arg(k.idem(id)).ignore();
                     }
                 }
+                ops.push((i, Op::Other));
             }
             if let Some((key, value, ttl)) = &r.store {
                 p.cmd("SET")
@@ -264,6 +276,7 @@ impl Recorder {
                     .arg("EX")
                     .arg(*ttl)
                     .ignore();
+                ops.push((i, Op::Other));
             }
             if let Some((addr, reason)) = &r.suppress {
                 p.cmd("HSETNX")
@@ -271,6 +284,7 @@ impl Recorder {
                     .arg(crate::policy::suppression::field(addr))
                     .arg(*reason)
                     .ignore();
+                ops.push((i, Op::Other));
             }
             if let Some((campaign, outcome)) = &r.stat {
                 *stats.entry((campaign.as_str(), outcome)).or_default() += 1;
@@ -289,12 +303,14 @@ impl Recorder {
                 .arg(*field)
                 .arg(*n)
                 .ignore();
+            ops.push((0, Op::Other));
             if !campaigns.contains(campaign) {
                 campaigns.push(campaign);
             }
         }
         if !campaigns.is_empty() {
             p.cmd("SADD").arg(&k.campaigns).arg(&campaigns).ignore();
+            ops.push((0, Op::Other));
         }
         if !acks.is_empty() {
             p.cmd("XACK")
@@ -303,7 +319,71 @@ impl Recorder {
                 .arg(&acks)
                 .ignore();
             p.cmd("XDEL").arg(&k.sends).arg(&acks).ignore();
+            ops.push((0, Op::Other));
+            ops.push((0, Op::Other));
         }
-        p.query_async::<()>(&mut self.conn).await
+        (p.query_async::<()>(&mut self.conn).await, ops)
     }
+
+    /// Commands Redis refused inside a transaction that otherwise ran: what each lost is
+    /// logged, and a job whose return to the delayed set was refused goes to the dead-letter
+    /// stream instead (its stream entry is already acknowledged), so that it is not lost.
+    async fn refused(&mut self, records: &[Record], ops: &[(usize, Op)], e: redis::RedisError) {
+        let text = e.to_string();
+        let Some(errors) = e.into_server_errors() else {
+            tracing::error!(error = %text, "Redis refused part of an outcome batch");
+            return;
+        };
+        for (index, err) in errors.iter() {
+            let err = err.to_string();
+            let Some(&(r, op)) = ops.get(*index) else {
+                tracing::error!(error = %err, "Redis refused part of an outcome batch");
+                continue;
+            };
+            let record = &records[r];
+            match op {
+                Op::Event => {
+                    tracing::error!(error = %err, event = record.event.as_deref().unwrap_or_default(), "event not written: Redis refused it")
+                }
+                Op::Dead => {
+                    tracing::error!(error = %err, job = %String::from_utf8_lossy(record.dead.as_ref().map_or(&[][..], |d| &d.0)), "dead letter not written: Redis refused it")
+                }
+                Op::Schedule => {
+                    let member = record.schedule.as_ref().map_or("", |s| s.1.as_str());
+                    // `attempt|first_at|job`: the dead letter carries the job as received.
+                    let job = member.splitn(3, '|').nth(2).unwrap_or(member);
+                    let reason = format!("could not be put back in the delayed set: {err}");
+                    let dead: redis::RedisResult<()> = redis::cmd("XADD")
+                        .arg(&self.keys.dead)
+                        .arg("*")
+                        .arg("job")
+                        .arg(job)
+                        .arg("error")
+                        .arg(&reason)
+                        .query_async(&mut self.conn)
+                        .await;
+                    match dead {
+                        Ok(()) => {
+                            tracing::error!(error = %err, "a job Redis refused to schedule went to the dead-letter stream")
+                        }
+                        Err(e2) => {
+                            tracing::error!(error = %err, dead_letter_error = %e2, job = member, "a job Redis refused to schedule could not be dead-lettered either")
+                        }
+                    }
+                }
+                Op::Other => {
+                    tracing::error!(error = %err, "Redis refused part of an outcome batch")
+                }
+            }
+        }
+    }
+}
+
+/// What one command of an outcome transaction writes (for [`Recorder::refused`]).
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Event,
+    Dead,
+    Schedule,
+    Other,
 }

@@ -77,58 +77,92 @@ pub struct RuleState {
     shared: Option<SharedRate>,
 }
 
-/// GCRA with reservations, in Redis. KEYS[1]: the theoretical arrival time (TAT, µs of the
-/// server's clock). ARGV: emission interval, burst tolerance, longest reservation, all µs.
+/// GCRA with reservations, in Redis, on the server's clock (the one clock of the fleet).
+/// KEYS[1]: the theoretical arrival time (TAT); KEYS[2]: when the next job sent back may
+/// return; both µs. ARGV: emission interval, burst tolerance, longest reservation (µs).
 /// Returns {1, wait}: a slot is reserved `wait` µs from now; {0, wait}: none within the
-/// longest reservation, the next one conforms in `wait` µs. The server's clock is the one
-/// clock of the fleet.
+/// longest reservation, come back in `wait` µs (one interval after the previous job sent
+/// back by any daemon, so that returns are paced for the fleet, not per daemon).
+/// A TAT further ahead than any reservation can take it (the server's clock stepped back,
+/// or a daemon with a slower rate for the same key) is pulled back; a value that is not a
+/// number counts as none.
 const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+local longest = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat > now + tolerance + longest + interval then tat = now + tolerance + longest + interval end
 if tat < now then tat = now end
 local wait = tat - tolerance - now
-if wait > tonumber(ARGV[3]) then return {0, wait} end
-if wait < 0 then wait = 0 end
-local next_tat = tat + interval
-redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX',
-  math.floor((next_tat - now) / 1000) + 1000)
-return {1, wait}
+if wait <= longest then
+  if wait < 0 then wait = 0 end
+  local next_tat = tat + interval
+  redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX',
+    math.floor((next_tat - now) / 1000) + 1000)
+  return {1, wait}
+end
+local back = tonumber(redis.call('GET', KEYS[2])) or 0
+local due = math.max(back, now + wait)
+redis.call('SET', KEYS[2], string.format('%.0f', due + interval), 'PX',
+  math.floor((due + interval - now) / 1000) + 1000)
+return {0, due - now}
 ";
+
+/// After a failed call, the daemon's own limiter is used this long before Redis is asked
+/// again (a Redis that hangs would otherwise cost every admission its timeout).
+const SHARED_PAUSE: Duration = Duration::from_secs(5);
+/// The longest a reservation may take before the daemon's own limiter is used instead.
+const SHARED_TIMEOUT: Duration = Duration::from_millis(500);
 
 struct SharedRate {
     conn: ConnectionManager,
     script: redis::Script,
-    /// `{prefix}rate:{pattern}:`, followed by the domain or site.
-    key_prefix: String,
+    /// `{prefix}rate:{pattern}:` and `{prefix}rate-back:{pattern}:`, then the domain or site.
+    tat_prefix: String,
+    back_prefix: String,
     interval_us: u64,
     tolerance_us: u64,
-    /// When a failed call was last logged (Unix seconds), to log once a minute at most.
+    /// Until when (Unix ms) Redis is not asked, after a failure.
+    paused_until: std::sync::atomic::AtomicU64,
+    /// When a failure was last logged (Unix ms), to log once a minute at most.
     last_warned: std::sync::atomic::AtomicU64,
 }
 
 enum Reservation {
     /// A slot, this far off.
     In(Duration),
-    /// None within [`MAX_WAIT`]; the next conforming one is this far off.
+    /// None within [`MAX_WAIT`]: back to the delayed set for this long.
     No(Duration),
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl SharedRate {
-    async fn reserve(&self, key: &str) -> redis::RedisResult<Reservation> {
-        let mut k = String::with_capacity(self.key_prefix.len() + key.len());
-        k.push_str(&self.key_prefix);
-        k.push_str(key);
-        let (ok, wait): (i64, i64) = self
-            .script
-            .key(k)
+    fn paused(&self) -> bool {
+        unix_ms() < self.paused_until.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn reserve(&self, key: &str) -> Result<Reservation, String> {
+        let mut script = self.script.prepare_invoke();
+        script
+            .key(format!("{}{key}", self.tat_prefix))
+            .key(format!("{}{key}", self.back_prefix))
             .arg(self.interval_us)
             .arg(self.tolerance_us)
-            .arg(MAX_WAIT.as_micros() as u64)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(MAX_WAIT.as_micros() as u64);
+        let mut conn = self.conn.clone();
+        let (ok, wait): (i64, i64) =
+            match tokio::time::timeout(SHARED_TIMEOUT, script.invoke_async(&mut conn)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err(format!("no answer within {SHARED_TIMEOUT:?}")),
+            };
         let wait = Duration::from_micros(wait.max(0) as u64);
         Ok(if ok == 1 {
             Reservation::In(wait)
@@ -137,23 +171,40 @@ impl SharedRate {
         })
     }
 
-    fn warn(&self, e: &redis::RedisError) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = self.last_warned.load(std::sync::atomic::Ordering::Relaxed);
-        if now >= last + 60
+    /// A failed call: Redis is left alone for [`SHARED_PAUSE`]; logged once a minute.
+    fn failed(&self, error: &str) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = unix_ms();
+        self.paused_until
+            .store(now + SHARED_PAUSE.as_millis() as u64, Relaxed);
+        let last = self.last_warned.load(Relaxed);
+        if now >= last + 60_000
             && self
                 .last_warned
-                .compare_exchange(
-                    last,
-                    now,
-                    std::sync::atomic::Ordering::Relaxed,
-                    std::sync::atomic::Ordering::Relaxed,
-                )
+                .compare_exchange(last, now, Relaxed, Relaxed)
                 .is_ok()
         {
-            tracing::warn!(error = %e, "shared rate: Redis did not answer; this daemon's own limiter applies meanwhile");
+            tracing::warn!(%error, "shared rate: Redis refused or did not answer; this daemon's own limiter applies meanwhile");
+        }
+    }
+}
+
+/// A job of one key waiting in memory for its slot; counted until dropped.
+struct Waiting<'a> {
+    rule: &'a RuleState,
+    key: &'a str,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(ks) = self
+            .rule
+            .keys
+            .lock()
+            .expect("shaper lock")
+            .get_mut(self.key)
+        {
+            ks.waiting = ks.waiting.saturating_sub(1);
         }
     }
 }
@@ -210,9 +261,11 @@ impl RuleState {
             SharedRate {
                 conn,
                 script: redis::Script::new(GCRA),
-                key_prefix: format!("{prefix}rate:{name}:"),
+                tat_prefix: format!("{prefix}rate:{name}:"),
+                back_prefix: format!("{prefix}rate-back:{name}:"),
                 interval_us,
                 tolerance_us: interval_us * (burst(r) as u64 - 1),
+                paused_until: std::sync::atomic::AtomicU64::new(0),
                 last_warned: std::sync::atomic::AtomicU64::new(0),
             }
         });
@@ -257,48 +310,43 @@ impl RuleState {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
-        let key_owned = key.to_string();
         let per_second = (rate.count as f64 / rate.per.as_secs_f64()).max(1.0) as usize;
-        if let Some(shared) = &self.shared {
+        if let Some(shared) = self.shared.as_ref().filter(|s| !s.paused()) {
             // At most a second's worth of this key waits in this daemon's memory.
-            if self.waiting(&key_owned) >= per_second {
-                return self.later(&key_owned, rate, MAX_WAIT);
-            }
-            match shared.reserve(&key_owned).await {
-                Ok(Reservation::In(wait)) if wait.is_zero() => return Admission::Go,
+            let Some(waiting) = self.wait_slot(key, per_second) else {
+                return self.later(key, rate, MAX_WAIT);
+            };
+            match shared.reserve(key).await {
                 Ok(Reservation::In(wait)) => {
-                    self.add_waiting(&key_owned, 1);
-                    tokio::time::sleep(wait).await;
-                    self.add_waiting(&key_owned, -1);
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    drop(waiting);
                     return Admission::Go;
                 }
-                Ok(Reservation::No(wait)) => return self.later(&key_owned, rate, wait),
-                Err(e) => shared.warn(&e),
+                // Redis paced it for the fleet already.
+                Ok(Reservation::No(wait)) => return Admission::Later(wait.max(MAX_WAIT)),
+                Err(e) => shared.failed(&e),
             }
         }
+        let key_owned = key.to_string();
         let wait = match limiter.check_key(&key_owned) {
             Ok(()) => return Admission::Go,
             Err(not_until) => not_until.wait_time_from(DefaultClock::default().now()),
         };
-        if wait > MAX_WAIT || self.waiting(&key_owned) >= per_second {
-            return self.later(&key_owned, rate, wait);
+        if wait > MAX_WAIT {
+            return self.later(key, rate, wait);
         }
-        self.add_waiting(&key_owned, 1);
+        let Some(waiting) = self.wait_slot(key, per_second) else {
+            return self.later(key, rate, wait);
+        };
         limiter.until_key_ready(&key_owned).await;
-        self.add_waiting(&key_owned, -1);
+        drop(waiting);
         Admission::Go
     }
 
-    /// Jobs of `key` waiting in memory for their slot.
-    fn waiting(&self, key: &str) -> usize {
-        self.keys
-            .lock()
-            .expect("shaper lock")
-            .get(key)
-            .map_or(0, |k| k.waiting)
-    }
-
-    fn add_waiting(&self, key: &str, n: isize) {
+    /// Counts one more job of `key` waiting in memory, unless `cap` already are.
+    fn wait_slot<'a>(&'a self, key: &'a str, cap: usize) -> Option<Waiting<'a>> {
         let now = Instant::now();
         let mut keys = self.keys.lock().expect("shaper lock");
         if keys.len() > 100_000 {
@@ -308,7 +356,11 @@ impl RuleState {
             waiting: 0,
             horizon: now,
         });
-        ks.waiting = ks.waiting.saturating_add_signed(n);
+        if ks.waiting >= cap {
+            return None;
+        }
+        ks.waiting += 1;
+        Some(Waiting { rule: self, key })
     }
 
     /// Back to the delayed set: no sooner than `wait` (and [`MAX_WAIT`]), and spread one
