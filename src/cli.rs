@@ -9,8 +9,8 @@ use anyhow::{bail, Context};
 use serde_json::{Map, Value};
 
 use crate::config::Settings;
-use crate::daemon::{manager, redis_client};
 use crate::queue::Keys;
+use crate::store::{connect as manager, redis_target as redis_client};
 
 const ENQUEUE_BATCH: usize = 1000;
 
@@ -64,7 +64,7 @@ pub async fn enqueue(
     };
     let mut batch: Vec<String> = Vec::with_capacity(ENQUEUE_BATCH);
 
-    let flush = |batch: &mut Vec<String>, conn: &mut redis::aio::ConnectionManager| {
+    let flush = |batch: &mut Vec<String>, conn: &mut crate::store::RedisConn| {
         let mut p = redis::pipe();
         for job in batch.iter() {
             p.cmd("XADD")

@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::store::{connect, redis_target, RedisConn};
 use anyhow::Context as _;
 use futures::FutureExt;
 use rand::Rng;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Settings;
@@ -44,7 +44,7 @@ pub struct Shared {
     pub leases: Arc<Leases>,
     pub shaper: Arc<Shaper>,
     pub caps: Option<Caps>,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub keys: Keys,
     /// Open SMTP sessions (for the gauge).
     pub sessions: Arc<AtomicI64>,
@@ -54,40 +54,7 @@ pub struct Shared {
     pub workflow_jobs: crate::workflow::KeepJobs,
 }
 
-pub async fn redis_client(settings: &Settings) -> anyhow::Result<redis::Client> {
-    if !settings.redis.cluster_nodes.is_empty() {
-        anyhow::bail!("redis.cluster_nodes: Redis Cluster is not supported yet; set redis.url");
-    }
-    redis::Client::open(settings.redis.url.as_str()).with_context(|| {
-        format!(
-            "redis.url {:?} is not a valid Redis URL",
-            redact(&settings.redis.url)
-        )
-    })
-}
-
-/// A Redis URL without its password, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
-}
-
-pub async fn manager(
-    client: &redis::Client,
-    response_timeout: Duration,
-) -> anyhow::Result<ConnectionManager> {
-    let cfg = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(response_timeout))
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_number_of_retries(6)
-        .set_max_delay(Duration::from_secs(2));
-    client
-        .get_connection_manager_with_config(cfg)
-        .await
-        .context("cannot connect to Redis (is it running at redis.url?)")
-}
+pub use crate::store::redact;
 
 fn consumer_name(settings: &Settings) -> String {
     settings.redis.consumer.clone().unwrap_or_else(|| {
@@ -111,10 +78,10 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     let metrics = Arc::new(Metrics::new());
     let keys = Keys::new(&settings.redis.prefix);
 
-    let client = redis_client(&settings).await?;
+    let client = redis_target(&settings).await?;
     let block = settings.intake.block.get();
-    let reader = manager(&client, block + Duration::from_secs(5)).await?;
-    let conn = manager(&client, Duration::from_secs(10)).await?;
+    let reader = connect(&client, block + Duration::from_secs(5)).await?;
+    let conn = connect(&client, Duration::from_secs(10)).await?;
     let shaper = Arc::new(Shaper::with_redis(&settings, Some(conn.clone())));
     let sessions = Arc::new(AtomicI64::new(0));
     let deliverer = Deliverer::new(&settings, shaper.clone(), sessions.clone()).await?;

@@ -6,12 +6,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::RedisConn;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 
 use crate::daemon::Shared;
@@ -19,13 +19,13 @@ use crate::daemon::Shared;
 #[derive(Clone)]
 struct Ops {
     shared: Arc<Shared>,
-    redis: ConnectionManager,
+    redis: RedisConn,
 }
 
 pub async fn serve_ops(
     addr: SocketAddr,
     shared: Arc<Shared>,
-    redis: ConnectionManager,
+    redis: RedisConn,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let app = Router::new()

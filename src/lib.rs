@@ -28,5 +28,6 @@ pub mod policy;
 pub mod queue;
 pub mod render;
 pub mod shape;
+pub mod store;
 pub mod track;
 pub mod workflow;

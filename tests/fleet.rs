@@ -130,7 +130,7 @@ fn two_daemons_share_one_domain_rate() {
 async fn the_shared_rate_reserves_within_a_second_and_sends_the_rest_back_paced() {
     let redis = Redis::start();
     let client = redis::Client::open(redis.url()).unwrap();
-    let conn = client.get_connection_manager().await.unwrap();
+    let conn: paloma::store::RedisConn = client.get_connection_manager().await.unwrap().into();
     let rate = "2/s".parse().unwrap();
     let a = RuleState::with_redis("t", Some(rate), 1, 1, Some((conn.clone(), "x:")));
     let b = RuleState::with_redis("t", Some(rate), 1, 1, Some((conn.clone(), "x:")));

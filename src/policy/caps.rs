@@ -7,7 +7,7 @@
 //! daemons cannot both take the last one; the job tag makes the reservation idempotent for a
 //! job that comes back (a retry, a rate put-back).
 
-use redis::aio::ConnectionManager;
+use crate::store::RedisConn;
 
 use crate::config::CapRule;
 use crate::queue::Keys;
@@ -67,7 +67,7 @@ impl Caps {
     /// pipelined round trip per batch.
     pub async fn reserve(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         keys: &Keys,
         jobs: &[(&str, &str)],
     ) -> redis::RedisResult<Vec<bool>> {

@@ -2,7 +2,7 @@
 //! value = reason (`unsubscribed`, `bounced`, `complained`, `manual`). Hard bounces and
 //! unsubscribes add to it; operators manage it with `paloma suppress`.
 
-use redis::aio::ConnectionManager;
+use crate::store::RedisConn;
 
 use crate::queue::Keys;
 
@@ -19,7 +19,7 @@ pub fn field(addr: &str) -> String {
 }
 
 pub async fn add(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keys: &Keys,
     addrs: &[String],
     reason: &str,
@@ -36,7 +36,7 @@ pub async fn add(
 }
 
 pub async fn remove(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keys: &Keys,
     addrs: &[String],
 ) -> redis::RedisResult<u64> {
@@ -53,7 +53,7 @@ pub async fn remove(
 
 /// Every entry, via HSCAN (no blocking HGETALL on a large list).
 pub async fn list(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keys: &Keys,
     mut each: impl FnMut(&str, &str),
 ) -> redis::RedisResult<u64> {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::store::RedisConn;
 use redis::Value;
 
 use super::{parse_autoclaim, parse_xread, Entry, Keys};
@@ -22,8 +22,8 @@ pub enum Claim {
 }
 
 pub struct Intake {
-    reader: ConnectionManager,
-    conn: ConnectionManager,
+    reader: RedisConn,
+    conn: RedisConn,
     keys: Keys,
     group: String,
     consumer: String,
@@ -37,8 +37,8 @@ pub struct Intake {
 impl Intake {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        reader: ConnectionManager,
-        conn: ConnectionManager,
+        reader: RedisConn,
+        conn: RedisConn,
         keys: Keys,
         group: String,
         consumer: String,

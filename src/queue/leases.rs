@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::store::RedisConn;
 use tokio::sync::watch;
 
 use super::Keys;
@@ -74,7 +74,7 @@ impl Leases {
 /// Renews the held entries every `claim_idle / 3` until `stop`.
 pub async fn renew(
     leases: Arc<Leases>,
-    mut conn: ConnectionManager,
+    mut conn: RedisConn,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {

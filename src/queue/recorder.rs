@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::store::RedisConn;
 use tokio::sync::mpsc;
 
 use super::leases::Leases;
@@ -67,7 +67,7 @@ impl RecorderHandle {
 
 pub struct Recorder {
     rx: mpsc::Receiver<Record>,
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: Keys,
     group: String,
     idem_ttl: u64,
@@ -86,7 +86,7 @@ const MARKER_TTL_SECS: u64 = 24 * 3600;
 
 impl Recorder {
     pub fn new(
-        conn: ConnectionManager,
+        conn: RedisConn,
         keys: Keys,
         group: String,
         idem_ttl: Duration,

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::store::RedisConn;
 use redis::Script;
 use tokio::sync::watch;
 
@@ -41,7 +41,7 @@ pub fn member(attempt: u32, first_at: i64, job: &[u8]) -> String {
 
 /// Moves due jobs every `tick` until `stop` turns true.
 pub async fn run(
-    mut conn: ConnectionManager,
+    mut conn: RedisConn,
     keys: Keys,
     idem_ttl: Duration,
     tick: Duration,

@@ -18,9 +18,9 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::store::RedisConn;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use redis::aio::ConnectionManager;
 
 use crate::config::{BackoffRule, DeliveryMode, DomainRule, Rate, Settings};
 use crate::deliver::{enhanced_status, Outcome};
@@ -117,7 +117,7 @@ const SHARED_PAUSE: Duration = Duration::from_secs(5);
 const SHARED_TIMEOUT: Duration = Duration::from_millis(500);
 
 struct SharedRate {
-    conn: ConnectionManager,
+    conn: RedisConn,
     script: redis::Script,
     /// `{prefix}rate:{pattern}:` and `{prefix}rate-back:{pattern}:`, then the domain or site.
     tat_prefix: String,
@@ -249,7 +249,7 @@ impl RuleState {
         rate: Option<Rate>,
         connections: usize,
         messages_per_connection: u32,
-        redis: Option<(ConnectionManager, &str)>,
+        redis: Option<(RedisConn, &str)>,
     ) -> Self {
         // Bursts of up to one second's worth: 60 messages at 10/s take at least 5 s.
         let burst = |r: Rate| {
@@ -398,7 +398,7 @@ impl Shaper {
 
     /// `redis`: the connection through which `[[domains]]` rates are shared, when
     /// `delivery.shared_rates` is on.
-    pub fn with_redis(settings: &Settings, redis: Option<ConnectionManager>) -> Self {
+    pub fn with_redis(settings: &Settings, redis: Option<RedisConn>) -> Self {
         let d = &settings.delivery;
         let redis = redis.filter(|_| d.shared_rates);
         let prefix = settings.redis.prefix.as_str();

@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::RedisConn;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
@@ -27,7 +28,6 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, watch};
 
 use super::machine::{Detector, Hit};
@@ -40,7 +40,7 @@ use crate::queue::Keys;
 pub struct TrackState {
     pub detector: Detector,
     pub signer: Signer,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub keys: Keys,
     pub metrics: Arc<Metrics>,
 }
@@ -135,7 +135,7 @@ struct Pending {
 
 struct Inner {
     signer: Signer,
-    redis: ConnectionManager,
+    redis: RedisConn,
     suppressed: String,
     events: String,
     prefix: String,
@@ -206,7 +206,7 @@ fn router(app: App) -> Router {
 
 async fn write_events(
     mut rx: mpsc::Receiver<Pending>,
-    mut redis: ConnectionManager,
+    mut redis: RedisConn,
     suppressed: String,
     events: String,
     prefix: String,

@@ -46,8 +46,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
+use crate::store::RedisConn;
 use anyhow::Context as _;
-use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use serde_json::Map;
 use tokio::sync::watch;
@@ -508,7 +508,7 @@ return due
 });
 
 pub(crate) async fn lease_due(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     key: &str,
     horizon: i64,
     limit: usize,
@@ -593,18 +593,14 @@ impl Engine {
 
     /// Creates the group if missing, reading from `from`: `$` (the end) at start, see the
     /// module docs; `0` when it vanished with its stream.
-    async fn ensure_group(
-        &self,
-        conn: &mut ConnectionManager,
-        from: &str,
-    ) -> redis::RedisResult<()> {
+    async fn ensure_group(&self, conn: &mut RedisConn, from: &str) -> redis::RedisResult<()> {
         crate::queue::create_group(conn, &self.keys.events, &self.group, from).await
     }
 
     async fn read(
         &self,
-        reader: &mut ConnectionManager,
-        conn: &mut ConnectionManager,
+        reader: &mut RedisConn,
+        conn: &mut RedisConn,
         out: &mut Vec<(String, Option<Map<String, serde_json::Value>>)>,
     ) -> redis::RedisResult<()> {
         let reply: redis::RedisResult<Value> = crate::queue::read_group(
@@ -631,7 +627,7 @@ impl Engine {
     /// Events pending longer than `claim_idle` with a consumer that stopped, now ours.
     async fn reclaim(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         cursor: &mut String,
         out: &mut Vec<(String, Option<Map<String, serde_json::Value>>)>,
     ) -> redis::RedisResult<()> {
@@ -660,8 +656,8 @@ impl Engine {
     /// Reads and acts on events until `stop` turns true.
     async fn consume(
         self: Arc<Self>,
-        mut reader: ConnectionManager,
-        mut conn: ConnectionManager,
+        mut reader: RedisConn,
+        mut conn: RedisConn,
         mut stop: watch::Receiver<bool>,
     ) {
         let claim_every =
@@ -730,7 +726,7 @@ impl Engine {
     /// when shutdown came first (the batch stays pending and will be reclaimed).
     async fn handle(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         batch: &[(String, Option<Map<String, serde_json::Value>>)],
         stop: &mut watch::Receiver<bool>,
     ) -> bool {
@@ -766,7 +762,7 @@ impl Engine {
 
     async fn apply(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         plan: &Plan,
         done: &mut Done,
         ids: &[&str],
@@ -799,7 +795,7 @@ impl Engine {
     /// Performs the actions of `firings`: queues webhooks, adds follow-up jobs.
     async fn act(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         firings: &[Firing],
         done: &mut Done,
     ) -> redis::RedisResult<()> {
@@ -840,7 +836,7 @@ impl Engine {
 
     async fn send_follow_ups(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         firings: &[Firing],
         now: i64,
     ) -> redis::RedisResult<()> {
@@ -915,8 +911,8 @@ impl Engine {
 pub async fn start(
     settings: &Settings,
     templates: &Templates,
-    client: &redis::Client,
-    mut conn: ConnectionManager,
+    client: &crate::store::RedisTarget,
+    mut conn: RedisConn,
     consumer: &str,
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
@@ -926,8 +922,7 @@ pub async fn start(
     }
     let engine = Engine::new(settings, templates, consumer.to_string(), metrics.clone())?;
     let reader =
-        crate::daemon::manager(client, settings.intake.block.get() + Duration::from_secs(5))
-            .await?;
+        crate::store::connect(client, settings.intake.block.get() + Duration::from_secs(5)).await?;
     engine
         .ensure_group(&mut conn, "$")
         .await

@@ -11,7 +11,7 @@
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::store::RedisConn;
 use redis::Script;
 use serde_json::Map;
 use tokio::sync::watch;
@@ -59,7 +59,7 @@ return out
 });
 
 pub(super) async fn update(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keys: &WfKeys,
     ops: &[TimerOp],
     remember: Duration,
@@ -79,11 +79,7 @@ pub(super) async fn update(
 }
 
 /// Fires due timers every 250 ms until `stop` turns true.
-pub(super) async fn run(
-    engine: Arc<Engine>,
-    mut conn: ConnectionManager,
-    mut stop: watch::Receiver<bool>,
-) {
+pub(super) async fn run(engine: Arc<Engine>, mut conn: RedisConn, mut stop: watch::Receiver<bool>) {
     loop {
         let horizon = now_ms().min(engine.watermark.load(std::sync::atomic::Ordering::Relaxed));
         if horizon > 0 && !fire_due(&engine, &mut conn, horizon, &mut stop).await {
@@ -99,7 +95,7 @@ pub(super) async fn run(
 /// Acts on the timers due by `horizon`; false when shutdown came first.
 async fn fire_due(
     engine: &Engine,
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     horizon: i64,
     stop: &mut watch::Receiver<bool>,
 ) -> bool {

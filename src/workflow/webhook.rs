@@ -16,10 +16,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::RedisConn;
 use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use rand::Rng;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::sync::watch;
@@ -108,7 +108,7 @@ impl Worker {
 
     /// Delivers due webhooks until `stop` turns true. A POST cut short by shutdown stays
     /// leased and is tried again (by any daemon) once the lease runs out.
-    pub async fn run(self, mut conn: ConnectionManager, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self, mut conn: RedisConn, mut stop: watch::Receiver<bool>) {
         // One round is at most `concurrency` POSTs, each bounded by `timeout`: the lease
         // outlasts it with room for the Redis round trips.
         let lease = self.timeout + Duration::from_secs(30);
@@ -189,7 +189,7 @@ impl Worker {
 
     /// Writes the results of one round in one transaction; when that fails the webhooks stay
     /// leased and come back when the lease ends (a delivered one may then go out twice).
-    async fn settle(&self, conn: &mut ConnectionManager, results: Vec<(String, Attempt)>) {
+    async fn settle(&self, conn: &mut RedisConn, results: Vec<(String, Attempt)>) {
         let k = &self.keys;
         let mut p = redis::pipe();
         p.atomic();

@@ -1,0 +1,155 @@
+//! The Redis connection every part of paloma uses: one server (`redis.url`, through a
+//! reconnecting `ConnectionManager`) or a Redis Cluster (`redis.cluster_nodes`, through the
+//! cluster client, which follows slot moves and failovers).
+//!
+//! In a cluster, a job's outcome is one transaction over several keys (event stream, stream
+//! acknowledgement, idempotency, stats), and Lua scripts touch several keys: all of paloma's
+//! keys must share a hash slot. They all start with `redis.prefix`, so the prefix carries a
+//! hash tag (`{paloma}:`), and a cluster configuration without one is refused.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+use crate::config::Settings;
+
+/// Where Redis is: a server or a cluster.
+pub enum RedisTarget {
+    Single(redis::Client),
+    Cluster(Box<ClusterClient>),
+}
+
+/// A connection to either; cheap to clone (both multiplex one set of sockets).
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl From<ConnectionManager> for RedisConn {
+    fn from(c: ConnectionManager) -> Self {
+        RedisConn::Single(c)
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Whether `prefix` holds a hash tag (`{…}` with something inside), which puts every key
+/// under it in one cluster slot.
+pub fn has_hash_tag(prefix: &str) -> bool {
+    prefix
+        .find('{')
+        .and_then(|open| prefix[open + 1..].find('}'))
+        .is_some_and(|len| len > 0)
+}
+
+pub async fn redis_target(settings: &Settings) -> anyhow::Result<RedisTarget> {
+    let r = &settings.redis;
+    if r.cluster_nodes.is_empty() {
+        return redis::Client::open(r.url.as_str())
+            .map(RedisTarget::Single)
+            .with_context(|| format!("redis.url {:?} is not a valid Redis URL", redact(&r.url)));
+    }
+    if !has_hash_tag(&r.prefix) {
+        anyhow::bail!(
+            "redis.cluster_nodes: redis.prefix {:?} has no hash tag; in a cluster every paloma key must share a slot (outcomes are written in one transaction): use e.g. prefix = \"{{paloma}}:\"",
+            r.prefix
+        );
+    }
+    ClusterClient::builder(r.cluster_nodes.iter().map(String::as_str))
+        .connection_timeout(Duration::from_secs(5))
+        .retries(6)
+        .build()
+        .map(|c| RedisTarget::Cluster(Box::new(c)))
+        .with_context(|| {
+            format!(
+                "redis.cluster_nodes {:?} are not valid Redis URLs",
+                r.cluster_nodes
+                    .iter()
+                    .map(|u| redact(u))
+                    .collect::<Vec<_>>()
+            )
+        })
+}
+
+/// A Redis URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// A connection whose commands time out after `response_timeout` (blocking reads need more
+/// than the others), reconnecting on its own.
+pub async fn connect(
+    target: &RedisTarget,
+    response_timeout: Duration,
+) -> anyhow::Result<RedisConn> {
+    match target {
+        RedisTarget::Single(client) => {
+            let cfg = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(response_timeout))
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_number_of_retries(6)
+                .set_max_delay(Duration::from_secs(2));
+            client
+                .get_connection_manager_with_config(cfg)
+                .await
+                .map(RedisConn::Single)
+                .context("cannot connect to Redis (is it running at redis.url?)")
+        }
+        RedisTarget::Cluster(client) => {
+            let cfg = redis::cluster::ClusterConfig::new()
+                .set_response_timeout(response_timeout)
+                .set_connection_timeout(Duration::from_secs(5));
+            client
+                .get_async_connection_with_config(cfg)
+                .await
+                .map(RedisConn::Cluster)
+                .context("cannot connect to the Redis Cluster (redis.cluster_nodes)")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hash_tags() {
+        assert!(super::has_hash_tag("{paloma}:"));
+        assert!(super::has_hash_tag("app:{p}:"));
+        assert!(!super::has_hash_tag("paloma:"));
+        assert!(!super::has_hash_tag("{}paloma:"));
+        assert!(!super::has_hash_tag("{paloma:"));
+    }
+}
