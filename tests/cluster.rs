@@ -146,6 +146,16 @@ fn jobs_flow_through_a_redis_cluster() {
             )
         })
         .collect();
+    // One job due in a second: through the delayed set and the scheduler's script, which
+    // also writes the job's idempotency key.
+    let later = (chrono::Utc::now() + chrono::Duration::seconds(1)).to_rfc3339();
+    let mut lines = lines;
+    lines.push(
+        serde_json::json!({"id": "cl-later", "campaign": "cluster", "template": "receipt",
+            "to": "later@cluster.test", "send_at": later, "data": {"name": "L", "order_id": 99}})
+        .to_string(),
+    );
+    let n = n + 1;
     let (st, _, err) = paloma(&["enqueue", "--config", cfg, "-"], Some(&lines.join("\n")));
     assert!(st.success(), "enqueue to the cluster: {err}");
     let daemon = Daemon::spawn(&setup.config);
