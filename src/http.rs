@@ -65,9 +65,14 @@ async fn readyz(State(mut ops): State<Ops>) -> impl IntoResponse {
             "not ready: starting or draining\n",
         );
     }
+    // A keyed command, so that in a cluster it asks the node serving paloma's slot (a PING
+    // would go to every primary, and any unrelated one being down would fail it).
+    let sends = ops.shared.keys.sends.clone();
     let ping = tokio::time::timeout(
         Duration::from_secs(1),
-        redis::cmd("PING").query_async::<String>(&mut ops.redis),
+        redis::cmd("EXISTS")
+            .arg(sends)
+            .query_async::<i64>(&mut ops.redis),
     )
     .await;
     match ping {

@@ -88,7 +88,11 @@ pub async fn redis_target(settings: &Settings) -> anyhow::Result<RedisTarget> {
     }
     ClusterClient::builder(r.cluster_nodes.iter().map(String::as_str))
         .connection_timeout(Duration::from_secs(5))
-        .retries(6)
+        // No resending: a transaction whose reply was lost or late would run twice (events
+        // and stats doubled). As with one server, a failed request is an error, and each
+        // writer decides (the recorder checks its batch marker first). MOVED still makes
+        // the client refresh its slot map.
+        .retries(0)
         .build()
         .map(|c| RedisTarget::Cluster(Box::new(c)))
         .with_context(|| {

@@ -421,5 +421,24 @@ fn a_job_redis_refuses_to_schedule_goes_to_the_dead_letters_not_nowhere() {
         .collect();
     ids.sort();
     assert_eq!(ids, ["ns-0", "ns-1", "ns-2"]);
+    // Each ends in one terminal event: dead.
+    let evs = events(&mut conn, &setup.prefix);
+    let by_id = terminal_by_id(&evs);
+    assert_eq!(by_id.len(), n, "{evs:?}");
+    assert!(by_id
+        .values()
+        .all(|t| t.len() == 1 && t[0]["type"] == "dead"));
+    // Counted as dead, and free to be enqueued again once fixed.
+    let dead_stat: i64 = redis::cmd("HGET")
+        .arg(format!("{}stats:ns", setup.prefix))
+        .arg("dead")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(dead_stat, n as i64);
+    let idem: i64 = redis::cmd("EXISTS")
+        .arg(format!("{}idem:ns-0", setup.prefix))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(idem, 0, "the idempotency record is gone");
     assert!(daemon.log_text().contains("dead-letter"));
 }

@@ -178,4 +178,20 @@ async fn the_shared_rate_reserves_within_a_second_and_sends_the_rest_back_paced(
         let ttl: i64 = redis::cmd("PTTL").arg(key).query(&mut c).unwrap();
         assert!(ttl > 0 && ttl < 10_000, "{key}: PTTL {ttl}");
     }
+
+    // A TAT and a return horizon an hour ahead (the server's clock stepped back): pulled
+    // back, the next job waits a second at most instead of an hour.
+    let (secs, micros): (String, String) = redis::cmd("TIME").query(&mut c).unwrap();
+    let far =
+        secs.parse::<i64>().unwrap() * 1_000_000 + micros.parse::<i64>().unwrap() + 3_600_000_000;
+    for key in ["x:rate:t:far.test", "x:rate-back:t:far.test"] {
+        let _: () = redis::cmd("SET").arg(key).arg(far).query(&mut c).unwrap();
+    }
+    let t2 = Instant::now();
+    assert_eq!(a.admit("far.test").await, Admission::Go);
+    assert!(
+        t2.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t2.elapsed()
+    );
 }

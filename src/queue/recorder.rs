@@ -330,10 +330,22 @@ impl Recorder {
     /// stream instead (its stream entry is already acknowledged), so that it is not lost.
     async fn refused(&mut self, records: &[Record], ops: &[(usize, Op)], e: redis::RedisError) {
         let text = e.to_string();
+        // The marker exists, but this attempt's transaction did not run (an earlier attempt
+        // did): nothing to attribute.
+        if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort) {
+            tracing::info!(error = %text, records = records.len(), "the outcomes had been written by an earlier attempt");
+            return;
+        }
         let Some(errors) = e.into_server_errors() else {
             tracing::error!(error = %text, "Redis refused part of an outcome batch");
             return;
         };
+        // Index 0 is the marker's SET, which cannot fail by itself: an error there is about
+        // the whole request, not one command.
+        if errors.iter().any(|(i, _)| *i == 0) {
+            tracing::warn!(error = %text, records = records.len(), "the outcomes had been written; the request's reply was an error");
+            return;
+        }
         for (index, err) in errors.iter() {
             let err = err.to_string();
             let Some(&(r, op)) = ops.get(*index) else {
@@ -353,15 +365,52 @@ impl Recorder {
                     // `attempt|first_at|job`: the dead letter carries the job as received.
                     let job = member.splitn(3, '|').nth(2).unwrap_or(member);
                     let reason = format!("could not be put back in the delayed set: {err}");
-                    let dead: redis::RedisResult<()> = redis::cmd("XADD")
+                    // Its terminal event too: the job ends here.
+                    let fields: serde_json::Value = serde_json::from_str(job).unwrap_or_default();
+                    let field = |k: &str| fields[k].as_str().unwrap_or_default().to_string();
+                    let (id, campaign, to) = (field("id"), field("campaign"), field("to"));
+                    let mut ev = super::events::Event::new("dead", &id, &campaign, &to);
+                    ev.error = Some(&reason);
+                    let mut p = redis::pipe();
+                    p.atomic()
+                        .cmd("XADD")
                         .arg(&self.keys.dead)
                         .arg("*")
                         .arg("job")
                         .arg(job)
                         .arg("error")
                         .arg(&reason)
-                        .query_async(&mut self.conn)
-                        .await;
+                        .ignore()
+                        .cmd("XADD")
+                        .arg(&self.keys.events)
+                        .arg("*")
+                        .arg("event")
+                        .arg(ev.to_json())
+                        .ignore();
+                    // As for any dead job: it may be fixed and enqueued again under its id
+                    // (the batch had marked it scheduled), and it counts as dead.
+                    if let Some((idem_id, _)) = &record.idem {
+                        p.cmd("DEL").arg(self.keys.idem(idem_id)).ignore();
+                    }
+                    if let Some((campaign, _)) = &record.stat {
+                        p.cmd("HINCRBY")
+                            .arg(self.keys.stats(campaign))
+                            .arg("dead")
+                            .arg(1)
+                            .ignore();
+                    }
+                    // Its stream entry is already acknowledged: a few tries before giving up
+                    // (and logging the job whole).
+                    let mut dead: redis::RedisResult<()> = Ok(());
+                    for attempt in 0..5u32 {
+                        dead = p.query_async(&mut self.conn).await;
+                        match &dead {
+                            Err(e) if e.is_io_error() || e.is_timeout() => {
+                                tokio::time::sleep(Duration::from_millis(200 << attempt)).await
+                            }
+                            _ => break,
+                        }
+                    }
                     match dead {
                         Ok(()) => {
                             tracing::error!(error = %err, "a job Redis refused to schedule went to the dead-letter stream")

@@ -84,8 +84,9 @@ pub struct RuleState {
 /// longest reservation, come back in `wait` µs (one interval after the previous job sent
 /// back by any daemon, so that returns are paced for the fleet, not per daemon).
 /// A TAT further ahead than any reservation can take it (the server's clock stepped back,
-/// or a daemon with a slower rate for the same key) is pulled back; a value that is not a
-/// number counts as none.
+/// or a daemon with a slower rate for the same key) is pulled back to the last slot a
+/// reservation may take, and the return horizon, as far off, is dropped; a value that is not
+/// a number counts as none.
 const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -93,7 +94,10 @@ local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local longest = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat > now + tolerance + longest + interval then tat = now + tolerance + longest + interval end
+if tat > now + tolerance + longest + interval then
+  tat = now + tolerance + longest
+  redis.call('DEL', KEYS[2])
+end
 if tat < now then tat = now end
 local wait = tat - tolerance - now
 if wait <= longest then
