@@ -109,8 +109,8 @@ fn two_daemons_share_one_domain_rate() {
     // limiters would allow 10/s: about 2 s.
     let span = (at[n - 1] - at[0]).num_milliseconds();
     assert!(span >= 4_000, "30 messages at 5/s took only {span} ms");
-    // In any two seconds: the burst and two seconds' worth (15), with room for jitter;
-    // separate limiters would allow 30.
+    // In any two seconds: the burst and two seconds' worth (15), with room for a stalled
+    // process finishing a few at once; separate limiters would allow 30.
     let most = at
         .iter()
         .map(|t| {
@@ -120,7 +120,7 @@ fn two_daemons_share_one_domain_rate() {
         })
         .max()
         .unwrap();
-    assert!(most <= 18, "{most} messages within two seconds");
+    assert!(most <= 21, "{most} messages within two seconds");
 }
 
 /// Two daemons' rules on one key, rate 2/s (a burst of 2, then one every 500 ms): the
@@ -138,7 +138,7 @@ async fn the_shared_rate_reserves_within_a_second_and_sends_the_rest_back_paced(
     let t0 = Instant::now();
     assert_eq!(a.admit("d.test").await, Admission::Go);
     assert_eq!(a.admit("d.test").await, Admission::Go);
-    assert!(t0.elapsed() < Duration::from_millis(300), "the burst");
+    assert!(t0.elapsed() < Duration::from_millis(450), "the burst");
 
     // Four at once, two per daemon: slots at +0.5 s and +1 s are reserved and waited for;
     // +1.5 s is past the longest reservation, so two go back, 500 ms apart.
@@ -190,7 +190,7 @@ async fn the_shared_rate_reserves_within_a_second_and_sends_the_rest_back_paced(
     let t2 = Instant::now();
     assert_eq!(a.admit("far.test").await, Admission::Go);
     assert!(
-        t2.elapsed() < Duration::from_millis(1500),
+        t2.elapsed() < Duration::from_millis(2500),
         "{:?}",
         t2.elapsed()
     );
