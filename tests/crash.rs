@@ -440,5 +440,5 @@ fn a_job_redis_refuses_to_schedule_goes_to_the_dead_letters_not_nowhere() {
         .query(&mut conn)
         .unwrap();
     assert_eq!(idem, 0, "the idempotency record is gone");
-    assert!(daemon.log_text().contains("dead-letter"));
+    assert!(daemon.log_text().contains("went to the dead letters"));
 }

@@ -79,11 +79,13 @@ pub async fn renew(
     mut stop: watch::Receiver<bool>,
 ) {
     let every = (leases.claim_idle / 3).max(Duration::from_millis(100));
+    let mut wait = every;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+        wait = every;
         let ids = leases.snapshot();
         for chunk in ids.chunks(500) {
             let r: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
@@ -97,7 +99,10 @@ pub async fn renew(
                 .await;
             if let Err(e) = r {
                 metrics.redis_errors.inc();
-                tracing::warn!(error = %e, "renewing leases failed");
+                tracing::warn!(error = %e, "renewing leases failed; trying again in a second");
+                // Two missed rounds would let another daemon reclaim (and send) what this
+                // one holds: try again soon (XCLAIM JUSTID may be repeated).
+                wait = every.min(Duration::from_secs(1));
                 break;
             }
         }

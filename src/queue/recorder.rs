@@ -81,6 +81,36 @@ pub struct Recorder {
     last_marker: Option<String>,
 }
 
+/// A job back to the delayed set, inside the outcome transaction. If Redis refuses the ZADD
+/// (a key of the wrong type, written by another tool), the job ends here instead of being
+/// lost with its acknowledged entry: dead letter, `dead` event, idempotency record deleted
+/// (it may be enqueued again), counted dead. Sent whole (EVAL): a NOSCRIPT inside MULTI
+/// would abort the batch. KEYS: scheduled, dead, events, idem, campaigns. ARGV: due, member,
+/// job, at, prefix, '1' when this record also counts the job (stats) already. Answers 0, or
+/// the reason the job died.
+const SCHEDULE_OR_DEAD: &str = r"
+local ok, err = pcall(redis.call, 'ZADD', KEYS[1], ARGV[1], ARGV[2])
+if ok then return 0 end
+local why = type(err) == 'table' and tostring(err.err) or tostring(err)
+local reason = 'could not be put back in the delayed set: ' .. why
+redis.call('XADD', KEYS[2], '*', 'job', ARGV[3], 'error', reason)
+local okj, job = pcall(cjson.decode, ARGV[3])
+if not okj or type(job) ~= 'table' then job = {} end
+local function s(v) if type(v) == 'string' then return v end return '' end
+redis.call('XADD', KEYS[3], '*', 'event', cjson.encode({type = 'dead', id = s(job.id),
+  campaign = s(job.campaign), to = s(job.to), at = ARGV[4], error = reason}))
+redis.call('DEL', KEYS[4])
+local c = s(job.campaign)
+if c == '' then c = '(none)' end
+local stats = ARGV[5] .. 'stats:' .. c
+redis.call('HINCRBY', stats, 'dead', 1)
+if ARGV[6] == '0' and string.sub(ARGV[2], 1, 2) == '0|' then
+  redis.call('HINCRBY', stats, 'accepted', 1)
+end
+redis.call('SADD', KEYS[5], c)
+return reason
+";
+
 /// How long a batch marker outlives a daemon that stopped before deleting it.
 const MARKER_TTL_SECS: u64 = 24 * 3600;
 
@@ -128,8 +158,12 @@ impl Recorder {
             let mut delay = Duration::from_millis(50);
             loop {
                 let (result, ops) = self.flush(&buf, &marker).await;
-                let Err(e) = result else {
-                    break;
+                let e = match result {
+                    Ok(replies) => {
+                        self.report_dead_schedules(&buf, &replies);
+                        break;
+                    }
+                    Err(e) => e,
                 };
                 self.metrics.redis_errors.inc();
                 // An error reply inside EXEC (a key of the wrong type, written by another
@@ -192,7 +226,7 @@ impl Recorder {
         &mut self,
         records: &[Record],
         marker: &str,
-    ) -> (redis::RedisResult<()>, Vec<(usize, Op)>) {
+    ) -> (redis::RedisResult<Vec<redis::Value>>, Vec<(usize, Op)>) {
         let k = &self.keys;
         let mut p = redis::pipe();
         p.atomic();
@@ -208,6 +242,7 @@ impl Recorder {
             p.cmd("DEL").arg(last).ignore();
             ops.push((0, Op::Other));
         }
+        let now_at = super::events::rfc3339_ms(super::now_ms());
         let mut acks: Vec<&str> = Vec::with_capacity(records.len());
         let mut stats: HashMap<(&str, &str), i64> = HashMap::new();
         for (i, r) in records.iter().enumerate() {
@@ -230,14 +265,6 @@ impl Recorder {
                     .arg(error)
                     .ignore();
                 ops.push((i, Op::Dead));
-            }
-            if let Some((due, member)) = &r.schedule {
-                p.cmd("ZADD")
-                    .arg(&k.scheduled)
-                    .arg(*due)
-                    .arg(member)
-                    .ignore();
-                ops.push((i, Op::Schedule));
             }
             if let Some((id, state)) = &r.idem {
                 match state {
@@ -268,6 +295,29 @@ impl Recorder {
                     }
                 }
                 ops.push((i, Op::Other));
+            }
+            if let Some((due, member)) = &r.schedule {
+                // `attempt|first_at|job`: a dead letter carries the job as received.
+                let job = member.splitn(3, '|').nth(2).unwrap_or(member);
+                let idem = r
+                    .idem
+                    .as_ref()
+                    .map_or_else(|| k.idem(""), |(id, _)| k.idem(id));
+                p.cmd("EVAL")
+                    .arg(SCHEDULE_OR_DEAD)
+                    .arg(5)
+                    .arg(&k.scheduled)
+                    .arg(&k.dead)
+                    .arg(&k.events)
+                    .arg(idem)
+                    .arg(&k.campaigns)
+                    .arg(*due)
+                    .arg(member)
+                    .arg(job)
+                    .arg(&now_at)
+                    .arg(&k.prefix)
+                    .arg(if r.stat.is_some() { "1" } else { "0" });
+                ops.push((i, Op::Schedule));
             }
             if let Some((key, value, ttl)) = &r.store {
                 p.cmd("SET")
@@ -322,12 +372,35 @@ impl Recorder {
             ops.push((0, Op::Other));
             ops.push((0, Op::Other));
         }
-        (p.query_async::<()>(&mut self.conn).await, ops)
+        // The replies of the commands not ignored: one per job sent back to the delayed set.
+        (p.query_async(&mut self.conn).await, ops)
+    }
+
+    /// Jobs the transaction could not put back in the delayed set, which it dead-lettered.
+    fn report_dead_schedules(&self, records: &[Record], replies: &[redis::Value]) {
+        let scheduled = records.iter().filter_map(|r| r.schedule.as_ref());
+        for ((_, member), reply) in scheduled.zip(replies) {
+            let reason = match reply {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                redis::Value::SimpleString(s) => s.clone(),
+                _ => continue,
+            };
+            let job = member.splitn(3, '|').nth(2).unwrap_or(member);
+            tracing::error!(%reason, job, "a job Redis refused to put back in the delayed set went to the dead letters");
+            let campaign = serde_json::from_str::<serde_json::Value>(job)
+                .ok()
+                .and_then(|v| v["campaign"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "(none)".into());
+            self.metrics
+                .messages
+                .with_label_values(&[campaign.as_str(), "dead"])
+                .inc();
+        }
     }
 
     /// Commands Redis refused inside a transaction that otherwise ran: what each lost is
-    /// logged, and a job whose return to the delayed set was refused goes to the dead-letter
-    /// stream instead (its stream entry is already acknowledged), so that it is not lost.
+    /// logged (a refused return to the delayed set is handled inside the transaction, by
+    /// [`SCHEDULE_OR_DEAD`]).
     async fn refused(&mut self, records: &[Record], ops: &[(usize, Op)], e: redis::RedisError) {
         let text = e.to_string();
         // The marker exists, but this attempt's transaction did not run (an earlier attempt
@@ -362,63 +435,7 @@ impl Recorder {
                 }
                 Op::Schedule => {
                     let member = record.schedule.as_ref().map_or("", |s| s.1.as_str());
-                    // `attempt|first_at|job`: the dead letter carries the job as received.
-                    let job = member.splitn(3, '|').nth(2).unwrap_or(member);
-                    let reason = format!("could not be put back in the delayed set: {err}");
-                    // Its terminal event too: the job ends here.
-                    let fields: serde_json::Value = serde_json::from_str(job).unwrap_or_default();
-                    let field = |k: &str| fields[k].as_str().unwrap_or_default().to_string();
-                    let (id, campaign, to) = (field("id"), field("campaign"), field("to"));
-                    let mut ev = super::events::Event::new("dead", &id, &campaign, &to);
-                    ev.error = Some(&reason);
-                    let mut p = redis::pipe();
-                    p.atomic()
-                        .cmd("XADD")
-                        .arg(&self.keys.dead)
-                        .arg("*")
-                        .arg("job")
-                        .arg(job)
-                        .arg("error")
-                        .arg(&reason)
-                        .ignore()
-                        .cmd("XADD")
-                        .arg(&self.keys.events)
-                        .arg("*")
-                        .arg("event")
-                        .arg(ev.to_json())
-                        .ignore();
-                    // As for any dead job: it may be fixed and enqueued again under its id
-                    // (the batch had marked it scheduled), and it counts as dead.
-                    if let Some((idem_id, _)) = &record.idem {
-                        p.cmd("DEL").arg(self.keys.idem(idem_id)).ignore();
-                    }
-                    if let Some((campaign, _)) = &record.stat {
-                        p.cmd("HINCRBY")
-                            .arg(self.keys.stats(campaign))
-                            .arg("dead")
-                            .arg(1)
-                            .ignore();
-                    }
-                    // Its stream entry is already acknowledged: a few tries before giving up
-                    // (and logging the job whole).
-                    let mut dead: redis::RedisResult<()> = Ok(());
-                    for attempt in 0..5u32 {
-                        dead = p.query_async(&mut self.conn).await;
-                        match &dead {
-                            Err(e) if e.is_io_error() || e.is_timeout() => {
-                                tokio::time::sleep(Duration::from_millis(200 << attempt)).await
-                            }
-                            _ => break,
-                        }
-                    }
-                    match dead {
-                        Ok(()) => {
-                            tracing::error!(error = %err, "a job Redis refused to schedule went to the dead-letter stream")
-                        }
-                        Err(e2) => {
-                            tracing::error!(error = %err, dead_letter_error = %e2, job = member, "a job Redis refused to schedule could not be dead-lettered either")
-                        }
-                    }
+                    tracing::error!(error = %err, job = member, "a job's return to the delayed set failed (script error)")
                 }
                 Op::Other => {
                     tracing::error!(error = %err, "Redis refused part of an outcome batch")

@@ -83,10 +83,10 @@ pub struct RuleState {
 /// Returns {1, wait}: a slot is reserved `wait` µs from now; {0, wait}: none within the
 /// longest reservation, come back in `wait` µs (one interval after the previous job sent
 /// back by any daemon, so that returns are paced for the fleet, not per daemon).
-/// A TAT further ahead than any reservation can take it (the server's clock stepped back,
-/// or a daemon with a slower rate for the same key) is pulled back to the last slot a
-/// reservation may take, and the return horizon, as far off, is dropped; a value that is not
-/// a number counts as none.
+/// A TAT further ahead than any reservation can take it, by more than a second of slack
+/// (the server's clock stepped back, or a daemon with a slower rate for the same key), is
+/// pulled back to the last slot a reservation may take, and the return horizon, as far
+/// off, is dropped; a value that is not a number counts as none.
 const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -94,7 +94,7 @@ local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local longest = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat > now + tolerance + longest + interval then
+if tat > now + tolerance + longest + interval + 1000000 then
   tat = now + tolerance + longest
   redis.call('DEL', KEYS[2])
 end
