@@ -349,8 +349,9 @@ impl RuleState {
         Admission::Go
     }
 
-    /// Counts one more job of `key` waiting in memory, unless `cap` already are.
-    fn wait_slot<'a>(&'a self, key: &'a str, cap: usize) -> Option<Waiting<'a>> {
+    /// `f` on the state of `key` (created if new), under the lock; states with nothing
+    /// waiting and no future slot are dropped once there are many.
+    fn with_key<R>(&self, key: &str, f: impl FnOnce(&mut KeyState, Instant) -> R) -> R {
         let now = Instant::now();
         let mut keys = self.keys.lock().expect("shaper lock");
         if keys.len() > 100_000 {
@@ -360,29 +361,35 @@ impl RuleState {
             waiting: 0,
             horizon: now,
         });
-        if ks.waiting >= cap {
-            return None;
+        f(ks, now)
+    }
+
+    /// Counts one more job of `key` waiting in memory, unless `cap` already are.
+    fn wait_slot<'a>(&'a self, key: &'a str, cap: usize) -> Option<Waiting<'a>> {
+        let counted = self.with_key(key, |ks, _| {
+            if ks.waiting >= cap {
+                return false;
+            }
+            ks.waiting += 1;
+            true
+        });
+        // Built only when counted: dropping one uncounts it.
+        if counted {
+            Some(Waiting { rule: self, key })
+        } else {
+            None
         }
-        ks.waiting += 1;
-        Some(Waiting { rule: self, key })
     }
 
     /// Back to the delayed set: no sooner than `wait` (and [`MAX_WAIT`]), and spread one
     /// interval apart from the others put back for this key, so they do not all return at
     /// once.
     fn later(&self, key: &str, rate: Rate, wait: Duration) -> Admission {
-        let now = Instant::now();
-        let mut keys = self.keys.lock().expect("shaper lock");
-        if keys.len() > 100_000 {
-            keys.retain(|_, k| k.waiting > 0 || k.horizon > now);
-        }
-        let ks = keys.entry(key.to_string()).or_insert(KeyState {
-            waiting: 0,
-            horizon: now,
-        });
-        let slot = ks.horizon.max(now + wait.max(MAX_WAIT));
-        ks.horizon = slot + rate.per / rate.count;
-        Admission::Later(slot - now)
+        self.with_key(key, |ks, now| {
+            let slot = ks.horizon.max(now + wait.max(MAX_WAIT));
+            ks.horizon = slot + rate.per / rate.count;
+            Admission::Later(slot - now)
+        })
     }
 }
 
