@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::store::{connect, redis_target, RedisConn};
 use anyhow::Context as _;
 use futures::FutureExt;
 use rand::Rng;
@@ -32,6 +31,7 @@ use crate::queue::recorder::{IdemState, Record, Recorder, RecorderHandle};
 use crate::queue::{now_ms, scheduler, Entry, Keys};
 use crate::render::{DkimKeys, Renderer, Templates};
 use crate::shape::{Admission, Reaction, Shaper};
+use crate::store::{connect, redis_target, RedisConn};
 
 /// Everything a worker needs, shared.
 pub struct Shared {
@@ -53,8 +53,6 @@ pub struct Shared {
     /// Which finished jobs are kept for workflow follow-ups.
     pub workflow_jobs: crate::workflow::KeepJobs,
 }
-
-pub use crate::store::redact;
 
 fn consumer_name(settings: &Settings) -> String {
     settings.redis.consumer.clone().unwrap_or_else(|| {

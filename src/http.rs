@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::RedisConn;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -15,6 +14,7 @@ use axum::Router;
 use tokio::sync::watch;
 
 use crate::daemon::Shared;
+use crate::store::RedisConn;
 
 #[derive(Clone)]
 struct Ops {

@@ -7,10 +7,9 @@
 //! daemons cannot both take the last one; the job tag makes the reservation idempotent for a
 //! job that comes back (a retry, a rate put-back).
 
-use crate::store::RedisConn;
-
 use crate::config::CapRule;
 use crate::queue::Keys;
+use crate::store::RedisConn;
 
 /// KEYS[1]: the recipient hash. ARGV[1]: now (s), ARGV[2]: longest window (s), ARGV[3]: job
 /// tag, then (max, window s) pairs. Returns 1 when the job may go (slot reserved), 0 when a

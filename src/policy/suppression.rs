@@ -2,9 +2,8 @@
 //! value = reason (`unsubscribed`, `bounced`, `complained`, `manual`). Hard bounces and
 //! unsubscribes add to it; operators manage it with `paloma suppress`.
 
-use crate::store::RedisConn;
-
 use crate::queue::Keys;
+use crate::store::RedisConn;
 
 pub const REASONS: [&str; 4] = ["unsubscribed", "bounced", "complained", "manual"];
 

@@ -11,11 +11,11 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::store::RedisConn;
 use tokio::sync::watch;
 
 use super::Keys;
 use crate::metrics::Metrics;
+use crate::store::RedisConn;
 
 pub struct Leases {
     held: Mutex<HashSet<String>>,

@@ -12,12 +12,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::RedisConn;
 use tokio::sync::mpsc;
 
 use super::leases::Leases;
 use super::Keys;
 use crate::metrics::Metrics;
+use crate::store::RedisConn;
 
 /// Idempotency states written when a job leaves a daemon's hands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,12 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::RedisConn;
 use redis::Script;
 use tokio::sync::watch;
 
 use super::{now_ms, Keys};
 use crate::metrics::Metrics;
+use crate::store::RedisConn;
 
 const MOVE_DUE: &str = r#"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))

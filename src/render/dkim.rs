@@ -65,11 +65,11 @@ impl SigningKey for RsaSha256 {
 
 impl RsaSha256 {
     /// AWS-LC accepts 2048- to 8192-bit keys (RFC 8301 allows 1024, but no one should).
-    fn new(pair: RsaKeyPair) -> Result<Self, String> {
-        Ok(RsaSha256 {
+    fn new(pair: RsaKeyPair) -> Self {
+        RsaSha256 {
             pair,
             rng: SystemRandom::new(),
-        })
+        }
     }
 }
 
@@ -105,18 +105,9 @@ impl DkimKeys {
 
     fn signer_from_pem(pem: &str, domain: &str, selector: &str) -> Result<Key, String> {
         let (label, der) = pem_decode(pem)?;
-        let headers = SIGNED_HEADERS;
-        match label.as_str() {
+        let rsa = match label.as_str() {
             "RSA PRIVATE KEY" => {
-                let k = RsaKeyPair::from_der(&der)
-                    .map_err(|e| format!("RSA PRIVATE KEY: {e}"))
-                    .and_then(RsaSha256::new)?;
-                Ok(Key::Rsa(Box::new(
-                    DkimSigner::from_key(k)
-                        .domain(domain)
-                        .selector(selector)
-                        .headers(headers),
-                )))
+                RsaKeyPair::from_der(&der).map_err(|e| format!("RSA PRIVATE KEY: {e}"))?
             }
             "PRIVATE KEY" => {
                 if let Ok(k) = Ed25519Key::from_pkcs8_maybe_unchecked_der(&der) {
@@ -124,23 +115,24 @@ impl DkimKeys {
                         DkimSigner::from_key(k)
                             .domain(domain)
                             .selector(selector)
-                            .headers(headers),
+                            .headers(SIGNED_HEADERS),
                     )));
                 }
-                let k = RsaKeyPair::from_pkcs8(&der)
-                    .map_err(|e| format!("neither Ed25519 nor RSA PKCS#8: {e}"))
-                    .and_then(RsaSha256::new)?;
-                Ok(Key::Rsa(Box::new(
-                    DkimSigner::from_key(k)
-                        .domain(domain)
-                        .selector(selector)
-                        .headers(headers),
-                )))
+                RsaKeyPair::from_pkcs8(&der)
+                    .map_err(|e| format!("neither Ed25519 nor RSA PKCS#8: {e}"))?
             }
-            other => Err(format!(
-                "unsupported PEM block {other:?} (want PRIVATE KEY or RSA PRIVATE KEY)"
-            )),
-        }
+            other => {
+                return Err(format!(
+                    "unsupported PEM block {other:?} (want PRIVATE KEY or RSA PRIVATE KEY)"
+                ))
+            }
+        };
+        Ok(Key::Rsa(Box::new(
+            DkimSigner::from_key(RsaSha256::new(rsa))
+                .domain(domain)
+                .selector(selector)
+                .headers(SIGNED_HEADERS),
+        )))
     }
 
     pub fn is_empty(&self) -> bool {

@@ -18,12 +18,12 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::store::RedisConn;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::config::{BackoffRule, DeliveryMode, DomainRule, Rate, Settings};
 use crate::deliver::{enhanced_status, Outcome};
+use crate::store::RedisConn;
 
 /// The longest a job waits in memory for its rate slot.
 pub const MAX_WAIT: Duration = Duration::from_secs(1);

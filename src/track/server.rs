@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::RedisConn;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
@@ -35,6 +34,7 @@ use super::token::{Claims, Kind, Signer, MAX_TOKEN_LEN};
 use crate::metrics::Metrics;
 use crate::queue::events::Event;
 use crate::queue::Keys;
+use crate::store::RedisConn;
 
 /// What the tracking server needs from the daemon.
 pub struct TrackState {

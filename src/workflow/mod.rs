@@ -46,7 +46,6 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use crate::store::RedisConn;
 use anyhow::Context as _;
 use redis::{Script, Value};
 use serde_json::Map;
@@ -57,6 +56,7 @@ use crate::metrics::Metrics;
 use crate::queue::events::rfc3339_ms;
 use crate::queue::now_ms;
 use crate::render::Templates;
+use crate::store::RedisConn;
 
 /// How long a delivered job's data is kept beyond the longest window + delay of the rules
 /// that may send a follow-up for it.

@@ -11,7 +11,6 @@
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use crate::store::RedisConn;
 use redis::Script;
 use serde_json::Map;
 use tokio::sync::watch;
@@ -19,6 +18,7 @@ use tokio::sync::watch;
 use super::{Done, Engine, Firing, TimerOp, WfKeys};
 use crate::queue::events::rfc3339_ms;
 use crate::queue::now_ms;
+use crate::store::RedisConn;
 
 /// Timers leased per round.
 const ROUND: usize = 256;

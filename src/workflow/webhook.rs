@@ -16,7 +16,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::RedisConn;
 use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use rand::Rng;
@@ -30,6 +29,7 @@ use super::WfKeys;
 use crate::config::WebhookSettings;
 use crate::metrics::Metrics;
 use crate::queue::now_ms;
+use crate::store::RedisConn;
 
 /// One webhook in `{prefix}webhooks`. Field order is fixed, so the same event and rule give
 /// the same member (an event handled twice is queued once while it waits).
