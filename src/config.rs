@@ -58,9 +58,31 @@ pub struct Settings {
     /// Delivery of workflow webhooks: signing key, retries, timeout.
     #[serde(default)]
     pub webhooks: WebhookSettings,
+    /// Retention of `{prefix}events`.
+    #[serde(default)]
+    pub events: EventSettings,
 }
 
+/// How long `{prefix}events` keeps what it holds (`[events]`): at most `max_len` entries
+/// (trimmed as events are written, approximately, in whole stream nodes) and none older
+/// than `max_age` (trimmed every minute). Counters in `stats:*` are not affected.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventSettings {
+    pub max_len: u64,
+    pub max_age: Dur,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        Self {
+            max_len: 1_000_000,
+            max_age: "7d".parse().expect("valid default"),
+        }
+    }
+}
+
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
     /// `redis://host:port/db`.
@@ -73,6 +95,30 @@ pub struct RedisSettings {
     pub group: String,
     /// This daemon's consumer name; default: hostname, pid and a random suffix.
     pub consumer: Option<String>,
+    /// Start even when Redis evicts keys (`maxmemory-policy` other than `noeviction`):
+    /// evictions can drop the sends stream, idempotency records or the suppression list.
+    pub allow_eviction: bool,
+}
+
+/// By hand: the URLs may carry a password.
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &crate::store::redact(&self.url))
+            .field(
+                "cluster_nodes",
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|u| crate::store::redact(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("prefix", &self.prefix)
+            .field("group", &self.group)
+            .field("consumer", &self.consumer)
+            .field("allow_eviction", &self.allow_eviction)
+            .finish()
+    }
 }
 
 impl Default for RedisSettings {
@@ -83,6 +129,7 @@ impl Default for RedisSettings {
             prefix: "paloma:".into(),
             group: "paloma".into(),
             consumer: None,
+            allow_eviction: false,
         }
     }
 }
@@ -139,12 +186,24 @@ pub struct DeliverySettings {
     pub relay: String,
     /// SMTP AUTH user for the relay (password from `password` or `PALOMA_DELIVERY__PASSWORD`).
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// Port on the MX hosts, mx mode.
     pub mx_port: u16,
     /// Resolver override, mx mode (`ip:port`); empty = system resolver.
     pub nameservers: Vec<String>,
     pub tls: TlsMode,
+    /// PEM file of CA certificates trusted besides the public roots (a relay with a private CA).
+    pub tls_ca_file: Option<PathBuf>,
+    /// mx mode: destinations never connected to (CIDR); an MX host there bounces as a bad
+    /// destination. Default: loopback, link-local (cloud metadata at 169.254.169.254) and
+    /// "this host".
+    pub prohibited_hosts: Vec<String>,
+    /// mx mode: MX hosts tried per attempt (in preference order), and addresses over all.
+    pub mx_max_hosts: usize,
+    pub mx_max_addresses: usize,
+    /// The longest one job may hold a worker (DNS, waiting for a session, every address
+    /// tried, the transaction); past it the attempt is deferred.
+    pub attempt_timeout: Dur,
     pub retry_intervals: Vec<Dur>,
     /// Give up (event `failed`) once a job is this old.
     pub max_age: Dur,
@@ -176,6 +235,14 @@ impl Default for DeliverySettings {
             mx_port: 25,
             nameservers: Vec::new(),
             tls: TlsMode::Opportunistic,
+            tls_ca_file: None,
+            prohibited_hosts: ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            mx_max_hosts: 5,
+            mx_max_addresses: 5,
+            attempt_timeout: "3m".parse().expect("valid default"),
             retry_intervals: ["5m", "10m", "30m", "1h", "2h", "4h"]
                 .iter()
                 .map(|s| s.parse().expect("valid default"))
@@ -199,8 +266,10 @@ pub struct IntakeSettings {
     pub batch: usize,
     /// How long one blocking read waits for new entries.
     pub block: Dur,
-    /// An entry pending this long with a consumer that stopped is reclaimed by another daemon.
-    /// Keep it above the longest SMTP transaction (`delivery.timeout` × a few).
+    /// An entry pending this long with a consumer that stopped is reclaimed by another daemon
+    /// (or by its own restart). Live daemons renew the entries they hold every third of it,
+    /// so it need not cover a slow transaction; consumers with nothing pending and idle this
+    /// long are removed from the group.
     pub claim_idle: Dur,
     /// Largest accepted job (bytes of JSON).
     pub max_job_bytes: usize,
@@ -217,7 +286,7 @@ impl Default for IntakeSettings {
         Self {
             batch: 256,
             block: "1s".parse().expect("valid default"),
-            claim_idle: "5m".parse().expect("valid default"),
+            claim_idle: "20s".parse().expect("valid default"),
             max_job_bytes: 256 * 1024,
             idempotency_ttl: "30d".parse().expect("valid default"),
             workers: 64,
@@ -279,9 +348,9 @@ pub struct TrackingSettings {
     pub base_url: String,
     pub listen: Option<SocketAddr>,
     /// HMAC key for tracking tokens. Keep it secret; rotate with `old_secrets`.
-    pub secret: String,
+    pub secret: Secret,
     /// Earlier secrets, still accepted for mail already sent: `{ "1" = "…" }`, key id → secret.
-    pub old_secrets: HashMap<String, String>,
+    pub old_secrets: HashMap<String, Secret>,
     /// Key id of `secret`, written into new tokens.
     pub key_id: String,
     /// Add the open pixel and rewrite links.
@@ -297,6 +366,16 @@ pub struct TrackingSettings {
     pub scanner_networks_file: Option<PathBuf>,
     /// Behind a reverse proxy: take the client address from the last `X-Forwarded-For` entry.
     pub trust_forwarded: bool,
+    /// A repeat of the same pixel or link of the same message within this window is
+    /// answered but not recorded (no event, no count): a person does not click one link a
+    /// thousand times a minute, and a replayed link must not grow Redis.
+    pub repeat_window: Dur,
+    /// Connections served at once; past it the oldest idle or unfinished one is closed to
+    /// make room. Never more than a third of the process's descriptor limit.
+    pub max_connections: usize,
+    /// A client must send its request headers within this, and an idle keep-alive
+    /// connection is closed after it.
+    pub header_timeout: Dur,
 }
 
 impl Default for TrackingSettings {
@@ -304,7 +383,7 @@ impl Default for TrackingSettings {
         Self {
             base_url: "http://127.0.0.1:8080".into(),
             listen: None,
-            secret: String::new(),
+            secret: Secret::default(),
             old_secrets: HashMap::new(),
             key_id: "0".into(),
             enabled: true,
@@ -312,6 +391,9 @@ impl Default for TrackingSettings {
             scanner_networks: None,
             scanner_networks_file: None,
             trust_forwarded: false,
+            repeat_window: "1h".parse().expect("valid default"),
+            max_connections: 1024,
+            header_timeout: "10s".parse().expect("valid default"),
         }
     }
 }
@@ -352,7 +434,7 @@ pub struct WebhookSettings {
     /// HMAC-SHA256 key of `X-Paloma-Signature`, shared with the receivers. Required (≥ 16
     /// characters) when a workflow has a webhook. Deliberately not the tracking secret: a
     /// receiver holding that could forge click and unsubscribe tokens.
-    pub secret: Option<String>,
+    pub secret: Option<Secret>,
     /// Wait before each retry of a failed POST; the last one repeats.
     pub retry_intervals: Vec<Dur>,
     /// POSTs tried (the first included) before the webhook goes to `{prefix}dead`.
@@ -375,6 +457,81 @@ impl Default for WebhookSettings {
             timeout: "10s".parse().expect("valid default"),
             concurrency: 8,
         }
+    }
+}
+
+/// A secret value (HMAC keys, passwords, tokens). Its `Debug` never shows it, so a logged
+/// or printed `Settings` carries no secret; `expose()` is the one way to read it.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "[redacted]" })
+    }
+}
+
+/// How to make a good secret, for the messages that refuse a weak one.
+pub const MAKE_SECRET: &str = "make one with `openssl rand -hex 32` (or `head -c 32 /dev/urandom | base64`) and set it in the file or, better, in the environment";
+
+/// Why `s` is too weak to sign links or guard an API, if it is: shorter than 16 characters,
+/// a placeholder copied from an example (the shipped config's, "change-me", "secret", …),
+/// or so repetitive that it is guessed in a few tries (fewer than 6 distinct characters).
+pub fn weak_secret(s: &str) -> Option<&'static str> {
+    let lower = s.trim().to_ascii_lowercase();
+    let squashed: String = lower.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    const PLACEHOLDERS: [&str; 12] = [
+        "changemetoalongrandomstring",
+        "changeme",
+        "replaceme",
+        "yoursecret",
+        "mysecret",
+        "secret",
+        "password",
+        "example",
+        "notsecret",
+        "insecure",
+        "placeholder",
+        "todo",
+    ];
+    if s.len() < 16 {
+        Some("it is shorter than 16 characters")
+    } else if PLACEHOLDERS
+        .iter()
+        .any(|p| !squashed.is_empty() && squashed.len() % p.len() == 0 && squashed == p.repeat(squashed.len() / p.len()))
+        || ["changeme", "replaceme", "yoursecret", "placeholder"]
+            .iter()
+            .any(|p| squashed.starts_with(p))
+    {
+        Some("it is a placeholder from an example, known to everyone")
+    } else if {
+        let mut seen: Vec<char> = s.chars().collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen.len() < 6
+    } {
+        Some("it has fewer than 6 distinct characters")
+    } else {
+        None
     }
 }
 
@@ -484,13 +641,29 @@ impl Settings {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut root: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut root: toml::Table = toml::from_str(text).map_err(|e| {
+            // The parser quotes the offending line, which may be a secret's.
+            let msg = e.to_string();
+            let secrets: Vec<String> = text
+                .lines()
+                .filter_map(|l| l.split_once('='))
+                .filter(|(k, _)| is_secret_key(k.trim()))
+                .map(|(_, v)| v.trim().trim_matches('"').to_string())
+                .collect();
+            ConfigError::Invalid(scrub(msg, &secrets))
+        })?;
         apply_env(&mut root, env)?;
+        let mut secrets = Vec::new();
+        collect_secrets(&toml::Value::Table(root.clone()), false, &mut secrets);
         let settings: Settings = toml::Value::Table(root)
             .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
-        settings.validate()?;
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(scrub(e.to_string(), &secrets)))?;
+        settings
+            .validate()
+            .map_err(|e| match e {
+                ConfigError::Invalid(m) => ConfigError::Invalid(scrub(m, &secrets)),
+                other => other,
+            })?;
         Ok(settings)
     }
 
@@ -511,8 +684,40 @@ impl Settings {
         if self.intake.claim_idle.get() < Duration::from_secs(1) {
             return bad("intake.claim_idle must be at least 1s: daemons reclaim each other's jobs idle that long".into());
         }
-        if self.tracking.secret.len() < 16 {
-            return bad("tracking.secret must be set (at least 16 characters; it signs every tracking and unsubscribe link)".into());
+        if self.tracking.secret.is_empty() {
+            return bad(format!("tracking.secret must be set: it signs every tracking and unsubscribe link; {MAKE_SECRET} (PALOMA_TRACKING__SECRET)"));
+        }
+        if let Some(why) = weak_secret(self.tracking.secret.expose()) {
+            return bad(format!("tracking.secret is refused because {why}: anyone could forge unsubscribe links and redirects from your tracking domain with it; {MAKE_SECRET} (PALOMA_TRACKING__SECRET)"));
+        }
+        for (kid, old) in &self.tracking.old_secrets {
+            if let Some(why) = weak_secret(old.expose()) {
+                return bad(format!("tracking.old_secrets.{kid} is refused because {why}: tokens signed with it would still be accepted; remove it"));
+            }
+        }
+        if self.tracking.repeat_window.get().is_zero()
+            || self.tracking.max_connections == 0
+            || self.tracking.header_timeout.get().is_zero()
+        {
+            return bad("tracking.repeat_window, max_connections and header_timeout must be above zero".into());
+        }
+        if self.events.max_len == 0 || self.events.max_age.get().is_zero() {
+            return bad("events.max_len and events.max_age must be above zero".into());
+        }
+        let d = &self.delivery;
+        if d.username.is_some() && d.tls == TlsMode::Opportunistic {
+            return bad("delivery.username is set with delivery.tls = \"opportunistic\", which does not verify the relay's certificate: an attacker on the path would get the password. Set delivery.tls = \"required\" (add delivery.tls_ca_file for a private CA), or tls = \"none\" for a trusted local relay".into());
+        }
+        if d.username.is_some() && d.password.is_none() {
+            return bad("delivery.username is set without delivery.password (PALOMA_DELIVERY__PASSWORD)".into());
+        }
+        for n in &d.prohibited_hosts {
+            if let Err(e) = crate::track::machine::Networks::parse_cidr(n) {
+                return bad(format!("delivery.prohibited_hosts: {e}"));
+            }
+        }
+        if d.mx_max_hosts == 0 || d.mx_max_addresses == 0 || d.attempt_timeout.get().is_zero() {
+            return bad("delivery.mx_max_hosts, mx_max_addresses and attempt_timeout must be above zero".into());
         }
         if !self.tracking.base_url.starts_with("http://")
             && !self.tracking.base_url.starts_with("https://")
@@ -576,10 +781,11 @@ impl Settings {
             }
         }
         let w = &self.webhooks;
-        if self.workflows.iter().any(|r| r.webhook.is_some())
-            && w.secret.as_ref().is_none_or(|s| s.len() < 16)
-        {
-            return bad("webhooks.secret must be set (at least 16 characters) when a workflow has a webhook: receivers check X-Paloma-Signature with it".into());
+        if self.workflows.iter().any(|r| r.webhook.is_some()) && w.secret.is_none() {
+            return bad(format!("webhooks.secret must be set when a workflow has a webhook: receivers check X-Paloma-Signature with it; {MAKE_SECRET} (PALOMA_WEBHOOKS__SECRET)"));
+        }
+        if let Some(why) = w.secret.as_ref().and_then(|s| weak_secret(s.expose())) {
+            return bad(format!("webhooks.secret is refused because {why}: anyone could sign webhooks your receivers trust; {MAKE_SECRET} (PALOMA_WEBHOOKS__SECRET)"));
         }
         if w.retry_intervals.is_empty()
             || w.max_attempts == 0
@@ -649,6 +855,66 @@ fn validate_workflow(w: &WorkflowRule, earlier: &[WorkflowRule]) -> Result<(), S
     Ok(())
 }
 
+/// Keys whose values are secrets: never echoed in an error, and read from the environment
+/// as strings whatever they look like (a numeric password is still a password).
+fn is_secret_key(key: &str) -> bool {
+    let k = key.trim_matches('"').to_ascii_lowercase();
+    matches!(k.as_str(), "secret" | "password" | "token" | "old_secrets")
+        || k.ends_with("_secret")
+        || k.ends_with("_password")
+        || k.ends_with("_token")
+}
+
+/// Every secret value in the tree (and every Redis URL, which may carry a password).
+fn collect_secrets(v: &toml::Value, under_secret: bool, out: &mut Vec<String>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                if k == "url" || k == "cluster_nodes" {
+                    // Only the password part of a Redis URL (`redis://:pass@host`).
+                    let urls: Vec<&str> = match v {
+                        toml::Value::String(u) => vec![u.as_str()],
+                        toml::Value::Array(a) => a.iter().filter_map(|u| u.as_str()).collect(),
+                        _ => Vec::new(),
+                    };
+                    for u in urls {
+                        if let Some((cred, _)) = u.split_once("://").and_then(|(_, r)| r.rsplit_once('@')) {
+                            let pass = cred.rsplit_once(':').map_or(cred, |(_, p)| p);
+                            out.push(pass.to_string());
+                        }
+                    }
+                    continue;
+                }
+                collect_secrets(v, under_secret || is_secret_key(k), out);
+            }
+        }
+        toml::Value::Array(a) => {
+            for v in a {
+                collect_secrets(v, under_secret, out);
+            }
+        }
+        other if under_secret => {
+            let s = match other {
+                toml::Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            out.push(s);
+        }
+        _ => {}
+    }
+}
+
+/// `msg` with every secret value in it replaced.
+fn scrub(mut msg: String, secrets: &[String]) -> String {
+    for s in secrets {
+        // Very short values would blank out ordinary words; they are refused as weak anyway.
+        if s.len() >= 3 && msg.contains(s.as_str()) {
+            msg = msg.replace(s.as_str(), "[redacted]");
+        }
+    }
+    msg
+}
+
 /// `PALOMA_DELIVERY__RELAY=host:port` sets `[delivery] relay`. Values are read as TOML when
 /// they parse as such (numbers, booleans, arrays), else as plain strings.
 fn apply_env(
@@ -663,10 +929,14 @@ fn apply_env(
             continue;
         };
         let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
-        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or(toml::Value::String(value));
+        let parsed = if is_secret_key(&key) && key != "old_secrets" {
+            toml::Value::String(value)
+        } else {
+            toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value))
+        };
         let entry = root
             .entry(section.clone())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -731,6 +1001,90 @@ secret = "0123456789abcdef0123"
     }
 
     #[test]
+    fn weak_and_example_secrets_are_refused_with_advice() {
+        for weak in [
+            "change-me-to-a-long-random-string",
+            "CHANGE_ME_PLEASE_1234567",
+            "changeme-changeme-changeme",
+            "aaaaaaaaaaaaaaaaaaaaaaaa",
+            "abababababababababababab",
+            "short",
+            "secret-secret-secret",
+            "password",
+            "your-secret-here-0000000",
+        ] {
+            let text = MIN.replace("0123456789abcdef0123", weak);
+            let e = Settings::from_toml(&text, vec![]).unwrap_err().to_string();
+            assert!(
+                e.contains("tracking.secret") && e.contains("openssl rand"),
+                "{weak}: {e}"
+            );
+            assert!(!e.contains(weak), "the secret is echoed: {e}");
+        }
+        assert!(weak_secret("9f2c41d07be85a3366e1c0f4d2b7a9e8").is_none());
+        assert!(weak_secret("test-secret-0123456789abcdef").is_none());
+        let hook = format!(
+            "{MIN}\n[webhooks]\nsecret = \"change-me-to-a-long-random-string\"\n"
+        );
+        let e = Settings::from_toml(&hook, vec![]).unwrap_err().to_string();
+        assert!(e.contains("webhooks.secret"), "{e}");
+    }
+
+    #[test]
+    fn secrets_never_appear_in_errors_or_debug_output() {
+        // A numeric password from the environment is a string, not a type error that
+        // would print it back.
+        let env = vec![
+            ("PALOMA_DELIVERY__USERNAME".to_string(), "u".to_string()),
+            ("PALOMA_DELIVERY__PASSWORD".to_string(), "918273645".to_string()),
+            ("PALOMA_DELIVERY__TLS".to_string(), "none".to_string()),
+        ];
+        let s = Settings::from_toml(MIN, env).unwrap();
+        assert_eq!(s.delivery.password.as_ref().unwrap().expose(), "918273645");
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("918273645"), "{debug}");
+        assert!(!debug.contains("0123456789abcdef0123"), "{debug}");
+        // A secret of the wrong type in the file, and a bad value next to one.
+        let text = format!("{MIN}\n[webhooks]\nsecret = 123456789012345678\n");
+        let e = Settings::from_toml(&text, vec![]).unwrap_err().to_string();
+        assert!(!e.contains("123456789012345678"), "{e}");
+        let text = MIN.replace("[tracking]", "[tracking]\nold_secrets = { \"1\" = 99887766554433 }");
+        let e = Settings::from_toml(&text, vec![]).unwrap_err().to_string();
+        assert!(!e.contains("99887766554433"), "{e}");
+        let text = format!("{MIN}\n[redis]\nurl = \"redis://:hunter2-pass@h:6379/\"\nprefix = 7\n");
+        let e = Settings::from_toml(&text, vec![]).unwrap_err().to_string();
+        assert!(!e.contains("hunter2-pass"), "{e}");
+        let s = Settings::from_toml(
+            &format!("{MIN}\n[redis]\nurl = \"redis://:hunter2-pass@h:6379/\"\n"),
+            vec![],
+        )
+        .unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn credentials_need_a_verified_session_or_an_explicit_none() {
+        let with = |tls: &str| {
+            Settings::from_toml(
+                &format!("{MIN}\n[delivery]\nusername = \"u\"\npassword = \"p4ss-word-long\"\ntls = \"{tls}\"\n"),
+                vec![],
+            )
+        };
+        let e = with("opportunistic").unwrap_err().to_string();
+        assert!(e.contains("delivery.tls") && e.contains("required"), "{e}");
+        assert!(with("required").is_ok());
+        assert!(with("none").is_ok());
+        // The default is opportunistic: a username alone is refused too.
+        let e = Settings::from_toml(
+            &format!("{MIN}\n[delivery]\nusername = \"u\"\npassword = \"p4ss-word-long\"\n"),
+            vec![],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("opportunistic"), "{e}");
+    }
+
+    #[test]
     fn unknown_keys_and_missing_secret_are_errors() {
         let e = Settings::from_toml(&format!("{MIN}\n[delivery]\nrelai = \"x\"\n"), vec![])
             .unwrap_err();
@@ -743,9 +1097,17 @@ secret = "0123456789abcdef0123"
 #[cfg(test)]
 mod shipped_config {
     #[test]
-    fn the_documented_example_config_parses() {
+    fn the_documented_example_config_parses_once_given_a_real_secret() {
         let text = include_str!("../config/paloma.toml");
-        let s = super::Settings::from_toml(text, Vec::new()).unwrap();
+        // Its placeholder secret is refused, with advice on making one.
+        let e = super::Settings::from_toml(text, Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("tracking.secret") && e.contains("openssl rand"), "{e}");
+        assert!(!e.contains("change-me"), "the refused value is not echoed: {e}");
+        let env = vec![(
+            "PALOMA_TRACKING__SECRET".to_string(),
+            "9f2c41d07be85a3366e1c0f4d2b7a9e8".to_string(),
+        )];
+        let s = super::Settings::from_toml(text, env).unwrap();
         assert_eq!(s.redis.prefix, "paloma:");
         assert_eq!(s.delivery.retry_intervals.len(), 6);
     }

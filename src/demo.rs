@@ -213,10 +213,17 @@ tls = "none"
 connections = 8
 [tracking]
 base_url = "http://127.0.0.1:8080"
-secret = "demo-secret-not-for-production"
+secret = "{secret}"
 "#,
         templates = opts.templates.display(),
         relay = capture.addr,
+        // A fresh key per run: the demo's links are signed like any others, and a fixed
+        // example key is exactly what the daemon refuses.
+        secret = {
+            use rand::Rng;
+            let bytes: [u8; 32] = rand::thread_rng().gen();
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        },
     );
     let settings = Settings::from_toml(&toml, std::iter::empty())?;
 

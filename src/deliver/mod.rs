@@ -224,6 +224,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::Certificate;
 use lettre::transport::smtp::extension::ClientId;
 
 use crate::config::{DeliveryMode, Settings};
@@ -251,6 +252,23 @@ pub enum DeliverError {
     Relay(String, String),
     #[error("delivery.nameservers: {0}")]
     Resolver(String),
+    #[error("delivery.tls_ca_file {0:?}: {1}")]
+    CaFile(std::path::PathBuf, String),
+}
+
+/// The CA certificates of `delivery.tls_ca_file`, if set, checked once at start.
+fn ca_roots(settings: &Settings) -> Result<Option<Certificate>, DeliverError> {
+    let Some(path) = &settings.delivery.tls_ca_file else {
+        return Ok(None);
+    };
+    let err = |m: String| DeliverError::CaFile(path.clone(), m);
+    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err(err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+    }
+    Certificate::from_pem(&pem)
+        .map(Some)
+        .map_err(|e| err(e.to_string()))
 }
 
 /// The session settings shared by every destination.
@@ -258,17 +276,18 @@ pub fn session_config(
     settings: &Settings,
     tls_name: String,
     messages_per_connection: u32,
-) -> SessionConfig {
+) -> Result<SessionConfig, DeliverError> {
     let d = &settings.delivery;
-    SessionConfig {
+    Ok(SessionConfig {
         helo: ClientId::Domain(settings.sender.helo.clone()),
         tls: d.tls,
         tls_name,
+        ca: ca_roots(settings)?,
         credentials: None,
         timeout: d.timeout.get(),
         idle_timeout: d.idle_timeout.get(),
         messages_per_connection: messages_per_connection.max(1),
-    }
+    })
 }
 
 impl Deliverer {
@@ -295,11 +314,11 @@ impl Deliverer {
                     settings,
                     host.trim_matches(['[', ']']).to_string(),
                     d.messages_per_connection,
-                );
+                )?;
                 cfg.credentials = d
                     .username
                     .clone()
-                    .map(|u| Credentials::new(u, d.password.clone().unwrap_or_default()));
+                    .map(|u| Credentials::new(u, d.password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default()));
                 let pool = Pool::new(addr, cfg, open);
                 Ok(Deliverer::Relay(Site::new(
                     d.relay.clone(),

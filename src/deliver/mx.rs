@@ -81,7 +81,7 @@ impl MxRouter {
         Ok(MxRouter {
             resolver,
             port: d.mx_port,
-            base: session_config(settings, String::new(), d.messages_per_connection),
+            base: session_config(settings, String::new(), d.messages_per_connection)?,
             shaper,
             open,
             routes: Mutex::new(HashMap::new()),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::Address;
 use tokio::sync::{watch, Semaphore};
@@ -25,6 +25,8 @@ pub struct SessionConfig {
     pub tls: TlsMode,
     /// Name checked against the certificate when TLS is required.
     pub tls_name: String,
+    /// Trusted besides the public roots (`delivery.tls_ca_file`).
+    pub ca: Option<Certificate>,
     pub credentials: Option<Credentials>,
     pub timeout: Duration,
     pub idle_timeout: Duration,
@@ -228,7 +230,11 @@ impl Pool {
             TlsMode::None => {}
             TlsMode::Opportunistic | TlsMode::Required if conn.can_starttls() => {
                 let params = if self.cfg.tls == TlsMode::Required {
-                    TlsParameters::new(self.cfg.tls_name.clone())
+                    let mut b = TlsParameters::builder(self.cfg.tls_name.clone());
+                    if let Some(ca) = &self.cfg.ca {
+                        b = b.add_root_certificate(ca.clone());
+                    }
+                    b.build()
                 } else {
                     // Opportunistic TLS between MTAs encrypts without authenticating (RFC 7435).
                     TlsParameters::builder(self.cfg.tls_name.clone())

@@ -196,7 +196,14 @@ impl Renderer {
         let t = &settings.tracking;
         Ok(Renderer {
             templates,
-            signer: Signer::new(&t.key_id, &t.secret, &t.old_secrets),
+            signer: Signer::new(
+                &t.key_id,
+                t.secret.expose(),
+                &t.old_secrets
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.expose().to_string()))
+                    .collect(),
+            ),
             dkim,
             base_url: t.base_url.trim_end_matches('/').to_string(),
             tracking: t.enabled,

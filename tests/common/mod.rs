@@ -32,18 +32,26 @@ pub fn ensure_tools() {
                 .map(|s| s.success())
                 .unwrap_or(false)
         };
-        if have("redis-server") && have("smtp-sink") && have("smtp-source") && have("dnsmasq") && have("openssl") {
+        let aiosmtpd = || {
+            Command::new("/usr/bin/python3")
+                .args(["-c", "import aiosmtpd"])
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        if have("redis-server") && have("smtp-sink") && have("smtp-source") && have("dnsmasq") && have("openssl") && aiosmtpd() {
             return;
         }
-        let script = "command -v smtp-sink >/dev/null && command -v dnsmasq >/dev/null && command -v redis-server >/dev/null && command -v openssl >/dev/null && exit 0; \
+        let script = "command -v smtp-sink >/dev/null && command -v dnsmasq >/dev/null && command -v redis-server >/dev/null && command -v openssl >/dev/null && /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null && exit 0; \
             export DEBIAN_FRONTEND=noninteractive; \
-            apt-get update -qq && apt-get install -y -qq --no-install-recommends postfix dnsmasq-base redis-server openssl >/dev/null";
+            apt-get update -qq && apt-get install -y -qq --no-install-recommends postfix dnsmasq-base redis-server openssl python3 python3-aiosmtpd >/dev/null";
         let st = Command::new("flock")
             .args(["/tmp/paloma-test-apt.lock", "sh", "-c", script])
             .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
             .status()
             .expect("running apt-get");
-        assert!(st.success(), "installing test tools (postfix, dnsmasq-base, redis-server) failed");
+        assert!(st.success(), "installing test tools (postfix, dnsmasq-base, redis-server, openssl, python3-aiosmtpd) failed");
     });
 }
 
@@ -570,4 +578,88 @@ pub fn paloma(args: &[&str], stdin: Option<&str>) -> (ExitStatus, String, String
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Polls `f` every 20 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A private CA and a server certificate it signed for 127.0.0.1 (openssl), in `dir`:
+/// returns (ca.pem, server.pem, server.key).
+pub fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    ensure_tools();
+    let run = |args: &[&str]| {
+        let st = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("running openssl");
+        assert!(st.success(), "openssl {args:?}");
+    };
+    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=paloma test CA"]);
+    run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n").unwrap();
+    run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf"]);
+    (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
+}
+
+/// Python's aiosmtpd as a relay that requires STARTTLS and AUTH (tests/peers/auth_smtpd.py).
+pub struct AuthRelay {
+    child: Child,
+    pub port: u16,
+    pub out: tempfile::TempDir,
+}
+
+impl AuthRelay {
+    pub fn start(cert: &Path, key: &Path, user: &str, pass: &str) -> AuthRelay {
+        ensure_tools();
+        let port = free_port();
+        let out = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/auth_smtpd.py");
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(script)
+            .arg(port.to_string())
+            .args([cert, key])
+            .args([user, pass])
+            .arg(out.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting aiosmtpd");
+        let mut line = String::new();
+        let mut r = std::io::BufReader::new(child.stdout.take().unwrap());
+        std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "aiosmtpd did not start");
+        wait_port("127.0.0.1", port, Duration::from_secs(10));
+        AuthRelay { child, port, out }
+    }
+
+    pub fn messages(&self) -> usize {
+        std::fs::read_dir(self.out.path())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// One line per AUTH attempt: "user tls=True|False".
+    pub fn auth_log(&self) -> String {
+        std::fs::read_to_string(self.out.path().join("auth.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for AuthRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
