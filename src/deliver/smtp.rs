@@ -294,6 +294,9 @@ impl Pool {
         message: &[u8],
         reused: bool,
     ) -> Result<String, SessionError> {
+        // Render already did this; here it guards whatever else hands us a message.
+        let fixed = crate::render::crlf_line_endings(message);
+        let message = fixed.as_deref().unwrap_or(message);
         let run = async {
             match std::str::from_utf8(message) {
                 // The fast path: our own MAIL/RCPT/DATA (pipelined when offered) and one

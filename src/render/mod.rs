@@ -373,6 +373,12 @@ impl Renderer {
         };
         target.clear();
         msg.serialize(target);
+        // Merge data may hold bare CR or LF, which some MIME encodings pass through: every
+        // line ends in CRLF before signing, so what is signed is what goes on the wire and no
+        // `<CR>.<CR>` can reach a receiver (SMTP smuggling).
+        if let Some(fixed) = crlf_line_endings(target) {
+            *target = fixed;
+        }
         if !self.dkim.is_empty() {
             out.clear();
             let signed = self
@@ -415,8 +421,46 @@ fn message_id(id: &str, domain: &str) -> String {
     s
 }
 
+/// `bytes` with every bare CR, bare LF (and CR CR LF) turned into CRLF, or None when every
+/// line already ends in CRLF (the common case: one memchr2 pass, no copy).
+pub fn crlf_line_endings(bytes: &[u8]) -> Option<Vec<u8>> {
+    let bare = memchr::memchr2_iter(b'\r', b'\n', bytes).any(|i| match bytes[i] {
+        b'\r' => bytes.get(i + 1) != Some(&b'\n'),
+        _ => i == 0 || bytes[i - 1] != b'\r',
+    });
+    if !bare {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() + 64);
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\r' => {
+                out.extend_from_slice(b"\r\n");
+                if bytes.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+            }
+            b'\n' => out.extend_from_slice(b"\r\n"),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_line_ending_becomes_crlf() {
+        assert_eq!(super::crlf_line_endings(b"a\r\nb\r\n"), None);
+        assert_eq!(super::crlf_line_endings(b""), None);
+        let f = |s: &[u8]| super::crlf_line_endings(s).unwrap();
+        assert_eq!(f(b"a\r.\rb"), b"a\r\n.\r\nb");
+        assert_eq!(f(b"a\n.\nb\r"), b"a\r\n.\r\nb\r\n");
+        assert_eq!(f(b"\nx\r\r\ny"), b"\r\nx\r\n\r\ny");
+    }
+
     use super::*;
 
     #[test]

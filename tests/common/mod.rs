@@ -663,3 +663,60 @@ impl Drop for AuthRelay {
         let _ = self.child.wait();
     }
 }
+
+/// A TCP proxy in front of a real server that records every byte the client sent, so a
+/// test can check what went over the wire. Each connection's bytes are kept apart.
+pub struct WireTap {
+    pub port: u16,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl WireTap {
+    pub fn start(upstream: u16) -> WireTap {
+        use std::io::Write;
+        use std::net::{Shutdown, TcpStream};
+        use std::sync::{Arc, Mutex};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sent: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let all = sent.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let slot = {
+                    let mut v = all.lock().unwrap();
+                    v.push(Vec::new());
+                    v.len() - 1
+                };
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s2, &mut c2);
+                    let _ = c2.shutdown(Shutdown::Both);
+                });
+                let all = all.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = client.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        all.lock().unwrap()[slot].extend_from_slice(&buf[..n]);
+                        if server.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = server.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        WireTap { port, sent }
+    }
+
+    /// What clients sent, one buffer per connection.
+    pub fn sent(&self) -> Vec<Vec<u8>> {
+        self.sent.lock().unwrap().clone()
+    }
+}
