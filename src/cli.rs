@@ -419,8 +419,11 @@ pub async fn suppress(
             eprintln!("suppressed {} addresses ({reason})", addrs.len());
         }
         Suppress::Remove(addrs) => {
-            let n = suppression::remove(&mut conn, &keys, &addrs).await?;
+            let (n, kept) = suppression::remove(&mut conn, &keys, &addrs).await?;
             eprintln!("removed {n} of {} addresses", addrs.len());
+            if kept > 0 {
+                eprintln!("kept {kept} as unsubscribed: those recipients opted out themselves (remove again to undo the opt-out)");
+            }
         }
         Suppress::List => {
             let mut out = std::io::stdout().lock();

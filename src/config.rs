@@ -236,10 +236,17 @@ impl Default for DeliverySettings {
             nameservers: Vec::new(),
             tls: TlsMode::Opportunistic,
             tls_ca_file: None,
-            prohibited_hosts: ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            prohibited_hosts: [
+                "127.0.0.0/8",
+                "::1/128",
+                "169.254.0.0/16",
+                "fe80::/10",
+                "0.0.0.0/8",
+                "::/128",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
             mx_max_hosts: 5,
             mx_max_addresses: 5,
             attempt_timeout: "3m".parse().expect("valid default"),
@@ -486,7 +493,11 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "[redacted]" })
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "[redacted]"
+        })
     }
 }
 
@@ -498,7 +509,10 @@ pub const MAKE_SECRET: &str = "make one with `openssl rand -hex 32` (or `head -c
 /// or so repetitive that it is guessed in a few tries (fewer than 6 distinct characters).
 pub fn weak_secret(s: &str) -> Option<&'static str> {
     let lower = s.trim().to_ascii_lowercase();
-    let squashed: String = lower.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    let squashed: String = lower
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
     const PLACEHOLDERS: [&str; 12] = [
         "changemetoalongrandomstring",
         "changeme",
@@ -513,22 +527,24 @@ pub fn weak_secret(s: &str) -> Option<&'static str> {
         "placeholder",
         "todo",
     ];
-    if s.len() < 16 {
-        Some("it is shorter than 16 characters")
-    } else if PLACEHOLDERS
-        .iter()
-        .any(|p| !squashed.is_empty() && squashed.len() % p.len() == 0 && squashed == p.repeat(squashed.len() / p.len()))
-        || ["changeme", "replaceme", "yoursecret", "placeholder"]
-            .iter()
-            .any(|p| squashed.starts_with(p))
-    {
-        Some("it is a placeholder from an example, known to everyone")
-    } else if {
+    let distinct = {
         let mut seen: Vec<char> = s.chars().collect();
         seen.sort_unstable();
         seen.dedup();
-        seen.len() < 6
-    } {
+        seen.len()
+    };
+    if s.len() < 16 {
+        Some("it is shorter than 16 characters")
+    } else if PLACEHOLDERS.iter().any(|p| {
+        !squashed.is_empty()
+            && squashed.len().is_multiple_of(p.len())
+            && squashed == p.repeat(squashed.len() / p.len())
+    }) || ["changeme", "replaceme", "yoursecret", "placeholder"]
+        .iter()
+        .any(|p| squashed.starts_with(p))
+    {
+        Some("it is a placeholder from an example, known to everyone")
+    } else if distinct < 6 {
         Some("it has fewer than 6 distinct characters")
     } else {
         None
@@ -658,12 +674,10 @@ impl Settings {
         let settings: Settings = toml::Value::Table(root)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Invalid(scrub(e.to_string(), &secrets)))?;
-        settings
-            .validate()
-            .map_err(|e| match e {
-                ConfigError::Invalid(m) => ConfigError::Invalid(scrub(m, &secrets)),
-                other => other,
-            })?;
+        settings.validate().map_err(|e| match e {
+            ConfigError::Invalid(m) => ConfigError::Invalid(scrub(m, &secrets)),
+            other => other,
+        })?;
         Ok(settings)
     }
 
@@ -699,7 +713,10 @@ impl Settings {
             || self.tracking.max_connections == 0
             || self.tracking.header_timeout.get().is_zero()
         {
-            return bad("tracking.repeat_window, max_connections and header_timeout must be above zero".into());
+            return bad(
+                "tracking.repeat_window, max_connections and header_timeout must be above zero"
+                    .into(),
+            );
         }
         if self.events.max_len == 0 || self.events.max_age.get().is_zero() {
             return bad("events.max_len and events.max_age must be above zero".into());
@@ -709,7 +726,10 @@ impl Settings {
             return bad("delivery.username is set with delivery.tls = \"opportunistic\", which does not verify the relay's certificate: an attacker on the path would get the password. Set delivery.tls = \"required\" (add delivery.tls_ca_file for a private CA), or tls = \"none\" for a trusted local relay".into());
         }
         if d.username.is_some() && d.password.is_none() {
-            return bad("delivery.username is set without delivery.password (PALOMA_DELIVERY__PASSWORD)".into());
+            return bad(
+                "delivery.username is set without delivery.password (PALOMA_DELIVERY__PASSWORD)"
+                    .into(),
+            );
         }
         for n in &d.prohibited_hosts {
             if let Err(e) = crate::track::machine::Networks::parse_cidr(n) {
@@ -717,7 +737,10 @@ impl Settings {
             }
         }
         if d.mx_max_hosts == 0 || d.mx_max_addresses == 0 || d.attempt_timeout.get().is_zero() {
-            return bad("delivery.mx_max_hosts, mx_max_addresses and attempt_timeout must be above zero".into());
+            return bad(
+                "delivery.mx_max_hosts, mx_max_addresses and attempt_timeout must be above zero"
+                    .into(),
+            );
         }
         if !self.tracking.base_url.starts_with("http://")
             && !self.tracking.base_url.starts_with("https://")
@@ -878,7 +901,9 @@ fn collect_secrets(v: &toml::Value, under_secret: bool, out: &mut Vec<String>) {
                         _ => Vec::new(),
                     };
                     for u in urls {
-                        if let Some((cred, _)) = u.split_once("://").and_then(|(_, r)| r.rsplit_once('@')) {
+                        if let Some((cred, _)) =
+                            u.split_once("://").and_then(|(_, r)| r.rsplit_once('@'))
+                        {
                             let pass = cred.rsplit_once(':').map_or(cred, |(_, p)| p);
                             out.push(pass.to_string());
                         }
@@ -1023,9 +1048,7 @@ secret = "0123456789abcdef0123"
         }
         assert!(weak_secret("9f2c41d07be85a3366e1c0f4d2b7a9e8").is_none());
         assert!(weak_secret("test-secret-0123456789abcdef").is_none());
-        let hook = format!(
-            "{MIN}\n[webhooks]\nsecret = \"change-me-to-a-long-random-string\"\n"
-        );
+        let hook = format!("{MIN}\n[webhooks]\nsecret = \"change-me-to-a-long-random-string\"\n");
         let e = Settings::from_toml(&hook, vec![]).unwrap_err().to_string();
         assert!(e.contains("webhooks.secret"), "{e}");
     }
@@ -1036,7 +1059,10 @@ secret = "0123456789abcdef0123"
         // would print it back.
         let env = vec![
             ("PALOMA_DELIVERY__USERNAME".to_string(), "u".to_string()),
-            ("PALOMA_DELIVERY__PASSWORD".to_string(), "918273645".to_string()),
+            (
+                "PALOMA_DELIVERY__PASSWORD".to_string(),
+                "918273645".to_string(),
+            ),
             ("PALOMA_DELIVERY__TLS".to_string(), "none".to_string()),
         ];
         let s = Settings::from_toml(MIN, env).unwrap();
@@ -1048,7 +1074,10 @@ secret = "0123456789abcdef0123"
         let text = format!("{MIN}\n[webhooks]\nsecret = 123456789012345678\n");
         let e = Settings::from_toml(&text, vec![]).unwrap_err().to_string();
         assert!(!e.contains("123456789012345678"), "{e}");
-        let text = MIN.replace("[tracking]", "[tracking]\nold_secrets = { \"1\" = 99887766554433 }");
+        let text = MIN.replace(
+            "[tracking]",
+            "[tracking]\nold_secrets = { \"1\" = 99887766554433 }",
+        );
         let e = Settings::from_toml(&text, vec![]).unwrap_err().to_string();
         assert!(!e.contains("99887766554433"), "{e}");
         let text = format!("{MIN}\n[redis]\nurl = \"redis://:hunter2-pass@h:6379/\"\nprefix = 7\n");
@@ -1100,9 +1129,17 @@ mod shipped_config {
     fn the_documented_example_config_parses_once_given_a_real_secret() {
         let text = include_str!("../config/paloma.toml");
         // Its placeholder secret is refused, with advice on making one.
-        let e = super::Settings::from_toml(text, Vec::new()).unwrap_err().to_string();
-        assert!(e.contains("tracking.secret") && e.contains("openssl rand"), "{e}");
-        assert!(!e.contains("change-me"), "the refused value is not echoed: {e}");
+        let e = super::Settings::from_toml(text, Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tracking.secret") && e.contains("openssl rand"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("change-me"),
+            "the refused value is not echoed: {e}"
+        );
         let env = vec![(
             "PALOMA_TRACKING__SECRET".to_string(),
             "9f2c41d07be85a3366e1c0f4d2b7a9e8".to_string(),

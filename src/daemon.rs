@@ -74,7 +74,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     let dkim = DkimKeys::load(&settings.dkim)?;
     let renderer = Renderer::new(&settings, templates, dkim).map_err(anyhow::Error::msg)?;
     let metrics = Arc::new(Metrics::new());
-    let keys = Keys::new(&settings.redis.prefix);
+    let keys = Keys::new(&settings.redis.prefix).retaining(&settings.events);
 
     let client = redis_target(&settings).await?;
     let block = settings.intake.block.get();
@@ -125,6 +125,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         keys.clone(),
         settings.intake.idempotency_ttl.get(),
         Duration::from_millis(250),
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
+    tokio::spawn(crate::queue::events::retain(
+        conn.clone(),
+        keys.clone(),
+        settings.events.max_age.get(),
         metrics.clone(),
         stop_rx.clone(),
     ));
@@ -203,6 +210,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
                 redis: conn.clone(),
                 keys: keys.clone(),
                 metrics: metrics.clone(),
+                repeat_window: t.repeat_window.get(),
+                limits: crate::listener::Limits {
+                    name: "tracking",
+                    max_connections: t.max_connections,
+                    header_timeout: t.header_timeout.get(),
+                },
             };
             Some(crate::track::server::serve(addr, state, exit_rx.clone()).await?)
         }

@@ -26,8 +26,9 @@ pub async fn serve_ops(
     addr: SocketAddr,
     shared: Arc<Shared>,
     redis: RedisConn,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let registry = shared.metrics.clone();
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -37,13 +38,19 @@ pub async fn serve_ops(
         .await
         .map_err(|e| anyhow::anyhow!("metrics.listen {addr}: {e}"))?;
     tracing::info!(%addr, "metrics endpoint listening");
-    Ok(tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-    }))
+    let limits = crate::listener::Limits {
+        name: "metrics",
+        max_connections: 64,
+        header_timeout: Duration::from_secs(10),
+    };
+    Ok(tokio::spawn(crate::listener::serve(
+        listener,
+        app,
+        limits,
+        registry,
+        stop,
+        Duration::from_secs(1),
+    )))
 }
 
 async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {

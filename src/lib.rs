@@ -14,6 +14,7 @@
 //! - [`workflow`]: rules → actions: follow-up sends, signed webhooks, not_opened timers.
 //! - [`daemon`]: the wiring: intake → workers → recorder, shutdown.
 //! - [`http`], [`metrics`]: the operations endpoint.
+//! - [`listener`]: how public HTTP listeners are served (timeouts, connection cap).
 //! - [`cli`]: `enqueue`, `stats`, and [`demo`].
 
 pub mod cli;
@@ -23,6 +24,7 @@ pub mod deliver;
 pub mod demo;
 pub mod http;
 pub mod job;
+pub mod listener;
 pub mod metrics;
 pub mod policy;
 pub mod queue;

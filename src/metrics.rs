@@ -3,8 +3,8 @@
 //! a recipient.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -46,6 +46,14 @@ pub struct Metrics {
     /// Workflow actions by rule (config names: bounded), action (send, webhook, timer) and
     /// result.
     pub workflow_actions: IntCounterVec,
+    /// Open connections per public HTTP listener (tracking, metrics).
+    pub http_connections: IntGaugeVec,
+    /// Connections closed to make room at the cap (`evicted`) or refused (`all_busy`).
+    pub http_refused: IntCounterVec,
+    /// Checks of the Redis server (version, eviction, persistence): 1 passed, 0 failed.
+    pub redis_check: IntGaugeVec,
+    /// Consumers removed from a group (stopped daemons, nothing pending).
+    pub consumers_removed: IntCounter,
 }
 
 impl Metrics {
@@ -232,7 +240,42 @@ impl Metrics {
             "Workflow actions by rule, action (send, webhook, timer) and result.",
             &["rule", "action", "result"],
         );
+        let http_connections = IntGaugeVec::new(
+            Opts::new(
+                "paloma_http_connections",
+                "Open connections per public HTTP listener.",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(http_connections.clone()))
+            .expect("unique metric");
+        let http_refused = vec(
+            "paloma_http_connections_closed_total",
+            "Connections closed at the connection cap: evicted (the oldest idle or unfinished one, to make room) or all_busy (refused).",
+            &["listener", "reason"],
+        );
+        let redis_check = IntGaugeVec::new(
+            Opts::new(
+                "paloma_redis_check",
+                "Checks of the Redis server at start and every minute: version (>= 7.0), eviction (maxmemory-policy noeviction), persistence (AOF or RDB snapshots); 1 passed, 0 failed.",
+            ),
+            &["check"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(redis_check.clone()))
+            .expect("unique metric");
+        let consumers_removed = counter(
+            "paloma_consumers_removed_total",
+            "Consumers of stopped daemons (nothing pending, idle past intake.claim_idle) removed from the consumer groups.",
+        );
         Metrics {
+            http_connections,
+            http_refused,
+            redis_check,
+            consumers_removed,
             registry,
             jobs_read,
             jobs_reclaimed,

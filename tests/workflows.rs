@@ -179,6 +179,19 @@ fn millis(at: &Value) -> i64 {
         .timestamp_millis()
 }
 
+/// Appends raw events to `{prefix}events`, as another daemon's tracking server would.
+fn enqueue_events(conn: &mut redis::Connection, prefix: &str, evs: &[String]) {
+    for e in evs {
+        redis::cmd("XADD")
+            .arg(format!("{prefix}events"))
+            .arg("*")
+            .arg("event")
+            .arg(e)
+            .query::<String>(conn)
+            .unwrap();
+    }
+}
+
 #[test]
 fn a_click_on_the_named_link_sends_one_follow_up_with_the_original_data() {
     let redis = Redis::start();
@@ -240,6 +253,26 @@ send = {{ template = "followup", campaign = "spring-followup" }}
     }
     // Bob clicks another link (home) only.
     assert_eq!(get(port, &mails["bob"].clicks[0], MAIL_UA), 302);
+    // One daemon records the repeats as one click (tracking.repeat_window); the same click
+    // can still reach the stream again, from other daemons behind a load balancer or after
+    // the window: two more copies of it, which the rule must not act on again.
+    let clicked = loop {
+        let evs = events(&mut conn, &setup.prefix);
+        if let Some(e) = evs
+            .iter()
+            .find(|e| e["type"] == "clicked" && e["id"] == "ann")
+        {
+            assert_eq!(
+                evs.iter()
+                    .filter(|e| e["type"] == "clicked" && e["id"] == "ann")
+                    .count(),
+                1
+            );
+            break e.to_string();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    enqueue_events(&mut conn, &setup.prefix, &[clicked.clone(), clicked]);
 
     let evs = wait_terminal(
         &mut conn,

@@ -264,7 +264,9 @@ fn ca_roots(settings: &Settings) -> Result<Option<Certificate>, DeliverError> {
     let err = |m: String| DeliverError::CaFile(path.clone(), m);
     let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
     if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
-        return Err(err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+        return Err(err(
+            "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+        ));
     }
     Certificate::from_pem(&pem)
         .map(Some)
@@ -315,10 +317,15 @@ impl Deliverer {
                     host.trim_matches(['[', ']']).to_string(),
                     d.messages_per_connection,
                 )?;
-                cfg.credentials = d
-                    .username
-                    .clone()
-                    .map(|u| Credentials::new(u, d.password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default()));
+                cfg.credentials = d.username.clone().map(|u| {
+                    Credentials::new(
+                        u,
+                        d.password
+                            .as_ref()
+                            .map(|p| p.expose().to_string())
+                            .unwrap_or_default(),
+                    )
+                });
                 let pool = Pool::new(addr, cfg, open);
                 Ok(Deliverer::Relay(Site::new(
                     d.relay.clone(),

@@ -1,6 +1,8 @@
 //! The suppression list: the hash `{prefix}suppressed`, field = lower-cased address,
 //! value = reason (`unsubscribed`, `bounced`, `complained`, `manual`). Hard bounces and
-//! unsubscribes add to it; operators manage it with `paloma suppress`.
+//! unsubscribes add to it; operators manage it with `paloma suppress`. A recipient's own
+//! opt-out is also kept in `{prefix}optouts`, so that it survives the removal of a bounce or
+//! an operator's block.
 
 use crate::queue::Keys;
 use crate::store::RedisConn;
@@ -34,20 +36,43 @@ pub async fn add(
     cmd.query_async(conn).await
 }
 
+/// Removes addresses from the list. A recipient's own opt-out outlives the removal of another
+/// reason: an address suppressed as `bounced` or `manual` that also opted out stays, as
+/// `unsubscribed`. Removing an address listed as `unsubscribed` removes the opt-out too (the
+/// operator's explicit decision, e.g. the person subscribed again).
+/// KEYS: suppressed, optouts; ARGV: addresses. Returns {removed, kept as unsubscribed}.
+const REMOVE: &str = r"
+local removed, kept = 0, 0
+for _, a in ipairs(ARGV) do
+  local reason = redis.call('HGET', KEYS[1], a)
+  if reason and reason ~= 'unsubscribed' and redis.call('HEXISTS', KEYS[2], a) == 1 then
+    redis.call('HSET', KEYS[1], a, 'unsubscribed')
+    kept = kept + 1
+  elseif reason then
+    redis.call('HDEL', KEYS[1], a)
+    redis.call('HDEL', KEYS[2], a)
+    removed = removed + 1
+  end
+end
+return {removed, kept}
+";
+
+/// What [`remove`] did: addresses taken off the list, and addresses kept as `unsubscribed`.
 pub async fn remove(
     conn: &mut RedisConn,
     keys: &Keys,
     addrs: &[String],
-) -> redis::RedisResult<u64> {
+) -> redis::RedisResult<(u64, u64)> {
     if addrs.is_empty() {
-        return Ok(0);
+        return Ok((0, 0));
     }
-    let fields: Vec<String> = addrs.iter().map(|a| field(a)).collect();
-    redis::cmd("HDEL")
-        .arg(keys.suppressed.as_str())
-        .arg(fields)
-        .query_async(conn)
-        .await
+    let script = redis::Script::new(REMOVE);
+    let mut inv = script.key(keys.suppressed.as_str());
+    inv.key(keys.optouts.as_str());
+    for a in addrs {
+        inv.arg(field(a));
+    }
+    inv.invoke_async(conn).await
 }
 
 /// Every entry, via HSCAN (no blocking HGETALL on a large list).

@@ -67,3 +67,42 @@ pub fn is_terminal(kind: &str) -> bool {
         "delivered" | "bounced" | "failed" | "suppressed" | "dead"
     )
 }
+
+/// Age retention of `{prefix}events` (`[events] max_age`): every `max_age / 4` (between 1 s
+/// and a minute) entries older than `max_age` are trimmed (exact `XTRIM MINID`; the length
+/// bound is kept by `MAXLEN ~` on every write). Any daemon may do it; trimming twice is
+/// harmless.
+pub async fn retain(
+    mut conn: crate::store::RedisConn,
+    keys: super::Keys,
+    max_age: std::time::Duration,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let every = (max_age / 4).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(60),
+    );
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let min = super::now_ms() - max_age.as_millis() as i64;
+        if min <= 0 {
+            continue;
+        }
+        let r: redis::RedisResult<i64> = redis::cmd("XTRIM")
+            .arg(&keys.events)
+            .arg("MINID")
+            .arg(format!("{min}-0"))
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = r {
+            metrics.redis_errors.inc();
+            tracing::debug!(error = %e, "trimming old events failed; next round");
+        }
+    }
+}

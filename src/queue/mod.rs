@@ -13,6 +13,7 @@
 //! | `stats:{campaign}` | hash | counters per outcome |
 //! | `campaigns` | set | campaign codes seen |
 //! | `suppressed` | hash | lower-cased address → reason |
+//! | `optouts` | hash | lower-cased address → when the recipient opted out (unix ms) |
 //! | `r:{address}` | hash | recent sends (`s`, for frequency caps), `last_open`, `last_click` |
 //! | `links:{campaign}` | hash | clicks per named link, total and `:unique` |
 //! | `uniq:{o,c,l}:…` | HyperLogLog | sends that opened / clicked (a link), for unique counts |
@@ -38,6 +39,10 @@ pub struct Keys {
     pub scheduled: String,
     pub campaigns: String,
     pub suppressed: String,
+    /// Recipients' own opt-outs (address → unix ms), kept apart from the suppression list.
+    pub optouts: String,
+    /// `XADD … MAXLEN ~` of every event (`[events] max_len`).
+    pub events_max_len: u64,
 }
 
 impl Keys {
@@ -50,7 +55,15 @@ impl Keys {
             scheduled: format!("{prefix}scheduled"),
             campaigns: format!("{prefix}campaigns"),
             suppressed: format!("{prefix}suppressed"),
+            optouts: format!("{prefix}optouts"),
+            events_max_len: crate::config::EventSettings::default().max_len,
         }
+    }
+
+    /// The same keys, with the configured retention of the events stream.
+    pub fn retaining(mut self, events: &crate::config::EventSettings) -> Self {
+        self.events_max_len = events.max_len;
+        self
     }
 
     pub fn idem(&self, id: &str) -> String {

@@ -86,7 +86,8 @@ pub struct Recorder {
 /// lost with its acknowledged entry: dead letter, `dead` event, idempotency record deleted
 /// (it may be enqueued again), counted dead. Sent whole (EVAL): a NOSCRIPT inside MULTI
 /// would abort the batch. KEYS: scheduled, dead, events, idem, campaigns. ARGV: due, member,
-/// job, at, prefix, '1' when this record also counts the job (stats) already. Answers 0, or
+/// job, at, prefix, '1' when this record also counts the job (stats) already, events max length.
+/// Answers 0, or
 /// the reason the job died.
 const SCHEDULE_OR_DEAD: &str = r"
 local ok, err = pcall(redis.call, 'ZADD', KEYS[1], ARGV[1], ARGV[2])
@@ -97,7 +98,7 @@ redis.call('XADD', KEYS[2], '*', 'job', ARGV[3], 'error', reason)
 local okj, job = pcall(cjson.decode, ARGV[3])
 if not okj or type(job) ~= 'table' then job = {} end
 local function s(v) if type(v) == 'string' then return v end return '' end
-redis.call('XADD', KEYS[3], '*', 'event', cjson.encode({type = 'dead', id = s(job.id),
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'event', cjson.encode({type = 'dead', id = s(job.id),
   campaign = s(job.campaign), to = s(job.to), at = ARGV[4], error = reason}))
 redis.call('DEL', KEYS[4])
 local c = s(job.campaign)
@@ -249,6 +250,9 @@ impl Recorder {
             if let Some(ev) = &r.event {
                 p.cmd("XADD")
                     .arg(&k.events)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(k.events_max_len)
                     .arg("*")
                     .arg("event")
                     .arg(ev)
@@ -316,7 +320,8 @@ impl Recorder {
                     .arg(job)
                     .arg(&now_at)
                     .arg(&k.prefix)
-                    .arg(if r.stat.is_some() { "1" } else { "0" });
+                    .arg(if r.stat.is_some() { "1" } else { "0" })
+                    .arg(k.events_max_len);
                 ops.push((i, Op::Schedule));
             }
             if let Some((key, value, ttl)) = &r.store {

@@ -43,6 +43,9 @@ pub struct TrackState {
     pub redis: RedisConn,
     pub keys: Keys,
     pub metrics: Arc<Metrics>,
+    /// Repeats of one message's pixel or link within this are not recorded.
+    pub repeat_window: Duration,
+    pub limits: crate::listener::Limits,
 }
 
 /// Tracking events waiting for the writer; beyond this, new ones are dropped.
@@ -69,21 +72,22 @@ const PIXEL: &[u8] = &[
 /// campaign so millions of sends cost kilobytes), `*_machine` for scanner hits; per link
 /// totals and uniques in `links:{campaign}`; and the recipient's `last_open`/`last_click`
 /// in `r:{address}`.
-/// KEYS: suppressed hash, events stream. ARGV[1]: key prefix, ARGV[2]: now (unix s); then
+/// KEYS: suppressed hash, events stream. ARGV[1]: key prefix, ARGV[2]: now (unix s),
+/// ARGV[3]: events max length; then
 /// per event 6 values: address, event JSON, kind (o|c), job id, campaign, link ("" if none),
 /// and a 7th: "1" when a machine made the request. Returns a code per event: 0 not
 /// recorded (opted out), 1 recorded, 2 recorded and the first by a person for that send.
 const WRITE_EVENTS: &str = r#"
 local p = ARGV[1]
 local codes = {}
-for i = 3, #ARGV, 7 do
+for i = 4, #ARGV, 7 do
   local addr, ev, kind, id, campaign, link, machine =
     ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local reason = redis.call('HGET', KEYS[1], addr)
   local code = 0
   if reason ~= 'unsubscribed' and reason ~= 'complained' then
     code = 1
-    redis.call('XADD', KEYS[2], '*', 'event', ev)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', ev)
     local what = (kind == 'o') and 'opened' or 'clicked'
     local stats = p .. 'stats:' .. campaign
     if machine == '1' then
@@ -109,17 +113,29 @@ end
 return codes
 "#;
 
-/// Suppresses an address and writes its `unsubscribed` event, both only the first time, so
-/// that a second click or a provider's retried POST is not a second event.
-/// KEYS: suppressed hash, events stream, the campaign's stats hash; ARGV: lowercased
-/// address, event JSON.
+/// Records a recipient's opt-out: in `optouts` (kept apart from the suppression list, so that
+/// removing a bounce or a manual block later cannot undo it), on the suppression list unless
+/// the address is already there for another reason, and as one `unsubscribed` event — the
+/// first time only, so that a second click or a provider's retried POST is not a second event.
+/// KEYS: suppressed hash, events stream, the campaign's stats hash, optouts hash;
+/// ARGV: lowercased address, event JSON, now (unix ms), events max length.
 const UNSUBSCRIBE: &str = r#"
-if redis.call('HSETNX', KEYS[1], ARGV[1], 'unsubscribed') == 1 then
-  redis.call('XADD', KEYS[2], '*', 'event', ARGV[2])
-  redis.call('HINCRBY', KEYS[3], 'unsubscribed', 1)
-  return 1
+if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then
+  redis.call('HSETNX', KEYS[1], ARGV[1], 'unsubscribed')
+  return 0
 end
-return 0
+local reason = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
+-- Suppressed as unsubscribed before opt-outs were kept apart: already recorded.
+if reason == 'unsubscribed' then
+  return 0
+end
+if not reason then
+  redis.call('HSET', KEYS[1], ARGV[1], 'unsubscribed')
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[2])
+redis.call('HINCRBY', KEYS[3], 'unsubscribed', 1)
+return 1
 "#;
 
 struct Pending {
@@ -136,13 +152,65 @@ struct Pending {
 struct Inner {
     signer: Signer,
     redis: RedisConn,
-    suppressed: String,
-    events: String,
-    prefix: String,
+    keys: Keys,
     metrics: Arc<Metrics>,
     tx: mpsc::Sender<Pending>,
     detector: Detector,
     unsubscribe: redis::Script,
+    repeats: Repeats,
+}
+
+/// Which (message, pixel or link) hits were recorded lately, so that a repeat within the
+/// repeat window is answered but not recorded: a replayed or flooded link then costs no
+/// Redis write at all, and one message can add at most one event per link and one per
+/// pixel per window. Two generations of hashes, each covering `window`: a hit is a repeat
+/// if either holds it, so it is remembered between one and two windows. Each generation
+/// holds at most `CAP` hashes (then it turns over early): memory stays flat, about 16 bytes
+/// a hash, whatever the traffic.
+struct Repeats {
+    window: Duration,
+    hasher: std::hash::RandomState,
+    gens: std::sync::Mutex<(
+        std::collections::HashSet<u64>,
+        std::collections::HashSet<u64>,
+        std::time::Instant,
+    )>,
+}
+
+impl Repeats {
+    const CAP: usize = 500_000;
+
+    fn new(window: Duration) -> Self {
+        Repeats {
+            window,
+            hasher: std::hash::RandomState::new(),
+            gens: std::sync::Mutex::new((
+                Default::default(),
+                Default::default(),
+                std::time::Instant::now(),
+            )),
+        }
+    }
+
+    /// True when this (kind, send id, url) was recorded within the window; else it is
+    /// remembered now and false is returned.
+    fn seen(&self, kind: &str, id: &str, url: &str) -> bool {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one((kind, id, url));
+        let Ok(mut g) = self.gens.lock() else {
+            return false;
+        };
+        let (current, previous, since) = &mut *g;
+        if since.elapsed() >= self.window || current.len() >= Self::CAP {
+            *previous = std::mem::take(current);
+            *since = std::time::Instant::now();
+        }
+        if current.contains(&h) || previous.contains(&h) {
+            return true;
+        }
+        current.insert(h);
+        false
+    }
 }
 
 type App = Arc<Inner>;
@@ -152,42 +220,40 @@ type App = Arc<Inner>;
 pub async fn serve(
     addr: SocketAddr,
     state: TrackState,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("tracking.listen {addr}: {e}"))?;
     let bound = listener.local_addr().unwrap_or(addr);
     tracing::info!(addr = %bound, "tracking endpoint listening");
-    let suppressed = format!("{}suppressed", state.keys.prefix);
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
     let writer = tokio::spawn(write_events(
         rx,
         state.redis.clone(),
-        suppressed.clone(),
-        state.keys.events.clone(),
-        state.keys.prefix.clone(),
+        state.keys.clone(),
         state.metrics.clone(),
     ));
+    let metrics = state.metrics.clone();
     let app = router(Arc::new(Inner {
         signer: state.signer,
         redis: state.redis,
-        suppressed,
-        events: state.keys.events,
-        prefix: state.keys.prefix,
+        keys: state.keys,
         metrics: state.metrics,
         tx,
         detector: state.detector,
         unsubscribe: redis::Script::new(UNSUBSCRIBE),
+        repeats: Repeats::new(state.repeat_window),
     }));
     Ok(tokio::spawn(async move {
-        let _ = axum::serve(
+        crate::listener::serve(
             listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+            app,
+            state.limits,
+            metrics,
+            stop,
+            Duration::from_secs(3),
         )
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
         .await;
         // The router, and with it the queue's sender, is gone: the writer drains and ends.
         let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
@@ -207,18 +273,17 @@ fn router(app: App) -> Router {
 async fn write_events(
     mut rx: mpsc::Receiver<Pending>,
     mut redis: RedisConn,
-    suppressed: String,
-    events: String,
-    prefix: String,
+    keys: Keys,
     metrics: Arc<Metrics>,
 ) {
     let script = redis::Script::new(WRITE_EVENTS);
     let mut buf = Vec::with_capacity(EVENT_BATCH);
     while rx.recv_many(&mut buf, EVENT_BATCH).await > 0 {
-        let mut inv = script.key(&suppressed);
-        inv.key(&events)
-            .arg(&prefix)
-            .arg(chrono::Utc::now().timestamp());
+        let mut inv = script.key(&keys.suppressed);
+        inv.key(&keys.events)
+            .arg(&keys.prefix)
+            .arg(chrono::Utc::now().timestamp())
+            .arg(keys.events_max_len);
         for p in &buf {
             inv.arg(&p.to)
                 .arg(&p.event)
@@ -359,11 +424,22 @@ async fn open(
         app.count("open", "head");
     } else {
         let machine = app.is_machine(&c, peer, &headers, None);
+        if app
+            .repeats
+            .seen(if machine { "om" } else { "o" }, &c.id, "")
+        {
+            app.count("open", "repeat");
+            return pixel();
+        }
         app.count("open", if machine { "machine" } else { "human" });
         let mut ev = Event::new("opened", &c.id, &c.campaign, &c.to);
         ev.machine = Some(machine);
         app.record(&c, "o", machine, ev.to_json()).await;
     }
+    pixel()
+}
+
+fn pixel() -> Response {
     (
         [
             (header::CONTENT_TYPE, "image/gif"),
@@ -398,6 +474,15 @@ async fn click(
         let mut h = DefaultHasher::new();
         c.url.hash(&mut h);
         let machine = app.is_machine(&c, peer, &headers, Some(h.finish()));
+        // Machine and human hits are told apart: a scanner's prefetch must not hide the
+        // person's click that follows.
+        if app
+            .repeats
+            .seen(if machine { "cm" } else { "c" }, &c.id, &c.url)
+        {
+            app.count("click", "repeat");
+            return redirect(location);
+        }
         app.count("click", if machine { "machine" } else { "human" });
         let mut ev = Event::new("clicked", &c.id, &c.campaign, &c.to);
         ev.url = Some(&c.url);
@@ -405,6 +490,10 @@ async fn click(
         ev.machine = Some(machine);
         app.record(&c, "c", machine, ev.to_json()).await;
     }
+    redirect(location)
+}
+
+fn redirect(location: HeaderValue) -> Response {
     Response::builder()
         .status(StatusCode::FOUND)
         .header(header::LOCATION, location)
@@ -444,11 +533,14 @@ async fn unsubscribe(
     let lang = Lang::of(&uri, &headers);
     let event = Event::new("unsubscribed", &c.id, &c.campaign, &c.to).to_json();
     let mut redis = app.redis.clone();
-    let mut inv = app.unsubscribe.key(&app.suppressed);
-    inv.key(&app.events)
-        .key(format!("{}stats:{}", app.prefix, c.campaign))
+    let mut inv = app.unsubscribe.key(&app.keys.suppressed);
+    inv.key(&app.keys.events)
+        .key(app.keys.stats(&c.campaign))
+        .key(&app.keys.optouts)
         .arg(c.to.to_lowercase())
-        .arg(event);
+        .arg(event)
+        .arg(crate::queue::now_ms())
+        .arg(app.keys.events_max_len);
     match tokio::time::timeout(UNSUBSCRIBE_TIMEOUT, inv.invoke_async::<i64>(&mut redis)).await {
         Ok(Ok(first)) => {
             app.count(

@@ -96,7 +96,11 @@ impl Worker {
     ) -> Result<Worker, String> {
         Ok(Worker {
             keys,
-            secret: settings.secret.as_ref().map(|s| s.expose().as_bytes().to_vec()).unwrap_or_default(),
+            secret: settings
+                .secret
+                .as_ref()
+                .map(|s| s.expose().as_bytes().to_vec())
+                .unwrap_or_default(),
             intervals: settings.retry_intervals.iter().map(|d| d.get()).collect(),
             max_attempts: settings.max_attempts.max(1),
             timeout: settings.timeout.get(),

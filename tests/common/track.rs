@@ -173,3 +173,32 @@ pub fn wait_tracking(conn: &mut redis::Connection, prefix: &str, id: &str, n: us
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// A test config with the tracking server on a free port: (setup, port, base URL).
+/// `extra` is appended TOML (sections after [tracking]; `[tracking]` keys go in `tracking`).
+pub fn tracking_setup(
+    redis_url: &str,
+    sink_port: u16,
+    tracking: &str,
+    extra: &str,
+) -> (super::Setup, u16, String) {
+    let port = super::free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let setup = super::Setup::new(redis_url, sink_port, "", "", extra);
+    let text = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "base_url = \"https://t.shop.test\"",
+        &format!("base_url = \"{base}\"\nlisten = \"127.0.0.1:{port}\"\n{tracking}"),
+    );
+    std::fs::write(&setup.config, text).unwrap();
+    (setup, port, base)
+}
+
+/// A value of `{prefix}stats:{campaign}`.
+pub fn stat(conn: &mut redis::Connection, prefix: &str, campaign: &str, field: &str) -> i64 {
+    redis::cmd("HGET")
+        .arg(format!("{prefix}stats:{campaign}"))
+        .arg(field)
+        .query::<Option<i64>>(conn)
+        .unwrap()
+        .unwrap_or(0)
+}
