@@ -311,9 +311,27 @@ impl Daemon {
     }
 
     pub fn spawn_env(config: &Path, env: &[(&str, &str)]) -> Daemon {
+        Self::spawn_with(config, env, None)
+    }
+
+    /// With the descriptor limit (`ulimit -n`) set to `nofile`, as on a default host.
+    pub fn spawn_nofile(config: &Path, nofile: u32) -> Daemon {
+        Self::spawn_with(config, &[], Some(nofile))
+    }
+
+    fn spawn_with(config: &Path, env: &[(&str, &str)], nofile: Option<u32>) -> Daemon {
         let log = config.with_extension(format!("{}.log", free_port()));
         let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_paloma"))
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\"")])
+                    .arg(env!("CARGO_BIN_EXE_paloma"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_paloma")),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(config)
             .env("PALOMA_LOG", "info,paloma=debug")
