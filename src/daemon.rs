@@ -52,6 +52,8 @@ pub struct Shared {
     pub stop: watch::Receiver<bool>,
     /// Which finished jobs are kept for workflow follow-ups.
     pub workflow_jobs: crate::workflow::KeepJobs,
+    /// What the last check of the Redis server found (for `/readyz`).
+    pub redis_health: Arc<crate::store::checks::Health>,
 }
 
 fn consumer_name(settings: &Settings) -> String {
@@ -78,8 +80,34 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
 
     let client = redis_target(&settings).await?;
     let block = settings.intake.block.get();
+    let conn = crate::store::connect_when_serving(
+        &client,
+        Duration::from_secs(10),
+        &keys.sends,
+        Duration::from_secs(60),
+    )
+    .await?;
     let reader = connect(&client, block + Duration::from_secs(5)).await?;
-    let conn = connect(&client, Duration::from_secs(10)).await?;
+    let redis_health = Arc::new(crate::store::checks::Health::default());
+    {
+        let mut c = conn.clone();
+        match crate::store::checks::facts(&mut c).await {
+            Ok(Some(f)) => {
+                for w in f.findings() {
+                    tracing::warn!("{w}");
+                }
+                crate::store::checks::judge(
+                    &f,
+                    settings.redis.allow_eviction,
+                    &metrics,
+                    &redis_health,
+                )
+                .map_err(anyhow::Error::msg)?;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "could not check the Redis server (INFO)"),
+        }
+    }
     let shaper = Arc::new(Shaper::with_redis(&settings, Some(conn.clone())));
     let sessions = Arc::new(AtomicI64::new(0));
     let deliverer = Deliverer::new(&settings, shaper.clone(), sessions.clone()).await?;
@@ -171,7 +199,16 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         sessions,
         stop: stop_rx.clone(),
         workflow_jobs,
+        redis_health: redis_health.clone(),
     });
+    tokio::spawn(crate::store::checks::watch(
+        conn.clone(),
+        shared.settings.redis.allow_eviction,
+        metrics.clone(),
+        redis_health,
+        Duration::from_secs(5),
+        stop_rx.clone(),
+    ));
     // Housekeeping of SMTP sessions and mx routes, every 5 s until shutdown begins (it
     // then lets go of `shared`, whose recorder handle the drain waits for).
     {
@@ -304,6 +341,18 @@ async fn intake_loop(
             }
             reclaimed = entries.len();
             shared.metrics.jobs_reclaimed.inc_by(reclaimed as u64);
+            let workflows = format!("{}-workflows", shared.settings.redis.group);
+            match intake
+                .prune_consumers(&[(shared.keys.events.as_str(), workflows.as_str())])
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    shared.metrics.consumers_removed.inc_by(n as u64);
+                    tracing::info!(count = n, "removed consumers of stopped daemons");
+                }
+                Err(e) => tracing::debug!(error = %e, "pruning consumers failed; next round"),
+            }
             if reclaimed > 0 {
                 tracing::info!(
                     count = reclaimed,

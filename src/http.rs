@@ -69,7 +69,7 @@ async fn readyz(State(mut ops): State<Ops>) -> impl IntoResponse {
     if !ops.shared.ready.load(Ordering::Relaxed) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: starting or draining\n",
+            "not ready: starting or draining\n".to_string(),
         );
     }
     // A keyed command, so that in a cluster it asks the node serving paloma's slot (a PING
@@ -82,11 +82,21 @@ async fn readyz(State(mut ops): State<Ops>) -> impl IntoResponse {
             .query_async::<i64>(&mut ops.redis),
     )
     .await;
-    match ping {
-        Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
-        _ => (
+    if !matches!(ping, Ok(Ok(_))) {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: Redis unreachable\n",
-        ),
+            "not ready: Redis unreachable\n".to_string(),
+        );
+    }
+    let health = &ops.shared.redis_health;
+    if let Some(why) = health.not_ready() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        );
+    }
+    match health.warning() {
+        Some(w) => (StatusCode::OK, format!("ready (warning: {w})\n")),
+        None => (StatusCode::OK, "ready\n".to_string()),
     }
 }

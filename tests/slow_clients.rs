@@ -14,20 +14,33 @@ use common::*;
 use serde_json::json;
 
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 #[test]
 fn slow_loris_clients_neither_starve_delivery_nor_block_a_real_click() {
     let redis = Redis::start();
     let sink = Sink::start(&[]);
-    let (setup, port, base) = tracking_setup(&redis.url(), sink.port, "header_timeout = \"5s\"", "");
+    let (setup, port, base) =
+        tracking_setup(&redis.url(), sink.port, "header_timeout = \"5s\"", "");
     let mut conn = redis.conn();
     let data = json!({"first_name": "A", "products": []});
-    enqueue_raw(&mut conn, &setup.prefix, &[job("first", "slow", "newsletter", "a@example.test", data)]);
+    enqueue_raw(
+        &mut conn,
+        &setup.prefix,
+        &[job("first", "slow", "newsletter", "a@example.test", data)],
+    );
     let daemon = Daemon::spawn_nofile(&setup.config, 1024);
     let pid = daemon.pid().unwrap();
-    wait_terminal(&mut conn, &setup.prefix, 1, Duration::from_secs(30), Some(&daemon));
+    wait_terminal(
+        &mut conn,
+        &setup.prefix,
+        1,
+        Duration::from_secs(30),
+        Some(&daemon),
+    );
     wait_port("127.0.0.1", port, Duration::from_secs(10));
     let link = captured(&sink, &base)["first"].clicks[0].clone();
 
@@ -42,24 +55,49 @@ fn slow_loris_clients_neither_starve_delivery_nor_block_a_real_click() {
 
     // 2,000 sends while they hold on, and a person's click in the middle of it.
     let jobs: Vec<String> = (0..2000)
-        .map(|i| job(&format!("r{i}"), "slow", "receipt", &format!("r{i}@x.test"), json!({"name": "R"})))
+        .map(|i| {
+            job(
+                &format!("r{i}"),
+                "slow",
+                "receipt",
+                &format!("r{i}@x.test"),
+                json!({"name": "R"}),
+            )
+        })
         .collect();
     enqueue_raw(&mut conn, &setup.prefix, &jobs);
     let t0 = Instant::now();
     let r = get(port, &link, MAIL_UA);
     let click = t0.elapsed();
     assert_eq!(r.status, 302);
-    assert!(click < Duration::from_secs(2), "a real click took {click:?}");
-    wait_terminal(&mut conn, &setup.prefix, 2001, Duration::from_secs(60), Some(&daemon));
+    assert!(
+        click < Duration::from_secs(2),
+        "a real click took {click:?}"
+    );
+    wait_terminal(
+        &mut conn,
+        &setup.prefix,
+        2001,
+        Duration::from_secs(60),
+        Some(&daemon),
+    );
     let evs = events(&mut conn, &setup.prefix);
-    assert_eq!(evs.iter().filter(|e| e["type"] == "delivered").count(), 2001);
-    assert!(fds_under_attack < 1024, "{fds_under_attack} descriptors open");
+    assert_eq!(
+        evs.iter().filter(|e| e["type"] == "delivered").count(),
+        2001
+    );
+    assert!(
+        fds_under_attack < 1024,
+        "{fds_under_attack} descriptors open"
+    );
 
     // The server closes every slow connection: evicted to make room, or past header_timeout.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut closed = 0;
     for s in &mut slow {
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
         s.set_read_timeout(Some(left)).unwrap();
         let mut buf = [0u8; 512];
         // EOF, or a 408/400 answer and then EOF; a timeout means still open.

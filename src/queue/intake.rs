@@ -117,6 +117,28 @@ impl Intake {
         Ok(())
     }
 
+    /// Removes consumers with nothing pending, idle longer than `claim_idle`, from the sends
+    /// group and from `also` (other groups, e.g. the workflow engine's on the events stream):
+    /// daemons that stopped. A live daemon reads every `block`, so it is never that idle;
+    /// and one removed while briefly idle is recreated by its next read. Returns how many.
+    pub async fn prune_consumers(&mut self, also: &[(&str, &str)]) -> redis::RedisResult<i64> {
+        let script = redis::Script::new(include_str!("scripts/prune_consumers.lua"));
+        let mut removed = 0;
+        for (stream, group) in std::iter::once((self.keys.sends.as_str(), self.group.as_str()))
+            .chain(also.iter().copied())
+        {
+            let n: i64 = script
+                .key(stream)
+                .arg(group)
+                .arg(self.claim_idle_ms)
+                .arg(&self.consumer)
+                .invoke_async(&mut self.conn)
+                .await?;
+            removed += n;
+        }
+        Ok(removed)
+    }
+
     /// Claims each job id for its entry and looks its recipient up in the suppression list,
     /// one pipelined round trip per batch: `SET idem:{id} p:{entry} NX GET` answers nil when
     /// new, else the current holder; `HGET suppressed addr` the reason, if any.

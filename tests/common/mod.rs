@@ -98,15 +98,22 @@ pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     pub dir: tempfile::TempDir,
+    args: Vec<String>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
+        Self::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
+    }
+
+    /// With other server options than AOF on (e.g. an eviction policy, no persistence).
+    pub fn start_with(args: &[&str]) -> Redis {
         ensure_tools();
         let mut r = Redis {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
+            args: args.iter().map(|s| s.to_string()).collect(),
         };
         r.spawn();
         r
@@ -122,7 +129,7 @@ impl Redis {
                 "--save",
                 "",
             ])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(&self.args)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())

@@ -7,7 +7,9 @@
 //! keys must share a hash slot. They all start with `redis.prefix`, so the prefix carries a
 //! hash tag (`{paloma}:`), and a cluster configuration without one is refused.
 
-use std::time::Duration;
+pub mod checks;
+
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -142,6 +144,41 @@ pub async fn connect(
                 .await
                 .map(RedisConn::Cluster)
                 .context("cannot connect to the Redis Cluster (redis.cluster_nodes)")
+        }
+    }
+}
+
+/// Connects, and waits until the server answers commands (it may be starting, or loading
+/// its AOF after a restart: `LOADING`), for at most `patience`. A daemon started together
+/// with Redis, or right after Redis restarts, then comes up instead of exiting.
+pub async fn connect_when_serving(
+    target: &RedisTarget,
+    response_timeout: Duration,
+    probe_key: &str,
+    patience: Duration,
+) -> anyhow::Result<RedisConn> {
+    let deadline = Instant::now() + patience;
+    let mut said = Instant::now() - Duration::from_secs(10);
+    loop {
+        let attempt = async {
+            let mut conn = connect(target, response_timeout).await?;
+            redis::cmd("EXISTS")
+                .arg(probe_key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .context("Redis does not answer commands yet")?;
+            anyhow::Ok(conn)
+        };
+        match attempt.await {
+            Ok(conn) => return Ok(conn),
+            Err(e) if Instant::now() < deadline => {
+                if said.elapsed() >= Duration::from_secs(5) {
+                    tracing::warn!(error = format!("{e:#}"), "waiting for Redis");
+                    said = Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e.context(format!("Redis did not answer within {patience:?}"))),
         }
     }
 }
