@@ -360,7 +360,8 @@ fn bench_setup(
         &format!("connections = {}", o.connections),
     );
     if mx {
-        cfg = cfg.replace("mode = \"relay\"", "mode = \"mx\"");
+        // The sinks are on loopback, which mx mode refuses by default.
+        cfg = cfg.replace("mode = \"relay\"", "mode = \"mx\"\nprohibited_hosts = []");
     }
     std::fs::write(&setup.config, cfg).unwrap();
     setup

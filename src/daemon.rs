@@ -587,9 +587,25 @@ async fn work(shared: Arc<Shared>, entry: Entry, mut job: Job, _permit: OwnedSem
     };
     // A bug anywhere in routing, shaping, rendering or SMTP must not leave the job without
     // an outcome (unacked, its lease renewed for ever): a panic becomes a dead letter.
-    let attempt = AssertUnwindSafe(deliver_job(&shared, &entry, &mut job, &ident))
-        .catch_unwind()
-        .await;
+    // The longest one job may hold this worker: a tarpit domain (slow DNS, many slow MX
+    // addresses) must not hold every worker. Past it the attempt is deferred.
+    let limit = shared.settings.delivery.attempt_timeout.get();
+    let attempt = tokio::time::timeout(
+        limit,
+        AssertUnwindSafe(deliver_job(&shared, &entry, &mut job, &ident)).catch_unwind(),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Ok(Some(outcome_record(
+            &shared,
+            &entry,
+            &ident,
+            "*",
+            Outcome::Deferred {
+                response: format!("attempt took longer than delivery.attempt_timeout ({limit:?})"),
+            },
+        )))
+    });
     match attempt {
         Ok(Some(record)) => shared.recorder.send(record).await,
         Ok(None) => shared.leases.drop_one(&entry.id),

@@ -38,7 +38,7 @@ fn env(
         &redis.url(),
         port,
         &format!(
-            "mx_port = {port}\nnameservers = [\"127.0.0.1:{}\"]\n{delivery_extra}",
+            "mx_port = {port}\nnameservers = [\"127.0.0.1:{}\"]\nprohibited_hosts = []\n{delivery_extra}",
             dns.port
         ),
         "",

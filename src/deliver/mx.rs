@@ -20,6 +20,7 @@ use super::smtp::{Pool, SessionConfig, Site};
 use super::{session_config, DeliverError, Outcome, Route};
 use crate::config::Settings;
 use crate::shape::Shaper;
+use crate::track::machine::Networks;
 
 /// How long a negative answer (NXDOMAIN, null MX) is cached.
 const NEGATIVE_TTL: Duration = Duration::from_secs(300);
@@ -39,7 +40,13 @@ pub struct MxRouter {
     open: Arc<AtomicI64>,
     routes: Mutex<HashMap<String, (Cached, Instant)>>,
     sites: Mutex<HashMap<String, Arc<Site>>>,
-    pools: Mutex<HashMap<SocketAddr, Arc<Pool>>>,
+    /// Keyed by address and TLS name: two MX names on one address get two pools, so one
+    /// domain's certificate name is never checked for another's session.
+    pools: Mutex<HashMap<(SocketAddr, String), Arc<Pool>>>,
+    /// Addresses never connected to (`delivery.prohibited_hosts`).
+    prohibited: Networks,
+    max_hosts: usize,
+    max_addresses: usize,
 }
 
 impl MxRouter {
@@ -87,6 +94,14 @@ impl MxRouter {
             routes: Mutex::new(HashMap::new()),
             sites: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
+            prohibited: Networks::new(
+                d.prohibited_hosts
+                    .iter()
+                    .map(|n| Networks::parse_cidr(n).map_err(DeliverError::Resolver))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            max_hosts: d.mx_max_hosts,
+            max_addresses: d.mx_max_addresses,
         })
     }
 
@@ -179,6 +194,9 @@ impl MxRouter {
         // key (which names the site's shared rate in Redis) must not depend on that order.
         hosts.sort();
         hosts.dedup();
+        // A domain can list any number of MX hosts (a tarpit lists many slow ones): only the
+        // most preferred few are tried.
+        hosts.truncate(self.max_hosts);
         let mut addrs: Vec<(String, IpAddr)> = Vec::new();
         let mut dns_errors = Vec::new();
         for (_, host) in &hosts {
@@ -191,6 +209,20 @@ impl MxRouter {
                 Err(e) => dns_errors.push(format!("{host}: {e}")),
             }
         }
+        // The recipient's DNS decides where we connect: never to loopback, link-local (cloud
+        // metadata at 169.254.169.254) or whatever else is prohibited.
+        let before = addrs.len();
+        addrs.retain(|(_, ip)| !self.prohibited.contains(*ip));
+        if addrs.is_empty() && before > 0 {
+            return Ok((
+                Cached::Bounce(Outcome::bounce(
+                    550,
+                    format!("550 5.4.4 {domain}: its MX hosts resolve only to prohibited addresses (delivery.prohibited_hosts)"),
+                )),
+                Instant::now() + NEGATIVE_TTL,
+            ));
+        }
+        addrs.truncate(self.max_addresses);
         if addrs.is_empty() {
             if !dns_errors.is_empty() {
                 return Err(format!(
@@ -233,7 +265,7 @@ impl MxRouter {
             .map(|(host, ip)| {
                 let addr = SocketAddr::new(*ip, self.port);
                 pools
-                    .entry(addr)
+                    .entry((addr, host.clone()))
                     .or_insert_with(|| {
                         let mut cfg = self.base.clone();
                         cfg.tls_name = host.clone();
@@ -295,5 +327,39 @@ impl MxRouter {
             .lock()
             .map(|s| s.values().filter(|s| s.suspended_for().is_some()).count())
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn two_mx_names_on_one_address_never_share_a_pool_or_its_tls_name() {
+        let settings = Settings::from_toml(
+            "[sender]\nfrom = \"a@b.test\"\nhelo = \"h\"\n[tracking]\nsecret = \"0123456789abcdef0\"\n[delivery]\nmode = \"mx\"\nnameservers = [\"127.0.0.1:1\"]\n",
+            Vec::new(),
+        )
+        .unwrap();
+        let shaper = Arc::new(Shaper::new(&settings));
+        let router = MxRouter::new(&settings, shaper, Arc::new(AtomicI64::new(0))).unwrap();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let a = router.site(
+            "mx.a.test",
+            "a.test",
+            &["mx.a.test"],
+            &[("mx.a.test".into(), ip)],
+        );
+        let b = router.site(
+            "mx.b.test",
+            "b.test",
+            &["mx.b.test"],
+            &[("mx.b.test".into(), ip)],
+        );
+        assert!(!Arc::ptr_eq(&a, &b));
+        let pools = router.pools.lock().unwrap();
+        assert_eq!(pools.len(), 2);
+        let names: Vec<&str> = pools.keys().map(|(_, n)| n.as_str()).collect();
+        assert!(names.contains(&"mx.a.test") && names.contains(&"mx.b.test"));
     }
 }
