@@ -13,38 +13,6 @@ use common::track::stat;
 use common::*;
 use serde_json::json;
 
-fn pending(conn: &mut redis::Connection, prefix: &str) -> i64 {
-    let v: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
-        .arg(format!("{prefix}sends"))
-        .arg("paloma")
-        .query(conn);
-    match v {
-        Ok(redis::Value::Array(a)) => match a.first() {
-            Some(redis::Value::Int(p)) => *p,
-            _ => 0,
-        },
-        _ => -1,
-    }
-}
-
-/// (name, pending) of each consumer of the sends group.
-fn consumers(conn: &mut redis::Connection, prefix: &str) -> Vec<(String, i64)> {
-    let v: redis::RedisResult<Vec<Vec<redis::Value>>> = redis::cmd("XINFO")
-        .arg("CONSUMERS")
-        .arg(format!("{prefix}sends"))
-        .arg("paloma")
-        .query(conn);
-    v.unwrap_or_default()
-        .iter()
-        .filter_map(|c| match (c.get(1), c.get(3)) {
-            (Some(redis::Value::BulkString(b)), Some(redis::Value::Int(p))) => {
-                Some((String::from_utf8_lossy(b).into_owned(), *p))
-            }
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn two_kills_a_redis_restart_and_a_sink_outage_lose_nothing_and_recover_within_30s() {
     let mut redis = Redis::start();

@@ -12,60 +12,6 @@ use common::track::*;
 use common::*;
 use serde_json::json;
 
-fn used_memory(conn: &mut redis::Connection) -> i64 {
-    let info: String = redis::cmd("INFO").arg("memory").query(conn).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-fn xlen(conn: &mut redis::Connection, prefix: &str) -> usize {
-    redis::cmd("XLEN")
-        .arg(format!("{prefix}events"))
-        .query(conn)
-        .unwrap()
-}
-
-/// Keep-alive GETs over one connection (as a flooding client would send them).
-fn hammer(port: u16, paths: &[String], n: usize) -> usize {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_nodelay(true).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut w = s.try_clone().unwrap();
-    let mut r = BufReader::new(s);
-    let mut answered = 0;
-    for i in 0..n {
-        let p = &paths[i % paths.len()];
-        // One write per request (write! would send it in pieces, each waiting on Nagle).
-        w.write_all(
-            format!("GET {p} HTTP/1.1\r\nHost: x\r\nUser-Agent: {MAIL_UA}\r\n\r\n").as_bytes(),
-        )
-        .unwrap();
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        let ok = line.contains(" 302 ") || line.contains(" 200 ");
-        let mut len = 0usize;
-        loop {
-            line.clear();
-            r.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                len = v.trim().parse().unwrap();
-            }
-        }
-        let mut body = vec![0; len];
-        r.read_exact(&mut body).unwrap();
-        answered += usize::from(ok);
-    }
-    answered
-}
-
 #[test]
 fn replayed_and_flooded_links_are_answered_but_recorded_once() {
     let redis = Redis::start();
