@@ -70,7 +70,7 @@ fn consumer_name(settings: &Settings) -> String {
 }
 
 /// Runs the daemon until `shutdown` completes, then drains: stops reading, lets in-flight
-/// jobs finish (up to `drain` long), writes their outcomes and closes SMTP sessions.
+/// jobs finish (for up to 8 s), writes their outcomes and closes SMTP sessions.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let templates = Templates::load(&settings.templates.dir, settings.templates.strict)?;
     let dkim = DkimKeys::load(&settings.dkim)?;

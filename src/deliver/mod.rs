@@ -220,7 +220,7 @@ mod tests {
     }
 }
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
 use lettre::transport::smtp::authentication::Credentials;
@@ -370,9 +370,4 @@ impl Deliverer {
             Deliverer::Mx(router) => router.suspended_sites(),
         }
     }
-}
-
-/// Open SMTP sessions, for the gauge.
-pub fn open_sessions(counter: &AtomicI64) -> i64 {
-    counter.load(Ordering::Relaxed)
 }

@@ -304,13 +304,6 @@ impl MxRouter {
         }
     }
 
-    /// Sites and pools held, for tests and metrics.
-    pub fn sizes(&self) -> (usize, usize) {
-        let sites = self.sites.lock().map(|s| s.len()).unwrap_or(0);
-        let pools = self.pools.lock().map(|p| p.len()).unwrap_or(0);
-        (sites, pools)
-    }
-
     pub async fn close_idle(&self) {
         let sites: Vec<Arc<Site>> = self
             .sites

@@ -93,10 +93,6 @@ impl Pool {
         })
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// Sends one message over a reused or new session. A reused session that turns out
     /// dead is replaced once.
     pub async fn attempt(&self, envelope: &Envelope, message: &[u8]) -> Attempt {

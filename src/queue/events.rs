@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 /// An event as written to the stream. Optional fields appear only on the types that carry
-/// them (see DESIGN.md).
+/// them (the event contract is in README "Events").
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Event<'a> {
     #[serde(rename = "type")]
@@ -58,14 +58,6 @@ impl<'a> Event<'a> {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("events serialize")
     }
-}
-
-/// Is this event type one that ends a job?
-pub fn is_terminal(kind: &str) -> bool {
-    matches!(
-        kind,
-        "delivered" | "bounced" | "failed" | "suppressed" | "dead"
-    )
 }
 
 /// Age retention of `{prefix}events` (`[events] max_age`): every `max_age / 4` (between 1 s

@@ -61,10 +61,6 @@ impl Intake {
         }
     }
 
-    pub fn consumer(&self) -> &str {
-        &self.consumer
-    }
-
     /// Creates the consumer group (and the stream) if missing. Reads from the start of the
     /// stream so that jobs enqueued before the first daemon started are not skipped.
     pub async fn ensure_group(&mut self) -> redis::RedisResult<()> {

@@ -55,14 +55,6 @@ impl Leases {
         self.release([id]);
     }
 
-    pub fn len(&self) -> usize {
-        self.held.lock().map(|h| h.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn snapshot(&self) -> Vec<String> {
         self.held
             .lock()
