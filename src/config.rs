@@ -873,7 +873,7 @@ fn validate_workflow(w: &WorkflowRule, earlier: &[WorkflowRule]) -> Result<(), S
         }
     }
     if let Some(url) = &w.webhook {
-        crate::workflow::client::Target::parse(url).map_err(|e| format!("webhook: {e}"))?;
+        crate::workflow::client::check_url(url).map_err(|e| format!("webhook: {e}"))?;
     }
     Ok(())
 }

@@ -22,9 +22,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::sync::watch;
-use tokio_rustls::TlsConnector;
 
-use super::client::{self, Target};
+use super::client;
 use super::WfKeys;
 use crate::config::WebhookSettings;
 use crate::metrics::Metrics;
@@ -84,7 +83,7 @@ pub struct Worker {
     max_attempts: u32,
     timeout: Duration,
     concurrency: usize,
-    tls: TlsConnector,
+    http: reqwest::Client,
     metrics: Arc<Metrics>,
 }
 
@@ -105,7 +104,7 @@ impl Worker {
             max_attempts: settings.max_attempts.max(1),
             timeout: settings.timeout.get(),
             concurrency: settings.concurrency.max(1),
-            tls: client::tls_connector()?,
+            http: client::client(settings.timeout.get())?,
             metrics,
         })
     }
@@ -161,7 +160,7 @@ impl Worker {
             Ok(w) => w,
             Err(e) => return Attempt::Malformed(format!("unreadable webhook entry: {e}")),
         };
-        let target = match Target::parse(&w.url) {
+        let target = match client::check_url(&w.url) {
             Ok(t) => t,
             Err(e) => return Attempt::Malformed(e),
         };
@@ -171,20 +170,11 @@ impl Worker {
         let attempt = (w.attempt + 1).to_string();
         let headers = [
             ("Content-Type", "application/json"),
-            ("User-Agent", concat!("paloma/", env!("CARGO_PKG_VERSION"))),
             ("X-Paloma-Timestamp", ts.as_str()),
             ("X-Paloma-Signature", sig.as_str()),
             ("X-Paloma-Attempt", attempt.as_str()),
         ];
-        match client::post(
-            &target,
-            &headers,
-            w.body.as_bytes(),
-            self.timeout,
-            &self.tls,
-        )
-        .await
-        {
+        match client::post(&self.http, target, &headers, w.body.into_bytes()).await {
             Ok(s) if (200..300).contains(&s) => Attempt::Delivered,
             Ok(s) => Attempt::Failed(format!("HTTP status {s}")),
             Err(e) => Attempt::Failed(e),
