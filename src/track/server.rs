@@ -195,15 +195,25 @@ impl Repeats {
     /// True when this (kind, send id, url) was recorded within the window; else it is
     /// remembered now and false is returned.
     fn seen(&self, kind: &str, id: &str, url: &str) -> bool {
+        self.seen_at(kind, id, url, std::time::Instant::now())
+    }
+
+    fn seen_at(&self, kind: &str, id: &str, url: &str, now: std::time::Instant) -> bool {
         use std::hash::BuildHasher;
         let h = self.hasher.hash_one((kind, id, url));
         let Ok(mut g) = self.gens.lock() else {
             return false;
         };
         let (current, previous, since) = &mut *g;
-        if since.elapsed() >= self.window || current.len() >= Self::CAP {
+        let age = now.saturating_duration_since(*since);
+        if age >= 2 * self.window {
+            // Nothing was seen for a whole window: both generations are too old.
+            current.clear();
+            previous.clear();
+            *since = now;
+        } else if age >= self.window || current.len() >= Self::CAP {
             *previous = std::mem::take(current);
-            *since = std::time::Instant::now();
+            *since = now;
         }
         if current.contains(&h) || previous.contains(&h) {
             return true;
@@ -729,6 +739,23 @@ fn escape_html(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeat_is_remembered_for_one_to_two_windows_and_no_longer() {
+        use std::time::Instant;
+        let w = Duration::from_secs(60);
+        let r = Repeats::new(w);
+        let t0 = Instant::now();
+        assert!(!r.seen_at("c", "j1", "u", t0));
+        assert!(r.seen_at("c", "j1", "u", t0 + Duration::from_secs(30)));
+        // Machine and human hits, and other links, are apart.
+        assert!(!r.seen_at("cm", "j1", "u", t0));
+        assert!(!r.seen_at("c", "j1", "v", t0));
+        // Still remembered in the previous generation…
+        assert!(r.seen_at("c", "j1", "u", t0 + Duration::from_secs(70)));
+        // …and after a quiet spell of two windows, forgotten: counted again.
+        assert!(!r.seen_at("c", "j1", "u", t0 + Duration::from_secs(300)));
+    }
 
     #[test]
     fn only_http_urls_become_locations() {
