@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod mx;
 pub mod track;
 
 use std::collections::HashMap;
@@ -55,12 +56,42 @@ pub fn ensure_tools() {
     });
 }
 
+/// The lowest port of the kernel's ephemeral range (outgoing connections' local ports).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
+/// Every port this process has handed out: never the same one twice.
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// A port for a test peer on loopback. Below the kernel's ephemeral range (so no outgoing
+/// connection's local port can take it between here and the peer's bind), chosen at random
+/// (so that test binaries running at once rarely collide), never handed out twice by this
+/// process (so threads of one binary cannot get the same one), and bindable on 127.0.0.1
+/// over TCP and UDP right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use rand::Rng;
+    let hi = ephemeral_low().clamp(2048, 32000);
+    let lo = if hi > 20000 { 20000 } else { 1024 };
+    let mut taken = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rng = rand::thread_rng();
+    for _ in 0..10_000 {
+        let port = rng.gen_range(lo..hi);
+        if taken.contains(&port) {
+            continue;
+        }
+        let tcp = TcpListener::bind(("127.0.0.1", port)).is_ok();
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if tcp && udp {
+            taken.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port in {lo}..{hi}");
 }
 
 pub fn wait_port(host: &str, port: u16, timeout: Duration) {
@@ -252,6 +283,38 @@ impl Sink {
         std::fs::read_dir(self.dir.path())
             .map(|d| d.count())
             .unwrap_or(0)
+    }
+
+    /// X-Paloma-Id of every dumped message complete enough to carry one, in file order.
+    pub fn ids(&self) -> Vec<String> {
+        self.dumps()
+            .iter()
+            .filter_map(|raw| {
+                mail_parser::MessageParser::default()
+                    .parse(raw)
+                    .and_then(|m| m.header_raw("X-Paloma-Id").map(|s| s.trim().to_string()))
+            })
+            .collect()
+    }
+
+    /// Waits until at least `n` messages are dumped whole (headers and a body), and returns
+    /// how many dump files there are then.
+    pub fn wait_count(&self, n: usize, timeout: Duration) -> usize {
+        wait_until(&format!("{n} whole messages at the sink"), timeout, || {
+            self.dumps()
+                .iter()
+                .filter(|raw| {
+                    mail_parser::MessageParser::default()
+                        .parse(raw)
+                        .is_some_and(|m| {
+                            m.header_raw("X-Paloma-Id").is_some()
+                                && (m.body_text(0).is_some() || m.body_html(0).is_some())
+                        })
+                })
+                .count()
+                >= n
+        });
+        self.count()
     }
 }
 
@@ -511,6 +574,22 @@ pub fn events(conn: &mut redis::Connection, prefix: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Data for the newsletter template: a first name and one product.
+pub fn newsletter_data(name: &str) -> Value {
+    serde_json::json!({
+        "first_name": name,
+        "products": [{"name": "Linen shirt", "price": "49", "url": "https://shop.example/linen"}],
+    })
+}
+
+/// The terminal events so far.
+pub fn terminal_events(conn: &mut redis::Connection, prefix: &str) -> Vec<Value> {
+    events(conn, prefix)
+        .into_iter()
+        .filter(is_terminal)
+        .collect()
+}
+
 pub fn is_terminal(e: &Value) -> bool {
     matches!(
         e["type"].as_str(),
@@ -605,15 +684,173 @@ pub fn paloma(args: &[&str], stdin: Option<&str>) -> (ExitStatus, String, String
     )
 }
 
+/// Polls `f` every 20 ms until it gives a value; None after `timeout`.
+pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `f` every 20 ms until it gives a value, and returns it; panics naming `what`
+/// after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    poll(timeout, f).unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
 /// Polls `f` every 20 ms until it holds; panics naming `what` after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    wait_for(what, timeout, || f().then_some(()))
+}
+
+/// [`wait_for`] that shows the daemon's log when it times out.
+pub fn wait_for_daemon<T>(
+    what: &str,
+    timeout: Duration,
+    daemon: &Daemon,
+    f: impl FnMut() -> Option<T>,
+) -> T {
+    poll(timeout, f).unwrap_or_else(|| {
+        panic!(
+            "timed out after {timeout:?} waiting for {what}; daemon log:\n{}",
+            daemon.log_text()
+        )
+    })
+}
+
+/// [`wait_until`] that shows the daemon's log when it times out.
+pub fn wait_until_daemon(
+    what: &str,
+    timeout: Duration,
+    daemon: &Daemon,
+    mut f: impl FnMut() -> bool,
+) {
+    wait_for_daemon(what, timeout, daemon, || f().then_some(()))
+}
+
+/// Receipt jobs `{tag}-{i}` of campaign `tag`, one to each address of `to`.
+pub fn jobs_to<S: AsRef<str>>(tag: &str, to: &[S]) -> Vec<String> {
+    to.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            job(
+                &format!("{tag}-{i}"),
+                tag,
+                "receipt",
+                t.as_ref(),
+                serde_json::json!({"name": "R", "order_id": i}),
+            )
+        })
+        .collect()
+}
+
+/// `n` receipt jobs `{tag}-{i}` of campaign `tag`, to `u{i}@{domain}`.
+pub fn jobs(n: usize, tag: &str, domain: &str) -> Vec<String> {
+    let to: Vec<String> = (0..n).map(|i| format!("u{i}@{domain}")).collect();
+    jobs_to(tag, &to)
+}
+
+/// The body of `GET /metrics` on `port` (the `[metrics] listen` of a test config).
+pub fn metrics_text(port: u16) -> String {
+    use std::io::Write;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// The value of the sample whose name and labels are exactly `series` (e.g.
+/// `paloma_in_flight` or `paloma_messages_total{campaign="c",outcome="delivered"}`): 0 when
+/// absent (a counter not yet touched), as Prometheus reads it; NaN when the endpoint does
+/// not answer, so that no comparison holds.
+pub fn metric(port: u16, series: &str) -> f64 {
+    let text = metrics_text(port);
+    if !text.starts_with("HTTP/1.1 200") {
+        return f64::NAN;
+    }
+    metric_in(&text, series).unwrap_or(0.0)
+}
+
+/// The value of `series` in an already fetched /metrics body, if it is there.
+pub fn metric_in(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// True once the consumer group `group` of `{prefix}events` has read every entry now in the
+/// stream and acknowledged all of them: whatever those events cause, it has decided.
+pub fn events_consumed(conn: &mut redis::Connection, prefix: &str, group: &str) -> bool {
+    let key = format!("{prefix}events");
+    let last: redis::RedisResult<redis::streams::StreamRangeReply> = redis::cmd("XREVRANGE")
+        .arg(&key)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query(conn);
+    let Ok(last) = last else { return false };
+    let Some(last) = last.ids.first().map(|e| e.id.clone()) else {
+        return true;
+    };
+    let groups: redis::RedisResult<Vec<HashMap<String, redis::Value>>> =
+        redis::cmd("XINFO").arg("GROUPS").arg(&key).query(conn);
+    let Ok(groups) = groups else { return false };
+    groups.iter().any(|g| {
+        let s = |k: &str| match g.get(k) {
+            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(redis::Value::SimpleString(s)) => s.clone(),
+            _ => String::new(),
+        };
+        s("name") == group
+            && s("last-delivered-id") == last
+            && matches!(g.get("pending"), Some(redis::Value::Int(0)))
+    })
+}
+
+/// True once every entry of `{prefix}sends` has been read, handled and removed.
+pub fn sends_drained(conn: &mut redis::Connection, prefix: &str) -> bool {
+    let len: redis::RedisResult<i64> = redis::cmd("XLEN").arg(format!("{prefix}sends")).query(conn);
+    len == Ok(0) && pending(conn, prefix) == 0
+}
+
+/// Milliseconds since the epoch of an event's `at` (RFC 3339).
+pub fn at_ms(e: &Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(e["at"].as_str().expect("an `at`"))
+        .expect("RFC 3339")
+        .timestamp_millis()
+}
+
+/// Checks, from their `at` times (ms, any order), that deliveries kept to one per
+/// `interval_ms` after a burst of `burst`: any k of them span at least
+/// (k - burst - slack) intervals. A limiter admits k in no less than (k - burst) intervals;
+/// `slack` intervals allow for the spread of delivery times after admission (a process
+/// stalled a moment records a few at once). Two limiters where one was due, or none, break
+/// it by many intervals.
+pub fn assert_paced(at: &[i64], burst: usize, interval_ms: i64, slack: usize) {
+    let mut at = at.to_vec();
+    at.sort();
+    for i in 0..at.len() {
+        for j in i + 1..at.len() {
+            let k = (j - i + 1) as i64;
+            let least = (k - burst as i64 - slack as i64) * interval_ms;
+            assert!(
+                at[j] - at[i] >= least,
+                "{k} deliveries within {} ms, less than {least} ms at one per {interval_ms} ms \
+                 after a burst of {burst}: {at:?}",
+                at[j] - at[i]
+            );
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mail_parser::MessageParser;
 use serde_json::Value;
@@ -98,6 +98,10 @@ pub fn one_click(port: u16, target: &str) -> Resp {
 /// What one captured message points at: paths of its tracked links, its pixel and its
 /// List-Unsubscribe URL, relative to the tracking server.
 pub struct Mail {
+    pub to: String,
+    pub subject: String,
+    pub html: String,
+    pub text: String,
     pub clicks: Vec<String>,
     pub pixel: String,
     pub unsubscribe: String,
@@ -118,6 +122,15 @@ pub fn captured(sink: &Sink, base: &str) -> HashMap<String, Mail> {
         let msg = MessageParser::default().parse(&raw).expect("parsable mail");
         let id = msg.header_raw("X-Paloma-Id").unwrap().trim().to_string();
         let html = msg.body_html(0).unwrap().into_owned();
+        let text = msg.body_text(0).map(|t| t.into_owned()).unwrap_or_default();
+        let to = msg
+            .header_raw("To")
+            .unwrap_or_default()
+            .trim()
+            .trim_start_matches('<')
+            .trim_end_matches('>')
+            .to_string();
+        let subject = msg.subject().unwrap_or_default().to_string();
         let clicks: Vec<String> = paths_after(&html, &format!("href=\"{base}"))
             .into_iter()
             .filter(|p| p.starts_with("/c/"))
@@ -134,6 +147,10 @@ pub fn captured(sink: &Sink, base: &str) -> HashMap<String, Mail> {
         out.insert(
             id,
             Mail {
+                to,
+                subject,
+                html,
+                text,
                 clicks,
                 pixel,
                 unsubscribe: unsubscribe.to_string(),
@@ -159,19 +176,14 @@ pub fn tracking_events(conn: &mut redis::Connection, prefix: &str, id: &str) -> 
 
 /// Waits until job `id` has at least `n` tracking events.
 pub fn wait_tracking(conn: &mut redis::Connection, prefix: &str, id: &str, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let got = super::poll(Duration::from_secs(10), || {
         let evs = tracking_events(conn, prefix, id);
-        if evs.len() >= n {
-            return evs;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{id}: {} of {n} tracking events: {evs:?}",
-            evs.len()
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
+        (evs.len() >= n).then_some(evs)
+    });
+    got.unwrap_or_else(|| {
+        let evs = tracking_events(conn, prefix, id);
+        panic!("{id}: {} of {n} tracking events: {evs:?}", evs.len())
+    })
 }
 
 /// A test config with the tracking server on a free port: (setup, port, base URL).
