@@ -192,26 +192,18 @@ fn tls_required_defers_when_the_relay_offers_no_starttls() {
         )],
     );
     let daemon = Daemon::spawn(&setup.config);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let evs = events(&mut conn, &setup.prefix);
-        if let Some(e) = evs.iter().find(|e| e["type"] == "deferred") {
-            assert!(
-                e["response"]
-                    .as_str()
-                    .unwrap()
-                    .contains("STARTTLS required"),
-                "{e}"
-            );
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let e = wait_for_daemon("a deferral", Duration::from_secs(15), &daemon, || {
+        events(&mut conn, &setup.prefix)
+            .into_iter()
+            .find(|e| e["type"] == "deferred")
+    });
+    assert!(
+        e["response"]
+            .as_str()
+            .unwrap()
+            .contains("STARTTLS required"),
+        "{e}"
+    );
     assert_eq!(sink.count(), 0, "nothing sent in clear text");
 }
 

@@ -8,21 +8,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
-use serde_json::json;
-
-fn jobs(n: usize, campaign: &str) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            job(
-                &format!("{campaign}-{i}"),
-                campaign,
-                "receipt",
-                &format!("r{i}@dest.test"),
-                json!({"name": "R", "order_id": i}),
-            )
-        })
-        .collect()
-}
 
 #[test]
 fn temporary_failures_defer_then_deliver_once_the_sink_recovers() {
@@ -36,36 +21,27 @@ fn temporary_failures_defer_then_deliver_once_the_sink_recovers() {
         "",
     );
     let mut conn = redis.conn();
-    enqueue_raw(&mut conn, &setup.prefix, &jobs(20, "soft"));
+    enqueue_raw(&mut conn, &setup.prefix, &jobs(20, "soft", "dest.test"));
     let daemon = Daemon::spawn(&setup.config);
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    let evs = wait_for("every job deferred", Duration::from_secs(30), || {
         let evs = events(&mut conn, &setup.prefix);
+        assert!(
+            evs.iter().all(|e| !is_terminal(e)),
+            "nothing may end while the sink answers 4xx: {evs:?}\n{}",
+            daemon.log_text()
+        );
         let deferred: HashSet<_> = evs
             .iter()
             .filter(|e| e["type"] == "deferred")
             .map(|e| e["id"].to_string())
             .collect();
-        assert!(
-            evs.iter().all(|e| !is_terminal(e)),
-            "nothing may end while the sink answers 4xx: {evs:?}"
-        );
-        if deferred.len() == 20 {
-            let e = evs.iter().find(|e| e["type"] == "deferred").unwrap();
-            assert_eq!(e["attempt"], 1);
-            assert!(e["response"].as_str().unwrap().starts_with("450"), "{e}");
-            assert!(e["retry_at"].as_str().unwrap().ends_with('Z'));
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not every job deferred: {}\n{}",
-            deferred.len(),
-            daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        (deferred.len() == 20).then_some(evs)
+    });
+    let e = evs.iter().find(|e| e["type"] == "deferred").unwrap();
+    assert_eq!(e["attempt"], 1);
+    assert!(e["response"].as_str().unwrap().starts_with("450"), "{e}");
+    assert!(e["retry_at"].as_str().unwrap().ends_with('Z'));
     assert_eq!(sink.count(), 0);
 
     sink.restart(&[]);
@@ -84,8 +60,11 @@ fn temporary_failures_defer_then_deliver_once_the_sink_recovers() {
             .all(|t| t.len() == 1 && t[0]["type"] == "delivered"),
         "{by_id:?}"
     );
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(sink.count(), 20, "each job delivered exactly once");
+    assert_eq!(
+        sink.wait_count(20, Duration::from_secs(10)),
+        20,
+        "each job delivered exactly once"
+    );
     let scheduled: i64 = redis::cmd("ZCARD")
         .arg(format!("{}scheduled", setup.prefix))
         .query(&mut conn)
@@ -104,7 +83,7 @@ fn permanent_failures_bounce_with_code_status_and_class() {
     ]);
     let setup = Setup::new(&redis.url(), sink.port, "", "", "");
     let mut conn = redis.conn();
-    enqueue_raw(&mut conn, &setup.prefix, &jobs(10, "hard"));
+    enqueue_raw(&mut conn, &setup.prefix, &jobs(10, "hard", "dest.test"));
     let daemon = Daemon::spawn(&setup.config);
     let evs = wait_terminal(
         &mut conn,
@@ -142,7 +121,7 @@ fn jobs_that_keep_deferring_fail_after_max_age() {
         "",
     );
     let mut conn = redis.conn();
-    enqueue_raw(&mut conn, &setup.prefix, &jobs(5, "old"));
+    enqueue_raw(&mut conn, &setup.prefix, &jobs(5, "old", "dest.test"));
     let daemon = Daemon::spawn(&setup.config);
     let evs = wait_terminal(
         &mut conn,
@@ -176,27 +155,20 @@ fn a_421_disconnect_defers() {
         "",
     );
     let mut conn = redis.conn();
-    enqueue_raw(&mut conn, &setup.prefix, &jobs(3, "busy"));
+    enqueue_raw(&mut conn, &setup.prefix, &jobs(3, "busy", "dest.test"));
     let daemon = Daemon::spawn(&setup.config);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let evs = events(&mut conn, &setup.prefix);
-        let d: Vec<_> = evs.iter().filter(|e| e["type"] == "deferred").collect();
-        if d.len() >= 3 {
-            assert!(
-                d.iter()
-                    .all(|e| e["response"].as_str().unwrap().starts_with("421")),
-                "{d:?}"
-            );
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let d = wait_for_daemon("three deferrals", Duration::from_secs(20), &daemon, || {
+        let d: Vec<_> = events(&mut conn, &setup.prefix)
+            .into_iter()
+            .filter(|e| e["type"] == "deferred")
+            .collect();
+        (d.len() >= 3).then_some(d)
+    });
+    assert!(
+        d.iter()
+            .all(|e| e["response"].as_str().unwrap().starts_with("421")),
+        "{d:?}"
+    );
     sink.restart(&[]);
     let evs = wait_terminal(
         &mut conn,

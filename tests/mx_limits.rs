@@ -67,22 +67,12 @@ fn send(env: &Env, to: &[&str]) -> Vec<Value> {
 
 fn first_outcome(env: &Env, id: &str, daemon: &Daemon, timeout: Duration) -> Value {
     let mut conn = env.redis.conn();
-    let deadline = Instant::now() + timeout;
-    loop {
-        let evs = events(&mut conn, &env.setup.prefix);
-        if let Some(e) = evs
+    poll(timeout, || {
+        events(&mut conn, &env.setup.prefix)
             .into_iter()
             .find(|e| e["id"] == id && (is_terminal(e) || e["type"] == "deferred"))
-        {
-            return e;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no outcome for {id}: {}",
-            daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    })
+    .unwrap_or_else(|| panic!("no outcome for {id}: {}", daemon.log_text()))
 }
 
 #[test]
