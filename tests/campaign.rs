@@ -68,8 +68,7 @@ fn thousand_job_campaign_arrives_complete_and_correct() {
         );
     }
 
-    // Wait for the last dump to be closed.
-    std::thread::sleep(Duration::from_millis(300));
+    sink.wait_count(N, Duration::from_secs(10));
     let dumps = sink.dumps();
     assert_eq!(dumps.len(), N, "the sink got every message once");
     let mut seen = HashSet::new();
@@ -195,13 +194,39 @@ fn thousand_job_campaign_arrives_complete_and_correct() {
     // Replaying the same ids sends nothing and adds no event.
     let before = events(&mut conn, &setup.prefix).len();
     enqueue_raw(&mut conn, &setup.prefix, &jobs[..20]);
-    std::thread::sleep(Duration::from_secs(2));
+    // A new job after them: once it has ended and the stream is empty, the replayed entries
+    // have been read and dealt with.
+    let sentinel = job(
+        "replay-sentinel",
+        "sentinel",
+        "receipt",
+        "sentinel@example0.test",
+        json!({"name": "S", "order_id": 0}),
+    );
+    enqueue_raw(&mut conn, &setup.prefix, &[sentinel]);
+    wait_terminal(
+        &mut conn,
+        &setup.prefix,
+        N + 1,
+        Duration::from_secs(30),
+        Some(&daemon),
+    );
+    wait_until(
+        "the replayed entries handled",
+        Duration::from_secs(30),
+        || sends_drained(&mut conn, &setup.prefix),
+    );
+    let evs = events(&mut conn, &setup.prefix);
     assert_eq!(
-        events(&mut conn, &setup.prefix).len(),
+        evs.iter().filter(|e| e["id"] != "replay-sentinel").count(),
         before,
         "no new events for duplicate ids"
     );
-    assert_eq!(sink.count(), N, "no message sent twice");
+    assert_eq!(
+        sink.wait_count(N + 1, Duration::from_secs(10)),
+        N + 1,
+        "no message sent twice"
+    );
     let len: i64 = redis::cmd("XLEN")
         .arg(format!("{}sends", setup.prefix))
         .query(&mut conn)

@@ -136,7 +136,7 @@ async fn rsa_and_ed25519_signatures_verify_against_published_keys() {
         Duration::from_secs(60),
         Some(&daemon),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    sink.wait_count(6, Duration::from_secs(10));
 
     let mut ns = NameServerConfig::udp_and_tcp(IpAddr::V4(Ipv4Addr::LOCALHOST));
     for c in &mut ns.connections {

@@ -10,18 +10,6 @@ use common::track::*;
 use common::*;
 use serde_json::json;
 
-fn tracked_setup(redis: &Redis, sink: &Sink, extra: &str) -> (Setup, u16, String) {
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let setup = Setup::new(&redis.url(), sink.port, "", "", extra);
-    let cfg = std::fs::read_to_string(&setup.config).unwrap().replace(
-        "base_url = \"https://t.shop.test\"",
-        &format!("base_url = \"{base}\"\nlisten = \"127.0.0.1:{port}\""),
-    );
-    std::fs::write(&setup.config, cfg).unwrap();
-    (setup, port, base)
-}
-
 fn news(id: &str, campaign: &str, to: &str) -> String {
     job(
         id,
@@ -36,9 +24,10 @@ fn news(id: &str, campaign: &str, to: &str) -> String {
 fn a_frequency_cap_holds_across_campaigns() {
     let redis = Redis::start();
     let sink = Sink::start(&[]);
-    let (setup, _, _) = tracked_setup(
-        &redis,
-        &sink,
+    let (setup, _, _) = tracking_setup(
+        &redis.url(),
+        sink.port,
+        "",
         "[[caps]]\nmax = 1\nper = \"90d\"\n[[caps]]\nmax = 3\nper = \"7d\"\n",
     );
     let mut conn = redis.conn();
@@ -92,8 +81,7 @@ fn a_frequency_cap_holds_across_campaigns() {
         t["t1"][0]["type"], "delivered",
         "transactional mail is exempt"
     );
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(sink.count(), 4);
+    assert_eq!(sink.wait_count(4, Duration::from_secs(10)), 4);
     let (_, out, _) = paloma(
         &[
             "stats",
@@ -115,9 +103,10 @@ fn opens_and_clicks_are_counted_per_campaign_and_link() {
     let redis = Redis::start();
     let sink = Sink::start(&[]);
     let mport = free_port();
-    let (setup, port, base) = tracked_setup(
-        &redis,
-        &sink,
+    let (setup, port, base) = tracking_setup(
+        &redis.url(),
+        sink.port,
+        "",
         &format!("[metrics]\nlisten = \"127.0.0.1:{mport}\""),
     );
     let mut conn = redis.conn();
@@ -138,7 +127,7 @@ fn opens_and_clicks_are_counted_per_campaign_and_link() {
         Some(&daemon),
     );
     wait_port("127.0.0.1", port, Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(200));
+    sink.wait_count(2, Duration::from_secs(10));
     let mails = captured(&sink, &base);
     let (m1, m2) = (&mails["e1"], &mails["e2"]);
     // e1 opens twice and clicks "pricing" twice; e2 opens once; a proxy fetches e2's pixel.
@@ -149,10 +138,10 @@ fn opens_and_clicks_are_counted_per_campaign_and_link() {
     assert_eq!(get(port, &m2.pixel, MAIL_UA).status, 200);
     assert_eq!(get(port, &m2.pixel, PROXY_UA).status, 200);
     let pricing = &m1.clicks[8];
-    for _ in 0..2 {
-        assert_eq!(get(port, pricing, MAIL_UA).status, 302);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // The second click on it comes once the first is recorded (the open and this click).
+    assert_eq!(get(port, pricing, MAIL_UA).status, 302);
+    wait_tracking(&mut conn, &setup.prefix, "e1", 2);
+    assert_eq!(get(port, pricing, MAIL_UA).status, 302);
     // A marker after the repeats: once its event is stored, theirs would be too.
     assert_eq!(get(port, &m1.clicks[0], MAIL_UA).status, 302);
     let e1 = wait_tracking(&mut conn, &setup.prefix, "e1", 3);
@@ -218,9 +207,10 @@ fn opens_and_clicks_are_counted_per_campaign_and_link() {
 fn scanner_addresses_and_hits_right_after_sending_are_machine_hits() {
     let redis = Redis::start();
     let sink = Sink::start(&[]);
-    let (setup, port, base) = tracked_setup(
-        &redis,
-        &sink,
+    let (setup, port, base) = tracking_setup(
+        &redis.url(),
+        sink.port,
+        "",
         "machine_window = \"3s\"\nscanner_networks = [\"203.0.113.0/24\"]\ntrust_forwarded = true",
     );
     let mut conn = redis.conn();
@@ -237,7 +227,12 @@ fn scanner_addresses_and_hits_right_after_sending_are_machine_hits() {
         Duration::from_secs(30),
         Some(&daemon),
     );
-    let delivered = std::time::Instant::now();
+    let delivered_at = at_ms(
+        &events(&mut conn, &setup.prefix)
+            .into_iter()
+            .find(|e| e["type"] == "delivered")
+            .unwrap(),
+    );
     wait_port("127.0.0.1", port, Duration::from_secs(5));
     let mails = captured(&sink, &base);
     let m = &mails["m1"];
@@ -254,8 +249,11 @@ fn scanner_addresses_and_hits_right_after_sending_are_machine_hits() {
     // A person's client, but right after delivery: a gateway prefetching.
     assert_eq!(hit(&m.pixel, "198.51.100.7"), 200);
     wait_tracking(&mut conn, &setup.prefix, "m1", 1);
-    std::thread::sleep(Duration::from_millis(3500).saturating_sub(delivered.elapsed()));
-    std::thread::sleep(Duration::from_millis(1000));
+    // Time must pass here: until machine_window (3 s) after the send time the token carries
+    // (whole seconds, no later than the delivered event's `at`), and a second more.
+    wait_until("the machine window past", Duration::from_secs(10), || {
+        chrono::Utc::now().timestamp_millis() >= delivered_at + 3000 + 1000
+    });
     // Later: the same client is a person; a scanner's address range is not.
     assert_eq!(hit(&m.pixel, "198.51.100.7"), 200);
     wait_tracking(&mut conn, &setup.prefix, "m1", 2);
