@@ -78,9 +78,15 @@ fn two_kills_a_redis_restart_and_a_sink_outage_lose_nothing_and_recover_within_3
         );
         recovery.push((held, killed.elapsed()));
     }
-    // The sink goes away for 3 s under the third daemon.
+    // The sink goes away under the third daemon, until the daemon has run into it (a job
+    // deferred for it).
+    let deferred = stat(&mut conn, &setup.prefix, "kill", "deferred");
     sink.stop();
-    std::thread::sleep(Duration::from_secs(3));
+    wait_until(
+        "a deferral while the sink is down",
+        Duration::from_secs(30),
+        || stat(&mut conn, &setup.prefix, "kill", "deferred") > deferred,
+    );
     sink.restart(&[]);
     let last_fault = Instant::now();
     let evs = wait_terminal(

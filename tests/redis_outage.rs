@@ -58,6 +58,7 @@ fn ten_seconds_without_redis_lose_nothing() {
         if try_get(mport, "/readyz") == Some(503) {
             saw_not_ready = true;
         }
+        // Not a wait for a state: the outage lasts 10 s on purpose, probed every 200 ms.
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(saw_not_ready, "/readyz said ready without Redis");
