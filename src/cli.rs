@@ -260,7 +260,7 @@ pub async fn stats(settings: &Settings, campaign: Option<&str>) -> anyhow::Resul
     let mut p = redis::pipe();
     for n in &names {
         p.cmd("HGETALL").arg(keys.stats(n));
-        p.cmd("HGETALL").arg(format!("{}links:{n}", keys.prefix));
+        p.cmd("HGETALL").arg(keys.links(n));
     }
     p.cmd("XLEN").arg(&keys.sends);
     p.cmd("ZCARD").arg(&keys.scheduled);
@@ -488,7 +488,7 @@ pub async fn recipient(
     let field = crate::policy::suppression::field(addr);
     let (mut info, suppressed): (BTreeMap<String, String>, Option<String>) = redis::pipe()
         .cmd("HGETALL")
-        .arg(format!("{}r:{field}", keys.prefix))
+        .arg(keys.recipient(&field))
         .cmd("HGET")
         .arg(&keys.suppressed)
         .arg(&field)

@@ -1,8 +1,7 @@
 //! The operations endpoint: `GET /metrics` (Prometheus text), `/healthz` (the process
 //! answers), `/readyz` (intake running and Redis reachable).
 
-use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,60 +12,71 @@ use axum::routing::get;
 use axum::Router;
 use tokio::sync::watch;
 
-use crate::daemon::Shared;
+use crate::metrics::Metrics;
+use crate::shape::Shaper;
+use crate::store::checks::Health;
 use crate::store::RedisConn;
 
+/// What the endpoint reads.
 #[derive(Clone)]
-struct Ops {
-    shared: Arc<Shared>,
-    redis: RedisConn,
+pub struct Ops {
+    pub metrics: Arc<Metrics>,
+    /// SMTP sessions open.
+    pub sessions: Arc<AtomicI64>,
+    /// For the number of suspended sites.
+    pub shaper: Arc<Shaper>,
+    /// True while the intake runs (not starting, not draining).
+    pub ready: Arc<AtomicBool>,
+    pub redis: RedisConn,
+    /// The sends stream's key, asked on each `/readyz`.
+    pub sends: String,
+    /// What the last check of the Redis server found.
+    pub health: Arc<Health>,
 }
 
-pub async fn serve_ops(
-    addr: SocketAddr,
-    shared: Arc<Shared>,
-    redis: RedisConn,
+/// Serves on `listener` until `stop` turns true.
+pub fn serve_ops(
+    listener: tokio::net::TcpListener,
+    ops: Ops,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let registry = shared.metrics.clone();
+) -> tokio::task::JoinHandle<()> {
+    let registry = ops.metrics.clone();
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics endpoint listening");
+    }
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(Ops { shared, redis });
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("metrics.listen {addr}: {e}"))?;
-    tracing::info!(%addr, "metrics endpoint listening");
+        .with_state(ops);
     let limits = crate::listener::Limits {
         name: "metrics",
         max_connections: 64,
         header_timeout: Duration::from_secs(10),
     };
-    Ok(tokio::spawn(crate::listener::serve(
+    tokio::spawn(crate::listener::serve(
         listener,
         app,
         limits,
         registry,
         stop,
         Duration::from_secs(1),
-    )))
+    ))
 }
 
 async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {
-    let m = &ops.shared.metrics;
-    m.sessions_open
-        .set(ops.shared.sessions.load(Ordering::Relaxed));
+    let m = &ops.metrics;
+    m.sessions_open.set(ops.sessions.load(Ordering::Relaxed));
     m.sites_suspended
-        .set(ops.shared.deliverer.suspended_sites() as i64);
+        .set(ops.shaper.throttles.suspended(std::time::Instant::now()) as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        ops.shared.metrics.render(),
+        m.render(),
     )
 }
 
 async fn readyz(State(mut ops): State<Ops>) -> impl IntoResponse {
-    if !ops.shared.ready.load(Ordering::Relaxed) {
+    if !ops.ready.load(Ordering::Relaxed) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: starting or draining\n".to_string(),
@@ -74,7 +84,7 @@ async fn readyz(State(mut ops): State<Ops>) -> impl IntoResponse {
     }
     // A keyed command, so that in a cluster it asks the node serving paloma's slot (a PING
     // would go to every primary, and any unrelated one being down would fail it).
-    let sends = ops.shared.keys.sends.clone();
+    let sends = ops.sends.clone();
     let ping = tokio::time::timeout(
         Duration::from_secs(1),
         redis::cmd("EXISTS")
@@ -88,7 +98,7 @@ async fn readyz(State(mut ops): State<Ops>) -> impl IntoResponse {
             "not ready: Redis unreachable\n".to_string(),
         );
     }
-    let health = &ops.shared.redis_health;
+    let health = &ops.health;
     if let Some(why) = health.not_ready() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -83,6 +83,15 @@ pub struct JobIdentity {
 }
 
 impl Job {
+    /// Its id, campaign and recipient, as every event names them.
+    pub fn identity(&self) -> JobIdentity {
+        JobIdentity {
+            id: self.id.as_str().to_string(),
+            campaign: self.campaign.as_str().to_string(),
+            to: self.to.as_str().to_string(),
+        }
+    }
+
     /// Parses and validates the `job` field of a stream entry.
     pub fn parse(raw: &[u8], max_bytes: usize) -> Result<Job, (JobError, JobIdentity)> {
         if raw.len() > max_bytes {

@@ -4,18 +4,30 @@
 //!
 //! The modules follow a message through its life:
 //!
-//! - [`config`]: the settings tree, one struct per component.
+//! - [`config`]: the settings tree, one struct per component; each component is built from
+//!   its own section.
 //! - [`job`]: the job contract and its validation (newtypes parsed at the edge).
-//! - [`queue`]: Redis: intake from the sends stream, the delayed set, events, dead letters,
-//!   and the recorder that writes outcomes and acks per batch.
+//! - [`pipeline`]: a job's life — [`pipeline::intake`] → [`pipeline::worker`] →
+//!   [`pipeline::outcome`] (the one place that decides a job's next state).
+//! - [`queue`]: Redis streams and sets the pipeline runs on: one stream consumer type
+//!   ([`queue::consumer`]) for the intake and the workflow engine, the delayed set, events,
+//!   idempotency records ([`queue::idem`]) and the recorder that writes outcomes and acks
+//!   per batch.
+//! - [`store`]: Redis connections, server checks, and the one key schema ([`store::keys`]).
 //! - [`render`]: templates → personalized parts → tracked links → MIME → DKIM.
-//! - [`deliver`]: SMTP sessions and the [`deliver::Outcome`] every layer speaks.
+//! - [`shape`]: per-domain rules, rates (shared in Redis) and throttling state per site.
+//! - [`deliver`]: SMTP sessions to the relay or to each domain's MX hosts.
+//! - [`outcome`]: the vocabulary every layer speaks: what an attempt came to, bounce classes.
+//! - [`policy`]: suppression list and frequency caps.
 //! - [`track`]: signed tracking tokens and the tracking server (pixel, clicks, unsubscribe).
 //! - [`workflow`]: rules → actions: follow-up sends, signed webhooks, not_opened timers.
-//! - [`daemon`]: the wiring: intake → workers → recorder, shutdown.
+//! - [`daemon`]: the wiring: `App::build` (components, Redis, listeners) and `App::run`.
 //! - [`http`], [`metrics`]: the operations endpoint.
 //! - [`listener`]: how public HTTP listeners are served (timeouts, connection cap).
 //! - [`cli`]: `enqueue`, `stats`, and [`demo`].
+//!
+//! Dependencies point one way: `pipeline` uses `shape`, `deliver` and `render`; `shape`
+//! uses `deliver`'s types (never the reverse); everything speaks `outcome`.
 
 pub mod cli;
 pub mod config;
@@ -26,6 +38,8 @@ pub mod http;
 pub mod job;
 pub mod listener;
 pub mod metrics;
+pub mod outcome;
+pub mod pipeline;
 pub mod policy;
 pub mod queue;
 pub mod render;

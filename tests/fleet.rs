@@ -103,9 +103,10 @@ async fn the_shared_rate_reserves_within_a_second_and_sends_the_rest_back_paced(
     let redis = Redis::start();
     let client = redis::Client::open(redis.url()).unwrap();
     let conn: paloma::store::RedisConn = client.get_connection_manager().await.unwrap().into();
+    let keys = paloma::store::keys::Keys::new("x:");
     let rate = "2/s".parse().unwrap();
-    let a = RuleState::with_redis("t", Some(rate), 1, 1, Some((conn.clone(), "x:")));
-    let b = RuleState::with_redis("t", Some(rate), 1, 1, Some((conn.clone(), "x:")));
+    let a = RuleState::with_redis("t", Some(rate), 1, 1, Some((conn.clone(), &keys)));
+    let b = RuleState::with_redis("t", Some(rate), 1, 1, Some((conn.clone(), &keys)));
 
     let t0 = Instant::now();
     assert_eq!(a.admit("d.test").await, Admission::Go);

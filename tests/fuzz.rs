@@ -14,8 +14,8 @@
 use std::collections::HashMap;
 
 use paloma::config::Settings;
-use paloma::deliver::{enhanced_status, BounceClass, Outcome};
 use paloma::job::Job;
+use paloma::outcome::{enhanced_status, BounceClass, Outcome};
 use paloma::render::crlf_line_endings;
 use paloma::render::html::{rewrite, rewrite_and_text, to_text, LinkOwner};
 use paloma::track::token::{Kind, Signer};

@@ -1,224 +1,10 @@
-//! Delivery: SMTP sessions to the relay (or, in mx mode, to each domain's MX hosts) and the
-//! one outcome type every layer speaks.
+//! Delivery: SMTP sessions to the relay (or, in mx mode, to each domain's MX hosts). Speaks
+//! [`crate::outcome`]; knows nothing of shaping (the pipeline asks `shape` before a send).
 
 pub mod mx;
 pub mod smtp;
 
-/// What one delivery attempt came to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// 2xx after the message data.
-    Delivered { response: String },
-    /// 4xx, a connection failure or a timeout: try again later.
-    Deferred { response: String },
-    /// 5xx: permanent.
-    Bounced(Bounce),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bounce {
-    pub code: u16,
-    /// RFC 3463 enhanced status (`5.1.1`), empty when the server gave none.
-    pub enhanced: String,
-    pub class: BounceClass,
-    pub response: String,
-}
-
-/// Why a message bounced, from the enhanced status code (RFC 3463) and the reply text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BounceClass {
-    InvalidRecipient,
-    BadDomain,
-    MailboxFull,
-    InactiveMailbox,
-    SpamBlock,
-    PolicyBlock,
-    MessageRejected,
-    Other,
-}
-
-impl BounceClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BounceClass::InvalidRecipient => "invalid_recipient",
-            BounceClass::BadDomain => "bad_domain",
-            BounceClass::MailboxFull => "mailbox_full",
-            BounceClass::InactiveMailbox => "inactive_mailbox",
-            BounceClass::SpamBlock => "spam_block",
-            BounceClass::PolicyBlock => "policy_block",
-            BounceClass::MessageRejected => "message_rejected",
-            BounceClass::Other => "other",
-        }
-    }
-
-    /// Hard bounces say the address itself is bad: it goes on the suppression list.
-    pub fn is_hard(self) -> bool {
-        matches!(
-            self,
-            BounceClass::InvalidRecipient | BounceClass::BadDomain | BounceClass::InactiveMailbox
-        )
-    }
-
-    pub fn classify(enhanced: &str, text: &str) -> BounceClass {
-        let t = text.to_ascii_lowercase();
-        let has = |words: &[&str]| words.iter().any(|w| t.contains(w));
-        if has(&[
-            "spam",
-            "blocklist",
-            "blacklist",
-            "block list",
-            "spamhaus",
-            "reputation",
-        ]) {
-            return BounceClass::SpamBlock;
-        }
-        match enhanced {
-            "5.1.1" | "5.1.0" | "5.1.3" | "5.1.6" => BounceClass::InvalidRecipient,
-            "5.1.2" | "5.1.10" | "5.4.4" => BounceClass::BadDomain,
-            "5.2.1" => BounceClass::InactiveMailbox,
-            "5.2.2" | "4.2.2" | "5.2.3" => BounceClass::MailboxFull,
-            "5.7.1" | "5.7.0" | "5.7.26" | "5.7.25" | "5.7.27" | "5.7.23" => {
-                BounceClass::PolicyBlock
-            }
-            "5.6.0" | "5.6.1" | "5.3.4" => BounceClass::MessageRejected,
-            _ if has(&[
-                "user unknown",
-                "no such user",
-                "does not exist",
-                "unknown user",
-                "recipient address rejected",
-                "invalid recipient",
-                "mailbox unavailable",
-                "not found",
-            ]) =>
-            {
-                BounceClass::InvalidRecipient
-            }
-            _ if has(&[
-                "mailbox full",
-                "quota",
-                "over quota",
-                "insufficient storage",
-            ]) =>
-            {
-                BounceClass::MailboxFull
-            }
-            _ if has(&["disabled", "inactive", "suspended"]) => BounceClass::InactiveMailbox,
-            _ if has(&["policy", "not allowed", "denied", "refused"]) => BounceClass::PolicyBlock,
-            _ => BounceClass::Other,
-        }
-    }
-}
-
-/// The first `d.ddd.ddd` token of a reply text.
-pub fn enhanced_status(text: &str) -> String {
-    text.split(|c: char| c.is_whitespace() || c == ',' || c == ';')
-        .find(|w| {
-            let mut parts = w.split('.');
-            let ok = |p: Option<&str>, max: usize| {
-                p.is_some_and(|p| {
-                    !p.is_empty() && p.len() <= max && p.bytes().all(|b| b.is_ascii_digit())
-                })
-            };
-            matches!(w.as_bytes().first(), Some(b'2' | b'4' | b'5'))
-                && ok(parts.next(), 1)
-                && ok(parts.next(), 3)
-                && ok(parts.next(), 3)
-                && parts.next().is_none()
-        })
-        .unwrap_or_default()
-        .to_string()
-}
-
-impl Outcome {
-    /// A 5xx reply turned into a bounce.
-    /// A permanent refusal of MAIL FROM: classified like any bounce, except that a
-    /// recipient class ("5.1.0 Sender address rejected", "5.1.8 Domain not found") becomes
-    /// policy_block, so the recipient is not suppressed for the sender's problem.
-    pub fn sender_bounce(code: u16, response: String) -> Outcome {
-        let mut o = Outcome::bounce(code, response);
-        if let Outcome::Bounced(b) = &mut o {
-            if b.class.is_hard() {
-                b.class = BounceClass::PolicyBlock;
-            }
-        }
-        o
-    }
-
-    pub fn bounce(code: u16, response: String) -> Outcome {
-        let enhanced = enhanced_status(&response);
-        let class = BounceClass::classify(&enhanced, &response);
-        Outcome::Bounced(Bounce {
-            code,
-            enhanced,
-            class,
-            response,
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_refused_sender_never_suppresses_the_recipient() {
-        let r = "550 5.1.0 <news@shop.example>: Sender address rejected: undeliverable address";
-        let Outcome::Bounced(b) = Outcome::bounce(550, r.into()) else {
-            panic!()
-        };
-        assert!(
-            b.class.is_hard(),
-            "the text alone reads as a recipient problem"
-        );
-        let Outcome::Bounced(b) = Outcome::sender_bounce(550, r.into()) else {
-            panic!()
-        };
-        assert_eq!(b.class, BounceClass::PolicyBlock);
-        let Outcome::Bounced(b) = Outcome::sender_bounce(554, "554 5.7.1 spamhaus listed".into())
-        else {
-            panic!()
-        };
-        assert_eq!(b.class, BounceClass::SpamBlock);
-    }
-
-    #[test]
-    fn enhanced_codes_are_found() {
-        assert_eq!(
-            enhanced_status("550 5.1.1 <a@b>: Recipient address rejected"),
-            "5.1.1"
-        );
-        assert_eq!(enhanced_status("5.7.26 Unauthenticated email"), "5.7.26");
-        assert_eq!(enhanced_status("Error: command failed"), "");
-        assert_eq!(enhanced_status("version 1.2.3"), "");
-    }
-
-    #[test]
-    fn classes() {
-        assert_eq!(
-            BounceClass::classify("5.1.1", "user unknown"),
-            BounceClass::InvalidRecipient
-        );
-        assert_eq!(
-            BounceClass::classify("5.7.1", "blocked by Spamhaus"),
-            BounceClass::SpamBlock
-        );
-        assert_eq!(
-            BounceClass::classify("5.2.2", "mailbox full"),
-            BounceClass::MailboxFull
-        );
-        assert_eq!(
-            BounceClass::classify("", "550 No such user here"),
-            BounceClass::InvalidRecipient
-        );
-        assert_eq!(
-            BounceClass::classify("5.3.0", "Error: command failed"),
-            BounceClass::Other
-        );
-        assert!(BounceClass::InvalidRecipient.is_hard());
-        assert!(!BounceClass::MailboxFull.is_hard());
-    }
-}
+pub use crate::outcome::Outcome;
 
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
@@ -227,9 +13,22 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::Certificate;
 use lettre::transport::smtp::extension::ClientId;
 
-use crate::config::{DeliveryMode, Settings};
-use crate::shape::Shaper;
+use crate::config::{DeliveryMode, DeliverySettings};
 use smtp::{Pool, SessionConfig, Site};
+
+/// How many sessions a destination may hold and how many messages each carries, asked of
+/// the shaping rules when a site is first built (the pipeline passes `shape::Shaper`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiteLimits {
+    pub connections: usize,
+    pub messages_per_connection: u32,
+}
+
+/// Where a site's limits come from.
+pub trait Limits: Send + Sync {
+    /// The limits for a domain whose MX hosts are `hosts`.
+    fn limits(&self, domain: &str, hosts: &[&str]) -> SiteLimits;
+}
 
 /// Where messages go.
 pub enum Deliverer {
@@ -257,8 +56,8 @@ pub enum DeliverError {
 }
 
 /// The CA certificates of `delivery.tls_ca_file`, if set, checked once at start.
-fn ca_roots(settings: &Settings) -> Result<Option<Certificate>, DeliverError> {
-    let Some(path) = &settings.delivery.tls_ca_file else {
+fn ca_roots(d: &DeliverySettings) -> Result<Option<Certificate>, DeliverError> {
+    let Some(path) = &d.tls_ca_file else {
         return Ok(None);
     };
     let err = |m: String| DeliverError::CaFile(path.clone(), m);
@@ -275,16 +74,16 @@ fn ca_roots(settings: &Settings) -> Result<Option<Certificate>, DeliverError> {
 
 /// The session settings shared by every destination.
 pub fn session_config(
-    settings: &Settings,
+    d: &DeliverySettings,
+    helo: &str,
     tls_name: String,
     messages_per_connection: u32,
 ) -> Result<SessionConfig, DeliverError> {
-    let d = &settings.delivery;
     Ok(SessionConfig {
-        helo: ClientId::Domain(settings.sender.helo.clone()),
+        helo: ClientId::Domain(helo.to_string()),
         tls: d.tls,
         tls_name,
-        ca: ca_roots(settings)?,
+        ca: ca_roots(d)?,
         credentials: None,
         timeout: d.timeout.get(),
         idle_timeout: d.idle_timeout.get(),
@@ -293,12 +92,14 @@ pub fn session_config(
 }
 
 impl Deliverer {
+    /// From `[delivery]` and the HELO name; `limits` sizes each MX site; `open` counts the
+    /// SMTP sessions open (for the gauge).
     pub async fn new(
-        settings: &Settings,
-        shaper: Arc<Shaper>,
+        d: &DeliverySettings,
+        helo: &str,
+        limits: Arc<dyn Limits>,
         open: Arc<AtomicI64>,
     ) -> Result<Self, DeliverError> {
-        let d = &settings.delivery;
         match d.mode {
             DeliveryMode::Relay => {
                 let addr = tokio::net::lookup_host(d.relay.as_str())
@@ -313,7 +114,8 @@ impl Deliverer {
                     .rsplit_once(':')
                     .map_or(d.relay.as_str(), |(h, _)| h);
                 let mut cfg = session_config(
-                    settings,
+                    d,
+                    helo,
                     host.trim_matches(['[', ']']).to_string(),
                     d.messages_per_connection,
                 )?;
@@ -329,12 +131,13 @@ impl Deliverer {
                 let pool = Pool::new(addr, cfg, open);
                 Ok(Deliverer::Relay(Site::new(
                     d.relay.clone(),
+                    vec![d.relay.clone()],
                     vec![pool],
                     d.connections,
                 )))
             }
             DeliveryMode::Mx => Ok(Deliverer::Mx(Box::new(mx::MxRouter::new(
-                settings, shaper, open,
+                d, helo, limits, open,
             )?))),
         }
     }
@@ -360,14 +163,6 @@ impl Deliverer {
         match self {
             Deliverer::Relay(site) => site.reap_idle(),
             Deliverer::Mx(router) => router.reap(),
-        }
-    }
-
-    /// Sites suspended right now (throttling).
-    pub fn suspended_sites(&self) -> usize {
-        match self {
-            Deliverer::Relay(site) => usize::from(site.suspended_for().is_some()),
-            Deliverer::Mx(router) => router.suspended_sites(),
         }
     }
 }

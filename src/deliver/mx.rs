@@ -17,9 +17,8 @@ use hickory_resolver::proto::rr::RData;
 use hickory_resolver::TokioResolver;
 
 use super::smtp::{Pool, SessionConfig, Site};
-use super::{session_config, DeliverError, Outcome, Route};
-use crate::config::Settings;
-use crate::shape::Shaper;
+use super::{session_config, DeliverError, Limits, Outcome, Route};
+use crate::config::DeliverySettings;
 use crate::track::machine::Networks;
 
 /// How long a negative answer (NXDOMAIN, null MX) is cached.
@@ -36,7 +35,7 @@ pub struct MxRouter {
     resolver: TokioResolver,
     port: u16,
     base: SessionConfig,
-    shaper: Arc<Shaper>,
+    limits: Arc<dyn Limits>,
     open: Arc<AtomicI64>,
     routes: Mutex<HashMap<String, (Cached, Instant)>>,
     sites: Mutex<HashMap<String, Arc<Site>>>,
@@ -51,11 +50,11 @@ pub struct MxRouter {
 
 impl MxRouter {
     pub fn new(
-        settings: &Settings,
-        shaper: Arc<Shaper>,
+        d: &DeliverySettings,
+        helo: &str,
+        limits: Arc<dyn Limits>,
         open: Arc<AtomicI64>,
     ) -> Result<Self, DeliverError> {
-        let d = &settings.delivery;
         let mut opts = ResolverOpts::default();
         opts.timeout = Duration::from_secs(5);
         opts.attempts = 2;
@@ -88,8 +87,8 @@ impl MxRouter {
         Ok(MxRouter {
             resolver,
             port: d.mx_port,
-            base: session_config(settings, String::new(), d.messages_per_connection)?,
-            shaper,
+            base: session_config(d, helo, String::new(), d.messages_per_connection)?,
+            limits,
             open,
             routes: Mutex::new(HashMap::new()),
             sites: Mutex::new(HashMap::new()),
@@ -258,7 +257,7 @@ impl MxRouter {
         if let Some(s) = sites.get(key) {
             return s.clone();
         }
-        let rule = self.shaper.rule_for(domain, names);
+        let limits = self.limits.limits(domain, names);
         let mut pools = self.pools.lock().expect("pools lock");
         let list = addrs
             .iter()
@@ -269,13 +268,14 @@ impl MxRouter {
                     .or_insert_with(|| {
                         let mut cfg = self.base.clone();
                         cfg.tls_name = host.clone();
-                        cfg.messages_per_connection = rule.messages_per_connection;
+                        cfg.messages_per_connection = limits.messages_per_connection;
                         Pool::new(addr, cfg, self.open.clone())
                     })
                     .clone()
             })
             .collect();
-        let site = Site::new(key.to_string(), list, rule.connections);
+        let hosts = names.iter().map(|n| n.to_string()).collect();
+        let site = Site::new(key.to_string(), hosts, list, limits.connections);
         sites.insert(key.to_string(), site.clone());
         site
     }
@@ -295,9 +295,9 @@ impl MxRouter {
         for s in sites.values() {
             s.reap_idle();
         }
-        // Only this map holds it: no cached route, no job in flight; and not suspended (the
-        // suspension must outlive the routes of a throttling site).
-        sites.retain(|_, s| Arc::strong_count(s) > 1 || s.suspended_for().is_some());
+        // Only this map holds it: no cached route, no job in flight. (A suspension is kept
+        // by the shaper under the site's key, so it outlives the site.)
+        sites.retain(|_, s| Arc::strong_count(s) > 1);
         drop(sites);
         if let Ok(mut pools) = self.pools.lock() {
             pools.retain(|_, p| Arc::strong_count(p) > 1);
@@ -314,18 +314,12 @@ impl MxRouter {
             s.close_idle().await;
         }
     }
-
-    pub fn suspended_sites(&self) -> usize {
-        self.sites
-            .lock()
-            .map(|s| s.values().filter(|s| s.suspended_for().is_some()).count())
-            .unwrap_or(0)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
 
     #[tokio::test]
     async fn two_mx_names_on_one_address_never_share_a_pool_or_its_tls_name() {
@@ -334,8 +328,22 @@ mod tests {
             Vec::new(),
         )
         .unwrap();
-        let shaper = Arc::new(Shaper::new(&settings));
-        let router = MxRouter::new(&settings, shaper, Arc::new(AtomicI64::new(0))).unwrap();
+        struct One;
+        impl Limits for One {
+            fn limits(&self, _: &str, _: &[&str]) -> super::super::SiteLimits {
+                super::super::SiteLimits {
+                    connections: 1,
+                    messages_per_connection: 1,
+                }
+            }
+        }
+        let router = MxRouter::new(
+            &settings.delivery,
+            &settings.sender.helo,
+            Arc::new(One),
+            Arc::new(AtomicI64::new(0)),
+        )
+        .unwrap();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let a = router.site(
             "mx.a.test",

@@ -15,8 +15,7 @@ use lettre::Address;
 use tokio::sync::{watch, Semaphore};
 
 use super::Outcome;
-use crate::config::{Rate, TlsMode};
-use crate::shape::RuleState;
+use crate::config::TlsMode;
 
 /// How sessions to one destination are opened and reused.
 #[derive(Clone)]
@@ -466,54 +465,30 @@ fn dot_stuff(message: &str) -> String {
 
 /// A destination: the addresses of one relay, or of the MX hosts of one or more domains
 /// (domains served by the same MX set share a site, as KumoMTA's sites do), in preference
-/// order, with one cap on concurrent sessions and a suspension switch for throttling.
+/// order, with one cap on concurrent sessions. Throttling state (suspension, a lowered rate)
+/// is shaping's, kept by `shape::Shaper` under the site's key.
 pub struct Site {
+    /// The MX host names joined by `,` (the relay's `host:port` in relay mode).
     pub key: String,
+    /// The MX host names (the relay in relay mode), in preference order.
+    pub hosts: Vec<String>,
     pools: Vec<Arc<Pool>>,
     permits: Semaphore,
-    suspended_until: Mutex<Option<Instant>>,
-    /// A lowered rate after a throttling reply, until the instant given.
-    slowed: Mutex<Option<(Instant, Arc<RuleState>)>>,
 }
 
 impl Site {
-    pub fn new(key: String, pools: Vec<Arc<Pool>>, connections: usize) -> Arc<Self> {
+    pub fn new(
+        key: String,
+        hosts: Vec<String>,
+        pools: Vec<Arc<Pool>>,
+        connections: usize,
+    ) -> Arc<Self> {
         Arc::new(Site {
             key,
+            hosts,
             pools,
             permits: Semaphore::new(connections.max(1)),
-            suspended_until: Mutex::new(None),
-            slowed: Mutex::new(None),
         })
-    }
-
-    /// Sends to this site at most at `rate` until `until`.
-    pub fn slow(&self, rate: Rate, until: Instant) {
-        if let Ok(mut s) = self.slowed.lock() {
-            // Another throttling reply while slowed to the same rate extends the period but
-            // keeps the limiter: a new one would start with a fresh burst each time.
-            if let Some((t, r)) = s.as_mut() {
-                if *t > Instant::now() && r.rate() == Some(rate) {
-                    *t = (*t).max(until);
-                    return;
-                }
-            }
-            let state = RuleState::new(&format!("slowed:{}", self.key), Some(rate), 1, 1);
-            *s = Some((until, Arc::new(state)));
-        }
-    }
-
-    /// The lowered rate in force, if any.
-    pub fn slowed(&self) -> Option<Arc<RuleState>> {
-        let mut s = self.slowed.lock().ok()?;
-        match &*s {
-            Some((t, r)) if *t > Instant::now() => Some(r.clone()),
-            Some(_) => {
-                *s = None;
-                None
-            }
-            None => None,
-        }
     }
 
     /// Sends over the first address that accepts a session. None when `stop` turned true
@@ -539,28 +514,6 @@ impl Site {
             }
         }
         Some(Outcome::Deferred { response: last })
-    }
-
-    /// Suspends the site (no sessions) until `until`.
-    pub fn suspend(&self, until: Instant) {
-        if let Ok(mut s) = self.suspended_until.lock() {
-            if s.is_none_or(|t| t < until) {
-                *s = Some(until);
-            }
-        }
-    }
-
-    /// How long the site stays suspended, if it is.
-    pub fn suspended_for(&self) -> Option<Duration> {
-        let mut s = self.suspended_until.lock().ok()?;
-        match *s {
-            Some(t) if t > Instant::now() => Some(t - Instant::now()),
-            Some(_) => {
-                *s = None;
-                None
-            }
-            None => None,
-        }
     }
 
     pub async fn close_idle(&self) {
@@ -604,28 +557,6 @@ mod tests {
         );
         assert_eq!(super::dot_stuff(".x\r\n"), "..x\r\n.\r\n");
         assert_eq!(super::dot_stuff("plain\r\n"), "plain\r\n.\r\n");
-    }
-
-    #[test]
-    fn a_second_throttling_reply_extends_the_slow_down_without_a_fresh_burst() {
-        use std::sync::Arc;
-        use std::time::{Duration, Instant};
-        let site = super::Site::new("mx.test".into(), Vec::new(), 1);
-        let rate: crate::config::Rate = "2/s".parse().unwrap();
-        let now = Instant::now();
-        site.slow(rate, now + Duration::from_secs(10));
-        let first = site.slowed().expect("slowed");
-        site.slow(rate, now + Duration::from_secs(20));
-        let second = site.slowed().expect("still slowed");
-        assert!(
-            Arc::ptr_eq(&first, &second),
-            "the same limiter, its burst spent"
-        );
-        // A different rate replaces it.
-        site.slow("1/s".parse().unwrap(), now + Duration::from_secs(5));
-        let third = site.slowed().expect("slowed");
-        assert!(!Arc::ptr_eq(&second, &third));
-        assert_eq!(third.rate(), Some("1/s".parse().unwrap()));
     }
 
     #[test]

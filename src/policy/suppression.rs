@@ -41,21 +41,7 @@ pub async fn add(
 /// `unsubscribed`. Removing an address listed as `unsubscribed` removes the opt-out too (the
 /// operator's explicit decision, e.g. the person subscribed again).
 /// KEYS: suppressed, optouts; ARGV: addresses. Returns {removed, kept as unsubscribed}.
-const REMOVE: &str = r"
-local removed, kept = 0, 0
-for _, a in ipairs(ARGV) do
-  local reason = redis.call('HGET', KEYS[1], a)
-  if reason and reason ~= 'unsubscribed' and redis.call('HEXISTS', KEYS[2], a) == 1 then
-    redis.call('HSET', KEYS[1], a, 'unsubscribed')
-    kept = kept + 1
-  elseif reason then
-    redis.call('HDEL', KEYS[1], a)
-    redis.call('HDEL', KEYS[2], a)
-    removed = removed + 1
-  end
-end
-return {removed, kept}
-";
+const REMOVE: &str = include_str!("scripts/remove.lua");
 
 /// What [`remove`] did: addresses taken off the list, and addresses kept as `unsubscribed`.
 pub async fn remove(

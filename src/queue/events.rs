@@ -1,13 +1,71 @@
-//! Events on `{prefix}events`: one JSON object per entry, field `event`.
+//! Events on `{prefix}events`: one JSON object per entry, field `event`; their kinds
+//! ([`EventKind`]) are the one vocabulary of the recorder's stats, the workflow triggers and
+//! the metrics.
 
 use serde::Serialize;
+
+/// The `type` of an event. The first six end a job (exactly one per job); the tracking
+/// server writes the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    #[default]
+    Delivered,
+    Bounced,
+    Failed,
+    Suppressed,
+    Dead,
+    /// Not terminal: the job was put back for another attempt.
+    Deferred,
+    Opened,
+    Clicked,
+    Unsubscribed,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 9] = [
+        EventKind::Delivered,
+        EventKind::Bounced,
+        EventKind::Failed,
+        EventKind::Suppressed,
+        EventKind::Dead,
+        EventKind::Deferred,
+        EventKind::Opened,
+        EventKind::Clicked,
+        EventKind::Unsubscribed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Delivered => "delivered",
+            EventKind::Bounced => "bounced",
+            EventKind::Failed => "failed",
+            EventKind::Suppressed => "suppressed",
+            EventKind::Dead => "dead",
+            EventKind::Deferred => "deferred",
+            EventKind::Opened => "opened",
+            EventKind::Clicked => "clicked",
+            EventKind::Unsubscribed => "unsubscribed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// An event as written to the stream. Optional fields appear only on the types that carry
 /// them (the event contract is in README "Events").
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Event<'a> {
     #[serde(rename = "type")]
-    pub kind: &'a str,
+    pub kind: EventKind,
     pub id: &'a str,
     pub campaign: &'a str,
     pub to: &'a str,
@@ -44,7 +102,7 @@ pub fn rfc3339_ms(ms: i64) -> String {
 }
 
 impl<'a> Event<'a> {
-    pub fn new(kind: &'a str, id: &'a str, campaign: &'a str, to: &'a str) -> Self {
+    pub fn new(kind: EventKind, id: &'a str, campaign: &'a str, to: &'a str) -> Self {
         Event {
             kind,
             id,

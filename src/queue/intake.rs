@@ -2,12 +2,11 @@
 //! of its own (a blocking read holds up whatever else shares a connection), XAUTOCLAIM of
 //! entries a stopped consumer left pending, and the idempotency claim of each job id.
 
-use std::time::Duration;
-
+use super::consumer::StreamConsumer;
+use super::idem::Idem;
+use super::{Entry, Keys};
+use crate::config::IntakeSettings;
 use crate::store::RedisConn;
-use redis::Value;
-
-use super::{parse_autoclaim, parse_xread, Entry, Keys};
 
 /// What the idempotency record says about a job id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,49 +21,44 @@ pub enum Claim {
 }
 
 pub struct Intake {
+    pub stream: StreamConsumer,
     reader: RedisConn,
     conn: RedisConn,
     keys: Keys,
-    group: String,
-    consumer: String,
-    batch: usize,
-    block_ms: u64,
-    claim_idle_ms: u64,
-    claim_cursor: String,
     idem_ttl: u64,
 }
 
 impl Intake {
-    #[allow(clippy::too_many_arguments)]
+    /// From `[intake]`: the consumer `consumer` of `group` on the sends stream, reading on
+    /// `reader` (its own connection), claiming on `conn`.
     pub fn new(
         reader: RedisConn,
         conn: RedisConn,
         keys: Keys,
-        group: String,
-        consumer: String,
-        batch: usize,
-        block: Duration,
-        claim_idle: Duration,
-        idem_ttl: Duration,
+        group: &str,
+        consumer: &str,
+        settings: &IntakeSettings,
     ) -> Self {
         Intake {
+            stream: StreamConsumer::new(
+                keys.sends.clone(),
+                group.to_string(),
+                consumer.to_string(),
+                settings.batch,
+                settings.block.get(),
+                settings.claim_idle.get(),
+            ),
             reader,
             conn,
             keys,
-            group,
-            consumer,
-            batch,
-            block_ms: block.as_millis() as u64,
-            claim_idle_ms: claim_idle.as_millis() as u64,
-            claim_cursor: "0-0".into(),
-            idem_ttl: idem_ttl.as_secs().max(1),
+            idem_ttl: settings.idempotency_ttl.get().as_secs().max(1),
         }
     }
 
     /// Creates the consumer group (and the stream) if missing. Reads from the start of the
     /// stream so that jobs enqueued before the first daemon started are not skipped.
     pub async fn ensure_group(&mut self) -> redis::RedisResult<()> {
-        super::create_group(&mut self.conn, &self.keys.sends, &self.group, "0").await
+        self.stream.ensure_group(&mut self.conn, "0").await
     }
 
     /// New entries for this consumer (blocks up to `block`).
@@ -73,24 +67,9 @@ impl Intake {
         out: &mut Vec<Entry>,
         gone: &mut Vec<String>,
     ) -> redis::RedisResult<()> {
-        let reply: redis::RedisResult<Value> = super::read_group(
-            &self.keys.sends,
-            &self.group,
-            &self.consumer,
-            self.batch,
-            self.block_ms,
-        )
-        .query_async(&mut self.reader)
-        .await;
-        match reply {
-            Ok(v) => {
-                parse_xread(&v, out, gone);
-                Ok(())
-            }
-            // The group vanished (a Redis restart without persistence): make it again.
-            Err(e) if e.code() == Some("NOGROUP") => self.ensure_group().await,
-            Err(e) => Err(e),
-        }
+        self.stream
+            .read(&mut self.reader, &mut self.conn, out, gone)
+            .await
     }
 
     /// Entries pending longer than `claim_idle` with any consumer, now ours.
@@ -99,18 +78,7 @@ impl Intake {
         out: &mut Vec<Entry>,
         gone: &mut Vec<String>,
     ) -> redis::RedisResult<()> {
-        let reply: Value = redis::cmd("XAUTOCLAIM")
-            .arg(&self.keys.sends)
-            .arg(&self.group)
-            .arg(&self.consumer)
-            .arg(self.claim_idle_ms)
-            .arg(&self.claim_cursor)
-            .arg("COUNT")
-            .arg(self.batch)
-            .query_async(&mut self.conn)
-            .await?;
-        self.claim_cursor = parse_autoclaim(&reply, out, gone);
-        Ok(())
+        self.stream.reclaim(&mut self.conn, out, gone).await
     }
 
     /// Removes consumers with nothing pending, idle longer than `claim_idle`, from the sends
@@ -120,14 +88,16 @@ impl Intake {
     pub async fn prune_consumers(&mut self, also: &[(&str, &str)]) -> redis::RedisResult<i64> {
         let script = redis::Script::new(include_str!("scripts/prune_consumers.lua"));
         let mut removed = 0;
-        for (stream, group) in std::iter::once((self.keys.sends.as_str(), self.group.as_str()))
-            .chain(also.iter().copied())
+        let idle_ms = self.stream.claim_idle().as_millis() as u64;
+        for (stream, group) in
+            std::iter::once((self.stream.stream.as_str(), self.stream.group.as_str()))
+                .chain(also.iter().copied())
         {
             let n: i64 = script
                 .key(stream)
                 .arg(group)
-                .arg(self.claim_idle_ms)
-                .arg(&self.consumer)
+                .arg(idle_ms)
+                .arg(&self.stream.consumer)
                 .invoke_async(&mut self.conn)
                 .await?;
             removed += n;
@@ -136,7 +106,7 @@ impl Intake {
     }
 
     /// Claims each job id for its entry and looks its recipient up in the suppression list,
-    /// one pipelined round trip per batch: `SET idem:{id} p:{entry} NX GET` answers nil when
+    /// one pipelined round trip per batch: `SET idem:{id} {in progress} NX GET` answers nil when
     /// new, else the current holder; `HGET suppressed addr` the reason, if any.
     pub async fn claim(
         &mut self,
@@ -148,9 +118,7 @@ impl Intake {
         let mut p = redis::pipe();
         let mut owner = String::new();
         for (job_id, entry_id, addr) in jobs {
-            owner.clear();
-            owner.push_str("p:");
-            owner.push_str(entry_id);
+            Idem::InProgress(entry_id).encode(&mut owner);
             p.cmd("SET")
                 .arg(self.keys.idem(job_id))
                 .arg(&owner)
@@ -180,7 +148,7 @@ impl Intake {
             .map(|(pair, (_, entry_id, _))| {
                 let claim = match &pair[0] {
                     None => Claim::New,
-                    Some(v) if v.strip_prefix("p:") == Some(*entry_id) => Claim::Resumed,
+                    Some(v) if Idem::parse(v) == Some(Idem::InProgress(entry_id)) => Claim::Resumed,
                     Some(_) => Claim::Duplicate,
                 };
                 (claim, pair.get(1).cloned().flatten())

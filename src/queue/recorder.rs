@@ -14,18 +14,22 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::events::EventKind;
+use super::idem::Idem;
 use super::leases::Leases;
 use super::Keys;
 use crate::metrics::Metrics;
 use crate::store::RedisConn;
 
-/// Idempotency states written when a job leaves a daemon's hands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdemState {
-    /// Ended: a later job with the same id is a duplicate.
-    Done,
-    /// Waiting in the delayed set.
-    Scheduled,
+/// A job going back to the delayed set.
+#[derive(Debug)]
+pub struct Schedule {
+    /// When it is due (unix ms).
+    pub due: i64,
+    /// The member of the delayed set (see [`super::scheduler::member`]).
+    pub member: String,
+    /// The campaign it is counted under, should it die there.
+    pub campaign: String,
 }
 
 /// Everything one job's outcome writes.
@@ -35,16 +39,17 @@ pub struct Record {
     pub ack: Option<String>,
     /// Event JSON for `{prefix}events`.
     pub event: Option<String>,
-    /// Job id whose idempotency record is updated.
-    pub idem: Option<(String, Option<IdemState>)>,
-    /// `(due ms, member)` for the delayed set.
-    pub schedule: Option<(i64, String)>,
+    /// Job id whose idempotency record is set to this state (`Done` or `Scheduled`), or
+    /// deleted (None).
+    pub idem: Option<(String, Option<Idem<'static>>)>,
+    /// For the delayed set.
+    pub schedule: Option<Schedule>,
     /// `(job as received, error)` for `{prefix}dead`.
     pub dead: Option<(Vec<u8>, String)>,
     /// `(address, reason)` to add to the suppression list (kept if already there).
     pub suppress: Option<(String, &'static str)>,
     /// `(campaign, outcome)` for stats and metrics; `first` counts the job as accepted.
-    pub stat: Option<(String, &'static str)>,
+    pub stat: Option<(String, EventKind)>,
     pub first: bool,
     /// `(key, value, ttl secs)` to SET with the outcome (a delivered job's JSON, kept for
     /// workflow follow-ups).
@@ -85,32 +90,8 @@ pub struct Recorder {
 /// (a key of the wrong type, written by another tool), the job ends here instead of being
 /// lost with its acknowledged entry: dead letter, `dead` event, idempotency record deleted
 /// (it may be enqueued again), counted dead. Sent whole (EVAL): a NOSCRIPT inside MULTI
-/// would abort the batch. KEYS: scheduled, dead, events, idem, campaigns. ARGV: due, member,
-/// job, at, prefix, '1' when this record also counts the job (stats) already, events max length.
-/// Answers 0, or
-/// the reason the job died.
-const SCHEDULE_OR_DEAD: &str = r"
-local ok, err = pcall(redis.call, 'ZADD', KEYS[1], ARGV[1], ARGV[2])
-if ok then return 0 end
-local why = type(err) == 'table' and tostring(err.err) or tostring(err)
-local reason = 'could not be put back in the delayed set: ' .. why
-redis.call('XADD', KEYS[2], '*', 'job', ARGV[3], 'error', reason)
-local okj, job = pcall(cjson.decode, ARGV[3])
-if not okj or type(job) ~= 'table' then job = {} end
-local function s(v) if type(v) == 'string' then return v end return '' end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'event', cjson.encode({type = 'dead', id = s(job.id),
-  campaign = s(job.campaign), to = s(job.to), at = ARGV[4], error = reason}))
-redis.call('DEL', KEYS[4])
-local c = s(job.campaign)
-if c == '' then c = '(none)' end
-local stats = ARGV[5] .. 'stats:' .. c
-redis.call('HINCRBY', stats, 'dead', 1)
-if ARGV[6] == '0' and string.sub(ARGV[2], 1, 2) == '0|' then
-  redis.call('HINCRBY', stats, 'accepted', 1)
-end
-redis.call('SADD', KEYS[5], c)
-return reason
-";
+/// would abort the batch.
+const SCHEDULE_OR_DEAD: &str = include_str!("scripts/schedule_or_dead.lua");
 
 /// How long a batch marker outlives a daemon that stopped before deleting it.
 const MARKER_TTL_SECS: u64 = 24 * 3600;
@@ -126,7 +107,7 @@ impl Recorder {
         leases: Arc<Leases>,
     ) -> (Self, RecorderHandle) {
         let (tx, rx) = mpsc::channel(batch * 2);
-        let marker_base = format!("{}written:{:016x}:", keys.prefix, rand::random::<u64>());
+        let marker_base = keys.written(rand::random::<u64>());
         (
             Recorder {
                 rx,
@@ -206,7 +187,7 @@ impl Recorder {
                 if let Some((campaign, outcome)) = &r.stat {
                     self.metrics
                         .messages
-                        .with_label_values(&[campaign.as_str(), outcome])
+                        .with_label_values(&[campaign.as_str(), outcome.as_str()])
                         .inc();
                 }
             }
@@ -245,6 +226,7 @@ impl Recorder {
         }
         let now_at = super::events::rfc3339_ms(super::now_ms());
         let mut acks: Vec<&str> = Vec::with_capacity(records.len());
+        let mut value = String::new();
         let mut stats: HashMap<(&str, &str), i64> = HashMap::new();
         for (i, r) in records.iter().enumerate() {
             if let Some(ev) = &r.event {
@@ -272,24 +254,18 @@ impl Recorder {
             }
             if let Some((id, state)) = &r.idem {
                 match state {
-                    Some(IdemState::Done) => {
-                        p.cmd("SET")
-                            .arg(k.idem(id))
-                            .arg("d")
-                            .arg("EX")
-                            .arg(self.idem_ttl)
-                            .ignore();
-                    }
-                    Some(IdemState::Scheduled) => {
-                        // Kept at least until the job is due (send_at or a retry may be further
-                        // off than the TTL), so a re-enqueue meanwhile is still a duplicate.
+                    Some(state) => {
+                        // A scheduled record is kept at least until the job is due (send_at or
+                        // a retry may be further off than the TTL), so a re-enqueue meanwhile
+                        // is still a duplicate.
                         let until_due = r
                             .schedule
                             .as_ref()
-                            .map_or(0, |(due, _)| (due - super::now_ms()).max(0) as u64 / 1000);
+                            .map_or(0, |s| (s.due - super::now_ms()).max(0) as u64 / 1000);
+                        state.encode(&mut value);
                         p.cmd("SET")
                             .arg(k.idem(id))
-                            .arg("s")
+                            .arg(&value)
                             .arg("EX")
                             .arg(self.idem_ttl + until_due)
                             .ignore();
@@ -300,26 +276,27 @@ impl Recorder {
                 }
                 ops.push((i, Op::Other));
             }
-            if let Some((due, member)) = &r.schedule {
+            if let Some(s) = &r.schedule {
                 // `attempt|first_at|job`: a dead letter carries the job as received.
-                let job = member.splitn(3, '|').nth(2).unwrap_or(member);
+                let job = s.member.splitn(3, '|').nth(2).unwrap_or(&s.member);
                 let idem = r
                     .idem
                     .as_ref()
                     .map_or_else(|| k.idem(""), |(id, _)| k.idem(id));
                 p.cmd("EVAL")
                     .arg(SCHEDULE_OR_DEAD)
-                    .arg(5)
+                    .arg(6)
                     .arg(&k.scheduled)
                     .arg(&k.dead)
                     .arg(&k.events)
                     .arg(idem)
                     .arg(&k.campaigns)
-                    .arg(*due)
-                    .arg(member)
+                    .arg(k.stats(&s.campaign))
+                    .arg(s.due)
+                    .arg(&s.member)
                     .arg(job)
                     .arg(&now_at)
-                    .arg(&k.prefix)
+                    .arg(&s.campaign)
                     .arg(if r.stat.is_some() { "1" } else { "0" })
                     .arg(k.events_max_len);
                 ops.push((i, Op::Schedule));
@@ -342,7 +319,9 @@ impl Recorder {
                 ops.push((i, Op::Other));
             }
             if let Some((campaign, outcome)) = &r.stat {
-                *stats.entry((campaign.as_str(), outcome)).or_default() += 1;
+                *stats
+                    .entry((campaign.as_str(), outcome.as_str()))
+                    .or_default() += 1;
                 if r.first {
                     *stats.entry((campaign.as_str(), "accepted")).or_default() += 1;
                 }
@@ -384,7 +363,13 @@ impl Recorder {
     /// Jobs the transaction could not put back in the delayed set, which it dead-lettered.
     fn report_dead_schedules(&self, records: &[Record], replies: &[redis::Value]) {
         let scheduled = records.iter().filter_map(|r| r.schedule.as_ref());
-        for ((_, member), reply) in scheduled.zip(replies) {
+        for (
+            Schedule {
+                member, campaign, ..
+            },
+            reply,
+        ) in scheduled.zip(replies)
+        {
             let reason = match reply {
                 redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
                 redis::Value::SimpleString(s) => s.clone(),
@@ -392,10 +377,6 @@ impl Recorder {
             };
             let job = member.splitn(3, '|').nth(2).unwrap_or(member);
             tracing::error!(%reason, job, "a job Redis refused to put back in the delayed set went to the dead letters");
-            let campaign = serde_json::from_str::<serde_json::Value>(job)
-                .ok()
-                .and_then(|v| v["campaign"].as_str().map(str::to_string))
-                .unwrap_or_else(|| "(none)".into());
             self.metrics
                 .messages
                 .with_label_values(&[campaign.as_str(), "dead"])
@@ -439,7 +420,7 @@ impl Recorder {
                     tracing::error!(error = %err, job = %String::from_utf8_lossy(record.dead.as_ref().map_or(&[][..], |d| &d.0)), "dead letter not written: Redis refused it")
                 }
                 Op::Schedule => {
-                    let member = record.schedule.as_ref().map_or("", |s| s.1.as_str());
+                    let member = record.schedule.as_ref().map_or("", |s| s.member.as_str());
                     tracing::error!(error = %err, job = member, "a job's return to the delayed set failed (script error)")
                 }
                 Op::Other => {

@@ -10,28 +10,61 @@ use std::time::Duration;
 use redis::Script;
 use tokio::sync::watch;
 
+use super::idem::Idem;
 use super::{now_ms, Keys};
 use crate::metrics::Metrics;
 use crate::store::RedisConn;
 
-const MOVE_DUE: &str = r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, m in ipairs(due) do
-  local a = string.find(m, '|', 1, true)
-  local b = a and string.find(m, '|', a + 1, true)
-  if b then
-    local raw = string.sub(m, b + 1)
-    local eid = redis.call('XADD', KEYS[2], '*', 'job', raw,
-      'attempt', string.sub(m, 1, a - 1), 'first_at', string.sub(m, a + 1, b - 1))
-    local ok, job = pcall(cjson.decode, raw)
-    if ok and type(job) == 'table' and type(job.id) == 'string' then
-      redis.call('SET', ARGV[3] .. job.id, 'p:' .. eid, 'EX', tonumber(ARGV[4]))
-    end
-  end
-  redis.call('ZREM', KEYS[1], m)
-end
-return #due
-"#;
+/// Moves the due members it is given back to the sends stream (see the script).
+const MOVE_DUE: &str = include_str!("scripts/move_due.lua");
+
+/// Most jobs moved per round.
+const ROUND: usize = 500;
+
+/// One round: the due members (up to [`ROUND`]), then one script that moves each one still
+/// there (another daemon may have moved it meanwhile) and sets its job id in progress under
+/// its new entry. Returns how many it moved.
+async fn move_due(
+    conn: &mut RedisConn,
+    script: &Script,
+    keys: &Keys,
+    ttl: u64,
+) -> redis::RedisResult<u64> {
+    let due: Vec<Vec<u8>> = redis::cmd("ZRANGEBYSCORE")
+        .arg(&keys.scheduled)
+        .arg("-inf")
+        .arg(now_ms())
+        .arg("LIMIT")
+        .arg(0)
+        .arg(ROUND)
+        .query_async(conn)
+        .await?;
+    if due.is_empty() {
+        return Ok(0);
+    }
+    let mut inv = script.key(&keys.scheduled);
+    inv.key(&keys.sends).arg(Idem::IN_PROGRESS).arg(ttl);
+    for m in &due {
+        let id = job_id(m);
+        // A member without a readable id still moves (the intake dead-letters it); its key
+        // slot names a record the script does not touch.
+        inv.key(keys.idem(id.as_deref().unwrap_or("")))
+            .arg(m.as_slice())
+            .arg(if id.is_some() { "1" } else { "0" });
+    }
+    inv.invoke_async(conn).await
+}
+
+/// The job id of a member `attempt|first_at|job`, if its job is a JSON object with a string id.
+fn job_id(member: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: Option<String>,
+    }
+    let mut parts = member.splitn(3, |&b| b == b'|');
+    let job = parts.nth(2)?;
+    serde_json::from_slice::<Id>(job).ok()?.id
+}
 
 pub fn member(attempt: u32, first_at: i64, job: &[u8]) -> String {
     let mut m = format!("{attempt}|{first_at}|");
@@ -49,22 +82,13 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let script = Script::new(MOVE_DUE);
-    let idem_prefix = format!("{}idem:", keys.prefix);
+    let ttl = idem_ttl.as_secs().max(1);
     loop {
         loop {
-            let moved: redis::RedisResult<u64> = script
-                .key(&keys.scheduled)
-                .key(&keys.sends)
-                .arg(now_ms())
-                .arg(500)
-                .arg(&idem_prefix)
-                .arg(idem_ttl.as_secs().max(1))
-                .invoke_async(&mut conn)
-                .await;
-            match moved {
+            match move_due(&mut conn, &script, &keys, ttl).await {
                 Ok(n) => {
                     metrics.scheduled_moved.inc_by(n);
-                    if n < 500 {
+                    if n < ROUND as u64 {
                         break;
                     }
                 }

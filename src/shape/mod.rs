@@ -22,8 +22,13 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::config::{BackoffRule, DeliveryMode, DomainRule, Rate, Settings};
-use crate::deliver::{enhanced_status, Outcome};
+use crate::deliver::{Limits, SiteLimits};
+use crate::outcome::{enhanced_status, Outcome};
+use crate::store::keys::Keys;
 use crate::store::RedisConn;
+
+pub mod throttle;
+pub use throttle::Throttles;
 
 /// The longest a job waits in memory for its rate slot.
 pub const MAX_WAIT: Duration = Duration::from_secs(1);
@@ -87,32 +92,7 @@ pub struct RuleState {
 /// (the server's clock stepped back, or a daemon with a slower rate for the same key), is
 /// pulled back to the last slot a reservation may take, and the return horizon, as far
 /// off, is dropped; a value that is not a number counts as none.
-const GCRA: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local longest = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat > now + tolerance + longest + interval + 1000000 then
-  tat = now + tolerance + longest
-  redis.call('DEL', KEYS[2])
-end
-if tat < now then tat = now end
-local wait = tat - tolerance - now
-if wait <= longest then
-  if wait < 0 then wait = 0 end
-  local next_tat = tat + interval
-  redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX',
-    math.floor((next_tat - now) / 1000) + 1000)
-  return {1, wait}
-end
-local back = tonumber(redis.call('GET', KEYS[2])) or 0
-local due = math.max(back, now + wait)
-redis.call('SET', KEYS[2], string.format('%.0f', due + interval), 'PX',
-  math.floor((due + interval - now) / 1000) + 1000)
-return {0, due - now}
-";
+const GCRA: &str = include_str!("scripts/gcra.lua");
 
 /// After a failed call, the daemon's own limiter is used this long before Redis is asked
 /// again (a Redis that hangs would otherwise cost every admission its timeout).
@@ -247,26 +227,27 @@ impl RuleState {
         Self::with_redis(name, rate, connections, messages_per_connection, None)
     }
 
-    /// `redis`: where the rate is shared (connection, key prefix); only used with a rate.
+    /// `redis`: where the rate is shared (connection, key names); only used with a rate.
     pub fn with_redis(
         name: &str,
         rate: Option<Rate>,
         connections: usize,
         messages_per_connection: u32,
-        redis: Option<(RedisConn, &str)>,
+        redis: Option<(RedisConn, &Keys)>,
     ) -> Self {
         // Bursts of up to one second's worth: 60 messages at 10/s take at least 5 s.
         let burst = |r: Rate| {
             ((r.count as f64) * Duration::from_secs(1).as_secs_f64() / r.per.as_secs_f64())
                 .clamp(1.0, 1e6) as u32
         };
-        let shared = rate.zip(redis).map(|(r, (conn, prefix))| {
+        let shared = rate.zip(redis).map(|(r, (conn, keys))| {
             let interval_us = (r.per.as_micros() as u64 / r.count as u64).max(1);
+            let (tat_prefix, back_prefix) = keys.rate(name);
             SharedRate {
                 conn,
                 script: redis::Script::new(GCRA),
-                tat_prefix: format!("{prefix}rate:{name}:"),
-                back_prefix: format!("{prefix}rate-back:{name}:"),
+                tat_prefix,
+                back_prefix,
                 interval_us,
                 tolerance_us: interval_us * (burst(r) as u64 - 1),
                 paused_until: std::sync::atomic::AtomicU64::new(0),
@@ -399,6 +380,28 @@ pub struct Shaper {
     default: Arc<RuleState>,
     backoff: Vec<BackoffRule>,
     builtin_suspend: Option<Duration>,
+    /// What throttling replies did to each site.
+    pub throttles: Throttles,
+}
+
+/// Whether a job may be sent now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Gate {
+    Go,
+    /// Its site is suspended after a throttling reply: back to the delayed set for this long.
+    Suspended(Duration),
+    /// Over its rule's rate (or the site's lowered rate): back for this long.
+    Paced(Duration),
+}
+
+impl Limits for Shaper {
+    fn limits(&self, domain: &str, hosts: &[&str]) -> SiteLimits {
+        let rule = self.rule_for(domain, hosts);
+        SiteLimits {
+            connections: rule.connections,
+            messages_per_connection: rule.messages_per_connection,
+        }
+    }
 }
 
 impl Shaper {
@@ -412,7 +415,7 @@ impl Shaper {
     pub fn with_redis(settings: &Settings, redis: Option<RedisConn>) -> Self {
         let d = &settings.delivery;
         let redis = redis.filter(|_| d.shared_rates);
-        let prefix = settings.redis.prefix.as_str();
+        let keys = Keys::new(&settings.redis.prefix);
         let mut default = RuleState::new("*", None, d.connections, d.messages_per_connection);
         let mut rules: Vec<(String, Arc<RuleState>)> = Vec::new();
         let mut add = |r: &DomainRule| {
@@ -422,7 +425,7 @@ impl Shaper {
                 r.connections.unwrap_or(d.connections),
                 r.messages_per_connection
                     .unwrap_or(d.messages_per_connection),
-                redis.clone().map(|c| (c, prefix)),
+                redis.clone().map(|c| (c, &keys)),
             );
             if r.pattern == "*" {
                 default = state;
@@ -452,7 +455,50 @@ impl Shaper {
             default: Arc::new(default),
             backoff: settings.backoff.clone(),
             builtin_suspend: (d.mode == DeliveryMode::Mx).then(|| d.throttle_suspend.get()),
+            throttles: Throttles::default(),
         }
+    }
+
+    /// Whether a job for `domain` may go to the site `site` (MX hosts `hosts`) now, and the
+    /// rule it falls under. Checked in this order: the site's suspension; a rate the site was
+    /// slowed to (this daemon's own, so a job it sends back takes no slot of a shared rate);
+    /// the rule's rate, counted per site when the rule matched by MX host, else per domain.
+    pub async fn gate(&self, domain: &str, site: &str, hosts: &[&str]) -> (Arc<RuleState>, Gate) {
+        let (rule, by_mx) = self.rule_and_key(domain, hosts);
+        let now = Instant::now();
+        if let Some(wait) = self.throttles.suspended_for(site, now) {
+            return (rule, Gate::Suspended(wait));
+        }
+        if let Some(slowed) = self.throttles.slowed(site, now) {
+            if let Admission::Later(wait) = slowed.admit(site).await {
+                return (rule, Gate::Paced(wait));
+            }
+        }
+        let key = if by_mx { site } else { domain };
+        match rule.admit(key).await {
+            Admission::Later(wait) => (rule, Gate::Paced(wait)),
+            Admission::Go => (rule, Gate::Go),
+        }
+    }
+
+    /// Applies what a reply says about the site (a suspension or a lowered rate); returns
+    /// the reaction when it newly throttles the site (for the metric and the log line).
+    pub fn react(&self, site: &str, outcome: &Outcome) -> Option<Reaction> {
+        let reaction = self.backoff_for(outcome)?;
+        let now = Instant::now();
+        let fresh = match &reaction {
+            Reaction::Suspend(pause) => {
+                let fresh = self.throttles.suspended_for(site, now).is_none();
+                self.throttles.suspend(site, now + *pause);
+                fresh
+            }
+            Reaction::Slow(rate, period) => {
+                let fresh = self.throttles.slowed(site, now).is_none();
+                self.throttles.slow(site, *rate, now + *period, now);
+                fresh
+            }
+        };
+        fresh.then_some(reaction)
     }
 
     /// The rule for a domain whose MX hosts are `mx_hosts`. `example.com` matches that

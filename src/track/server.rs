@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 use super::machine::{Detector, Hit};
 use super::token::{Claims, Kind, Signer, MAX_TOKEN_LEN};
 use crate::metrics::Metrics;
-use crate::queue::events::Event;
+use crate::queue::events::{Event, EventKind};
 use crate::queue::Keys;
 use crate::store::RedisConn;
 
@@ -72,46 +72,9 @@ const PIXEL: &[u8] = &[
 /// campaign so millions of sends cost kilobytes), `*_machine` for scanner hits; per link
 /// totals and uniques in `links:{campaign}`; and the recipient's `last_open`/`last_click`
 /// in `r:{address}`.
-/// KEYS: suppressed hash, events stream. ARGV[1]: key prefix, ARGV[2]: now (unix s),
-/// ARGV[3]: events max length; then
-/// per event 6 values: address, event JSON, kind (o|c), job id, campaign, link ("" if none),
-/// and a 7th: "1" when a machine made the request. Returns a code per event: 0 not
-/// recorded (opted out), 1 recorded, 2 recorded and the first by a person for that send.
-const WRITE_EVENTS: &str = r#"
-local p = ARGV[1]
-local codes = {}
-for i = 4, #ARGV, 7 do
-  local addr, ev, kind, id, campaign, link, machine =
-    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
-  local reason = redis.call('HGET', KEYS[1], addr)
-  local code = 0
-  if reason ~= 'unsubscribed' and reason ~= 'complained' then
-    code = 1
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', ev)
-    local what = (kind == 'o') and 'opened' or 'clicked'
-    local stats = p .. 'stats:' .. campaign
-    if machine == '1' then
-      redis.call('HINCRBY', stats, what .. '_machine', 1)
-    else
-      redis.call('HINCRBY', stats, what, 1)
-      if redis.call('PFADD', p .. 'uniq:' .. kind .. ':' .. campaign, id) == 1 then
-        redis.call('HINCRBY', stats, 'unique_' .. what, 1)
-        code = 2
-      end
-      if kind == 'c' and link ~= '' then
-        local links = p .. 'links:' .. campaign
-        redis.call('HINCRBY', links, link, 1)
-        if redis.call('PFADD', p .. 'uniq:l:' .. campaign .. ':' .. link, id) == 1 then
-          redis.call('HINCRBY', links, link .. ':unique', 1)
-        end
-      end
-      redis.call('HSET', p .. 'r:' .. addr, (kind == 'o') and 'last_open' or 'last_click', ARGV[2])
-    end
-  end
-  table.insert(codes, code)
-end
-return codes
-"#;
+/// Keys and arguments: see the script. Returns a code per event: 0 not recorded (opted
+/// out), 1 recorded, 2 recorded and the first by a person for that send.
+const WRITE_EVENTS: &str = include_str!("scripts/write_events.lua");
 
 /// Records a recipient's opt-out: in `optouts` (kept apart from the suppression list, so that
 /// removing a bounce or a manual block later cannot undo it), on the suppression list unless
@@ -119,24 +82,7 @@ return codes
 /// first time only, so that a second click or a provider's retried POST is not a second event.
 /// KEYS: suppressed hash, events stream, the campaign's stats hash, optouts hash;
 /// ARGV: lowercased address, event JSON, now (unix ms), events max length.
-const UNSUBSCRIBE: &str = r#"
-if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then
-  redis.call('HSETNX', KEYS[1], ARGV[1], 'unsubscribed')
-  return 0
-end
-local reason = redis.call('HGET', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
--- Suppressed as unsubscribed before opt-outs were kept apart: already recorded.
-if reason == 'unsubscribed' then
-  return 0
-end
-if not reason then
-  redis.call('HSET', KEYS[1], ARGV[1], 'unsubscribed')
-end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[2])
-redis.call('HINCRBY', KEYS[3], 'unsubscribed', 1)
-return 1
-"#;
+const UNSUBSCRIBE: &str = include_str!("scripts/unsubscribe.lua");
 
 struct Pending {
     to: String,
@@ -227,16 +173,14 @@ type App = Arc<Inner>;
 
 /// Binds `addr` and serves until `stop` turns true; the returned task ends once open
 /// connections are done and queued events are written (or a short grace period passes).
-pub async fn serve(
-    addr: SocketAddr,
+pub fn serve(
+    listener: tokio::net::TcpListener,
     state: TrackState,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("tracking.listen {addr}: {e}"))?;
-    let bound = listener.local_addr().unwrap_or(addr);
-    tracing::info!(addr = %bound, "tracking endpoint listening");
+) -> tokio::task::JoinHandle<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "tracking endpoint listening");
+    }
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
     let writer = tokio::spawn(write_events(
         rx,
@@ -255,7 +199,7 @@ pub async fn serve(
         unsubscribe: redis::Script::new(UNSUBSCRIBE),
         repeats: Repeats::new(state.repeat_window),
     }));
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         crate::listener::serve(
             listener,
             app,
@@ -267,7 +211,7 @@ pub async fn serve(
         .await;
         // The router, and with it the queue's sender, is gone: the writer drains and ends.
         let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-    }))
+    })
 }
 
 fn router(app: App) -> Router {
@@ -291,15 +235,18 @@ async fn write_events(
     while rx.recv_many(&mut buf, EVENT_BATCH).await > 0 {
         let mut inv = script.key(&keys.suppressed);
         inv.key(&keys.events)
-            .arg(&keys.prefix)
             .arg(chrono::Utc::now().timestamp())
             .arg(keys.events_max_len);
         for p in &buf {
-            inv.arg(&p.to)
+            inv.key(keys.stats(&p.campaign))
+                .key(keys.unique(p.kind, &p.campaign))
+                .key(keys.links(&p.campaign))
+                .key(keys.unique_link(&p.campaign, &p.link))
+                .key(keys.recipient(&p.to))
+                .arg(&p.to)
                 .arg(&p.event)
                 .arg(p.kind)
                 .arg(&p.id)
-                .arg(&p.campaign)
                 .arg(&p.link)
                 .arg(if p.machine { "1" } else { "0" });
         }
@@ -442,7 +389,7 @@ async fn open(
             return pixel();
         }
         app.count("open", if machine { "machine" } else { "human" });
-        let mut ev = Event::new("opened", &c.id, &c.campaign, &c.to);
+        let mut ev = Event::new(EventKind::Opened, &c.id, &c.campaign, &c.to);
         ev.machine = Some(machine);
         app.record(&c, "o", machine, ev.to_json()).await;
     }
@@ -494,7 +441,7 @@ async fn click(
             return redirect(location);
         }
         app.count("click", if machine { "machine" } else { "human" });
-        let mut ev = Event::new("clicked", &c.id, &c.campaign, &c.to);
+        let mut ev = Event::new(EventKind::Clicked, &c.id, &c.campaign, &c.to);
         ev.url = Some(&c.url);
         ev.link = Some(&c.link);
         ev.machine = Some(machine);
@@ -541,7 +488,7 @@ async fn unsubscribe(
         return not_found();
     };
     let lang = Lang::of(&uri, &headers);
-    let event = Event::new("unsubscribed", &c.id, &c.campaign, &c.to).to_json();
+    let event = Event::new(EventKind::Unsubscribed, &c.id, &c.campaign, &c.to).to_json();
     let mut redis = app.redis.clone();
     let mut inv = app.unsubscribe.key(&app.keys.suppressed);
     inv.key(&app.keys.events)

@@ -44,7 +44,7 @@ pub mod webhook;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use redis::{Script, Value};
@@ -53,8 +53,9 @@ use tokio::sync::watch;
 
 use crate::config::{Settings, WorkflowRule};
 use crate::metrics::Metrics;
-use crate::queue::events::rfc3339_ms;
-use crate::queue::now_ms;
+use crate::queue::consumer::{bytes, Backoff, StreamConsumer, StreamEntry};
+use crate::queue::events::{rfc3339_ms, EventKind};
+use crate::queue::{now_ms, Keys};
 use crate::render::Templates;
 use crate::store::RedisConn;
 
@@ -63,47 +64,6 @@ use crate::store::RedisConn;
 pub const KEEP_JOB_EXTRA: Duration = Duration::from_secs(7 * 86400);
 /// Longest job id (the job contract's limit); a follow-up id beyond it is not sent.
 const MAX_ID: usize = 200;
-
-/// Keys of the workflow engine, built once.
-#[derive(Debug, Clone)]
-pub struct WfKeys {
-    pub prefix: String,
-    pub events: String,
-    pub sends: String,
-    pub dead: String,
-    pub suppressed: String,
-    /// Armed negative-rule timers (score: due ms).
-    pub timers: String,
-    /// Recently cancelled timers (score: until ms), so a late `delivered` does not re-arm them.
-    pub cancelled: String,
-    /// Webhooks waiting for their next try (score: due ms).
-    pub webhooks: String,
-}
-
-impl WfKeys {
-    pub fn new(prefix: &str) -> Self {
-        WfKeys {
-            prefix: prefix.to_string(),
-            events: format!("{prefix}events"),
-            sends: format!("{prefix}sends"),
-            dead: format!("{prefix}dead"),
-            suppressed: format!("{prefix}suppressed"),
-            timers: format!("{prefix}timers"),
-            cancelled: format!("{prefix}timers:cancelled"),
-            webhooks: format!("{prefix}webhooks"),
-        }
-    }
-
-    /// Where a delivered job's JSON is kept for follow-ups.
-    pub fn job(&self, id: &str) -> String {
-        format!("{}wfjob:{id}", self.prefix)
-    }
-
-    /// The once-only marker of a follow-up: `{prefix}wf:{rule}:{original id}`.
-    pub fn marker(&self, follow_up_id: &str) -> String {
-        format!("{}{follow_up_id}", self.prefix)
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
@@ -372,7 +332,7 @@ pub struct KeepJobs {
     delivered: Scope,
     bounced: Scope,
     ttl_secs: u64,
-    prefix: String,
+    keys: Option<Keys>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -399,13 +359,13 @@ impl Scope {
 impl KeepJobs {
     pub fn new(settings: &Settings) -> KeepJobs {
         let mut keep = KeepJobs {
-            prefix: settings.redis.prefix.clone(),
+            keys: Some(Keys::new(&settings.redis.prefix)),
             ..Default::default()
         };
         let mut longest = Duration::ZERO;
         for w in settings.workflows.iter().filter(|w| w.send.is_some()) {
             // A bounce ends a job without a delivery; every other trigger follows one.
-            if w.on == "bounced" {
+            if EventKind::parse(&w.on) == Some(EventKind::Bounced) {
                 keep.bounced.add(w.campaign.as_deref());
             } else {
                 keep.delivered.add(w.campaign.as_deref());
@@ -422,23 +382,20 @@ impl KeepJobs {
     /// rule may send a follow-up for it.
     pub fn store(
         &self,
-        outcome: &str,
+        outcome: EventKind,
         id: &str,
         campaign: &str,
         job: &[u8],
     ) -> Option<(String, Vec<u8>, u64)> {
         let scope = match outcome {
-            "delivered" => &self.delivered,
-            "bounced" => &self.bounced,
+            EventKind::Delivered => &self.delivered,
+            EventKind::Bounced => &self.bounced,
             _ => return None,
         };
-        scope.has(campaign).then(|| {
-            (
-                format!("{}wfjob:{id}", self.prefix),
-                job.to_vec(),
-                self.ttl_secs,
-            )
-        })
+        let keys = self.keys.as_ref()?;
+        scope
+            .has(campaign)
+            .then(|| (keys.kept_job(id), job.to_vec(), self.ttl_secs))
     }
 }
 
@@ -471,41 +428,16 @@ pub fn follow_up_job(
     Ok(serde_json::Value::Object(job).to_string())
 }
 
-/// Adds follow-up jobs. KEYS: suppressed hash, sends stream; ARGV[1]: marker TTL (s), then
-/// (marker key, lower-cased address, job JSON) triples. Per job: 2 suppressed, 1 added,
-/// 0 already sent for this rule.
-static FOLLOW_UP: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local out = {}
-for i = 2, #ARGV, 3 do
-  if redis.call('HEXISTS', KEYS[1], ARGV[i + 1]) == 1 then
-    out[#out + 1] = 2
-  elseif redis.call('SET', ARGV[i], '1', 'NX', 'EX', tonumber(ARGV[1])) then
-    redis.call('XADD', KEYS[2], '*', 'job', ARGV[i + 2])
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
-  end
-end
-return out
-"#,
-    )
-});
+/// Adds follow-up jobs. KEYS: suppressed hash, sends stream, then each job's once-only
+/// marker; ARGV[1]: marker TTL (s), then (lower-cased address, job JSON) pairs. Per job:
+/// 2 suppressed, 1 added, 0 already sent for this rule.
+static FOLLOW_UP: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/follow_up.lua")));
 
 /// Leases due members of a sorted set: those scored up to `horizon` get the score
 /// `now + lease` and are returned, so another daemon leaves them alone for that long.
-static LEASE_DUE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, m in ipairs(due) do
-  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], m)
-end
-return due
-"#,
-    )
-});
+static LEASE_DUE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/lease_due.lua")));
 
 pub(crate) async fn lease_due(
     conn: &mut RedisConn,
@@ -534,13 +466,10 @@ struct Done {
 
 pub struct Engine {
     rules: Rules,
-    keys: WfKeys,
+    keys: Keys,
     metrics: Arc<Metrics>,
+    /// The engine's group on the events stream (`{redis.group}-workflows`).
     group: String,
-    consumer: String,
-    batch: usize,
-    block_ms: u64,
-    claim_idle: Duration,
     /// How long a follow-up's once-only marker lives.
     marker_ttl: u64,
     /// How long a cancelled timer is remembered: longer than an unacknowledged `delivered`
@@ -556,7 +485,7 @@ impl Engine {
         templates: &Templates,
         consumer: String,
         metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Engine> {
+    ) -> anyhow::Result<(Engine, StreamConsumer)> {
         let rules = Rules::from_settings(settings).map_err(anyhow::Error::msg)?;
         for r in &rules.0 {
             if let Action::Send { template, .. } = &r.action {
@@ -569,19 +498,28 @@ impl Engine {
             }
         }
         let claim_idle = settings.intake.claim_idle.get();
-        Ok(Engine {
-            rules,
-            keys: WfKeys::new(&settings.redis.prefix),
-            metrics,
-            group: format!("{}-workflows", settings.redis.group),
+        let keys = Keys::new(&settings.redis.prefix).retaining(&settings.events);
+        let group = format!("{}-workflows", settings.redis.group);
+        let stream = StreamConsumer::new(
+            keys.events.clone(),
+            group.clone(),
             consumer,
-            batch: settings.intake.batch,
-            block_ms: settings.intake.block.get().as_millis() as u64,
+            settings.intake.batch,
+            settings.intake.block.get(),
             claim_idle,
-            marker_ttl: settings.intake.idempotency_ttl.get().as_secs().max(1),
-            tombstone: claim_idle * 2 + Duration::from_secs(60),
-            watermark: AtomicI64::new(0),
-        })
+        );
+        Ok((
+            Engine {
+                rules,
+                keys,
+                metrics,
+                group,
+                marker_ttl: settings.intake.idempotency_ttl.get().as_secs().max(1),
+                tombstone: claim_idle * 2 + Duration::from_secs(60),
+                watermark: AtomicI64::new(0),
+            },
+            stream,
+        ))
     }
 
     fn count(&self, rule: &str, action: &str, result: &str) {
@@ -591,87 +529,22 @@ impl Engine {
             .inc();
     }
 
-    /// Creates the group if missing, reading from `from`: `$` (the end) at start, see the
-    /// module docs; `0` when it vanished with its stream.
-    async fn ensure_group(&self, conn: &mut RedisConn, from: &str) -> redis::RedisResult<()> {
-        crate::queue::create_group(conn, &self.keys.events, &self.group, from).await
-    }
-
-    async fn read(
-        &self,
-        reader: &mut RedisConn,
-        conn: &mut RedisConn,
-        out: &mut Vec<(String, Option<Map<String, serde_json::Value>>)>,
-    ) -> redis::RedisResult<()> {
-        let reply: redis::RedisResult<Value> = crate::queue::read_group(
-            &self.keys.events,
-            &self.group,
-            &self.consumer,
-            self.batch,
-            self.block_ms,
-        )
-        .query_async(reader)
-        .await;
-        match reply {
-            Ok(v) => {
-                parse_read(&v, out);
-                Ok(())
-            }
-            // The group is gone with the stream (deleted, or Redis lost its data): whatever
-            // the new stream holds was written since, so read it from the start.
-            Err(e) if e.code() == Some("NOGROUP") => self.ensure_group(conn, "0").await,
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Events pending longer than `claim_idle` with a consumer that stopped, now ours.
-    async fn reclaim(
-        &self,
-        conn: &mut RedisConn,
-        cursor: &mut String,
-        out: &mut Vec<(String, Option<Map<String, serde_json::Value>>)>,
-    ) -> redis::RedisResult<()> {
-        let reply: Value = redis::cmd("XAUTOCLAIM")
-            .arg(&self.keys.events)
-            .arg(&self.group)
-            .arg(&self.consumer)
-            .arg(self.claim_idle.as_millis() as u64)
-            .arg(cursor.as_str())
-            .arg("COUNT")
-            .arg(self.batch)
-            .query_async(conn)
-            .await?;
-        let parts = items(&reply);
-        *cursor = parts.first().and_then(text).unwrap_or_else(|| "0-0".into());
-        if let Some(list) = parts.get(1) {
-            parse_entries(list, out);
-        }
-        // Entries deleted from the stream while pending: nothing to act on, only to ack.
-        if let Some(gone) = parts.get(2) {
-            out.extend(items(gone).iter().filter_map(text).map(|id| (id, None)));
-        }
-        Ok(())
-    }
-
     /// Reads and acts on events until `stop` turns true.
     async fn consume(
         self: Arc<Self>,
+        mut stream: StreamConsumer,
         mut reader: RedisConn,
         mut conn: RedisConn,
         mut stop: watch::Receiver<bool>,
     ) {
-        let claim_every =
-            (self.claim_idle / 4).clamp(Duration::from_millis(500), Duration::from_secs(60));
-        // Reclaim right away: a restarted daemon picks up what a killed one left.
-        let mut last_claim = Instant::now() - claim_every;
-        let mut cursor = "0-0".to_string();
-        let mut backoff = Duration::from_millis(100);
-        let mut batch = Vec::with_capacity(self.batch);
+        let mut backoff = Backoff::default();
+        let mut batch = Vec::with_capacity(stream.batch());
+        let mut gone = Vec::new();
         while !*stop.borrow() {
             batch.clear();
-            if last_claim.elapsed() >= claim_every {
-                last_claim = Instant::now();
-                if let Err(e) = self.reclaim(&mut conn, &mut cursor, &mut batch).await {
+            gone.clear();
+            if stream.reclaim_due() {
+                if let Err(e) = stream.reclaim(&mut conn, &mut batch, &mut gone).await {
                     self.metrics.redis_errors.inc();
                     tracing::warn!(error = %e, "reclaiming pending events failed");
                 }
@@ -683,10 +556,10 @@ impl Engine {
                 }
             }
             let mut read_at = None;
-            if batch.is_empty() {
+            if batch.is_empty() && gone.is_empty() {
                 let started = now_ms();
                 let read = tokio::select! {
-                    r = self.read(&mut reader, &mut conn, &mut batch) => r,
+                    r = stream.read(&mut reader, &mut conn, &mut batch, &mut gone) => r,
                     // A read cut short leaves its entries pending: reclaimed, not lost.
                     _ = stop.changed() => return,
                 };
@@ -694,27 +567,28 @@ impl Engine {
                     self.metrics.redis_errors.inc();
                     tracing::warn!(error = %e, "reading the events stream failed; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.fail()) => {}
                         _ = stop.changed() => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 read_at = Some(started);
             }
+            // Entries deleted from the stream while pending: nothing to act on, only to ack.
+            batch.extend(gone.drain(..).map(|id| EventEntry { id, event: None }));
             if !batch.is_empty() && !self.handle(&mut conn, &batch, &mut stop).await {
                 return;
             }
             // A short read means the group had nothing older left to hand out; a full one,
             // that it has handed out everything up to its last entry.
             if let Some(started) = read_at {
-                let mark = if batch.len() < self.batch {
+                let mark = if batch.len() < stream.batch() {
                     started
                 } else {
                     batch
                         .last()
-                        .map(|(id, _)| crate::queue::Entry::id_millis(id))
+                        .map(|e| crate::queue::Entry::id_millis(&e.id))
                         .unwrap_or(0)
                 };
                 self.watermark.fetch_max(mark, Ordering::Relaxed);
@@ -727,12 +601,12 @@ impl Engine {
     async fn handle(
         &self,
         conn: &mut RedisConn,
-        batch: &[(String, Option<Map<String, serde_json::Value>>)],
+        batch: &[EventEntry],
         stop: &mut watch::Receiver<bool>,
     ) -> bool {
         let now = now_ms();
         let mut plan = Plan::default();
-        for (id, ev) in batch {
+        for EventEntry { id, event: ev } in batch {
             let ok = match ev {
                 Some(ev) => self.rules.plan(ev, now, &mut plan),
                 None => true,
@@ -741,7 +615,7 @@ impl Engine {
                 tracing::warn!(entry = %id, "workflows: malformed event in the events stream; skipped");
             }
         }
-        let ids: Vec<&str> = batch.iter().map(|(id, _)| id.as_str()).collect();
+        let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
         let mut done = Done::default();
         let mut delay = Duration::from_millis(50);
         loop {
@@ -859,7 +733,7 @@ impl Engine {
         }
         let mut get = redis::pipe();
         for (f, _, _) in &sends {
-            get.cmd("GET").arg(self.keys.job(&f.id));
+            get.cmd("GET").arg(self.keys.kept_job(&f.id));
         }
         let stored: Vec<Option<Vec<u8>>> = get.query_async(conn).await?;
         let mut inv = FOLLOW_UP.key(&self.keys.suppressed);
@@ -877,7 +751,7 @@ impl Engine {
             };
             match job {
                 Ok(job) => {
-                    inv.arg(self.keys.marker(id))
+                    inv.key(self.keys.marker(id))
                         .arg(crate::policy::suppression::field(&f.to))
                         .arg(job);
                     added.push(rule.name.as_str());
@@ -920,10 +794,10 @@ pub async fn start(
     if settings.workflows.is_empty() {
         return Ok(None);
     }
-    let engine = Engine::new(settings, templates, consumer.to_string(), metrics.clone())?;
+    let (engine, stream) = Engine::new(settings, templates, consumer.to_string(), metrics.clone())?;
     let reader =
         crate::store::connect(client, settings.intake.block.get() + Duration::from_secs(5)).await?;
-    engine
+    stream
         .ensure_group(&mut conn, "$")
         .await
         .context("creating the workflows consumer group")?;
@@ -940,7 +814,11 @@ pub async fn start(
         "workflows running"
     );
     let engine = Arc::new(engine);
-    let consume = tokio::spawn(engine.clone().consume(reader, conn.clone(), stop.clone()));
+    let consume = tokio::spawn(
+        engine
+            .clone()
+            .consume(stream, reader, conn.clone(), stop.clone()),
+    );
     let timers = tokio::spawn(timers::run(engine, conn.clone(), stop.clone()));
     let hooks = worker.map(|w| tokio::spawn(w.run(conn, stop)));
     Ok(Some(tokio::spawn(async move {
@@ -952,60 +830,24 @@ pub async fn start(
     })))
 }
 
-fn items(v: &Value) -> &[Value] {
-    match v {
-        Value::Array(a) | Value::Set(a) => a,
-        _ => &[],
-    }
+/// One entry of the events stream: its `event` field as a JSON object. An entry without a
+/// readable event gets None: acknowledged and skipped, with a log line.
+pub struct EventEntry {
+    pub id: String,
+    pub event: Option<Map<String, serde_json::Value>>,
 }
 
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
-/// `[id, [field, value, …]]` entries → (id, the `event` field as a JSON object). An entry
-/// without a readable event gets None: acknowledged and skipped, with a log line.
-fn parse_entries(list: &Value, out: &mut Vec<(String, Option<Map<String, serde_json::Value>>)>) {
-    for e in items(list) {
-        let parts = items(e);
-        let Some(id) = parts.first().and_then(text) else {
-            continue;
-        };
-        let fields = parts.get(1).map(items).unwrap_or(&[]);
+impl StreamEntry for EventEntry {
+    fn from_fields(id: String, fields: &[Value]) -> Self {
         let event = fields
             .chunks(2)
-            .find(|kv| kv.first().and_then(text).as_deref() == Some("event"))
-            .and_then(|kv| match kv.get(1) {
-                Some(Value::BulkString(b)) => serde_json::from_slice(b).ok(),
-                Some(Value::SimpleString(s)) => serde_json::from_str(s).ok(),
-                _ => None,
-            });
-        if event.is_none() && !fields.is_empty() {
+            .find(|kv| kv.first().and_then(bytes) == Some(b"event".as_slice()))
+            .and_then(|kv| kv.get(1).and_then(bytes))
+            .and_then(|b| serde_json::from_slice(b).ok());
+        if event.is_none() {
             tracing::warn!(entry = %id, "workflows: events stream entry without a JSON `event` object; skipped");
         }
-        out.push((id, event));
-    }
-}
-
-/// Entries of an XREADGROUP reply (RESP2 array or RESP3 map form).
-fn parse_read(reply: &Value, out: &mut Vec<(String, Option<Map<String, serde_json::Value>>)>) {
-    match reply {
-        Value::Map(m) => {
-            for (_, list) in m {
-                parse_entries(list, out);
-            }
-        }
-        other => {
-            for stream in items(other) {
-                if let Some(list) = items(stream).get(1) {
-                    parse_entries(list, out);
-                }
-            }
-        }
+        EventEntry { id, event }
     }
 }
 

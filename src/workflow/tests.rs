@@ -320,18 +320,24 @@ send = { template = "followup" }
 "#,
     );
     let k = KeepJobs::new(&s);
-    let (key, job, ttl) = k.store("delivered", "a", "spring", b"{}").unwrap();
+    let (key, job, ttl) = k.store(EventKind::Delivered, "a", "spring", b"{}").unwrap();
     assert_eq!(key, "paloma:wfjob:a");
     assert_eq!(job, b"{}");
     assert_eq!(ttl, 3 * 86400 + 3600 + 7 * 86400);
-    assert!(k.store("delivered", "a", "winter", b"{}").is_none());
-    assert!(k.store("delivered", "a", "autumn", b"{}").is_none());
-    assert!(k.store("bounced", "a", "autumn", b"{}").is_some());
-    assert!(k.store("bounced", "a", "spring", b"{}").is_none());
-    assert!(k.store("failed", "a", "spring", b"{}").is_none());
+    assert!(k
+        .store(EventKind::Delivered, "a", "winter", b"{}")
+        .is_none());
+    assert!(k
+        .store(EventKind::Delivered, "a", "autumn", b"{}")
+        .is_none());
+    assert!(k.store(EventKind::Bounced, "a", "autumn", b"{}").is_some());
+    assert!(k.store(EventKind::Bounced, "a", "spring", b"{}").is_none());
+    assert!(k.store(EventKind::Failed, "a", "spring", b"{}").is_none());
     // No send rule at all: nothing is ever kept.
     let k = KeepJobs::new(&settings(""));
-    assert!(k.store("delivered", "a", "spring", b"{}").is_none());
+    assert!(k
+        .store(EventKind::Delivered, "a", "spring", b"{}")
+        .is_none());
 }
 
 #[test]

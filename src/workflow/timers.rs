@@ -15,9 +15,10 @@ use redis::Script;
 use serde_json::Map;
 use tokio::sync::watch;
 
-use super::{Done, Engine, Firing, TimerOp, WfKeys};
+use super::{Done, Engine, Firing, TimerOp};
 use crate::queue::events::rfc3339_ms;
 use crate::queue::now_ms;
+use crate::queue::Keys;
 use crate::store::RedisConn;
 
 /// Timers leased per round.
@@ -37,36 +38,18 @@ pub fn parse_member(m: &str) -> Option<[String; 4]> {
 /// Arms and cancels timers in order. KEYS: timers, cancelled; ARGV[1]: now (ms), ARGV[2]:
 /// until when a cancellation is remembered, then (score or '-' to cancel, member) pairs.
 /// Answers 1 per timer armed or cancelled, 0 per no-op.
-static UPDATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local out = {}
-for i = 3, #ARGV, 2 do
-  local m = ARGV[i + 1]
-  if ARGV[i] == '-' then
-    out[#out + 1] = redis.call('ZREM', KEYS[1], m)
-    redis.call('ZADD', KEYS[2], ARGV[2], m)
-  elseif redis.call('ZSCORE', KEYS[2], m) then
-    out[#out + 1] = 0
-  else
-    out[#out + 1] = redis.call('ZADD', KEYS[1], 'NX', ARGV[i], m)
-  end
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-return out
-"#,
-    )
-});
+static UPDATE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/update_timers.lua")));
 
 pub(super) async fn update(
     conn: &mut RedisConn,
-    keys: &WfKeys,
+    keys: &Keys,
     ops: &[TimerOp],
     remember: Duration,
 ) -> redis::RedisResult<Vec<i64>> {
     let now = now_ms();
     let mut inv = UPDATE.key(&keys.timers);
-    inv.key(&keys.cancelled)
+    inv.key(&keys.timers_cancelled)
         .arg(now)
         .arg(now + remember.as_millis() as i64);
     for op in ops {

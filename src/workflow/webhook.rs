@@ -24,10 +24,10 @@ use sha2::Sha256;
 use tokio::sync::watch;
 
 use super::client;
-use super::WfKeys;
 use crate::config::WebhookSettings;
 use crate::metrics::Metrics;
 use crate::queue::now_ms;
+use crate::queue::Keys;
 use crate::store::RedisConn;
 
 /// One webhook in `{prefix}webhooks`. Field order is fixed, so the same event and rule give
@@ -58,7 +58,7 @@ pub fn signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
 }
 
 /// Queues a webhook (ZADD NX: one already waiting is left as it is).
-pub fn enqueue(p: &mut redis::Pipeline, keys: &WfKeys, due_ms: i64, w: &Pending) {
+pub fn enqueue(p: &mut redis::Pipeline, keys: &Keys, due_ms: i64, w: &Pending) {
     let member = serde_json::to_string(w).expect("webhooks serialize");
     p.cmd("ZADD")
         .arg(&keys.webhooks)
@@ -77,7 +77,7 @@ enum Attempt {
 }
 
 pub struct Worker {
-    keys: WfKeys,
+    keys: Keys,
     secret: Vec<u8>,
     intervals: Vec<Duration>,
     max_attempts: u32,
@@ -90,7 +90,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(
         settings: &WebhookSettings,
-        keys: WfKeys,
+        keys: Keys,
         metrics: Arc<Metrics>,
     ) -> Result<Worker, String> {
         Ok(Worker {

@@ -1,0 +1,56 @@
+//! The pipeline: a job's life, one stage per file, in the order it lives it.
+//!
+//! 1. [`intake`]: read a batch from the sends stream (or reclaim what a stopped daemon
+//!    left), validate each job, claim its id, check suppression, `send_at` and frequency
+//!    caps, and hand each job that may go to a worker (a task holding one of
+//!    `intake.workers` permits, so memory stays flat however long the stream is).
+//! 2. [`worker`]: route (relay, or the domain's MX hosts) → shape (rate, suspension) →
+//!    render → send → react (a throttling reply slows or suspends the site).
+//! 3. [`outcome`]: the one place that decides what the attempt means for the job — ended
+//!    (delivered, bounced, failed, suppressed, dead) or back to the delayed set — as the
+//!    record the recorder writes (`queue::recorder`: event, idempotency state, stats and the
+//!    stream ack in one transaction per batch).
+
+pub mod intake;
+pub mod outcome;
+pub mod worker;
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::deliver::Deliverer;
+use crate::metrics::Metrics;
+use crate::policy::caps::Caps;
+use crate::queue::leases::Leases;
+use crate::queue::recorder::RecorderHandle;
+use crate::queue::Keys;
+use crate::render::Renderer;
+use crate::shape::Shaper;
+use crate::store::RedisConn;
+use crate::workflow::KeepJobs;
+
+/// What the stages share: each component, built from its own settings by `daemon::App`.
+pub struct Stages {
+    pub renderer: Renderer,
+    pub deliverer: Deliverer,
+    pub shaper: Arc<Shaper>,
+    /// Frequency caps (`[caps]`), if any.
+    pub caps: Option<Caps>,
+    pub recorder: RecorderHandle,
+    pub leases: Arc<Leases>,
+    pub metrics: Arc<Metrics>,
+    pub redis: RedisConn,
+    pub keys: Keys,
+    /// Which finished jobs are kept for workflow follow-ups.
+    pub keep: KeepJobs,
+    pub retry: outcome::Retry,
+    /// The longest one job may hold a worker (`delivery.attempt_timeout`).
+    pub attempt_timeout: std::time::Duration,
+    /// `intake.max_job_bytes`.
+    pub max_job_bytes: usize,
+    /// Other consumer groups whose stopped consumers the intake prunes: (stream, group).
+    pub also_prune: Vec<(String, String)>,
+    /// Turns true when shutdown begins.
+    pub stop: watch::Receiver<bool>,
+}

@@ -1,0 +1,295 @@
+//! Where a job goes next: the one place that decides it. Each way a job can leave a
+//! daemon's hands is a named constructor of the [`Record`] the recorder writes (event,
+//! idempotency state, delayed set, dead letter, suppression, stats, ack), so a reader sees
+//! every possible next state here and nowhere else. Pure: `now` is passed in, so the
+//! decisions are tested without Redis or a clock.
+
+use std::time::Duration;
+
+use crate::config::DeliverySettings;
+use crate::job::{Job, JobError, JobIdentity};
+use crate::outcome::Outcome;
+use crate::queue::events::{rfc3339_ms, Event, EventKind};
+use crate::queue::idem::Idem;
+use crate::queue::recorder::{Record, Schedule};
+use crate::queue::{scheduler, Entry};
+use crate::workflow::KeepJobs;
+
+/// When a deferred job is tried again, and when it gives up (`[delivery]`).
+#[derive(Debug, Clone)]
+pub struct Retry {
+    intervals: Vec<Duration>,
+    max_age: Duration,
+}
+
+impl Retry {
+    pub fn new(d: &DeliverySettings) -> Self {
+        Retry {
+            intervals: d.retry_intervals.iter().map(|i| i.get()).collect(),
+            max_age: d.max_age.get(),
+        }
+    }
+
+    /// The due time (ms) of attempt `attempt` (1 for the first retry) after a deferral at
+    /// `now`, with `jitter` (a factor, ±10% in use) so a burst of deferrals does not come
+    /// back as one burst; None when it would fall past `max_age` since `first_at`.
+    pub fn next(&self, attempt: u32, first_at: i64, now: i64, jitter: f64) -> Option<i64> {
+        let i = (attempt as usize)
+            .saturating_sub(1)
+            .min(self.intervals.len() - 1);
+        let due = now + (self.intervals[i].as_secs_f64() * jitter * 1000.0) as i64;
+        (due.saturating_sub(first_at) <= self.max_age.as_millis() as i64).then_some(due)
+    }
+}
+
+/// The campaign a dead job is counted under: its own when it is a valid campaign id, else
+/// `(none)` / `(invalid)` — a stream of bad jobs with random campaigns must not grow the
+/// metrics and the campaigns set without bound.
+pub fn stat_campaign(c: &str) -> String {
+    if c.is_empty() {
+        "(none)".into()
+    } else if crate::job::CampaignId::parse(c.to_string()).is_err() {
+        "(invalid)".into()
+    } else {
+        c.to_string()
+    }
+}
+
+/// A job's terminal record: event, idempotency `Done`, stats.
+fn ended(entry: &Entry, ident: &JobIdentity, kind: EventKind, event: String) -> Record {
+    Record {
+        ack: Some(entry.id.clone()),
+        event: Some(event),
+        idem: Some((ident.id.clone(), Some(Idem::Done))),
+        stat: Some((ident.campaign.clone(), kind)),
+        first: entry.attempt == 0,
+        ..Default::default()
+    }
+}
+
+impl Record {
+    /// Only the acknowledgement: a duplicate job id, or an entry deleted while pending.
+    pub fn ack_only(entry_id: String) -> Record {
+        Record {
+            ack: Some(entry_id),
+            ..Default::default()
+        }
+    }
+
+    /// Ends without being sent: the suppression list, a frequency cap.
+    pub fn suppressed(entry: &Entry, job: &Job, reason: &str) -> Record {
+        let ident = job.identity();
+        let mut ev = Event::new(EventKind::Suppressed, &ident.id, &ident.campaign, &ident.to);
+        ev.reason = Some(reason);
+        let event = ev.to_json();
+        ended(entry, &ident, EventKind::Suppressed, event)
+    }
+
+    /// A dead letter: invalid, unrenderable, or a paloma bug. `claimed`: its id was claimed
+    /// (the record is then deleted, so the job may be fixed and enqueued again).
+    pub fn dead(entry: &Entry, err: &JobError, ident: &JobIdentity, claimed: bool) -> Record {
+        let error = err.to_string();
+        let mut ev = Event::new(EventKind::Dead, &ident.id, &ident.campaign, &ident.to);
+        ev.error = Some(&error);
+        let event = ev.to_json();
+        Record {
+            ack: Some(entry.id.clone()),
+            event: Some(event),
+            idem: claimed.then(|| (ident.id.clone(), None)),
+            dead: Some((entry.job.clone(), error)),
+            stat: Some((stat_campaign(&ident.campaign), EventKind::Dead)),
+            first: entry.attempt == 0,
+            ..Default::default()
+        }
+    }
+
+    /// Back to the delayed set until `due` without an attempt (its `send_at`, a rate, a
+    /// suspended site): no event, the attempt count unchanged. `first_at`: where its age
+    /// counts from (`max_age`).
+    pub fn later(entry: &Entry, ident: &JobIdentity, due: i64, first_at: i64) -> Record {
+        Record {
+            ack: Some(entry.id.clone()),
+            schedule: Some(Schedule {
+                due,
+                member: scheduler::member(entry.attempt, first_at, &entry.job),
+                campaign: stat_campaign(&ident.campaign),
+            }),
+            idem: Some((ident.id.clone(), Some(Idem::Scheduled))),
+            ..Default::default()
+        }
+    }
+
+    /// The record of a delivery attempt: delivered or bounced (ends the job; a hard bounce
+    /// suppresses the address), deferred (back to the delayed set for the next retry) or,
+    /// past `max_age`, failed. `keep`: whether the job is kept for workflow follow-ups.
+    pub fn attempted(
+        entry: &Entry,
+        ident: &JobIdentity,
+        outcome: Outcome,
+        retry: &Retry,
+        keep: &KeepJobs,
+        now: i64,
+        jitter: f64,
+    ) -> Record {
+        let (id, campaign, to) = (
+            ident.id.as_str(),
+            ident.campaign.as_str(),
+            ident.to.as_str(),
+        );
+        match outcome {
+            Outcome::Delivered { response } => {
+                let mut ev = Event::new(EventKind::Delivered, id, campaign, to);
+                ev.response = Some(&response);
+                let mut record = ended(entry, ident, EventKind::Delivered, ev.to_json());
+                record.store = keep.store(EventKind::Delivered, id, campaign, &entry.job);
+                record
+            }
+            Outcome::Bounced(b) => {
+                let mut ev = Event::new(EventKind::Bounced, id, campaign, to);
+                ev.code = Some(b.code);
+                ev.enhanced = Some(&b.enhanced);
+                ev.class = Some(b.class.as_str());
+                ev.response = Some(&b.response);
+                let mut record = ended(entry, ident, EventKind::Bounced, ev.to_json());
+                record.store = keep.store(EventKind::Bounced, id, campaign, &entry.job);
+                if b.class.is_hard() {
+                    record.suppress = Some((to.to_string(), "bounced"));
+                }
+                record
+            }
+            Outcome::Deferred { response } => {
+                let attempt = entry.attempt.saturating_add(1);
+                let Some(retry_at) = retry.next(attempt, entry.first_at, now, jitter) else {
+                    let mut ev = Event::new(EventKind::Failed, id, campaign, to);
+                    ev.attempt = Some(attempt);
+                    ev.response = Some(&response);
+                    return ended(entry, ident, EventKind::Failed, ev.to_json());
+                };
+                let mut ev = Event::new(EventKind::Deferred, id, campaign, to);
+                ev.attempt = Some(attempt);
+                ev.retry_at = Some(rfc3339_ms(retry_at));
+                ev.response = Some(&response);
+                Record {
+                    ack: Some(entry.id.clone()),
+                    event: Some(ev.to_json()),
+                    idem: Some((id.to_string(), Some(Idem::Scheduled))),
+                    schedule: Some(Schedule {
+                        due: retry_at,
+                        member: scheduler::member(attempt, entry.first_at, &entry.job),
+                        campaign: stat_campaign(campaign),
+                    }),
+                    stat: Some((campaign.to_string(), EventKind::Deferred)),
+                    first: entry.attempt == 0,
+                    ..Default::default()
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(attempt: u32, first_at: i64) -> Entry {
+        Entry {
+            id: "1-0".into(),
+            job: br#"{"id":"j"}"#.to_vec(),
+            attempt,
+            first_at,
+        }
+    }
+
+    fn ident() -> JobIdentity {
+        JobIdentity {
+            id: "j".into(),
+            campaign: "spring".into(),
+            to: "a@b.test".into(),
+        }
+    }
+
+    fn retry() -> Retry {
+        Retry::new(&DeliverySettings {
+            retry_intervals: vec!["1m".parse().unwrap(), "10m".parse().unwrap()],
+            max_age: "1h".parse().unwrap(),
+            ..Default::default()
+        })
+    }
+
+    fn deferred() -> Outcome {
+        Outcome::Deferred {
+            response: "451 later".into(),
+        }
+    }
+
+    #[test]
+    fn a_deferral_goes_back_for_the_next_interval_and_the_last_interval_repeats() {
+        let keep = KeepJobs::default();
+        let r = Record::attempted(&entry(0, 0), &ident(), deferred(), &retry(), &keep, 0, 1.0);
+        let s = r.schedule.expect("scheduled");
+        assert_eq!(s.due, 60_000);
+        assert!(s.member.starts_with("1|0|"), "attempt counted, age kept");
+        assert_eq!(r.stat, Some(("spring".into(), EventKind::Deferred)));
+        assert_eq!(r.idem, Some(("j".into(), Some(Idem::Scheduled))));
+        assert!(r.first);
+        let r = Record::attempted(&entry(5, 0), &ident(), deferred(), &retry(), &keep, 0, 1.0);
+        assert_eq!(r.schedule.expect("scheduled").due, 600_000);
+        assert!(!r.first, "a retry is not counted as accepted again");
+    }
+
+    #[test]
+    fn a_deferral_past_max_age_fails_the_job() {
+        let keep = KeepJobs::default();
+        let now = 3_500_000; // the 10 minutes more would end past the hour
+        let r = Record::attempted(
+            &entry(3, 0),
+            &ident(),
+            deferred(),
+            &retry(),
+            &keep,
+            now,
+            1.0,
+        );
+        assert!(r.schedule.is_none());
+        assert_eq!(r.stat, Some(("spring".into(), EventKind::Failed)));
+        assert_eq!(r.idem, Some(("j".into(), Some(Idem::Done))));
+        assert!(r.event.unwrap().contains(r#""type":"failed""#));
+    }
+
+    #[test]
+    fn only_a_hard_bounce_suppresses() {
+        let keep = KeepJobs::default();
+        let hard = Outcome::bounce(550, "550 5.1.1 no such user".into());
+        let r = Record::attempted(&entry(0, 0), &ident(), hard, &retry(), &keep, 0, 1.0);
+        assert_eq!(r.suppress, Some(("a@b.test".into(), "bounced")));
+        let soft = Outcome::bounce(552, "552 5.2.2 mailbox full".into());
+        let r = Record::attempted(&entry(0, 0), &ident(), soft, &retry(), &keep, 0, 1.0);
+        assert_eq!(r.suppress, None);
+        assert_eq!(r.stat, Some(("spring".into(), EventKind::Bounced)));
+    }
+
+    #[test]
+    fn dead_jobs_are_counted_under_a_bounded_campaign() {
+        let mut id = ident();
+        id.campaign = "bad campaign!".into();
+        let r = Record::dead(&entry(0, 0), &JobError::Internal("x".into()), &id, true);
+        assert_eq!(r.stat, Some(("(invalid)".into(), EventKind::Dead)));
+        assert_eq!(
+            r.idem,
+            Some(("j".into(), None)),
+            "deleted: may be enqueued again"
+        );
+        id.campaign.clear();
+        let r = Record::dead(&entry(0, 0), &JobError::Internal("x".into()), &id, false);
+        assert_eq!(r.stat, Some(("(none)".into(), EventKind::Dead)));
+        assert_eq!(r.idem, None, "never claimed: nothing to delete");
+    }
+
+    #[test]
+    fn waiting_keeps_the_attempt_and_writes_no_event() {
+        let r = Record::later(&entry(2, 7), &ident(), 99, 7);
+        assert!(r.event.is_none() && r.stat.is_none());
+        let s = r.schedule.unwrap();
+        assert_eq!((s.due, s.member.starts_with("2|7|")), (99, true));
+    }
+}

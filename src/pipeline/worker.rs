@@ -1,0 +1,164 @@
+//! Stage 2: one job's attempt, in order: route → shape → render → send → react, then the
+//! record [`super::outcome`] decides, to the recorder.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::FutureExt;
+use rand::Rng;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::Stages;
+use crate::deliver::Route;
+use crate::job::{Job, JobError, JobIdentity};
+use crate::outcome::Outcome;
+use crate::queue::recorder::Record;
+use crate::queue::{now_ms, Entry};
+use crate::shape::{Gate, Reaction};
+
+/// One job, holding one worker permit until its record is queued.
+pub async fn work(stages: Arc<Stages>, entry: Entry, mut job: Job, _permit: OwnedSemaphorePermit) {
+    let m = &stages.metrics;
+    if *stages.stop.borrow() {
+        // Shutdown came before this job started: leave it to be reclaimed.
+        stages.leases.drop_one(&entry.id);
+        return;
+    }
+    m.in_flight.inc();
+    let ident = job.identity();
+    // A bug anywhere in routing, shaping, rendering or SMTP must not leave the job without
+    // an outcome (unacked, its lease renewed for ever): a panic becomes a dead letter.
+    // The longest one job may hold this worker: a tarpit domain (slow DNS, many slow MX
+    // addresses) must not hold every worker. Past it the attempt is deferred.
+    let limit = stages.attempt_timeout;
+    let attempt = tokio::time::timeout(
+        limit,
+        AssertUnwindSafe(attempt(&stages, &entry, &mut job, &ident)).catch_unwind(),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        let outcome = Outcome::Deferred {
+            response: format!("attempt took longer than delivery.attempt_timeout ({limit:?})"),
+        };
+        Ok(Some(record(&stages, &entry, &ident, "*", outcome)))
+    });
+    match attempt {
+        Ok(Some(record)) => stages.recorder.send(record).await,
+        Ok(None) => stages.leases.drop_one(&entry.id),
+        Err(_) => {
+            tracing::error!(id = %ident.id, "internal error (panic) while delivering; job dead-lettered");
+            let err = JobError::Internal("panic while delivering (a paloma bug)".into());
+            stages
+                .recorder
+                .send(Record::dead(&entry, &err, &ident, true))
+                .await;
+        }
+    }
+    m.in_flight.dec();
+}
+
+/// The record of one job's attempt; None when shutdown came before anything was sent.
+async fn attempt(
+    stages: &Stages,
+    entry: &Entry,
+    job: &mut Job,
+    ident: &JobIdentity,
+) -> Option<Record> {
+    let m = &stages.metrics;
+    // Route: null MX, NXDOMAIN (bounce) or a DNS failure (defer) need no session.
+    let domain = job.to.domain().to_string();
+    let site = match stages.deliverer.route(&domain).await {
+        Route::Site(site) => site,
+        Route::Final(outcome) => return Some(record(stages, entry, ident, "*", outcome)),
+    };
+    // Shape.
+    let hosts: Vec<&str> = site.hosts.iter().map(String::as_str).collect();
+    let (rule, gate) = stages.shaper.gate(&domain, &site.key, &hosts).await;
+    let wait = match gate {
+        Gate::Go => None,
+        Gate::Suspended(wait) => {
+            m.suspended_delays
+                .with_label_values(&[rule.name.as_str()])
+                .inc();
+            Some(wait)
+        }
+        Gate::Paced(wait) => {
+            m.shaping_delays
+                .with_label_values(&[rule.name.as_str()])
+                .inc();
+            Some(wait)
+        }
+    };
+    if let Some(wait) = wait {
+        let due = now_ms() + wait.as_millis() as i64;
+        return Some(Record::later(entry, ident, due, entry.first_at));
+    }
+    // Render.
+    let t0 = Instant::now();
+    let mut message = Vec::with_capacity(16 * 1024);
+    let mut scratch = Vec::new();
+    if let Err(e) = stages.renderer.render(job, &mut message, &mut scratch) {
+        return Some(Record::dead(entry, &e, ident, true));
+    }
+    m.render_seconds.observe(t0.elapsed().as_secs_f64());
+    drop(scratch);
+    let envelope =
+        match crate::deliver::smtp::envelope(stages.renderer.mail_from(job), job.to.as_str()) {
+            Ok(e) => e,
+            Err(reason) => {
+                let err = JobError::Invalid {
+                    field: "to",
+                    reason,
+                };
+                return Some(Record::dead(entry, &err, ident, true));
+            }
+        };
+    // Send.
+    let t1 = Instant::now();
+    let mut stop = stages.stop.clone();
+    let outcome = site.send(&envelope, &message, &mut stop).await?;
+    m.smtp_seconds
+        .with_label_values(&[outcome.label()])
+        .observe(t1.elapsed().as_secs_f64());
+    // React.
+    match stages.shaper.react(&site.key, &outcome) {
+        Some(Reaction::Suspend(pause)) => {
+            m.suspensions.with_label_values(&[rule.name.as_str()]).inc();
+            tracing::info!(site = %site.key, pause = ?pause, reply = %outcome.text(), "throttled: suspending the destination");
+        }
+        Some(Reaction::Slow(rate, period)) => {
+            m.suspensions.with_label_values(&[rule.name.as_str()]).inc();
+            tracing::info!(site = %site.key, rate = ?rate, period = ?period, reply = %outcome.text(), "throttled: lowering the destination's rate");
+        }
+        None => {}
+    }
+    Some(record(stages, entry, ident, &rule.name, outcome))
+}
+
+/// Counts the attempt's outcome for its rule and asks [`super::outcome`] for the record.
+fn record(
+    stages: &Stages,
+    entry: &Entry,
+    ident: &JobIdentity,
+    rule: &str,
+    outcome: Outcome,
+) -> Record {
+    let m = &stages.metrics;
+    m.destination
+        .with_label_values(&[rule, outcome.label()])
+        .inc();
+    if let Outcome::Bounced(b) = &outcome {
+        m.bounces.with_label_values(&[b.class.as_str()]).inc();
+    }
+    let jitter = rand::thread_rng().gen_range(0.9..1.1);
+    Record::attempted(
+        entry,
+        ident,
+        outcome,
+        &stages.retry,
+        &stages.keep,
+        now_ms(),
+        jitter,
+    )
+}

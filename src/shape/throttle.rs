@@ -1,0 +1,160 @@
+//! What throttling replies did to each site: a suspension (no sessions until an instant) or a
+//! lowered rate (its own limiter until an instant). Kept by site key, apart from the sites
+//! themselves, so a suspension outlives the routes and sessions of the site it names, and
+//! only while it is in force: an entry goes when nothing in it applies any more.
+//!
+//! Every method takes `now`, so the logic is tested on an injected clock.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::RuleState;
+use crate::config::Rate;
+
+#[derive(Default)]
+struct State {
+    suspended_until: Option<Instant>,
+    /// A lowered rate after a throttling reply, until the instant given.
+    slowed: Option<(Instant, Arc<RuleState>)>,
+}
+
+impl State {
+    fn expire(&mut self, now: Instant) -> bool {
+        if self.suspended_until.is_some_and(|t| t <= now) {
+            self.suspended_until = None;
+        }
+        if self.slowed.as_ref().is_some_and(|(t, _)| *t <= now) {
+            self.slowed = None;
+        }
+        self.suspended_until.is_none() && self.slowed.is_none()
+    }
+}
+
+/// Throttling state of every site, by site key.
+#[derive(Default)]
+pub struct Throttles {
+    sites: Mutex<HashMap<String, State>>,
+}
+
+impl Throttles {
+    /// Suspends the site (no sessions) until `until`; a later suspension extends it.
+    pub fn suspend(&self, site: &str, until: Instant) {
+        let mut sites = self.sites.lock().expect("throttles lock");
+        let s = sites.entry(site.to_string()).or_default();
+        if s.suspended_until.is_none_or(|t| t < until) {
+            s.suspended_until = Some(until);
+        }
+    }
+
+    /// How long the site stays suspended, if it is.
+    pub fn suspended_for(&self, site: &str, now: Instant) -> Option<Duration> {
+        let mut sites = self.sites.lock().expect("throttles lock");
+        let s = sites.get_mut(site)?;
+        match s.suspended_until {
+            Some(t) if t > now => Some(t - now),
+            _ => {
+                if s.expire(now) {
+                    sites.remove(site);
+                }
+                None
+            }
+        }
+    }
+
+    /// Sends to this site at most at `rate` until `until`.
+    pub fn slow(&self, site: &str, rate: Rate, until: Instant, now: Instant) {
+        let mut sites = self.sites.lock().expect("throttles lock");
+        let s = sites.entry(site.to_string()).or_default();
+        // Another throttling reply while slowed to the same rate extends the period but keeps
+        // the limiter: a new one would start with a fresh burst each time.
+        if let Some((t, r)) = s.slowed.as_mut() {
+            if *t > now && r.rate() == Some(rate) {
+                *t = (*t).max(until);
+                return;
+            }
+        }
+        let state = RuleState::new(&format!("slowed:{site}"), Some(rate), 1, 1);
+        s.slowed = Some((until, Arc::new(state)));
+    }
+
+    /// The lowered rate in force, if any.
+    pub fn slowed(&self, site: &str, now: Instant) -> Option<Arc<RuleState>> {
+        let mut sites = self.sites.lock().expect("throttles lock");
+        let s = sites.get_mut(site)?;
+        match &s.slowed {
+            Some((t, r)) if *t > now => Some(r.clone()),
+            _ => {
+                if s.expire(now) {
+                    sites.remove(site);
+                }
+                None
+            }
+        }
+    }
+
+    /// Sites suspended right now (for the gauge); forgets what has expired.
+    pub fn suspended(&self, now: Instant) -> usize {
+        let mut sites = self.sites.lock().expect("throttles lock");
+        sites.retain(|_, s| !s.expire(now));
+        sites
+            .values()
+            .filter(|s| s.suspended_until.is_some())
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_throttling_reply_extends_the_slow_down_without_a_fresh_burst() {
+        let t = Throttles::default();
+        let rate: Rate = "2/s".parse().unwrap();
+        let now = Instant::now();
+        t.slow("mx.test", rate, now + Duration::from_secs(10), now);
+        let first = t.slowed("mx.test", now).expect("slowed");
+        t.slow("mx.test", rate, now + Duration::from_secs(20), now);
+        let second = t.slowed("mx.test", now).expect("still slowed");
+        assert!(
+            Arc::ptr_eq(&first, &second),
+            "the same limiter, its burst spent"
+        );
+        // Past the first period, the extension holds.
+        assert!(t.slowed("mx.test", now + Duration::from_secs(15)).is_some());
+        // A different rate replaces it.
+        t.slow(
+            "mx.test",
+            "1/s".parse().unwrap(),
+            now + Duration::from_secs(5),
+            now,
+        );
+        let third = t.slowed("mx.test", now).expect("slowed");
+        assert!(!Arc::ptr_eq(&second, &third));
+        assert_eq!(third.rate(), Some("1/s".parse().unwrap()));
+        assert!(t.slowed("mx.test", now + Duration::from_secs(5)).is_none());
+        assert!(
+            t.sites.lock().unwrap().is_empty(),
+            "nothing kept once expired"
+        );
+    }
+
+    #[test]
+    fn a_suspension_ends_on_time_and_is_then_forgotten() {
+        let t = Throttles::default();
+        let now = Instant::now();
+        t.suspend("a", now + Duration::from_secs(30));
+        t.suspend("a", now + Duration::from_secs(10)); // an earlier end never shortens it
+        t.suspend("b", now + Duration::from_secs(5));
+        assert_eq!(t.suspended(now), 2);
+        assert_eq!(
+            t.suspended_for("a", now + Duration::from_secs(20)),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(t.suspended(now + Duration::from_secs(6)), 1);
+        assert_eq!(t.suspended_for("a", now + Duration::from_secs(30)), None);
+        assert_eq!(t.suspended(now + Duration::from_secs(30)), 0);
+        assert!(t.sites.lock().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,133 @@
+//! The Redis schema: every key paloma reads or writes, named here and nowhere else. Lua
+//! scripts get every key they touch from these names, in KEYS.
+//!
+//! Redis is the only state. Every key lives under `{prefix}` (in a cluster, a prefix with a
+//! hash tag, `{paloma}:`, keeps them in one slot, as scripts and transactions need):
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `sends` | stream | jobs (`job`; retries also carry `attempt`, `first_at`) |
+//! | `events` | stream | one JSON `event` per entry |
+//! | `dead` | stream | `job` as received, `error` |
+//! | `scheduled` | sorted set | delayed jobs by due time (ms) |
+//! | `idem:{id}` | string | the job id's state, see [`crate::queue::idem`] |
+//! | `stats:{campaign}` | hash | counters per outcome |
+//! | `campaigns` | set | campaign codes seen |
+//! | `suppressed` | hash | lower-cased address → reason |
+//! | `optouts` | hash | lower-cased address → when the recipient opted out (unix ms) |
+//! | `r:{address}` | hash | recent sends (`s`, for frequency caps), `last_open`, `last_click` |
+//! | `links:{campaign}` | hash | clicks per named link, total and `:unique` |
+//! | `uniq:{o,c}:{campaign}`, `uniq:l:{campaign}:{link}` | HyperLogLog | sends that opened / clicked (a link) |
+//! | `rate:{rule}:{key}`, `rate-back:{rule}:{key}` | string | a shared rate's GCRA state |
+//! | `timers`, `timers:cancelled` | sorted set | workflow not_opened / not_clicked timers |
+//! | `webhooks` | sorted set | workflow webhooks waiting for their next attempt |
+//! | `wfjob:{id}` | string | a sent job kept for follow-ups |
+//! | `wf:{rule}:{id}` | string | a fired rule's once-only marker |
+//! | `written:{recorder}:{n}` | string | the recorder's batch marker |
+
+/// Key names, built once.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub prefix: String,
+    pub sends: String,
+    pub events: String,
+    pub dead: String,
+    pub scheduled: String,
+    pub campaigns: String,
+    pub suppressed: String,
+    /// Recipients' own opt-outs (address → unix ms), kept apart from the suppression list.
+    pub optouts: String,
+    /// Armed negative-rule timers (score: due ms).
+    pub timers: String,
+    /// Recently cancelled timers (score: until ms), so a late `delivered` does not re-arm them.
+    pub timers_cancelled: String,
+    /// Webhooks waiting for their next try (score: due ms).
+    pub webhooks: String,
+    /// `XADD … MAXLEN ~` of every event (`[events] max_len`).
+    pub events_max_len: u64,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_string(),
+            sends: format!("{prefix}sends"),
+            events: format!("{prefix}events"),
+            dead: format!("{prefix}dead"),
+            scheduled: format!("{prefix}scheduled"),
+            campaigns: format!("{prefix}campaigns"),
+            suppressed: format!("{prefix}suppressed"),
+            optouts: format!("{prefix}optouts"),
+            timers: format!("{prefix}timers"),
+            timers_cancelled: format!("{prefix}timers:cancelled"),
+            webhooks: format!("{prefix}webhooks"),
+            events_max_len: crate::config::EventSettings::default().max_len,
+        }
+    }
+
+    /// The same keys, with the configured retention of the events stream.
+    pub fn retaining(mut self, events: &crate::config::EventSettings) -> Self {
+        self.events_max_len = events.max_len;
+        self
+    }
+
+    fn join(&self, parts: &[&str]) -> String {
+        let mut k =
+            String::with_capacity(self.prefix.len() + parts.iter().map(|p| p.len()).sum::<usize>());
+        k.push_str(&self.prefix);
+        for p in parts {
+            k.push_str(p);
+        }
+        k
+    }
+
+    pub fn idem(&self, id: &str) -> String {
+        self.join(&["idem:", id])
+    }
+
+    pub fn stats(&self, campaign: &str) -> String {
+        self.join(&["stats:", campaign])
+    }
+
+    /// A recipient's hash (recent sends, last open and click), by lower-cased address.
+    pub fn recipient(&self, address: &str) -> String {
+        self.join(&["r:", address])
+    }
+
+    pub fn links(&self, campaign: &str) -> String {
+        self.join(&["links:", campaign])
+    }
+
+    /// Unique opens (`kind` "o") or clicks ("c") of a campaign.
+    pub fn unique(&self, kind: &str, campaign: &str) -> String {
+        self.join(&["uniq:", kind, ":", campaign])
+    }
+
+    /// Unique clicks of one named link.
+    pub fn unique_link(&self, campaign: &str, link: &str) -> String {
+        self.join(&["uniq:l:", campaign, ":", link])
+    }
+
+    /// The prefix of a shared rate's keys: `(rate:{rule}:, rate-back:{rule}:)`.
+    pub fn rate(&self, rule: &str) -> (String, String) {
+        (
+            self.join(&["rate:", rule, ":"]),
+            self.join(&["rate-back:", rule, ":"]),
+        )
+    }
+
+    /// Where a delivered job's JSON is kept for follow-ups.
+    pub fn kept_job(&self, id: &str) -> String {
+        self.join(&["wfjob:", id])
+    }
+
+    /// The once-only marker of a follow-up whose id is `wf:{rule}:{original id}`.
+    pub fn marker(&self, follow_up_id: &str) -> String {
+        self.join(&[follow_up_id])
+    }
+
+    /// The base of one recorder's batch markers.
+    pub fn written(&self, recorder: u64) -> String {
+        format!("{}written:{recorder:016x}:", self.prefix)
+    }
+}

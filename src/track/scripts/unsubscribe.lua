@@ -1,0 +1,16 @@
+if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then
+  redis.call('HSETNX', KEYS[1], ARGV[1], 'unsubscribed')
+  return 0
+end
+local reason = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
+-- Suppressed as unsubscribed before opt-outs were kept apart: already recorded.
+if reason == 'unsubscribed' then
+  return 0
+end
+if not reason then
+  redis.call('HSET', KEYS[1], ARGV[1], 'unsubscribed')
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[2])
+redis.call('HINCRBY', KEYS[3], 'unsubscribed', 1)
+return 1
