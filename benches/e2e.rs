@@ -8,6 +8,7 @@
 //! cargo bench --bench e2e -- --mx --domains 1000 # also mx mode: 1,000 domains over 4 sinks
 //! cargo bench --bench e2e -- --quick           # smoke run (CI)
 //! cargo bench --bench e2e -- --runs 5 --no-postfix  # 5 relay runs, each between two ceilings; median
+//! cargo bench --bench e2e -- --runs 3 --no-postfix --bounces  # the same with [bounces] (VERP) on
 //! ```
 //!
 //! Prints messages/s, the ratio to the ceiling, peak RSS and CPU time per message of the
@@ -39,6 +40,8 @@ struct Opts {
     postfix: bool,
     /// Relay runs, each between two ceiling measurements; the median ratio is reported.
     runs: usize,
+    /// `[bounces]` on: VERP return paths (a token per job, written in the claim round trip).
+    bounces: bool,
 }
 
 fn opts() -> Opts {
@@ -54,6 +57,7 @@ fn opts() -> Opts {
         domains: 5,
         postfix: true,
         runs: 1,
+        bounces: false,
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -90,6 +94,7 @@ fn opts() -> Opts {
                 i += 1;
             }
             "--mx" => o.mx = true,
+            "--bounces" => o.bounces = true,
             "--profile" => o.profile = true,
             "--latency" => {
                 o.latency = Some(next(i).parse().unwrap_or(0.0));
@@ -729,7 +734,12 @@ fn main() {
     let mut relays = Vec::new();
     let mut last = before;
     for k in 0..o.runs {
-        let r = run(&o, &redis, "", port, &dkim, None);
+        let bounces = if o.bounces {
+            "[bounces]\ndomain = \"bounces.shop.test\"\n"
+        } else {
+            ""
+        };
+        let r = run(&o, &redis, bounces, port, &dkim, None);
         if o.runs > 1 {
             let next = ceiling(port, size, count);
             let ratio = r.rate / ((last + next) / 2.0);

@@ -227,6 +227,14 @@ pub struct CampaignStats {
     pub opened_machine: i64,
     pub clicked_machine: i64,
     pub unsubscribed: i64,
+    /// Late bounces (DSNs after acceptance), by bounce class; delay notices apart.
+    pub returned: i64,
+    pub returned_by_class: BTreeMap<String, i64>,
+    pub returned_delayed: i64,
+    /// Feedback-loop complaints, and their rate: complaints / delivered (Gmail and Yahoo
+    /// want it under 0.3%).
+    pub complained: i64,
+    pub complaint_rate: f64,
     /// Clicks per named link: (link, total, unique).
     pub links: Vec<(String, i64, i64)>,
 }
@@ -319,6 +327,19 @@ pub async fn stats(settings: &Settings, campaign: Option<&str>) -> anyhow::Resul
             opened_machine: g("opened_machine"),
             clicked_machine: g("clicked_machine"),
             unsubscribed: g("unsubscribed"),
+            returned: g("returned"),
+            returned_by_class: h
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix("returned_").map(|c| (c.to_string(), *v)))
+                .filter(|(c, _)| c != "delayed")
+                .collect(),
+            returned_delayed: g("returned_delayed"),
+            complained: g("complained"),
+            complaint_rate: if g("delivered") > 0 {
+                g("complained") as f64 / g("delivered") as f64
+            } else {
+                0.0
+            },
             links,
             campaign: name,
         });
@@ -369,6 +390,31 @@ pub fn print_stats(o: &Overview) {
         );
         for (link, total, unique) in &c.links {
             println!("  link {link:<19} {:>29} {:>9}", total, unique);
+        }
+    }
+    if o.campaigns
+        .iter()
+        .any(|c| c.returned + c.returned_delayed + c.complained > 0)
+    {
+        println!(
+            "\n{:<24} {:>9} {:>9} {:>10} {:>10}  returned by class",
+            "after delivery", "returned", "delayed", "complaints", "compl. rate"
+        );
+        for c in &o.campaigns {
+            let classes: Vec<String> = c
+                .returned_by_class
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            println!(
+                "{:<24} {:>9} {:>9} {:>10} {:>9.2}%  {}",
+                c.campaign,
+                c.returned,
+                c.returned_delayed,
+                c.complained,
+                c.complaint_rate * 100.0,
+                classes.join(", ")
+            );
         }
     }
     println!(

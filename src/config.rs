@@ -61,6 +61,44 @@ pub struct Settings {
     /// Retention of `{prefix}events`.
     #[serde(default)]
     pub events: EventSettings,
+    /// Late bounces and complaints: VERP return paths and the inbound SMTP listener.
+    #[serde(default)]
+    pub bounces: BounceSettings,
+}
+
+/// `[bounces]`: with `domain` set, each message's envelope sender is `b-{token}@domain`
+/// (the token names the job, signed with `tracking.secret`), and `listen` takes in the
+/// DSNs and feedback reports sent there.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BounceSettings {
+    pub domain: Option<String>,
+    pub listen: Option<SocketAddr>,
+    /// More recipient addresses the listener accepts (e.g. the one registered with a
+    /// feedback loop).
+    pub accept: Vec<String>,
+    /// How long a return-path token can be matched to its job (a Redis key per job).
+    pub token_ttl: Dur,
+    /// Largest message taken in (bytes); larger ones get 552.
+    pub max_message_bytes: usize,
+    /// Sessions at once; more are refused with 421.
+    pub max_connections: usize,
+    /// The longest wait for a client's next command or data line.
+    pub timeout: Dur,
+}
+
+impl Default for BounceSettings {
+    fn default() -> Self {
+        Self {
+            domain: None,
+            listen: None,
+            accept: Vec::new(),
+            token_ttl: "30d".parse().expect("valid default"),
+            max_message_bytes: 10 * 1024 * 1024,
+            max_connections: 256,
+            timeout: "30s".parse().expect("valid default"),
+        }
+    }
 }
 
 /// How long `{prefix}events` keeps what it holds (`[events]`): at most `max_len` entries
@@ -683,6 +721,25 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        let b = &self.bounces;
+        if let Some(d) = &b.domain {
+            let ok = !d.is_empty()
+                && d.len() <= 200
+                && d.split('.').all(|l| {
+                    !l.is_empty() && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                });
+            if !ok {
+                return bad(format!("bounces.domain {d:?} is not a domain name"));
+            }
+        }
+        if b.listen.is_some() && b.domain.is_none() {
+            return bad(
+                "bounces.listen needs bounces.domain (the domain it takes reports for)".into(),
+            );
+        }
+        if b.max_connections == 0 || b.max_message_bytes < 1024 {
+            return bad("bounces.max_connections must be above zero and bounces.max_message_bytes at least 1024".into());
+        }
         if self.delivery.retry_intervals.is_empty() {
             return bad("delivery.retry_intervals must not be empty".into());
         }
@@ -772,12 +829,14 @@ impl Settings {
             }
         }
         for (i, w) in self.workflows.iter().enumerate() {
-            const ON: [&str; 7] = [
+            const ON: [&str; 9] = [
                 "delivered",
                 "opened",
                 "clicked",
                 "unsubscribed",
                 "bounced",
+                "returned",
+                "complained",
                 "not_opened",
                 "not_clicked",
             ];
@@ -854,8 +913,8 @@ fn validate_workflow(w: &WorkflowRule, earlier: &[WorkflowRule]) -> Result<(), S
         ));
     }
     if let Some(send) = &w.send {
-        if w.on == "unsubscribed" {
-            return Err("a send on unsubscribed would never go out (unsubscribed recipients get no follow-ups); use a webhook".into());
+        if matches!(w.on.as_str(), "unsubscribed" | "complained" | "returned") {
+            return Err(format!("a send on {} would never go out (the address is suppressed or undeliverable); use a webhook", w.on));
         }
         if send.template.is_empty()
             || !send

@@ -59,6 +59,7 @@ pub struct App {
     consumer: String,
     metrics_listener: Option<TcpListener>,
     tracking_listener: Option<TcpListener>,
+    bounce_listener: Option<TcpListener>,
 }
 
 async fn bind(key: &str, addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
@@ -127,6 +128,7 @@ impl App {
             .context("creating the consumer group")?;
         let metrics_listener = bind("metrics.listen", settings.metrics.listen).await?;
         let tracking_listener = bind("tracking.listen", settings.tracking.listen).await?;
+        let bounce_listener = bind("bounces.listen", settings.bounces.listen).await?;
         Ok(App {
             settings,
             renderer,
@@ -142,7 +144,13 @@ impl App {
             consumer,
             metrics_listener,
             tracking_listener,
+            bounce_listener,
         })
+    }
+
+    /// Where the bounce listener listens, if it does.
+    pub fn bounces_addr(&self) -> Option<SocketAddr> {
+        self.bounce_listener.as_ref()?.local_addr().ok()
     }
 
     /// Where the metrics endpoint listens, if it does.
@@ -172,6 +180,7 @@ impl App {
             consumer,
             metrics_listener,
             tracking_listener,
+            bounce_listener,
         } = self;
         let i = &settings.intake;
         let group = settings.redis.group.clone();
@@ -255,6 +264,7 @@ impl App {
             attempt_timeout: settings.delivery.attempt_timeout.get(),
             max_job_bytes: i.max_job_bytes,
             also_prune: vec![(keys.events.clone(), format!("{group}-workflows"))],
+            return_paths: crate::bounces::ReturnPaths::new(&settings),
             stop: stop_rx.clone(),
         });
         // Housekeeping of SMTP sessions and mx routes, every 5 s until shutdown begins (it
@@ -316,6 +326,28 @@ impl App {
             }
             None => None,
         };
+        let bounce_task = match (bounce_listener, crate::bounces::ReturnPaths::new(&settings)) {
+            (Some(listener), Some(paths)) => {
+                let b = &settings.bounces;
+                let state = crate::bounces::server::BounceState {
+                    paths,
+                    accept: b.accept.iter().map(|a| a.to_ascii_lowercase()).collect(),
+                    redis: conn.clone(),
+                    keys: keys.clone(),
+                    metrics: metrics.clone(),
+                    max_bytes: b.max_message_bytes,
+                    max_connections: b.max_connections,
+                    timeout: b.timeout.get(),
+                    hostname: settings.sender.helo.clone(),
+                };
+                Some(crate::bounces::server::serve(
+                    listener,
+                    state,
+                    exit_rx.clone(),
+                ))
+            }
+            _ => None,
+        };
         tracing::info!(
             consumer = %consumer,
             mode = ?settings.delivery.mode,
@@ -371,6 +403,9 @@ impl App {
         }
         if let Some(t) = track_task {
             let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+        }
+        if let Some(t) = bounce_task {
+            let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
         }
         tracing::info!("stopped");
         Ok(())

@@ -19,6 +19,8 @@
 //! - [`deliver`]: SMTP sessions to the relay or to each domain's MX hosts.
 //! - [`outcome`]: the vocabulary every layer speaks: what an attempt came to, bounce classes.
 //! - [`policy`]: suppression list and frequency caps.
+//! - [`bounces`]: what comes back after acceptance: VERP tokens, the inbound SMTP listener,
+//!   DSN and ARF parsing, `returned` / `complained` events.
 //! - [`track`]: signed tracking tokens and the tracking server (pixel, clicks, unsubscribe).
 //! - [`workflow`]: rules → actions: follow-up sends, signed webhooks, not_opened timers.
 //! - [`daemon`]: the wiring: `App::build` (components, Redis, listeners) and `App::run`.
@@ -29,6 +31,7 @@
 //! Dependencies point one way: `pipeline` uses `shape`, `deliver` and `render`; `shape`
 //! uses `deliver`'s types (never the reverse); everything speaks `outcome`.
 
+pub mod bounces;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -54,6 +54,12 @@ pub struct Metrics {
     pub redis_check: IntGaugeVec,
     /// Consumers removed from a group (stopped daemons, nothing pending).
     pub consumers_removed: IntCounter,
+    /// Messages the bounce listener took in, by what they were.
+    pub reports: IntCounterVec,
+    /// `returned` events by bounce class.
+    pub returned: IntCounterVec,
+    /// `complained` events by campaign.
+    pub complaints: IntCounterVec,
 }
 
 impl Metrics {
@@ -271,7 +277,25 @@ impl Metrics {
             "paloma_consumers_removed_total",
             "Consumers of stopped daemons (nothing pending, idle past intake.claim_idle) removed from the consumer groups.",
         );
+        let reports = vec(
+            "paloma_reports_total",
+            "Messages to the bounce domain by kind: returned (a failed DSN), delayed (a delay DSN), complained (an ARF report), auto_reply (ignored), duplicate (already recorded), unmatched (no job of ours), forged (a token with a wrong MAC), other (nothing to act on).",
+            &["kind"],
+        );
+        let returned = vec(
+            "paloma_returned_total",
+            "Late bounces (DSNs after acceptance, permanent or not) by bounce class.",
+            &["class"],
+        );
+        let complaints = vec(
+            "paloma_complaints_total",
+            "Feedback-loop complaints by campaign.",
+            &["campaign"],
+        );
         Metrics {
+            reports,
+            returned,
+            complaints,
             http_connections,
             http_refused,
             redis_check,

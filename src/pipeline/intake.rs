@@ -130,8 +130,28 @@ async fn dispatch(
         .iter()
         .map(|(e, j)| (j.id.as_str(), e.id.as_str(), j.to.as_str()))
         .collect();
+    // With VERP on, each job's token is matched to it for `bounces.token_ttl`: written
+    // before anything is sent, in the same round trip as the claims.
+    let tokens: Vec<(String, String, u64)> = match &stages.return_paths {
+        Some(rp) => valid
+            .iter()
+            .map(|(_, j)| {
+                let v = serde_json::json!({
+                    "id": j.id.as_str(),
+                    "campaign": j.campaign.as_str(),
+                    "to": j.to.as_str(),
+                });
+                (
+                    stages.keys.return_path(&rp.key(j.id.as_str())),
+                    v.to_string(),
+                    rp.ttl_secs,
+                )
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let claims = loop {
-        match intake.claim(&ids).await {
+        match intake.claim(&ids, &tokens).await {
             Ok(c) => break c,
             Err(e) => {
                 stages.metrics.redis_errors.inc();

@@ -103,17 +103,24 @@ async fn attempt(
     }
     m.render_seconds.observe(t0.elapsed().as_secs_f64());
     drop(scratch);
-    let envelope =
-        match crate::deliver::smtp::envelope(stages.renderer.mail_from(job), job.to.as_str()) {
-            Ok(e) => e,
-            Err(reason) => {
-                let err = JobError::Invalid {
-                    field: "to",
-                    reason,
-                };
-                return Some(Record::dead(entry, &err, ident, true));
-            }
-        };
+    // The envelope sender: the job's VERP return path when `[bounces]` is on.
+    let verp = stages
+        .return_paths
+        .as_ref()
+        .map(|rp| rp.address(job.id.as_str()));
+    let mail_from = verp
+        .as_deref()
+        .unwrap_or_else(|| stages.renderer.mail_from(job));
+    let envelope = match crate::deliver::smtp::envelope(mail_from, job.to.as_str()) {
+        Ok(e) => e,
+        Err(reason) => {
+            let err = JobError::Invalid {
+                field: "to",
+                reason,
+            };
+            return Some(Record::dead(entry, &err, ident, true));
+        }
+    };
     // Send.
     let t1 = Instant::now();
     let mut stop = stages.stop.clone();

@@ -20,10 +20,14 @@ pub enum EventKind {
     Opened,
     Clicked,
     Unsubscribed,
+    /// A DSN after the message was accepted (late bounce or delay); not terminal.
+    Returned,
+    /// A feedback-loop (ARF) report; not terminal.
+    Complained,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 9] = [
+    pub const ALL: [EventKind; 11] = [
         EventKind::Delivered,
         EventKind::Bounced,
         EventKind::Failed,
@@ -33,6 +37,8 @@ impl EventKind {
         EventKind::Opened,
         EventKind::Clicked,
         EventKind::Unsubscribed,
+        EventKind::Returned,
+        EventKind::Complained,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -46,6 +52,8 @@ impl EventKind {
             EventKind::Opened => "opened",
             EventKind::Clicked => "clicked",
             EventKind::Unsubscribed => "unsubscribed",
+            EventKind::Returned => "returned",
+            EventKind::Complained => "complained",
         }
     }
 
@@ -92,6 +100,22 @@ pub struct Event<'a> {
     pub link: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub machine: Option<bool>,
+    /// `returned`: the DSN's status (enhanced code), diagnostic, reporting MTA, action.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diagnostic: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reporting_mta: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub permanent: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<&'a str>,
+    /// `complained`: the ARF Feedback-Type and who reported it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feedback_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<&'a str>,
 }
 
 /// RFC 3339 UTC with milliseconds: `2026-11-22T18:50:11.123Z`.

@@ -108,14 +108,19 @@ impl Intake {
     /// Claims each job id for its entry and looks its recipient up in the suppression list,
     /// one pipelined round trip per batch: `SET idem:{id} {in progress} NX GET` answers nil when
     /// new, else the current holder; `HGET suppressed addr` the reason, if any.
+    /// `also`: `(key, value, ttl secs)` to SET in the same round trip (return-path tokens).
     pub async fn claim(
         &mut self,
         jobs: &[(&str, &str, &str)],
+        also: &[(String, String, u64)],
     ) -> redis::RedisResult<Vec<(Claim, Option<String>)>> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
         let mut p = redis::pipe();
+        for (k, v, ttl) in also {
+            p.cmd("SET").arg(k).arg(v).arg("EX").arg(*ttl).ignore();
+        }
         let mut owner = String::new();
         for (job_id, entry_id, addr) in jobs {
             Idem::InProgress(entry_id).encode(&mut owner);

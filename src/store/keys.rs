@@ -23,6 +23,8 @@
 //! | `webhooks` | sorted set | workflow webhooks waiting for their next attempt |
 //! | `wfjob:{id}` | string | a sent job kept for follow-ups |
 //! | `wf:{rule}:{id}` | string | a fired rule's once-only marker |
+//! | `rp:{token}` | string | the job a return-path token names (id, campaign, to) |
+//! | `rpseen:{token}:{kind}` | string | a report about that job already recorded |
 //! | `written:{recorder}:{n}` | string | the recorder's batch marker |
 
 /// Key names, built once.
@@ -124,6 +126,16 @@ impl Keys {
     /// The once-only marker of a follow-up whose id is `wf:{rule}:{original id}`.
     pub fn marker(&self, follow_up_id: &str) -> String {
         self.join(&[follow_up_id])
+    }
+
+    /// The job a return-path token names (`bounces::TokenJob` JSON).
+    pub fn return_path(&self, token_key: &str) -> String {
+        self.join(&["rp:", token_key])
+    }
+
+    /// The once-only marker of one kind of report about one job.
+    pub fn report_seen(&self, token_key: &str, what: &str) -> String {
+        self.join(&["rpseen:", token_key, ":", what])
     }
 
     /// The base of one recorder's batch markers.

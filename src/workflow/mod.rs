@@ -72,6 +72,8 @@ pub enum Trigger {
     Clicked,
     Unsubscribed,
     Bounced,
+    Returned,
+    Complained,
     NotOpened,
     NotClicked,
 }
@@ -84,6 +86,8 @@ impl Trigger {
             "clicked" => Trigger::Clicked,
             "unsubscribed" => Trigger::Unsubscribed,
             "bounced" => Trigger::Bounced,
+            "returned" => Trigger::Returned,
+            "complained" => Trigger::Complained,
             "not_opened" => Trigger::NotOpened,
             "not_clicked" => Trigger::NotClicked,
             _ => return None,
@@ -97,6 +101,8 @@ impl Trigger {
             Trigger::Clicked => "clicked",
             Trigger::Unsubscribed => "unsubscribed",
             Trigger::Bounced => "bounced",
+            Trigger::Returned => "returned",
+            Trigger::Complained => "complained",
             Trigger::NotOpened => "not_opened",
             Trigger::NotClicked => "not_clicked",
         }
@@ -202,7 +208,7 @@ impl Rule {
             return false;
         }
         match ev.kind {
-            "unsubscribed" | "bounced" => true,
+            "unsubscribed" | "bounced" | "returned" | "complained" => true,
             "opened" => self.trigger == Trigger::NotOpened && self.counts(ev),
             "clicked" => {
                 self.counts(ev) && (self.trigger == Trigger::NotOpened || self.link_matches(ev))

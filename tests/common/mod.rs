@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod mx;
+pub mod postfix;
 pub mod track;
 
 use std::collections::HashMap;

@@ -1,0 +1,207 @@
+//! Late bounces and complaints: what comes back after a message was accepted.
+//!
+//! - [`ReturnPaths`]: with `[bounces] domain` set, each message's envelope sender is
+//!   `b-{token}@domain` (VERP). The token is 32 hex digits: a key derived from the job id
+//!   with an HMAC under `tracking.secret`, and a MAC of that key, so a forged or altered
+//!   token is recognised without a lookup. The key names `{prefix}rp:{key}`, written by the
+//!   intake in the claim round trip of each batch: the job's id, campaign and recipient, for
+//!   `bounces.token_ttl` (30 days by default).
+//! - [`report`]: what an inbound message is — an RFC 3464 DSN, an ARF (RFC 5965) feedback
+//!   report, an auto-reply (ignored), or a plain-text bounce — parsed with mail-parser.
+//! - [`server`]: the inbound SMTP listener for DSNs and feedback reports.
+
+pub mod report;
+pub mod server;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::config::Settings;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Hex digits of a token's key and of its MAC.
+const KEY_HEX: usize = 20;
+const MAC_HEX: usize = 12;
+
+/// Makes and checks VERP return paths.
+#[derive(Clone)]
+pub struct ReturnPaths {
+    pub domain: String,
+    mac: HmacSha256,
+    pub ttl_secs: u64,
+}
+
+fn hex(bytes: &[u8], out: &mut String) {
+    use std::fmt::Write;
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+}
+
+impl ReturnPaths {
+    /// None unless `[bounces] domain` is set.
+    pub fn new(settings: &Settings) -> Option<ReturnPaths> {
+        let domain = settings.bounces.domain.clone()?;
+        let mac = HmacSha256::new_from_slice(settings.tracking.secret.expose().as_bytes())
+            .expect("HMAC takes any key");
+        Some(ReturnPaths {
+            domain: domain.to_ascii_lowercase(),
+            mac,
+            ttl_secs: settings.bounces.token_ttl.get().as_secs().max(1),
+        })
+    }
+
+    fn tag(&self, context: &[u8], data: &[u8]) -> [u8; 32] {
+        let mut m = self.mac.clone();
+        m.update(context);
+        m.update(data);
+        m.finalize().into_bytes().into()
+    }
+
+    /// The key of a job's token (hex), the same for every attempt of the job.
+    pub fn key(&self, job_id: &str) -> String {
+        let mut k = String::with_capacity(KEY_HEX);
+        hex(
+            &self.tag(b"paloma-rp-key\0", job_id.as_bytes())[..KEY_HEX / 2],
+            &mut k,
+        );
+        k
+    }
+
+    fn mac_of(&self, key: &str) -> String {
+        let mut m = String::with_capacity(MAC_HEX);
+        hex(
+            &self.tag(b"paloma-rp-mac\0", key.as_bytes())[..MAC_HEX / 2],
+            &mut m,
+        );
+        m
+    }
+
+    /// The envelope sender of a job's messages: `b-{key}{mac}@{domain}` (36 octets of local
+    /// part at most, under RFC 5321's 64).
+    pub fn address(&self, job_id: &str) -> String {
+        let key = self.key(job_id);
+        format!("b-{key}{}@{}", self.mac_of(&key), self.domain)
+    }
+
+    /// The key of a local part `b-{key}{mac}` whose MAC is right (case-insensitive: some
+    /// servers change the case of what they return); None for anything else.
+    pub fn verify(&self, local: &str) -> Option<String> {
+        let t = local
+            .strip_prefix("b-")
+            .or_else(|| local.strip_prefix("B-"))?;
+        if t.len() != KEY_HEX + MAC_HEX || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let t = t.to_ascii_lowercase();
+        let (key, mac) = t.split_at(KEY_HEX);
+        let want = self.mac_of(key);
+        // Constant time: the MAC is the only secret-derived part compared.
+        let same = want
+            .bytes()
+            .zip(mac.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+        same.then(|| key.to_string())
+    }
+
+    /// The keys of every valid token `b-…@{domain}` found anywhere in `text` (a returned
+    /// message's headers or body), without repeats, and how many token-shaped ones had a
+    /// wrong MAC.
+    pub fn find(&self, text: &[u8]) -> (Vec<String>, usize) {
+        let mut out: Vec<String> = Vec::new();
+        let mut invalid = 0;
+        let n = KEY_HEX + MAC_HEX;
+        let mut i = 0;
+        while i + 2 + n < text.len() {
+            let at = &text[i..];
+            if (at[0] == b'b' || at[0] == b'B')
+                && at[1] == b'-'
+                && (i == 0 || !text[i - 1].is_ascii_alphanumeric())
+                && at.get(2 + n) == Some(&b'@')
+                && at[2 + n + 1..]
+                    .get(..self.domain.len())
+                    .is_some_and(|d| d.eq_ignore_ascii_case(self.domain.as_bytes()))
+            {
+                let local = std::str::from_utf8(&at[..2 + n]).unwrap_or_default();
+                if local.len() == 2 + n && local[2..].bytes().all(|b| b.is_ascii_hexdigit()) {
+                    match self.verify(local) {
+                        Some(k) if !out.contains(&k) => out.push(k),
+                        Some(_) => {}
+                        None => invalid += 1,
+                    }
+                }
+                i += 2 + n;
+                continue;
+            }
+            i += 1;
+        }
+        (out, invalid)
+    }
+}
+
+/// What `{prefix}rp:{key}` holds: the job a token names.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TokenJob {
+    pub id: String,
+    pub campaign: String,
+    pub to: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths() -> ReturnPaths {
+        let s = Settings::from_toml(
+            "[sender]\nfrom = \"a@shop.test\"\nhelo = \"h\"\n[tracking]\nsecret = \"0123456789abcdef0\"\n[bounces]\ndomain = \"Bounces.Shop.Test\"\n",
+            Vec::new(),
+        )
+        .unwrap();
+        ReturnPaths::new(&s).unwrap()
+    }
+
+    #[test]
+    fn a_token_verifies_and_any_change_is_refused() {
+        let p = paths();
+        let addr = p.address("job-1");
+        let (local, domain) = addr.split_once('@').unwrap();
+        assert_eq!(domain, "bounces.shop.test");
+        assert!(local.len() <= 64);
+        assert_eq!(p.verify(local), Some(p.key("job-1")));
+        assert_eq!(p.verify(&local.to_ascii_uppercase()), Some(p.key("job-1")));
+        assert_eq!(p.address("job-1"), addr, "stable per job");
+        assert_ne!(p.key("job-2"), p.key("job-1"));
+        // Every single-digit change is caught.
+        for i in 2..local.len() {
+            let mut b = local.as_bytes().to_vec();
+            b[i] = if b[i] == b'0' { b'1' } else { b'0' };
+            assert_eq!(
+                p.verify(std::str::from_utf8(&b).unwrap()),
+                None,
+                "digit {i}"
+            );
+        }
+        assert_eq!(p.verify("b-short"), None);
+        assert_eq!(p.verify("postmaster"), None);
+    }
+
+    #[test]
+    fn tokens_are_found_in_returned_text() {
+        let p = paths();
+        let a = p.address("job-1");
+        let b = p.address("job-2");
+        let text = format!(
+            "Return-Path: <{a}>\r\nX: xb-{b}\r\nTo: <{}>\r\n<{a}>",
+            b.to_uppercase()
+        );
+        assert_eq!(
+            p.find(text.as_bytes()),
+            (vec![p.key("job-1"), p.key("job-2")], 0)
+        );
+        assert_eq!(p.find(b"b-0123@bounces.shop.test"), (vec![], 0));
+        let forged = format!("<b-{}@bounces.shop.test>", "0".repeat(32));
+        assert_eq!(p.find(forged.as_bytes()), (vec![], 1));
+    }
+}
