@@ -64,6 +64,31 @@ pub struct Settings {
     /// Late bounces and complaints: VERP return paths and the inbound SMTP listener.
     #[serde(default)]
     pub bounces: BounceSettings,
+    /// Bounces and complaints from sending providers' webhooks (on the tracking server).
+    #[serde(default)]
+    pub providers: ProviderSettings,
+}
+
+/// `[providers]`: webhooks of the services paloma may relay through, each verified as the
+/// provider documents it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderSettings {
+    /// SendGrid's Event Webhook verification key (base64 of the P-256 public key, as its
+    /// settings page shows it). Set: `POST /webhooks/sendgrid` takes signed events, and each
+    /// message carries `X-SMTPAPI` unique args naming its job.
+    pub sendgrid_public_key: Option<String>,
+    /// A signed request older (or newer) than this is refused: a replay.
+    pub max_skew: Dur,
+}
+
+impl Default for ProviderSettings {
+    fn default() -> Self {
+        Self {
+            sendgrid_public_key: None,
+            max_skew: "10m".parse().expect("valid default"),
+        }
+    }
 }
 
 /// `[bounces]`: with `domain` set, each message's envelope sender is `b-{token}@domain`
@@ -721,6 +746,10 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        if let Some(k) = &self.providers.sendgrid_public_key {
+            crate::bounces::providers::SendGrid::new(k, self.providers.max_skew.get())
+                .map_err(ConfigError::Invalid)?;
+        }
         let b = &self.bounces;
         if let Some(d) = &b.domain {
             let ok = !d.is_empty()

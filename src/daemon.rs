@@ -295,6 +295,13 @@ impl App {
             };
             crate::http::serve_ops(listener, ops, exit_rx.clone())
         });
+        let p = &settings.providers;
+        let sendgrid = p
+            .sendgrid_public_key
+            .as_deref()
+            .map(|k| crate::bounces::providers::SendGrid::new(k, p.max_skew.get()))
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
         let track_task = match tracking_listener {
             Some(listener) => {
                 let t = &settings.tracking;
@@ -317,6 +324,7 @@ impl App {
                         max_connections: t.max_connections,
                         header_timeout: t.header_timeout.get(),
                     },
+                    sendgrid,
                 };
                 Some(crate::track::server::serve(
                     listener,

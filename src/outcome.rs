@@ -85,6 +85,7 @@ impl BounceClass {
                 "no such user",
                 "does not exist",
                 "unknown user",
+                "unknown recipient",
                 "recipient address rejected",
                 "invalid recipient",
                 "mailbox unavailable",

@@ -208,7 +208,10 @@ fn the_listener_refuses_relaying_oversize_and_forgeries_and_records_a_complaint(
     );
     let r = c.send("", "fbl@bounces.test", long.as_bytes());
     assert!(r.starts_with("250"), "{r}");
-    assert!(c.cmd("NOOP").starts_with("250"), "the session is still in step");
+    assert!(
+        c.cmd("NOOP").starts_with("250"),
+        "the session is still in step"
+    );
     assert!(c.cmd("QUIT").starts_with("221"));
 
     // 250 came after the write: the events are there now.

@@ -10,6 +10,8 @@
 //!   report, an auto-reply (ignored), or a plain-text bounce — parsed with mail-parser.
 //! - [`server`]: the inbound SMTP listener for DSNs and feedback reports.
 
+pub mod providers;
+pub mod record;
 pub mod report;
 pub mod server;
 

@@ -14,11 +14,12 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use super::record::Finding;
 use super::report::{self, Kind};
 use super::{ReturnPaths, TokenJob};
 use crate::metrics::Metrics;
 use crate::outcome::BounceClass;
-use crate::queue::events::{Event, EventKind};
+use crate::queue::events::EventKind;
 use crate::queue::Keys;
 use crate::store::RedisConn;
 
@@ -53,7 +54,7 @@ pub fn serve(
     }
     let state = Arc::new(state);
     let permits = Arc::new(Semaphore::new(state.max_connections));
-    let script = Arc::new(redis::Script::new(include_str!("scripts/report.lua")));
+    let script = Arc::new(super::record::script());
     tokio::spawn(async move {
         loop {
             let (mut sock, _) = tokio::select! {
@@ -320,23 +321,6 @@ async fn session(sock: TcpStream, state: &BounceState, script: &redis::Script) {
     }
 }
 
-/// What one report says about one job.
-struct Finding {
-    kind: EventKind,
-    /// `returned-failed`, `returned-delayed`, `complained`: one of each per job.
-    what: &'static str,
-    status: String,
-    class: Option<BounceClass>,
-    diagnostic: String,
-    reporting_mta: String,
-    action: String,
-    permanent: bool,
-    feedback_type: String,
-    source: String,
-    /// The address the report names, if it names one.
-    recipient: Option<String>,
-}
-
 /// Parses a report, finds the jobs it is about, and records it for each, durably.
 async fn take_in(
     state: &BounceState,
@@ -477,7 +461,18 @@ async fn take_in(
                 continue;
             }
             matched = true;
-            if record(state, script, &mut conn, key, &job, f).await? {
+            let marker = state.keys.report_seen(key, f.what);
+            if super::record::record(
+                &mut conn,
+                &state.keys,
+                script,
+                &marker,
+                state.paths.ttl_secs,
+                &job,
+                f,
+            )
+            .await?
+            {
                 match f.kind {
                     EventKind::Complained => {
                         count("complained");
@@ -502,56 +497,4 @@ async fn take_in(
         count("unmatched");
     }
     Ok(())
-}
-
-async fn record(
-    state: &BounceState,
-    script: &redis::Script,
-    conn: &mut RedisConn,
-    key: &str,
-    job: &TokenJob,
-    f: &Finding,
-) -> redis::RedisResult<bool> {
-    let mut ev = Event::new(f.kind, &job.id, &job.campaign, &job.to);
-    let (fields, reason) = match f.kind {
-        EventKind::Complained => {
-            ev.feedback_type = Some(&f.feedback_type);
-            ev.source = Some(&f.source);
-            ("complained".to_string(), "complained")
-        }
-        _ => {
-            let class = f.class.unwrap_or(BounceClass::Other);
-            ev.status = Some(&f.status);
-            ev.class = Some(class.as_str());
-            ev.diagnostic = Some(&f.diagnostic);
-            ev.reporting_mta = Some(&f.reporting_mta);
-            ev.permanent = Some(f.permanent);
-            ev.action = Some(&f.action);
-            if f.action == "delayed" {
-                ("returned_delayed".to_string(), "")
-            } else {
-                let suppress = f.permanent && class.is_hard();
-                (
-                    format!("returned,returned_{}", class.as_str()),
-                    if suppress { "bounced" } else { "" },
-                )
-            }
-        }
-    };
-    let recorded: i64 = script
-        .key(state.keys.report_seen(key, f.what))
-        .key(&state.keys.events)
-        .key(state.keys.stats(&job.campaign))
-        .key(&state.keys.suppressed)
-        .key(&state.keys.campaigns)
-        .arg(state.paths.ttl_secs)
-        .arg(ev.to_json())
-        .arg(state.keys.events_max_len)
-        .arg(fields)
-        .arg(crate::policy::suppression::field(&job.to))
-        .arg(reason)
-        .arg(&job.campaign)
-        .invoke_async(conn)
-        .await?;
-    Ok(recorded == 1)
 }

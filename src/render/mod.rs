@@ -180,6 +180,9 @@ pub struct Renderer {
     from: Mailbox,
     reply_to: Option<Mailbox>,
     max_bytes: usize,
+    /// Relaying through SendGrid (`[providers] sendgrid_public_key`): each message carries
+    /// `X-SMTPAPI` unique args naming its job, which SendGrid's event webhook returns.
+    sendgrid: bool,
 }
 
 impl Renderer {
@@ -210,6 +213,7 @@ impl Renderer {
             from,
             reply_to,
             max_bytes: settings.delivery.max_message_bytes,
+            sendgrid: settings.providers.sendgrid_public_key.is_some(),
         })
     }
 
@@ -355,6 +359,14 @@ impl Renderer {
                 Raw::new(job.campaign.as_str().to_string()),
             )
             .header("X-Paloma-Id", Raw::new(job.id.as_str().to_string()));
+        if self.sendgrid {
+            // JSON escapes every control character, so the value is one header line.
+            let args = serde_json::json!({ "unique_args": {
+                "paloma_id": job.id.as_str(),
+                "paloma_campaign": job.campaign.as_str(),
+            }});
+            msg = msg.header("X-SMTPAPI", Raw::new(args.to_string()));
+        }
         if let Some(r) = reply_to {
             msg = msg.reply_to(mailbox(r));
         }

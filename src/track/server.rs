@@ -25,7 +25,7 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use tokio::sync::{mpsc, watch};
 
@@ -46,6 +46,8 @@ pub struct TrackState {
     /// Repeats of one message's pixel or link within this are not recorded.
     pub repeat_window: Duration,
     pub limits: crate::listener::Limits,
+    /// SendGrid's event webhook (`[providers] sendgrid_public_key`), if configured.
+    pub sendgrid: Option<crate::bounces::providers::SendGrid>,
 }
 
 /// Tracking events waiting for the writer; beyond this, new ones are dropped.
@@ -58,6 +60,10 @@ const EVENT_BATCH: usize = 256;
 const MAX_BODY: usize = 16 * 1024;
 /// An unsubscribe that Redis has not confirmed by then gets a "try again" page.
 const UNSUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest provider webhook body taken (SendGrid batches events up to about 1 MB).
+const MAX_WEBHOOK_BODY: usize = 4 << 20;
+/// How long a provider event's once-only marker is kept (providers retry for hours).
+const WEBHOOK_MARKER_TTL: u64 = 7 * 86400;
 
 /// 1×1 transparent GIF89a.
 const PIXEL: &[u8] = &[
@@ -104,6 +110,8 @@ struct Inner {
     detector: Detector,
     unsubscribe: redis::Script,
     repeats: Repeats,
+    sendgrid: Option<crate::bounces::providers::SendGrid>,
+    report: redis::Script,
 }
 
 /// Which (message, pixel or link) hits were recorded lately, so that a repeat within the
@@ -198,6 +206,8 @@ pub fn serve(
         detector: state.detector,
         unsubscribe: redis::Script::new(UNSUBSCRIBE),
         repeats: Repeats::new(state.repeat_window),
+        sendgrid: state.sendgrid,
+        report: crate::bounces::record::script(),
     }));
     tokio::spawn(async move {
         crate::listener::serve(
@@ -219,9 +229,81 @@ fn router(app: App) -> Router {
         .route("/o/{token}", get(open))
         .route("/c/{token}", get(click))
         .route("/u/{token}", get(unsubscribe_page).post(unsubscribe))
+        // A provider sends events in batches: a larger body limit for that route alone.
+        .route(
+            "/webhooks/sendgrid",
+            post(sendgrid).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)),
+        )
         .fallback(|| async { not_found() })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(app)
+}
+
+/// SendGrid's Event Webhook: verified (signature, timestamp), then each bounce, drop and
+/// spam report recorded against the job its unique args name, once per event. 200 once
+/// written; 401 unsigned or forged; 400 not JSON; 503 when Redis fails (SendGrid retries).
+async fn sendgrid(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(sg) = &app.sendgrid else {
+        return not_found();
+    };
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let now = chrono::Utc::now().timestamp();
+    use crate::bounces::providers::{self, Refused};
+    if let Err(why) = sg.verify(h(providers::SIGNATURE), h(providers::TIMESTAMP), &body, now) {
+        let result = match why {
+            Refused::Unsigned => "unsigned",
+            Refused::BadSignature => "forged",
+            Refused::Stale => "stale",
+        };
+        app.count("sendgrid", result);
+        return (StatusCode::UNAUTHORIZED, "signature refused\n").into_response();
+    }
+    let items = match providers::sendgrid_events(&body) {
+        Ok(i) => i,
+        Err(e) => {
+            app.count("sendgrid", "malformed");
+            return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
+        }
+    };
+    let mut redis = app.redis.clone();
+    for it in &items {
+        let marker = app
+            .keys
+            .report_seen(&format!("sg:{}", it.event_id), it.finding.what);
+        let written = crate::bounces::record::record(
+            &mut redis,
+            &app.keys,
+            &app.report,
+            &marker,
+            WEBHOOK_MARKER_TTL,
+            &it.job,
+            &it.finding,
+        )
+        .await;
+        match written {
+            Ok(true) => {
+                let m = &app.metrics;
+                if it.finding.kind == EventKind::Complained {
+                    m.reports.with_label_values(&["complained"]).inc();
+                    m.complaints
+                        .with_label_values(&[it.job.campaign.as_str()])
+                        .inc();
+                } else {
+                    m.reports.with_label_values(&["returned"]).inc();
+                    let class = it.finding.class.map_or("other", |c| c.as_str());
+                    m.returned.with_label_values(&[class]).inc();
+                }
+            }
+            Ok(false) => app.metrics.reports.with_label_values(&["duplicate"]).inc(),
+            Err(e) => {
+                app.metrics.redis_errors.inc();
+                tracing::warn!(error = %e, "recording SendGrid events failed; SendGrid will retry");
+                return (StatusCode::SERVICE_UNAVAILABLE, "try again later\n").into_response();
+            }
+        }
+    }
+    app.count("sendgrid", "ok");
+    (StatusCode::OK, "ok\n").into_response()
 }
 
 async fn write_events(

@@ -1,0 +1,86 @@
+//! Recording what a report (a DSN, a feedback report, a provider's webhook event) says
+//! about one job: its `returned` or `complained` event, the campaign's counters and the
+//! suppression, once, in one script (`scripts/report.lua`).
+
+use super::TokenJob;
+use crate::outcome::BounceClass;
+use crate::queue::events::{Event, EventKind};
+use crate::queue::Keys;
+use crate::store::RedisConn;
+
+/// The script that records a report.
+pub fn script() -> redis::Script {
+    redis::Script::new(include_str!("scripts/report.lua"))
+}
+
+/// What one report says about one job.
+pub struct Finding {
+    pub kind: EventKind,
+    /// `returned-failed`, `returned-delayed`, `complained`: one of each per job.
+    pub what: &'static str,
+    pub status: String,
+    pub class: Option<BounceClass>,
+    pub diagnostic: String,
+    pub reporting_mta: String,
+    pub action: String,
+    pub permanent: bool,
+    pub feedback_type: String,
+    pub source: String,
+    /// The address the report names, if it names one.
+    pub recipient: Option<String>,
+}
+
+/// Records what `f` says about `job` once per `marker` (kept `ttl` seconds): the event,
+/// the stats, the suppression. True when recorded, false when it already was.
+pub async fn record(
+    conn: &mut RedisConn,
+    keys: &Keys,
+    script: &redis::Script,
+    marker: &str,
+    ttl: u64,
+    job: &TokenJob,
+    f: &Finding,
+) -> redis::RedisResult<bool> {
+    let mut ev = Event::new(f.kind, &job.id, &job.campaign, &job.to);
+    let (fields, reason) = match f.kind {
+        EventKind::Complained => {
+            ev.feedback_type = Some(&f.feedback_type);
+            ev.source = Some(&f.source);
+            ("complained".to_string(), "complained")
+        }
+        _ => {
+            let class = f.class.unwrap_or(BounceClass::Other);
+            ev.status = Some(&f.status);
+            ev.class = Some(class.as_str());
+            ev.diagnostic = Some(&f.diagnostic);
+            ev.reporting_mta = Some(&f.reporting_mta);
+            ev.permanent = Some(f.permanent);
+            ev.action = Some(&f.action);
+            if f.action == "delayed" {
+                ("returned_delayed".to_string(), "")
+            } else {
+                let suppress = f.permanent && class.is_hard();
+                (
+                    format!("returned,returned_{}", class.as_str()),
+                    if suppress { "bounced" } else { "" },
+                )
+            }
+        }
+    };
+    let recorded: i64 = script
+        .key(marker)
+        .key(&keys.events)
+        .key(keys.stats(&job.campaign))
+        .key(&keys.suppressed)
+        .key(&keys.campaigns)
+        .arg(ttl)
+        .arg(ev.to_json())
+        .arg(keys.events_max_len)
+        .arg(fields)
+        .arg(crate::policy::suppression::field(&job.to))
+        .arg(reason)
+        .arg(&job.campaign)
+        .invoke_async(conn)
+        .await?;
+    Ok(recorded == 1)
+}
