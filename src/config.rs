@@ -80,6 +80,12 @@ pub struct ProviderSettings {
     pub sendgrid_public_key: Option<String>,
     /// A signed request older (or newer) than this is refused: a replay.
     pub max_skew: Dur,
+    /// Amazon SES through SNS: the topics whose notifications are taken (`POST
+    /// /webhooks/ses`); empty: off. A message from any other topic is refused.
+    pub ses_topics: Vec<String>,
+    /// Where SNS signing certificates may come from. Unset: `https://sns.{region}.amazonaws.com/…pem`,
+    /// as AWS documents; tests point it at a local server.
+    pub sns_cert_prefix: Option<String>,
 }
 
 impl Default for ProviderSettings {
@@ -87,6 +93,8 @@ impl Default for ProviderSettings {
         Self {
             sendgrid_public_key: None,
             max_skew: "10m".parse().expect("valid default"),
+            ses_topics: Vec::new(),
+            sns_cert_prefix: None,
         }
     }
 }

@@ -302,6 +302,10 @@ impl App {
             .map(|k| crate::bounces::providers::SendGrid::new(k, p.max_skew.get()))
             .transpose()
             .map_err(anyhow::Error::msg)?;
+        let ses = (!p.ses_topics.is_empty())
+            .then(|| crate::bounces::ses::Ses::new(p.ses_topics.clone(), p.sns_cert_prefix.clone()))
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
         let track_task = match tracking_listener {
             Some(listener) => {
                 let t = &settings.tracking;
@@ -325,6 +329,7 @@ impl App {
                         header_timeout: t.header_timeout.get(),
                     },
                     sendgrid,
+                    ses,
                 };
                 Some(crate::track::server::serve(
                     listener,

@@ -166,3 +166,273 @@ fn chrono_now() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+/// The string SNS signs, written here from AWS's documentation (independently of paloma's).
+fn sns_string(fields: &[(&str, &str)]) -> String {
+    fields.iter().map(|(k, v)| format!("{k}\n{v}\n")).collect()
+}
+
+fn openssl_sign(key: &std::path::Path, data: &str, dir: &std::path::Path) -> String {
+    let f = dir.join("tosign");
+    std::fs::write(&f, data).unwrap();
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(&out.stdout)
+}
+
+/// Python's own static HTTP server, serving the signing certificate (as SNS's host would)
+/// and answering the subscription confirmation; its request log shows what was fetched.
+struct CertServer {
+    child: std::process::Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl CertServer {
+    fn start(dir: &std::path::Path) -> CertServer {
+        let port = free_port();
+        let log = dir.join("http.log");
+        let child = Command::new("/usr/bin/python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        wait_port("127.0.0.1", port, Duration::from_secs(10));
+        CertServer { child, port, log }
+    }
+}
+
+impl Drop for CertServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn ses_notifications_through_sns_are_verified_by_the_signing_certificate() {
+    ensure_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("sns.key");
+    assert!(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=sns.test",
+            "-keyout"
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(dir.path().join("SimpleNotificationService-test.pem"))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success());
+    std::fs::write(dir.path().join("confirm"), "<ConfirmSubscriptionResponse/>").unwrap();
+    let certs = CertServer::start(dir.path());
+    let topic = "arn:aws:sns:us-east-1:123456789012:ses-bounces";
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let track_port = free_port();
+    let setup = Setup::new(
+        &redis.url(),
+        sink.port,
+        "",
+        "",
+        &format!(
+            "listen = \"127.0.0.1:{track_port}\"\n[providers]\nses_topics = [\"{topic}\"]\nsns_cert_prefix = \"http://127.0.0.1:{}/\"\n",
+            certs.port
+        ),
+    );
+    let daemon = Daemon::spawn(&setup.config);
+    let mut conn = redis.conn();
+    enqueue_raw(&mut conn, &setup.prefix, &jobs(2, "ses", "example.test"));
+    wait_terminal(
+        &mut conn,
+        &setup.prefix,
+        2,
+        Duration::from_secs(30),
+        Some(&daemon),
+    );
+    wait_port("127.0.0.1", track_port, Duration::from_secs(10));
+    let cert_url = format!(
+        "http://127.0.0.1:{}/SimpleNotificationService-test.pem",
+        certs.port
+    );
+    let post = |body: &str| {
+        request(
+            track_port,
+            "POST",
+            "/webhooks/ses",
+            &[
+                ("Content-Type", "text/plain; charset=UTF-8"),
+                ("x-amz-sns-message-type", "Notification"),
+            ],
+            body.as_bytes(),
+        )
+        .status
+    };
+    let notification = |message: &str, topic: &str, cert_url: &str, sign_with_topic: &str| {
+        let (id, ts) = (
+            "22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324",
+            "2026-12-01T12:00:00.000Z",
+        );
+        let sig = openssl_sign(
+            &key,
+            &sns_string(&[
+                ("Message", message),
+                ("MessageId", id),
+                ("Timestamp", ts),
+                ("TopicArn", sign_with_topic),
+                ("Type", "Notification"),
+            ]),
+            dir.path(),
+        );
+        serde_json::json!({
+            "Type": "Notification", "MessageId": id, "TopicArn": topic, "Message": message,
+            "Timestamp": ts, "SignatureVersion": "2", "Signature": sig,
+            "SigningCertURL": cert_url,
+            "UnsubscribeURL": "https://sns.us-east-1.amazonaws.com/?Action=Unsubscribe",
+        })
+        .to_string()
+    };
+    // SES's documented bounce notification (with original headers), for ses-0.
+    let bounce = serde_json::json!({
+        "notificationType": "Bounce",
+        "bounce": {
+            "bounceType": "Permanent", "bounceSubType": "General",
+            "bouncedRecipients": [{"emailAddress": "u0@example.test", "action": "failed",
+                "status": "5.1.1", "diagnosticCode": "smtp; 550 5.1.1 user unknown"}],
+            "timestamp": "2026-12-01T12:00:00.000Z", "feedbackId": "0000013786031775-163e3910-53eb-4c8e-a04a-f29debf88a84-000000",
+            "reportingMTA": "dsn; a8-70.smtp-out.amazonses.com"
+        },
+        "mail": {
+            "timestamp": "2026-12-01T11:59:59.000Z", "source": "news@shop.test",
+            "messageId": "0000013786031775-fea503bc-7497-49e1-881b-a0379bb037d3-000000",
+            "destination": ["u0@example.test"], "headersTruncated": false,
+            "headers": [{"name": "X-Paloma-Id", "value": "ses-0"}, {"name": "X-Paloma-Campaign", "value": "ses"}]
+        }
+    })
+    .to_string();
+    let complaint = serde_json::json!({
+        "notificationType": "Complaint",
+        "complaint": {"userAgent": "AnyCompany Feedback Loop (V0.01)", "complainedRecipients": [{"emailAddress": "u1@example.test"}],
+            "complaintFeedbackType": "abuse", "timestamp": "2026-12-01T12:00:00.000Z", "feedbackId": "f"},
+        "mail": {"headers": [{"name": "X-Paloma-Id", "value": "ses-1"}, {"name": "X-Paloma-Campaign", "value": "ses"}]}
+    })
+    .to_string();
+    // Refused: another topic, a certificate from elsewhere, a tampered message.
+    let other = "arn:aws:sns:us-east-1:123456789012:not-ours";
+    assert_eq!(post(&notification(&bounce, other, &cert_url, other)), 401);
+    assert_eq!(
+        post(&notification(
+            &bounce,
+            topic,
+            "https://evil.test/SimpleNotificationService-x.pem",
+            topic
+        )),
+        401
+    );
+    let tampered = notification(&bounce, topic, &cert_url, topic)
+        .replace("u0@example.test", "u9@example.test");
+    assert_eq!(post(&tampered), 401);
+    assert!(events(&mut conn, &setup.prefix)
+        .iter()
+        .all(|e| e["type"] != "returned"));
+    // Signed: recorded (once, however often SNS retries).
+    assert_eq!(post(&notification(&bounce, topic, &cert_url, topic)), 200);
+    assert_eq!(post(&notification(&bounce, topic, &cert_url, topic)), 200);
+    let c = notification(&complaint, topic, &cert_url, topic).replace("22b80b92", "33c80b92");
+    // (a different MessageId changes the signed string: sign that one properly)
+    assert_eq!(post(&c), 401, "a changed MessageId breaks the signature");
+    let complaint_body = {
+        let (id, ts) = (
+            "33c80b92-fdea-4c2c-8f9d-bdfb0c7bf324",
+            "2026-12-01T12:00:01.000Z",
+        );
+        let sig = openssl_sign(
+            &key,
+            &sns_string(&[
+                ("Message", &complaint),
+                ("MessageId", id),
+                ("Timestamp", ts),
+                ("TopicArn", topic),
+                ("Type", "Notification"),
+            ]),
+            dir.path(),
+        );
+        serde_json::json!({"Type": "Notification", "MessageId": id, "TopicArn": topic, "Message": complaint,
+            "Timestamp": ts, "SignatureVersion": "2", "Signature": sig, "SigningCertURL": cert_url}).to_string()
+    };
+    assert_eq!(post(&complaint_body), 200);
+    let evs = events(&mut conn, &setup.prefix);
+    let returned: Vec<_> = evs.iter().filter(|e| e["type"] == "returned").collect();
+    assert_eq!(returned.len(), 1, "{returned:?}");
+    assert_eq!(returned[0]["id"], "ses-0");
+    assert_eq!(returned[0]["status"], "5.1.1");
+    assert_eq!(returned[0]["class"], "invalid_recipient");
+    assert_eq!(returned[0]["reporting_mta"], "a8-70.smtp-out.amazonses.com");
+    let complained: Vec<_> = evs.iter().filter(|e| e["type"] == "complained").collect();
+    assert_eq!(complained.len(), 1);
+    assert_eq!(complained[0]["id"], "ses-1");
+    assert_eq!(complained[0]["source"], "AnyCompany Feedback Loop (V0.01)");
+    // A subscription confirmation: verified, then confirmed at its SubscribeURL.
+    let subscribe = format!(
+        "http://127.0.0.1:{}/confirm?Action=ConfirmSubscription&Token=tok",
+        certs.port
+    );
+    let (id, ts, msg) = (
+        "44d8",
+        "2026-12-01T12:00:02.000Z",
+        "You have chosen to subscribe to the topic.",
+    );
+    let sig = openssl_sign(
+        &key,
+        &sns_string(&[
+            ("Message", msg),
+            ("MessageId", id),
+            ("SubscribeURL", &subscribe),
+            ("Timestamp", ts),
+            ("Token", "tok"),
+            ("TopicArn", topic),
+            ("Type", "SubscriptionConfirmation"),
+        ]),
+        dir.path(),
+    );
+    let body = serde_json::json!({"Type": "SubscriptionConfirmation", "MessageId": id, "Token": "tok", "TopicArn": topic,
+        "Message": msg, "SubscribeURL": subscribe, "Timestamp": ts, "SignatureVersion": "2", "Signature": sig,
+        "SigningCertURL": cert_url}).to_string();
+    assert_eq!(post(&body), 200);
+    let log = std::fs::read_to_string(&certs.log).unwrap();
+    assert!(
+        log.contains("GET /confirm?Action=ConfirmSubscription"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("GET /SimpleNotificationService-test.pem")
+            .count(),
+        1,
+        "the certificate is fetched once and cached:\n{log}"
+    );
+}

@@ -9,11 +9,14 @@
 //! - [`report`]: what an inbound message is — an RFC 3464 DSN, an ARF (RFC 5965) feedback
 //!   report, an auto-reply (ignored), or a plain-text bounce — parsed with mail-parser.
 //! - [`server`]: the inbound SMTP listener for DSNs and feedback reports.
+//! - [`providers`] (SendGrid) and [`ses`] (Amazon SES through SNS): the same reports as
+//!   signed webhooks on the tracking server; [`record`] writes them all.
 
 pub mod providers;
 pub mod record;
 pub mod report;
 pub mod server;
+pub mod ses;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;

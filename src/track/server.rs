@@ -48,6 +48,8 @@ pub struct TrackState {
     pub limits: crate::listener::Limits,
     /// SendGrid's event webhook (`[providers] sendgrid_public_key`), if configured.
     pub sendgrid: Option<crate::bounces::providers::SendGrid>,
+    /// Amazon SES through SNS (`[providers] ses_topics`), if configured.
+    pub ses: Option<crate::bounces::ses::Ses>,
 }
 
 /// Tracking events waiting for the writer; beyond this, new ones are dropped.
@@ -111,6 +113,7 @@ struct Inner {
     unsubscribe: redis::Script,
     repeats: Repeats,
     sendgrid: Option<crate::bounces::providers::SendGrid>,
+    ses: Option<crate::bounces::ses::Ses>,
     report: redis::Script,
 }
 
@@ -207,6 +210,7 @@ pub fn serve(
         unsubscribe: redis::Script::new(UNSUBSCRIBE),
         repeats: Repeats::new(state.repeat_window),
         sendgrid: state.sendgrid,
+        ses: state.ses,
         report: crate::bounces::record::script(),
     }));
     tokio::spawn(async move {
@@ -233,6 +237,10 @@ fn router(app: App) -> Router {
         .route(
             "/webhooks/sendgrid",
             post(sendgrid).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)),
+        )
+        .route(
+            "/webhooks/ses",
+            post(ses).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)),
         )
         .fallback(|| async { not_found() })
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -265,11 +273,24 @@ async fn sendgrid(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Re
             return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
         }
     };
+    if let Err(r) = record_items(&app, "sg", &items).await {
+        return r;
+    }
+    app.count("sendgrid", "ok");
+    (StatusCode::OK, "ok\n").into_response()
+}
+
+/// Records provider events (each once, by `{source}:{event id}`); Err(503) when Redis fails.
+async fn record_items(
+    app: &App,
+    source: &str,
+    items: &[crate::bounces::providers::Item],
+) -> Result<(), Response> {
     let mut redis = app.redis.clone();
-    for it in &items {
+    for it in items {
         let marker = app
             .keys
-            .report_seen(&format!("sg:{}", it.event_id), it.finding.what);
+            .report_seen(&format!("{source}:{}", it.event_id), it.finding.what);
         let written = crate::bounces::record::record(
             &mut redis,
             &app.keys,
@@ -297,12 +318,58 @@ async fn sendgrid(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Re
             Ok(false) => app.metrics.reports.with_label_values(&["duplicate"]).inc(),
             Err(e) => {
                 app.metrics.redis_errors.inc();
-                tracing::warn!(error = %e, "recording SendGrid events failed; SendGrid will retry");
-                return (StatusCode::SERVICE_UNAVAILABLE, "try again later\n").into_response();
+                tracing::warn!(error = %e, source, "recording provider events failed; the provider will retry");
+                return Err((StatusCode::SERVICE_UNAVAILABLE, "try again later\n").into_response());
             }
         }
     }
-    app.count("sendgrid", "ok");
+    Ok(())
+}
+
+/// Amazon SES notifications through SNS: verified (topic, certificate URL, signature),
+/// then a subscription is confirmed, or a Bounce / Complaint recorded against the job its
+/// original headers name. 200 once done; 401 refused; 502 when a confirmation fails.
+async fn ses(State(app): State<App>, body: Bytes) -> Response {
+    let Some(ses) = &app.ses else {
+        return not_found();
+    };
+    use crate::bounces::ses::Refused;
+    let m = match ses.verify(&body).await {
+        Ok(m) => m,
+        Err(why) => {
+            let result = match why {
+                Refused::Malformed => "malformed",
+                Refused::Topic => "topic",
+                Refused::CertUrl => "cert_url",
+                Refused::Cert => "cert",
+                Refused::BadSignature => "forged",
+                Refused::Version => "signature_version",
+            };
+            app.count("ses", result);
+            if why == Refused::Version {
+                tracing::warn!("an SNS message with SignatureVersion 1 (SHA1) was refused: set the topic's SignatureVersion to 2");
+            }
+            return (StatusCode::UNAUTHORIZED, "signature refused\n").into_response();
+        }
+    };
+    match m.kind.as_str() {
+        "SubscriptionConfirmation" => {
+            if !ses.confirm(&m).await {
+                app.count("ses", "confirm_failed");
+                return (StatusCode::BAD_GATEWAY, "could not confirm\n").into_response();
+            }
+            tracing::info!(topic = %m.topic_arn, "SNS subscription confirmed");
+            app.count("ses", "subscribed");
+        }
+        "Notification" => {
+            let items = crate::bounces::ses::ses_events(&m);
+            if let Err(r) = record_items(&app, "ses", &items).await {
+                return r;
+            }
+            app.count("ses", "ok");
+        }
+        _ => app.count("ses", "ignored"),
+    }
     (StatusCode::OK, "ok\n").into_response()
 }
 
