@@ -383,3 +383,60 @@ fn config_checks_catch_rules_that_cannot_work() {
         .to_string();
     assert!(e.contains("webhooks.secret"), "{e}");
 }
+
+#[test]
+fn late_bounces_and_complaints_fire_webhook_rules_and_end_timers() {
+    let r = rules(
+        r#"
+[[workflows]]
+name = "crm-returned"
+on = "returned"
+webhook = "http://127.0.0.1:9/h"
+[[workflows]]
+name = "crm-complaint"
+campaign = "spring"
+on = "complained"
+webhook = "http://127.0.0.1:9/h"
+[[workflows]]
+name = "remind"
+on = "not_opened"
+within = "3d"
+webhook = "http://127.0.0.1:9/h"
+"#,
+    );
+    let fired = |ev: Map<String, Value>| -> Vec<String> {
+        plan(&r, &ev)
+            .firings
+            .iter()
+            .map(|f| r.0[f.rule].name.clone())
+            .collect()
+    };
+    let returned = event(
+        "returned",
+        "a",
+        "spring",
+        json!({"status": "5.1.1", "permanent": true}),
+    );
+    assert_eq!(fired(returned.clone()), ["crm-returned"]);
+    assert_eq!(
+        fired(event("complained", "a", "spring", json!({}))),
+        ["crm-complaint"]
+    );
+    assert!(fired(event("complained", "a", "autumn", json!({}))).is_empty());
+    // A late bounce or a complaint ends the message's not_opened timer.
+    let cancels = |e: Map<String, Value>| {
+        plan(&r, &e)
+            .timers
+            .iter()
+            .any(|op| matches!(op, TimerOp::Cancel { rule: 2, .. }))
+    };
+    assert!(cancels(returned));
+    assert!(cancels(event("complained", "a", "spring", json!({}))));
+    assert!(!cancels(event("deferred", "a", "spring", json!({}))));
+    // A send on them is refused at load: the address is suppressed.
+    let bad = Settings::from_toml(
+        &format!("{BASE}\n[[workflows]]\nname = \"x\"\non = \"complained\"\nsend = {{ template = \"t\" }}\n"),
+        Vec::new(),
+    );
+    assert!(bad.is_err());
+}
