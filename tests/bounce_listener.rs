@@ -141,6 +141,13 @@ fn the_listener_refuses_relaying_oversize_and_forgeries_and_records_a_complaint(
         "VERP envelope sender: {return_path:?}\n{dump}"
     );
 
+    let reason = |addr: &str, conn: &mut redis::Connection| -> Option<String> {
+        redis::cmd("HGET")
+            .arg(format!("{}suppressed", setup.prefix))
+            .arg(addr)
+            .query(conn)
+            .unwrap()
+    };
     let mut c = Client::connect(bounce_port);
     assert!(c.cmd("EHLO fbl.example.net").starts_with("250"));
     // Never a relay.
@@ -172,6 +179,17 @@ fn the_listener_refuses_relaying_oversize_and_forgeries_and_records_a_complaint(
         arf("spring-1", "u1@example.test", &forged).as_bytes(),
     );
     assert!(r.starts_with("250"), "{r}");
+    assert!(
+        events(&mut conn, &setup.prefix)
+            .iter()
+            .all(|e| e["type"] != "complained"),
+        "a forgery records nothing"
+    );
+    assert_eq!(
+        reason("u1@example.test", &mut conn),
+        None,
+        "a forgery suppresses nobody"
+    );
     // A report about an address paloma never sent to (an unknown job id): ignored.
     let r = c.send(
         "",
@@ -200,6 +218,24 @@ fn the_listener_refuses_relaying_oversize_and_forgeries_and_records_a_complaint(
         arf("spring-0", "u0@example.test", &return_path).as_bytes(),
     );
     assert!(r.starts_with("250"), "{r}");
+    // A bounce in plain text that quotes only the original Message-ID (no token, no
+    // X-Paloma-Id): the Message-ID is the job's token, so it names spring-1.
+    let dump1 = dumps
+        .iter()
+        .map(|d| String::from_utf8_lossy(d).into_owned())
+        .find(|d| d.contains("X-Paloma-Id: spring-1"))
+        .expect("spring-1 at the sink");
+    let mid = dump1
+        .lines()
+        .find_map(|l| l.strip_prefix("Message-ID: "))
+        .expect("a Message-ID")
+        .trim()
+        .to_string();
+    let plain = format!(
+        "From: MAILER-DAEMON@old.example.net\r\nSubject: failure notice\r\n\r\nHi. This is the mail system at old.example.net.\r\n<u1@example.test>:\r\n550 5.1.1 mailbox does not exist\r\n\r\n--- Original message headers\r\n\r\nMessage-ID: {mid}\r\nSubject: Spring\r\n"
+    );
+    let r = c.send("", "postmaster@bounces.test", plain.as_bytes());
+    assert!(r.starts_with("250"), "{r}");
     // A 20 KB line (past the 4 KB line limit, read in pieces) and a dot-stuffed line ending
     // in a lone dot that is not the end: taken as one message.
     let long = format!(
@@ -224,22 +260,19 @@ fn the_listener_refuses_relaying_oversize_and_forgeries_and_records_a_complaint(
     assert_eq!(e["to"], "u0@example.test");
     assert_eq!(e["feedback_type"], "abuse");
     assert_eq!(e["source"], "ExampleFBL/1.0");
-    assert!(evs.iter().all(|e| e["type"] != "returned"));
-    let reason = |addr: &str, conn: &mut redis::Connection| -> Option<String> {
-        redis::cmd("HGET")
-            .arg(format!("{}suppressed", setup.prefix))
-            .arg(addr)
-            .query(conn)
-            .unwrap()
-    };
+    let returned: Vec<_> = evs.iter().filter(|e| e["type"] == "returned").collect();
+    assert_eq!(returned.len(), 1, "{returned:?}");
+    assert_eq!(returned[0]["id"], "spring-1");
+    assert_eq!(returned[0]["status"], "5.1.1");
+    assert_eq!(returned[0]["class"], "invalid_recipient");
     assert_eq!(
         reason("u0@example.test", &mut conn).as_deref(),
         Some("complained")
     );
+    // spring-1's address is suppressed by the plain-text bounce, not by the forgery.
     assert_eq!(
-        reason("u1@example.test", &mut conn),
-        None,
-        "a forgery suppresses nobody"
+        reason("u1@example.test", &mut conn).as_deref(),
+        Some("bounced")
     );
     let kind = |k: &str| {
         metric(

@@ -90,6 +90,23 @@ impl ReturnPaths {
         format!("b-{key}{}@{}", self.mac_of(&key), self.domain)
     }
 
+    /// A job's Message-ID with `[bounces]` on: `{key}{mac}@{domain}`, the token without its
+    /// `b-`, stable per job like the default one.
+    pub fn message_id(&self, job_id: &str, domain: &str) -> String {
+        let key = self.key(job_id);
+        format!("{key}{}@{domain}", self.mac_of(&key))
+    }
+
+    /// The key named by a Message-ID (`<{key}{mac}@…>`) this instance made, if it is one.
+    pub fn key_of_message_id(&self, message_id: &str) -> Option<String> {
+        let local = message_id
+            .trim()
+            .trim_matches(['<', '>'])
+            .split('@')
+            .next()?;
+        self.verify(&format!("b-{local}"))
+    }
+
     /// The key of a local part `b-{key}{mac}` whose MAC is right (case-insensitive: some
     /// servers change the case of what they return); None for anything else.
     pub fn verify(&self, local: &str) -> Option<String> {
@@ -189,6 +206,12 @@ mod tests {
             );
         }
         assert_eq!(p.verify("b-short"), None);
+        let mid = p.message_id("job-1", "shop.test");
+        assert_eq!(
+            p.key_of_message_id(&format!("<{mid}>")),
+            Some(p.key("job-1"))
+        );
+        assert_eq!(p.key_of_message_id("<abc@shop.test>"), None);
         assert_eq!(p.verify("postmaster"), None);
     }
 

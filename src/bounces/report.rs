@@ -61,6 +61,8 @@ pub struct Report {
     pub kind: Kind,
     /// Every `X-Paloma-Id` found in what the report returns (headers or attached message).
     pub paloma_ids: Vec<String>,
+    /// Every `Message-ID` found in what it returns (the original message's).
+    pub message_ids: Vec<String>,
 }
 
 fn strip_type(v: &str) -> String {
@@ -167,17 +169,17 @@ fn parse_feedback(body: &str, from_domain: Option<&str>) -> Kind {
     }
 }
 
-/// `X-Paloma-Id:` values anywhere in the raw message (its own headers excluded: a report
-/// names the message it returns, not itself).
-fn paloma_ids(raw: &[u8], own_headers_end: usize) -> Vec<String> {
-    const NAME: &[u8] = b"x-paloma-id:";
+/// The values of header `name` (lower case, with its colon) on any line of the raw message
+/// past its own headers (a report names the message it returns, not itself).
+fn header_values(raw: &[u8], own_headers_end: usize, name: &[u8]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
+    let name_len = name.len();
     let body = &raw[own_headers_end.min(raw.len())..];
     let mut i = 0;
-    while i + NAME.len() <= body.len() {
+    while i + name_len <= body.len() {
         let at_line = i == 0 || body[i - 1] == b'\n';
-        if at_line && body[i..i + NAME.len()].eq_ignore_ascii_case(NAME) {
-            let rest = &body[i + NAME.len()..];
+        if at_line && body[i..i + name_len].eq_ignore_ascii_case(name) {
+            let rest = &body[i + name_len..];
             let end = rest
                 .iter()
                 .position(|&b| b == b'\r' || b == b'\n')
@@ -186,7 +188,7 @@ fn paloma_ids(raw: &[u8], own_headers_end: usize) -> Vec<String> {
             if !v.is_empty() && v.len() <= 200 && !out.contains(&v) {
                 out.push(v);
             }
-            i += NAME.len() + end;
+            i += name_len + end;
             continue;
         }
         i += 1;
@@ -230,10 +232,12 @@ pub fn parse(raw: &[u8], null_sender: bool) -> Report {
         return Report {
             kind: Kind::Other,
             paloma_ids: Vec::new(),
+            message_ids: Vec::new(),
         };
     };
     let own_end = msg.root_part().offset_body as usize;
-    let paloma_ids = paloma_ids(raw, own_end);
+    let paloma_ids = header_values(raw, own_end, b"x-paloma-id:");
+    let message_ids = header_values(raw, own_end, b"message-id:");
     let from_domain = msg
         .from()
         .and_then(|a| a.first())
@@ -256,12 +260,14 @@ pub fn parse(raw: &[u8], null_sender: bool) -> Report {
                 return Report {
                     kind: parse_dsn(&body),
                     paloma_ids,
+                    message_ids,
                 }
             }
             "feedback-report" => {
                 return Report {
                     kind: parse_feedback(&body, from_domain.as_deref()),
                     paloma_ids,
+                    message_ids,
                 }
             }
             _ => {}
@@ -278,6 +284,7 @@ pub fn parse(raw: &[u8], null_sender: bool) -> Report {
         return Report {
             kind: Kind::AutoReply,
             paloma_ids,
+            message_ids,
         };
     }
     if null_sender || from_daemon {
@@ -289,13 +296,18 @@ pub fn parse(raw: &[u8], null_sender: bool) -> Report {
             .collect::<Vec<_>>()
             .join("\n");
         if let Some(kind) = text_bounce(&text) {
-            return Report { kind, paloma_ids };
+            return Report {
+                kind,
+                paloma_ids,
+                message_ids,
+            };
         }
     }
     let _ = HeaderValue::Empty;
     Report {
         kind: Kind::Other,
         paloma_ids,
+        message_ids,
     }
 }
 

@@ -426,6 +426,14 @@ async fn take_in(
             keys.push((k, true));
         }
     }
+    // A Message-ID this instance made is the token itself (signed: it names its job).
+    for mid in &r.message_ids {
+        if let Some(k) = state.paths.key_of_message_id(mid) {
+            if !keys.iter().any(|(x, _)| *x == k) {
+                keys.push((k, true));
+            }
+        }
+    }
     for id in &r.paloma_ids {
         let k = state.paths.key(id);
         if !keys.iter().any(|(x, _)| *x == k) {

@@ -183,6 +183,9 @@ pub struct Renderer {
     /// Relaying through SendGrid (`[providers] sendgrid_public_key`): each message carries
     /// `X-SMTPAPI` unique args naming its job, which SendGrid's event webhook returns.
     sendgrid: bool,
+    /// `[bounces]` on: the Message-ID's local part is the job's return-path token (without
+    /// `b-`), so a bounce that quotes only the original Message-ID still names its job.
+    return_paths: Option<crate::bounces::ReturnPaths>,
 }
 
 impl Renderer {
@@ -214,6 +217,7 @@ impl Renderer {
             reply_to,
             max_bytes: settings.delivery.max_message_bytes,
             sendgrid: settings.providers.sendgrid_public_key.is_some(),
+            return_paths: crate::bounces::ReturnPaths::new(settings),
         })
     }
 
@@ -344,7 +348,10 @@ impl Renderer {
                 job.to.as_str().to_string(),
             ))
             .subject(parts.subject)
-            .message_id(MessageId::new(message_id(job.id.as_str(), from_domain)))
+            .message_id(MessageId::new(match &self.return_paths {
+                Some(rp) => rp.message_id(job.id.as_str(), from_domain),
+                None => message_id(job.id.as_str(), from_domain),
+            }))
             .header("List-Unsubscribe", URL::new(unsubscribe))
             .header(
                 "List-Unsubscribe-Post",
