@@ -559,3 +559,122 @@ pub async fn recipient(
     );
     Ok(info)
 }
+
+/// What `paloma campaign …` does.
+pub enum CampaignAction {
+    List { json: bool },
+    Pause(String),
+    Resume(String),
+    Cancel { campaign: String, yes: bool },
+}
+
+/// One campaign's state and counts, for `paloma campaign list`.
+#[derive(Debug, serde::Serialize)]
+pub struct CampaignRow {
+    pub state: crate::control::State,
+    /// Jobs kept aside while paused.
+    pub parked: i64,
+    #[serde(flatten)]
+    pub stats: CampaignStats,
+}
+
+pub async fn campaign(settings: &Settings, action: CampaignAction) -> anyhow::Result<()> {
+    use crate::control::{self, State};
+    let client = redis_client(settings).await?;
+    let mut conn = manager(&client, std::time::Duration::from_secs(30)).await?;
+    let keys = Keys::new(&settings.redis.prefix);
+    let check = |c: &str| {
+        crate::job::CampaignId::parse(c.to_string())
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("campaign {c:?}: {e}"))
+    };
+    match action {
+        CampaignAction::List { json } => {
+            let states = control::Campaigns::default();
+            states.refresh(&mut conn, &keys).await?;
+            let o = stats(settings, None).await?;
+            let mut p = redis::pipe();
+            for c in &o.campaigns {
+                p.cmd("ZCARD").arg(keys.parked(&c.campaign));
+            }
+            let parked: Vec<i64> = p.query_async(&mut conn).await?;
+            let rows: Vec<CampaignRow> = o
+                .campaigns
+                .into_iter()
+                .zip(parked)
+                .map(|(s, parked)| CampaignRow {
+                    state: states.state(&s.campaign),
+                    parked,
+                    stats: s,
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>10}",
+                "campaign",
+                "state",
+                "accepted",
+                "parked",
+                "delivered",
+                "bounced",
+                "failed",
+                "suppressed"
+            );
+            for r in &rows {
+                println!(
+                    "{:<24} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>10}",
+                    r.stats.campaign,
+                    r.state.as_str(),
+                    r.stats.accepted,
+                    r.parked,
+                    r.stats.delivered,
+                    r.stats.bounced,
+                    r.stats.failed,
+                    r.stats.suppressed
+                );
+            }
+            if rows.is_empty() {
+                println!("(no campaign has an outcome yet)");
+            }
+        }
+        CampaignAction::Pause(c) => {
+            check(&c)?;
+            control::set(&mut conn, &keys, &c, State::Paused).await?;
+            eprintln!(
+                "paused {c}: within about {} ms no daemon starts another message of it; its jobs wait (paloma campaign resume {c})",
+                control::REFRESH.as_millis() * 2
+            );
+        }
+        CampaignAction::Resume(c) => {
+            check(&c)?;
+            control::set(&mut conn, &keys, &c, State::Active).await?;
+            let n = control::release(&mut conn, &keys, &c).await?;
+            eprintln!("resumed {c}: {n} parked jobs go out now, paced by shaping as usual");
+        }
+        CampaignAction::Cancel { campaign: c, yes } => {
+            check(&c)?;
+            if !yes {
+                if !std::io::stdin().is_terminal() {
+                    bail!("cancel ends every job of {c} not yet sent; pass --yes to confirm");
+                }
+                eprint!("cancel {c}: every job not yet sent ends as suppressed (cancelled). Type the campaign name to confirm: ");
+                std::io::stderr().flush().ok();
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                if line.trim() != c {
+                    bail!("not confirmed; nothing changed");
+                }
+            }
+            control::set(&mut conn, &keys, &c, State::Cancelled).await?;
+            let parked = control::release(&mut conn, &keys, &c).await?;
+            let delayed = control::bring_forward(&mut conn, &keys, &c).await?;
+            eprintln!(
+                "cancelled {c}: its jobs end as suppressed (cancelled) as the daemons reach them ({parked} parked and {delayed} delayed brought forward); paloma campaign resume {c} undoes it for jobs not yet ended"
+            );
+        }
+    }
+    Ok(())
+}

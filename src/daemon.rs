@@ -245,6 +245,18 @@ impl App {
             stop_rx.clone(),
         ));
 
+        // Campaign states before the first job: a paused campaign stays paused across a
+        // restart.
+        let campaigns = Arc::new(crate::control::Campaigns::default());
+        if let Err(e) = campaigns.refresh(&mut conn.clone(), &keys).await {
+            tracing::warn!(error = %e, "reading campaign states failed; retrying in the background");
+        }
+        tokio::spawn(campaigns.clone().watch(
+            conn.clone(),
+            keys.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
         let workers = i.workers;
         let ready = Arc::new(AtomicBool::new(false));
         let signer = renderer.signer().clone();
@@ -265,6 +277,7 @@ impl App {
             max_job_bytes: i.max_job_bytes,
             also_prune: vec![(keys.events.clone(), format!("{group}-workflows"))],
             return_paths: crate::bounces::ReturnPaths::new(&settings),
+            campaigns: campaigns.clone(),
             stop: stop_rx.clone(),
         });
         // Housekeeping of SMTP sessions and mx routes, every 5 s until shutdown begins (it

@@ -19,6 +19,8 @@
 //! - [`deliver`]: SMTP sessions to the relay or to each domain's MX hosts.
 //! - [`outcome`]: the vocabulary every layer speaks: what an attempt came to, bounce classes.
 //! - [`policy`]: suppression list and frequency caps.
+//! - [`control`]: campaign pause / resume / cancel, with each daemon's cached copy of the
+//!   states.
 //! - [`bounces`]: what comes back after acceptance: VERP tokens, the inbound SMTP listener,
 //!   DSN and ARF parsing, `returned` / `complained` events.
 //! - [`track`]: signed tracking tokens and the tracking server (pixel, clicks, unsubscribe).
@@ -34,6 +36,7 @@
 pub mod bounces;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod deliver;
 pub mod demo;

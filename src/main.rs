@@ -56,6 +56,11 @@ enum Command {
         #[command(subcommand)]
         action: SuppressAction,
     },
+    /// Campaign control: list, pause, resume, cancel (across every daemon).
+    Campaign {
+        #[command(subcommand)]
+        action: CampaignCmd,
+    },
     /// The quick start: a throwaway Redis, a local mail capture, a sample campaign.
     Demo {
         /// How many recipients.
@@ -69,6 +74,39 @@ enum Command {
         redis_url: Option<String>,
         #[arg(long, default_value = "templates")]
         templates: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CampaignCmd {
+    /// Every campaign with its state and counts.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop sending a campaign (within about a second, on every daemon); its jobs wait.
+    Pause {
+        #[arg(long, short)]
+        config: PathBuf,
+        campaign: String,
+    },
+    /// Send a paused or cancelled campaign's waiting jobs again.
+    Resume {
+        #[arg(long, short)]
+        config: PathBuf,
+        campaign: String,
+    },
+    /// End every job of a campaign not yet sent (`suppressed`, reason `cancelled`).
+    Cancel {
+        #[arg(long, short)]
+        config: PathBuf,
+        campaign: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -162,6 +200,24 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Suppress { config, action } => {
             let settings = load(&config)?;
             return cli::suppress(&settings, action.into()).await;
+        }
+        Command::Campaign { action } => {
+            let (config, action) = match action {
+                CampaignCmd::List { config, json } => (config, cli::CampaignAction::List { json }),
+                CampaignCmd::Pause { config, campaign } => {
+                    (config, cli::CampaignAction::Pause(campaign))
+                }
+                CampaignCmd::Resume { config, campaign } => {
+                    (config, cli::CampaignAction::Resume(campaign))
+                }
+                CampaignCmd::Cancel {
+                    config,
+                    campaign,
+                    yes,
+                } => (config, cli::CampaignAction::Cancel { campaign, yes }),
+            };
+            let settings = load(&config)?;
+            cli::campaign(&settings, action).await?;
         }
         Command::Demo {
             count,

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub redis_check: IntGaugeVec,
     /// Consumers removed from a group (stopped daemons, nothing pending).
     pub consumers_removed: IntCounter,
+    /// Jobs kept aside because their campaign is paused.
+    pub jobs_parked: IntCounter,
     /// Messages the bounce listener took in, by what they were.
     pub reports: IntCounterVec,
     /// `returned` events by bounce class.
@@ -292,7 +294,12 @@ impl Metrics {
             "Feedback-loop complaints by campaign.",
             &["campaign"],
         );
+        let jobs_parked = counter(
+            "paloma_jobs_parked_total",
+            "Jobs kept aside (parked) because their campaign is paused; they go out on resume.",
+        );
         Metrics {
+            jobs_parked,
             reports,
             returned,
             complaints,

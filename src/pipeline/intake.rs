@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 
 use super::Stages;
+use crate::control::State;
 use crate::job::Job;
 use crate::policy::suppression;
 use crate::queue::consumer::Backoff;
@@ -169,6 +170,20 @@ async fn dispatch(
             tracing::debug!(id = job.id.as_str(), "duplicate job id; skipped");
             stages.recorder.send(Record::ack_only(entry.id)).await;
             continue;
+        }
+        match stages.campaigns.state(job.campaign.as_str()) {
+            State::Active => {}
+            State::Cancelled => {
+                let record = Record::suppressed(&entry, &job, "cancelled");
+                stages.recorder.send(record).await;
+                continue;
+            }
+            State::Paused => {
+                stages.metrics.jobs_parked.inc();
+                let record = Record::parked(&entry, &job.identity(), now);
+                stages.recorder.send(record).await;
+                continue;
+            }
         }
         if let Some(reason) = suppressed.filter(|r| suppression::blocks(r, job.transactional)) {
             let reason = if suppression::REASONS.contains(&reason.as_str()) {

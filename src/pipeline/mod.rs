@@ -51,6 +51,8 @@ pub struct Stages {
     pub max_job_bytes: usize,
     /// Other consumer groups whose stopped consumers the intake prunes: (stream, group).
     pub also_prune: Vec<(String, String)>,
+    /// Campaign states (pause, cancel), refreshed in the background.
+    pub campaigns: Arc<crate::control::Campaigns>,
     /// VERP return paths (`[bounces] domain`), if on.
     pub return_paths: Option<crate::bounces::ReturnPaths>,
     /// Turns true when shutdown begins.

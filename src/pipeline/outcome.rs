@@ -119,6 +119,21 @@ impl Record {
         }
     }
 
+    /// Kept aside while its campaign is paused (see [`crate::control`]): acknowledged,
+    /// parked with its attempt count and age start, nothing sent and no event.
+    pub fn parked(entry: &Entry, ident: &JobIdentity, now: i64) -> Record {
+        Record {
+            ack: Some(entry.id.clone()),
+            park: Some((
+                ident.campaign.clone(),
+                now,
+                scheduler::member(entry.attempt, entry.first_at, &entry.job),
+            )),
+            idem: Some((ident.id.clone(), Some(Idem::Scheduled))),
+            ..Default::default()
+        }
+    }
+
     /// The record of a delivery attempt: delivered or bounced (ends the job; a hard bounce
     /// suppresses the address), deferred (back to the delayed set for the next retry) or,
     /// past `max_age`, failed. `keep`: whether the job is kept for workflow follow-ups.
@@ -283,6 +298,16 @@ mod tests {
         let r = Record::dead(&entry(0, 0), &JobError::Internal("x".into()), &id, false);
         assert_eq!(r.stat, Some(("(none)".into(), EventKind::Dead)));
         assert_eq!(r.idem, None, "never claimed: nothing to delete");
+    }
+
+    #[test]
+    fn a_parked_job_keeps_its_attempt_and_age_and_writes_no_event() {
+        let r = Record::parked(&entry(3, 11), &ident(), 500);
+        assert!(r.event.is_none() && r.stat.is_none() && r.schedule.is_none());
+        let (c, at, member) = r.park.unwrap();
+        assert_eq!((c.as_str(), at), ("spring", 500));
+        assert!(member.starts_with("3|11|"));
+        assert_eq!(r.idem, Some(("j".into(), Some(Idem::Scheduled))));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use rand::Rng;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::Stages;
+use crate::control::State;
 use crate::deliver::Route;
 use crate::job::{Job, JobError, JobIdentity};
 use crate::outcome::Outcome;
@@ -93,6 +94,15 @@ async fn attempt(
     if let Some(wait) = wait {
         let due = now_ms() + wait.as_millis() as i64;
         return Some(Record::later(entry, ident, due, entry.first_at));
+    }
+    // The campaign may have been paused or cancelled since the intake looked.
+    match stages.campaigns.state(&ident.campaign) {
+        State::Active => {}
+        State::Paused => {
+            m.jobs_parked.inc();
+            return Some(Record::parked(entry, ident, now_ms()));
+        }
+        State::Cancelled => return Some(Record::suppressed(entry, job, "cancelled")),
     }
     // Render.
     let t0 = Instant::now();

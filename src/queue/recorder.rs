@@ -51,6 +51,9 @@ pub struct Record {
     /// `(campaign, outcome)` for stats and metrics; `first` counts the job as accepted.
     pub stat: Option<(String, EventKind)>,
     pub first: bool,
+    /// `(campaign, parked at ms, member)`: a paused campaign's job kept aside, see
+    /// [`crate::control`].
+    pub park: Option<(String, i64, String)>,
     /// `(key, value, ttl secs)` to SET with the outcome (a delivered job's JSON, kept for
     /// workflow follow-ups).
     pub store: Option<(String, Vec<u8>, u64)>,
@@ -300,6 +303,14 @@ impl Recorder {
                     .arg(if r.stat.is_some() { "1" } else { "0" })
                     .arg(k.events_max_len);
                 ops.push((i, Op::Schedule));
+            }
+            if let Some((campaign, at, member)) = &r.park {
+                p.cmd("ZADD")
+                    .arg(k.parked(campaign))
+                    .arg(*at)
+                    .arg(member)
+                    .ignore();
+                ops.push((i, Op::Other));
             }
             if let Some((key, value, ttl)) = &r.store {
                 p.cmd("SET")

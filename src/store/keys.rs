@@ -23,6 +23,8 @@
 //! | `webhooks` | sorted set | workflow webhooks waiting for their next attempt |
 //! | `wfjob:{id}` | string | a sent job kept for follow-ups |
 //! | `wf:{rule}:{id}` | string | a fired rule's once-only marker |
+//! | `campaign_states` | hash | campaign → `paused` / `cancelled` |
+//! | `parked:{campaign}` | sorted set | a paused campaign's jobs (score: parked at, ms) |
 //! | `rp:{token}` | string | the job a return-path token names (id, campaign, to) |
 //! | `rpseen:{token}:{kind}` | string | a report about that job already recorded |
 //! | `written:{recorder}:{n}` | string | the recorder's batch marker |
@@ -45,6 +47,8 @@ pub struct Keys {
     pub timers_cancelled: String,
     /// Webhooks waiting for their next try (score: due ms).
     pub webhooks: String,
+    /// Campaign → `paused` | `cancelled` (absent: active).
+    pub campaign_states: String,
     /// `XADD … MAXLEN ~` of every event (`[events] max_len`).
     pub events_max_len: u64,
 }
@@ -63,6 +67,7 @@ impl Keys {
             timers: format!("{prefix}timers"),
             timers_cancelled: format!("{prefix}timers:cancelled"),
             webhooks: format!("{prefix}webhooks"),
+            campaign_states: format!("{prefix}campaign_states"),
             events_max_len: crate::config::EventSettings::default().max_len,
         }
     }
@@ -126,6 +131,11 @@ impl Keys {
     /// The once-only marker of a follow-up whose id is `wf:{rule}:{original id}`.
     pub fn marker(&self, follow_up_id: &str) -> String {
         self.join(&[follow_up_id])
+    }
+
+    /// A paused campaign's parked jobs (delayed-set members; score: parked at, ms).
+    pub fn parked(&self, campaign: &str) -> String {
+        self.join(&["parked:", campaign])
     }
 
     /// The job a return-path token names (`bounces::TokenJob` JSON).
