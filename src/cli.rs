@@ -331,7 +331,7 @@ pub async fn stats(settings: &Settings, campaign: Option<&str>) -> anyhow::Resul
             returned_by_class: h
                 .iter()
                 .filter_map(|(k, v)| k.strip_prefix("returned_").map(|c| (c.to_string(), *v)))
-                .filter(|(c, _)| c != "delayed")
+                .filter(|(c, _)| c != "delayed" && c != "hard")
                 .collect(),
             returned_delayed: g("returned_delayed"),
             complained: g("complained"),
@@ -650,6 +650,8 @@ pub async fn campaign(settings: &Settings, action: CampaignAction) -> anyhow::Re
         }
         CampaignAction::Resume(c) => {
             check(&c)?;
+            // Guards judge what is sent from now on.
+            control::rebase(&mut conn, &keys, &c).await?;
             control::set(&mut conn, &keys, &c, State::Active).await?;
             let n = control::release(&mut conn, &keys, &c).await?;
             eprintln!("resumed {c}: {n} parked jobs go out now, paced by shaping as usual");

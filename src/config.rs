@@ -67,6 +67,9 @@ pub struct Settings {
     /// Bounces and complaints from sending providers' webhooks (on the tracking server).
     #[serde(default)]
     pub providers: ProviderSettings,
+    /// Rules that pause a campaign when its bounce or complaint rate goes wrong.
+    #[serde(default)]
+    pub guards: Vec<GuardRule>,
 }
 
 /// `[providers]`: webhooks of the services paloma may relay through, each verified as the
@@ -392,6 +395,45 @@ pub struct DomainRule {
 pub struct CapRule {
     pub max: u32,
     pub per: Dur,
+}
+
+/// A guard (`[[guards]]`): pauses a campaign by itself when its figures go wrong. Rates are
+/// strings like `"5%"` or `"0.3%"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardRule {
+    /// One campaign, or `"*"` (every campaign).
+    pub campaign: String,
+    /// Hard bounces (synchronous and late) / attempted (delivered + bounced).
+    pub bounce_rate: Option<Percent>,
+    /// Complaints / delivered.
+    pub complaint_rate: Option<Percent>,
+    /// Attempted messages (since the last resume) before the guard judges.
+    #[serde(default = "default_min_sent")]
+    pub min_sent: u64,
+}
+
+fn default_min_sent() -> u64 {
+    500
+}
+
+/// A share written `"5%"` (or `"0.3%"`), as a fraction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Percent(pub f64);
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let v = s
+            .trim()
+            .strip_suffix('%')
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .filter(|v| (0.0..=100.0).contains(v))
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!("{s:?} is not a percentage like \"5%\""))
+            })?;
+        Ok(Percent(v / 100.0))
+    }
 }
 
 /// A reply pattern that suspends the destination it came from (`[[backoff]]`). Every field
@@ -754,6 +796,15 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        for (i, g) in self.guards.iter().enumerate() {
+            if g.campaign != "*" {
+                crate::job::CampaignId::parse(g.campaign.clone())
+                    .map_err(|e| ConfigError::Invalid(format!("guards[{i}].campaign: {e}")))?;
+            }
+            if g.bounce_rate.is_none() && g.complaint_rate.is_none() {
+                return bad(format!("guards[{i}] needs bounce_rate or complaint_rate"));
+            }
+        }
         if let Some(k) = &self.providers.sendgrid_public_key {
             crate::bounces::providers::SendGrid::new(k, self.providers.max_skew.get())
                 .map_err(ConfigError::Invalid)?;
@@ -866,7 +917,7 @@ impl Settings {
             }
         }
         for (i, w) in self.workflows.iter().enumerate() {
-            const ON: [&str; 9] = [
+            const ON: [&str; 10] = [
                 "delivered",
                 "opened",
                 "clicked",
@@ -874,6 +925,7 @@ impl Settings {
                 "bounced",
                 "returned",
                 "complained",
+                "campaign_paused",
                 "not_opened",
                 "not_clicked",
             ];
@@ -950,7 +1002,10 @@ fn validate_workflow(w: &WorkflowRule, earlier: &[WorkflowRule]) -> Result<(), S
         ));
     }
     if let Some(send) = &w.send {
-        if matches!(w.on.as_str(), "unsubscribed" | "complained" | "returned") {
+        if matches!(
+            w.on.as_str(),
+            "unsubscribed" | "complained" | "returned" | "campaign_paused"
+        ) {
             return Err(format!("a send on {} would never go out (the address is suppressed or undeliverable); use a webhook", w.on));
         }
         if send.template.is_empty()

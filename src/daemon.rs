@@ -257,6 +257,14 @@ impl App {
             metrics.clone(),
             stop_rx.clone(),
         ));
+        tokio::spawn(crate::control::guard(
+            settings.guards.clone(),
+            campaigns.clone(),
+            conn.clone(),
+            keys.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
         let workers = i.workers;
         let ready = Arc::new(AtomicBool::new(false));
         let signer = renderer.signer().clone();

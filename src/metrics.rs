@@ -56,6 +56,8 @@ pub struct Metrics {
     pub consumers_removed: IntCounter,
     /// Jobs kept aside because their campaign is paused.
     pub jobs_parked: IntCounter,
+    /// Campaigns paused by a guard, by reason.
+    pub guard_trips: IntCounterVec,
     /// Messages the bounce listener took in, by what they were.
     pub reports: IntCounterVec,
     /// `returned` events by bounce class.
@@ -298,7 +300,13 @@ impl Metrics {
             "paloma_jobs_parked_total",
             "Jobs kept aside (parked) because their campaign is paused; they go out on resume.",
         );
+        let guard_trips = vec(
+            "paloma_guard_trips_total",
+            "Campaigns paused by a guard ([[guards]]), by reason: bounce_rate or complaint_rate.",
+            &["reason"],
+        );
         Metrics {
+            guard_trips,
             jobs_parked,
             reports,
             returned,

@@ -60,10 +60,12 @@ pub async fn record(
                 ("returned_delayed".to_string(), "")
             } else {
                 let suppress = f.permanent && class.is_hard();
-                (
-                    format!("returned,returned_{}", class.as_str()),
-                    if suppress { "bounced" } else { "" },
-                )
+                let mut fields = format!("returned,returned_{}", class.as_str());
+                if suppress {
+                    // A hard bounce after acceptance counts towards guards' bounce rate.
+                    fields.push_str(",returned_hard");
+                }
+                (fields, if suppress { "bounced" } else { "" })
             }
         }
     };

@@ -169,6 +169,7 @@ impl Record {
                 record.store = keep.store(EventKind::Bounced, id, campaign, &entry.job);
                 if b.class.is_hard() {
                     record.suppress = Some((to.to_string(), "bounced"));
+                    record.stat_extra = Some("bounced_hard");
                 }
                 record
             }

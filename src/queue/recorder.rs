@@ -51,6 +51,8 @@ pub struct Record {
     /// `(campaign, outcome)` for stats and metrics; `first` counts the job as accepted.
     pub stat: Option<(String, EventKind)>,
     pub first: bool,
+    /// One more counter of `stat`'s campaign (`bounced_hard`, which guards read).
+    pub stat_extra: Option<&'static str>,
     /// `(campaign, parked at ms, member)`: a paused campaign's job kept aside, see
     /// [`crate::control`].
     pub park: Option<(String, i64, String)>,
@@ -335,6 +337,9 @@ impl Recorder {
                     .or_default() += 1;
                 if r.first {
                     *stats.entry((campaign.as_str(), "accepted")).or_default() += 1;
+                }
+                if let Some(extra) = r.stat_extra {
+                    *stats.entry((campaign.as_str(), extra)).or_default() += 1;
                 }
             }
             if let Some(id) = &r.ack {

@@ -25,6 +25,7 @@
 //! | `wf:{rule}:{id}` | string | a fired rule's once-only marker |
 //! | `campaign_states` | hash | campaign → `paused` / `cancelled` |
 //! | `parked:{campaign}` | sorted set | a paused campaign's jobs (score: parked at, ms) |
+//! | `guard_base:{campaign}` | hash | the counters at the campaign's last resume |
 //! | `rp:{token}` | string | the job a return-path token names (id, campaign, to) |
 //! | `rpseen:{token}:{kind}` | string | a report about that job already recorded |
 //! | `written:{recorder}:{n}` | string | the recorder's batch marker |
@@ -136,6 +137,11 @@ impl Keys {
     /// A paused campaign's parked jobs (delayed-set members; score: parked at, ms).
     pub fn parked(&self, campaign: &str) -> String {
         self.join(&["parked:", campaign])
+    }
+
+    /// A campaign's counters at its last resume (guards judge what came since).
+    pub fn guard_base(&self, campaign: &str) -> String {
+        self.join(&["guard_base:", campaign])
     }
 
     /// The job a return-path token names (`bounces::TokenJob` JSON).

@@ -74,6 +74,8 @@ pub enum Trigger {
     Bounced,
     Returned,
     Complained,
+    /// A guard paused a campaign (an event of no job: webhooks only).
+    CampaignPaused,
     NotOpened,
     NotClicked,
 }
@@ -88,6 +90,7 @@ impl Trigger {
             "bounced" => Trigger::Bounced,
             "returned" => Trigger::Returned,
             "complained" => Trigger::Complained,
+            "campaign_paused" => Trigger::CampaignPaused,
             "not_opened" => Trigger::NotOpened,
             "not_clicked" => Trigger::NotClicked,
             _ => return None,
@@ -103,6 +106,7 @@ impl Trigger {
             Trigger::Bounced => "bounced",
             Trigger::Returned => "returned",
             Trigger::Complained => "complained",
+            Trigger::CampaignPaused => "campaign_paused",
             Trigger::NotOpened => "not_opened",
             Trigger::NotClicked => "not_clicked",
         }
@@ -234,11 +238,19 @@ impl<'a> EventView<'a> {
     /// None when a common field is missing or not a string.
     pub fn of(ev: &'a Map<String, serde_json::Value>) -> Option<Self> {
         let s = |k: &str| ev.get(k).and_then(|v| v.as_str());
+        let kind = s("type")?;
+        // A campaign's own events (a guard's pause) belong to no job.
+        let of_campaign = kind == "campaign_paused";
+        let job = |k: &str| match s(k) {
+            Some(v) if !v.is_empty() => Some(v),
+            _ if of_campaign => Some(""),
+            _ => None,
+        };
         Some(EventView {
-            kind: s("type")?,
-            id: s("id").filter(|s| !s.is_empty())?,
+            kind,
+            id: job("id")?,
             campaign: s("campaign")?,
-            to: s("to").filter(|s| !s.is_empty())?,
+            to: job("to")?,
             at_ms: s("at")
                 .and_then(|a| chrono::DateTime::parse_from_rfc3339(a).ok())
                 .map(|t| t.timestamp_millis()),

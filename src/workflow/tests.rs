@@ -440,3 +440,28 @@ webhook = "http://127.0.0.1:9/h"
     );
     assert!(bad.is_err());
 }
+
+#[test]
+fn a_guards_pause_fires_a_webhook_rule_though_it_belongs_to_no_job() {
+    let r = rules(
+        r#"
+[[workflows]]
+name = "ops"
+on = "campaign_paused"
+webhook = "http://127.0.0.1:9/h"
+"#,
+    );
+    let mut ev = Map::new();
+    ev.insert("type".into(), json!("campaign_paused"));
+    ev.insert("campaign".into(), json!("spring"));
+    ev.insert("reason".into(), json!("bounce_rate"));
+    ev.insert("at".into(), json!("2026-12-01T12:00:00.000Z"));
+    let p = plan(&r, &ev);
+    assert_eq!(p.firings.len(), 1);
+    assert_eq!(p.firings[0].body["reason"], "bounce_rate");
+    // A job's event still needs its id and recipient.
+    let mut bad = ev.clone();
+    bad.insert("type".into(), json!("delivered"));
+    let mut out = Plan::default();
+    assert!(!r.plan(&bad, 0, &mut out), "malformed without id and to");
+}
