@@ -14,6 +14,10 @@
 //! - A job of a **cancelled** campaign ends with a `suppressed` event, reason `cancelled`.
 //!   Cancelling releases the parked jobs and brings the campaign's delayed jobs forward, so
 //!   every job not yet sent ends that way promptly, wherever it waited.
+//!
+//! A daemon whose copy still said `paused` may park a job just after a resume or cancel;
+//! each daemon, on seeing a campaign leave `paused`, releases its parked set again, so such a
+//! job waits at most one refresh.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -68,8 +72,13 @@ impl Campaigns {
         states.get(campaign).copied().unwrap_or(State::Active)
     }
 
-    /// Re-reads every state (one HGETALL).
-    pub async fn refresh(&self, conn: &mut RedisConn, keys: &Keys) -> redis::RedisResult<()> {
+    /// Re-reads every state (one HGETALL); returns the campaigns that were paused and no
+    /// longer are.
+    pub async fn refresh(
+        &self,
+        conn: &mut RedisConn,
+        keys: &Keys,
+    ) -> redis::RedisResult<Vec<String>> {
         let all: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(&keys.campaign_states)
             .query_async(conn)
@@ -79,8 +88,14 @@ impl Campaigns {
             .map(|(c, s)| (c, State::parse(&s)))
             .filter(|(_, s)| *s != State::Active)
             .collect();
-        *self.states.write().expect("states lock") = next;
-        Ok(())
+        let mut states = self.states.write().expect("states lock");
+        let unpaused = states
+            .iter()
+            .filter(|(c, s)| **s == State::Paused && next.get(*c) != Some(&State::Paused))
+            .map(|(c, _)| c.clone())
+            .collect();
+        *states = next;
+        Ok(unpaused)
     }
 
     /// Refreshes every [`REFRESH`] until `stop` turns true.
@@ -96,9 +111,22 @@ impl Campaigns {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if let Err(e) = self.refresh(&mut conn, &keys).await {
-                        metrics.redis_errors.inc();
-                        tracing::debug!(error = %e, "reading campaign states failed; keeping the last ones");
+                    match self.refresh(&mut conn, &keys).await {
+                        // Jobs this daemon parked while its copy still said paused (the
+                        // resume or cancel came between two refreshes) are released by this
+                        // daemon itself, once it knows: none stays parked for ever.
+                        Ok(unpaused) => {
+                            for c in unpaused {
+                                if let Err(e) = release(&mut conn, &keys, &c).await {
+                                    metrics.redis_errors.inc();
+                                    tracing::warn!(error = %e, campaign = %c, "releasing parked jobs failed");
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            metrics.redis_errors.inc();
+                            tracing::debug!(error = %e, "reading campaign states failed; keeping the last ones");
+                        }
                     }
                 }
                 _ = async { let _ = stop.wait_for(|s| *s).await; } => return,

@@ -248,7 +248,7 @@ impl App {
         // Campaign states before the first job: a paused campaign stays paused across a
         // restart.
         let campaigns = Arc::new(crate::control::Campaigns::default());
-        if let Err(e) = campaigns.refresh(&mut conn.clone(), &keys).await {
+        if let Err(e) = campaigns.refresh(&mut conn.clone(), &keys).await.map(drop) {
             tracing::warn!(error = %e, "reading campaign states failed; retrying in the background");
         }
         tokio::spawn(campaigns.clone().watch(
