@@ -22,6 +22,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::postfix::Postfix;
 use common::*;
 
 struct Opts {
@@ -141,131 +142,31 @@ fn smtp_source(port: u16, size: usize, count: usize) {
     assert!(st.success());
 }
 
-/// A throwaway Postfix instance relaying everything to the sink, as many senders run it
-/// today: stopped (and its queue removed) when dropped.
-struct Postfix {
-    dir: tempfile::TempDir,
-    port: u16,
+/// A throwaway Postfix (tests/common/postfix.rs) relaying everything to the sink, as many
+/// senders run it today, tuned for load.
+fn postfix(sink_port: u16) -> Postfix {
+    Postfix::start(
+        sink_port,
+        &[],
+        "default_destination_concurrency_limit = 50\ndefault_process_limit = 200\n",
+    )
 }
 
-impl Postfix {
-    fn start(sink_port: u16) -> Postfix {
-        let dir = tempfile::Builder::new()
-            .prefix("paloma-postfix")
-            .tempdir()
-            .unwrap();
-        let d = dir.path();
-        for sub in ["etc", "spool", "data"] {
-            std::fs::create_dir_all(d.join(sub)).unwrap();
-        }
-        // Postfix's daemons run as the postfix user: they must reach the queue and own data/.
-        let _ = Command::new("chmod").arg("755").arg(d).status();
-        let _ = Command::new("chown")
-            .arg("postfix")
-            .arg(d.join("data"))
-            .status();
-        let port = free_port();
-        let main_cf = format!(
-            "compatibility_level = 3.6\n\
-             queue_directory = {q}\n\
-             data_directory = {data}\n\
-             mail_owner = postfix\n\
-             setgid_group = postdrop\n\
-             inet_interfaces = 127.0.0.1\n\
-             inet_protocols = ipv4\n\
-             myhostname = relay.bench.test\n\
-             mydestination =\n\
-             local_recipient_maps =\n\
-             relayhost = [127.0.0.1]:{sink_port}\n\
-             mynetworks = 127.0.0.0/8\n\
-             smtpd_relay_restrictions = permit_mynetworks, reject\n\
-             default_destination_concurrency_limit = 50\n\
-             default_process_limit = 200\n\
-             smtp_tls_security_level = none\n\
-             smtpd_tls_security_level = none\n\
-             smtp_dns_support_level = disabled\n\
-             maillog_file_prefixes = {dir}\n\
-             maillog_file = {dir}/maillog\n\
-             biff = no\n",
-            q = d.join("spool").display(),
-            data = d.join("data").display(),
-            dir = d.display(),
-        );
-        std::fs::write(d.join("etc/main.cf"), main_cf).unwrap();
-        // The packaged master.cf, with smtpd on our port and nothing chrooted.
-        let master = std::fs::read_to_string("/etc/postfix/master.cf").expect("postfix installed");
-        let master: String = master
-            .lines()
-            .map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                if f.len() >= 8 && !l.starts_with('#') && !l.starts_with(' ') {
-                    let service = if f[0] == "smtp" && f[1] == "inet" {
-                        format!("127.0.0.1:{port}")
-                    } else {
-                        f[0].to_string()
-                    };
-                    let chroot = if f[4] == "y" { "n" } else { f[4] };
-                    let cmd = f[7..].join(" ");
-                    format!(
-                        "{service} {} {} {} {chroot} {} {} {cmd}\n",
-                        f[1], f[2], f[3], f[5], f[6]
-                    )
-                } else {
-                    format!("{l}\n")
-                }
-            })
-            .collect();
-        std::fs::write(d.join("etc/master.cf"), master).unwrap();
-        let st = Command::new("/usr/sbin/postfix")
-            .args(["-c", d.join("etc").to_str().unwrap(), "start"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("postfix");
+/// smtp-source into Postfix until Postfix has relayed every message to the sink.
+fn relay_rate(p: &Postfix, size: usize, count: usize) -> f64 {
+    let t = Instant::now();
+    smtp_source(p.port, size, count);
+    while !p.queue_empty() {
         assert!(
-            st.success(),
-            "postfix did not start (see {}/maillog)",
-            d.display()
+            t.elapsed() < Duration::from_secs(600),
+            "postfix did not drain"
         );
-        wait_port("127.0.0.1", port, Duration::from_secs(10));
-        Postfix { dir, port }
+        std::thread::sleep(Duration::from_millis(50));
     }
-
-    fn queue_empty(&self) -> bool {
-        Command::new("/usr/sbin/postqueue")
-            .args(["-c", self.dir.path().join("etc").to_str().unwrap(), "-p"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("is empty"))
-            .unwrap_or(false)
-    }
-
-    /// smtp-source into Postfix until Postfix has relayed every message to the sink.
-    fn relay_rate(&self, size: usize, count: usize) -> f64 {
-        let t = Instant::now();
-        smtp_source(self.port, size, count);
-        while !self.queue_empty() {
-            assert!(
-                t.elapsed() < Duration::from_secs(600),
-                "postfix did not drain"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let elapsed = t.elapsed().as_secs_f64();
-        let log = std::fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default();
-        let sent = log.matches("status=sent").count();
-        assert_eq!(sent, count, "postfix relayed {sent} of {count}");
-        count as f64 / elapsed
-    }
-}
-
-impl Drop for Postfix {
-    fn drop(&mut self) {
-        let _ = Command::new("/usr/sbin/postfix")
-            .args(["-c", self.dir.path().join("etc").to_str().unwrap(), "stop"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
+    let elapsed = t.elapsed().as_secs_f64();
+    let sent = p.log().matches("status=sent").count();
+    assert_eq!(sent, count, "postfix relayed {sent} of {count}");
+    count as f64 / elapsed
 }
 
 fn proc_stat(pid: u32) -> (u64, f64) {
@@ -788,7 +689,7 @@ fn main() {
     // Postfix at ~500 msg/s: 5,000 messages are enough for a steady rate.
     let postfix = o
         .postfix
-        .then(|| Postfix::start(port).relay_rate(size, count.min(5_000)));
+        .then(|| relay_rate(&postfix(port), size, count.min(5_000)));
     let after = ceiling(port, size, count);
     let ceil = (before + after) / 2.0;
     println!(

@@ -16,8 +16,6 @@ use base64::Engine as _;
 
 use super::record::Finding;
 use super::TokenJob;
-use crate::outcome::BounceClass;
-use crate::queue::events::EventKind;
 
 /// The DER header of a P-256 SubjectPublicKeyInfo; the uncompressed point follows.
 const P256_SPKI: [u8; 26] = [
@@ -114,33 +112,12 @@ pub fn sendgrid_events(body: &[u8]) -> Result<Vec<Item>, String> {
                     status
                 };
                 let permanent = !blocked && status.starts_with('5');
-                Finding {
-                    kind: EventKind::Returned,
-                    what: "returned-failed",
-                    class: Some(BounceClass::classify(&status, &reason)),
-                    status,
-                    diagnostic: reason,
-                    reporting_mta: "sendgrid".into(),
-                    action: "failed".into(),
-                    permanent,
-                    feedback_type: String::new(),
-                    source: String::new(),
-                    recipient: Some(to.to_string()),
-                }
+                let to = Some(to.to_string());
+                Finding::returned(status, reason, "sendgrid".into(), false, permanent, to)
             }
-            "spamreport" => Finding {
-                kind: EventKind::Complained,
-                what: "complained",
-                status: String::new(),
-                class: None,
-                diagnostic: String::new(),
-                reporting_mta: String::new(),
-                action: String::new(),
-                permanent: false,
-                feedback_type: "abuse".into(),
-                source: "sendgrid".into(),
-                recipient: Some(to.to_string()),
-            },
+            "spamreport" => {
+                Finding::complained("abuse".into(), "sendgrid".into(), Some(to.to_string()))
+            }
             _ => continue,
         };
         let event_id = match s("sg_event_id") {
@@ -163,6 +140,8 @@ pub fn sendgrid_events(body: &[u8]) -> Result<Vec<Item>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outcome::BounceClass;
+    use crate::queue::events::EventKind;
 
     /// SendGrid's documented example events, with the unique args paloma sets.
     const EVENTS: &str = r#"[

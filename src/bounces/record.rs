@@ -30,6 +30,71 @@ pub struct Finding {
     pub recipient: Option<String>,
 }
 
+impl Finding {
+    /// A failed delivery reported after acceptance (`delayed`: a delay notice instead),
+    /// classified as the synchronous path classifies.
+    pub fn returned(
+        status: String,
+        diagnostic: String,
+        reporting_mta: String,
+        delayed: bool,
+        permanent: bool,
+        recipient: Option<String>,
+    ) -> Finding {
+        Finding {
+            kind: EventKind::Returned,
+            what: if delayed {
+                "returned-delayed"
+            } else {
+                "returned-failed"
+            },
+            class: Some(BounceClass::classify(&status, &diagnostic)),
+            permanent: permanent && !delayed,
+            status,
+            diagnostic,
+            reporting_mta,
+            action: if delayed { "delayed" } else { "failed" }.into(),
+            feedback_type: String::new(),
+            source: String::new(),
+            recipient,
+        }
+    }
+
+    /// A complaint (feedback-loop report or provider spam report).
+    pub fn complained(feedback_type: String, source: String, recipient: Option<String>) -> Finding {
+        Finding {
+            kind: EventKind::Complained,
+            what: "complained",
+            status: String::new(),
+            class: None,
+            diagnostic: String::new(),
+            reporting_mta: String::new(),
+            action: String::new(),
+            permanent: false,
+            feedback_type,
+            source,
+            recipient,
+        }
+    }
+
+    /// Counts a recorded finding about a job of `campaign` in the metrics.
+    pub fn count(&self, m: &crate::metrics::Metrics, campaign: &str) {
+        let kind = match self.kind {
+            EventKind::Complained => {
+                m.complaints.with_label_values(&[campaign]).inc();
+                "complained"
+            }
+            _ if self.action == "delayed" => "delayed",
+            _ => {
+                let class = self.class.map_or("other", |c| c.as_str());
+                m.returned.with_label_values(&[class]).inc();
+                "returned"
+            }
+        };
+        m.reports.with_label_values(&[kind]).inc();
+    }
+}
+
 /// Records what `f` says about `job` once per `marker` (kept `ttl` seconds): the event,
 /// the stats, the suppression. True when recorded, false when it already was.
 pub async fn record(

@@ -13,7 +13,7 @@
 //! The job a report is about is found from the tokens (`b-…@domain`) and `X-Paloma-Id`
 //! lines it carries (see [`super`]); this module only reads the message.
 
-use mail_parser::{HeaderValue, MessageParser, MimeHeaders, PartType};
+use mail_parser::{MessageParser, MimeHeaders, PartType};
 
 use crate::outcome::enhanced_status;
 
@@ -303,7 +303,6 @@ pub fn parse(raw: &[u8], null_sender: bool) -> Report {
             };
         }
     }
-    let _ = HeaderValue::Empty;
     Report {
         kind: Kind::Other,
         paloma_ids,

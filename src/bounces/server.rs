@@ -18,8 +18,6 @@ use super::record::Finding;
 use super::report::{self, Kind};
 use super::{ReturnPaths, TokenJob};
 use crate::metrics::Metrics;
-use crate::outcome::BounceClass;
-use crate::queue::events::EventKind;
 use crate::queue::Keys;
 use crate::store::RedisConn;
 
@@ -352,60 +350,37 @@ async fn take_in(
                 if !(delayed || d.action == "failed") {
                     return None;
                 }
-                let class = BounceClass::classify(&d.status, &d.diagnostic);
-                Some(Finding {
-                    kind: EventKind::Returned,
-                    what: if delayed {
-                        "returned-delayed"
-                    } else {
-                        "returned-failed"
-                    },
-                    permanent: !delayed && d.status.starts_with('5'),
-                    status: d.status.clone(),
-                    class: Some(class),
-                    diagnostic: d.diagnostic.clone(),
-                    reporting_mta: reporting_mta.clone(),
-                    action: d.action.clone(),
-                    feedback_type: String::new(),
-                    source: String::new(),
-                    recipient: Some(d.recipient.clone()).filter(|r| !r.is_empty()),
-                })
+                Some(Finding::returned(
+                    d.status.clone(),
+                    d.diagnostic.clone(),
+                    reporting_mta.clone(),
+                    delayed,
+                    d.status.starts_with('5'),
+                    Some(d.recipient.clone()).filter(|r| !r.is_empty()),
+                ))
             })
             .collect(),
         Kind::TextBounce {
             status,
             diagnostic,
             permanent,
-        } => vec![Finding {
-            kind: EventKind::Returned,
-            what: "returned-failed",
-            permanent: *permanent,
-            status: status.clone(),
-            class: Some(BounceClass::classify(status, diagnostic)),
-            diagnostic: diagnostic.clone(),
-            reporting_mta: String::new(),
-            action: "failed".into(),
-            feedback_type: String::new(),
-            source: String::new(),
-            recipient: None,
-        }],
+        } => vec![Finding::returned(
+            status.clone(),
+            diagnostic.clone(),
+            String::new(),
+            false,
+            *permanent,
+            None,
+        )],
         Kind::Feedback {
             feedback_type,
             source,
             recipient,
-        } => vec![Finding {
-            kind: EventKind::Complained,
-            what: "complained",
-            status: String::new(),
-            class: None,
-            diagnostic: String::new(),
-            reporting_mta: String::new(),
-            action: String::new(),
-            permanent: false,
-            feedback_type: feedback_type.clone(),
-            source: source.clone(),
-            recipient: recipient.clone(),
-        }],
+        } => vec![Finding::complained(
+            feedback_type.clone(),
+            source.clone(),
+            recipient.clone(),
+        )],
     };
     if findings.is_empty() {
         count("other");
@@ -481,20 +456,7 @@ async fn take_in(
             )
             .await?
             {
-                match f.kind {
-                    EventKind::Complained => {
-                        count("complained");
-                        m.complaints
-                            .with_label_values(&[job.campaign.as_str()])
-                            .inc();
-                    }
-                    _ if f.action == "delayed" => count("delayed"),
-                    _ => {
-                        count("returned");
-                        let class = f.class.map_or("other", |c| c.as_str());
-                        m.returned.with_label_values(&[class]).inc();
-                    }
-                }
+                f.count(m, &job.campaign);
             } else {
                 count("duplicate");
             }

@@ -19,8 +19,6 @@ use serde::Deserialize;
 use super::providers::Item;
 use super::record::Finding;
 use super::TokenJob;
-use crate::outcome::BounceClass;
-use crate::queue::events::EventKind;
 
 /// An SNS message as POSTed.
 #[derive(Debug, Deserialize)]
@@ -244,19 +242,14 @@ pub fn ses_events(m: &SnsMessage) -> Vec<Item> {
                     .take(500)
                     .collect::<String>();
                 out.push(Item {
-                    finding: Finding {
-                        kind: EventKind::Returned,
-                        what: "returned-failed",
-                        class: Some(BounceClass::classify(&status, &diagnostic)),
-                        permanent: permanent && status.starts_with('5'),
-                        status,
+                    finding: Finding::returned(
+                        status.clone(),
                         diagnostic,
-                        reporting_mta: mta.clone(),
-                        action: "failed".into(),
-                        feedback_type: String::new(),
-                        source: String::new(),
-                        recipient: Some(to.clone()),
-                    },
+                        mta.clone(),
+                        false,
+                        permanent && status.starts_with('5'),
+                        Some(to.clone()),
+                    ),
                     event_id: format!("{}:{to}", m.message_id),
                     job: TokenJob {
                         id: id.clone(),
@@ -282,19 +275,11 @@ pub fn ses_events(m: &SnsMessage) -> Vec<Item> {
                     continue;
                 }
                 out.push(Item {
-                    finding: Finding {
-                        kind: EventKind::Complained,
-                        what: "complained",
-                        status: String::new(),
-                        class: None,
-                        diagnostic: String::new(),
-                        reporting_mta: String::new(),
-                        action: String::new(),
-                        permanent: false,
-                        feedback_type: feedback.clone(),
-                        source: source.clone(),
-                        recipient: Some(to.clone()),
-                    },
+                    finding: Finding::complained(
+                        feedback.clone(),
+                        source.clone(),
+                        Some(to.clone()),
+                    ),
                     event_id: format!("{}:{to}", m.message_id),
                     job: TokenJob {
                         id: id.clone(),

@@ -302,19 +302,7 @@ async fn record_items(
         )
         .await;
         match written {
-            Ok(true) => {
-                let m = &app.metrics;
-                if it.finding.kind == EventKind::Complained {
-                    m.reports.with_label_values(&["complained"]).inc();
-                    m.complaints
-                        .with_label_values(&[it.job.campaign.as_str()])
-                        .inc();
-                } else {
-                    m.reports.with_label_values(&["returned"]).inc();
-                    let class = it.finding.class.map_or("other", |c| c.as_str());
-                    m.returned.with_label_values(&[class]).inc();
-                }
-            }
+            Ok(true) => it.finding.count(&app.metrics, &it.job.campaign),
             Ok(false) => app.metrics.reports.with_label_values(&["duplicate"]).inc(),
             Err(e) => {
                 app.metrics.redis_errors.inc();

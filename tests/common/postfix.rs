@@ -48,7 +48,7 @@ impl Postfix {
              mydestination =\n\
              local_recipient_maps =\n\
              relayhost = [127.0.0.1]:{relayhost}\n\
-             transport_maps = inline:{{ {transport} }}\n\
+             {transport}\n\
              mynetworks = 127.0.0.0/8\n\
              smtpd_relay_restrictions = permit_mynetworks, reject\n\
              smtp_tls_security_level = none\n\
@@ -61,7 +61,11 @@ impl Postfix {
             q = d.join("spool").display(),
             data = d.join("data").display(),
             dir = d.display(),
-            transport = transport.join(", "),
+            transport = if transport.is_empty() {
+                String::new()
+            } else {
+                format!("transport_maps = inline:{{ {} }}", transport.join(", "))
+            },
         );
         std::fs::write(d.join("etc/main.cf"), main_cf).unwrap();
         // The packaged master.cf, with smtpd on our port and nothing chrooted.
@@ -101,6 +105,15 @@ impl Postfix {
         );
         wait_port("127.0.0.1", port, Duration::from_secs(10));
         Postfix { dir, port }
+    }
+
+    /// Whether Postfix's queue holds nothing (every message relayed or bounced).
+    pub fn queue_empty(&self) -> bool {
+        Command::new("/usr/sbin/postqueue")
+            .args(["-c", self.dir.path().join("etc").to_str().unwrap(), "-p"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("is empty"))
+            .unwrap_or(false)
     }
 
     pub fn log(&self) -> String {
