@@ -1,5 +1,5 @@
-//! The operator commands besides `run`: `enqueue` (JSON lines or CSV into the sends stream)
-//! and `stats` (per-campaign counters).
+//! The operator commands besides `run`: `enqueue` (JSON lines or CSV into the sends stream),
+//! `stats` (per-campaign counters, read by [`crate::stats`]), `suppress` and `campaign`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::config::Settings;
 use crate::queue::Keys;
+pub use crate::stats::{CampaignStats, Overview};
 use crate::store::{connect as manager, redis_target as redis_client};
 
 const ENQUEUE_BATCH: usize = 1000;
@@ -206,150 +207,11 @@ fn show(progress: bool, last: &mut Instant, started: Instant, n: u64) {
     }
 }
 
-/// Counters of one campaign.
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct CampaignStats {
-    pub campaign: String,
-    /// Jobs with at least one outcome and none terminal yet (awaiting a retry).
-    pub queued: i64,
-    pub accepted: i64,
-    pub delivered: i64,
-    pub deferred: i64,
-    pub bounced: i64,
-    pub failed: i64,
-    pub suppressed: i64,
-    pub dead: i64,
-    /// Opens and clicks by people (machine hits in `*_machine`), total and unique per send.
-    pub opened: i64,
-    pub unique_opened: i64,
-    pub clicked: i64,
-    pub unique_clicked: i64,
-    pub opened_machine: i64,
-    pub clicked_machine: i64,
-    pub unsubscribed: i64,
-    /// Late bounces (DSNs after acceptance), by bounce class; delay notices apart.
-    pub returned: i64,
-    pub returned_by_class: BTreeMap<String, i64>,
-    pub returned_delayed: i64,
-    /// Feedback-loop complaints, and their rate: complaints / delivered (Gmail and Yahoo
-    /// want it under 0.3%).
-    pub complained: i64,
-    pub complaint_rate: f64,
-    /// Clicks per named link: (link, total, unique).
-    pub links: Vec<(String, i64, i64)>,
-}
-
-#[derive(Debug, Default, serde::Serialize)]
-pub struct Overview {
-    /// Entries in the sends stream not yet finished (all campaigns).
-    pub stream_waiting: i64,
-    /// Of those, read by a daemon and in progress.
-    pub stream_pending: i64,
-    /// Jobs in the delayed set (retries and send_at).
-    pub scheduled: i64,
-    pub campaigns: Vec<CampaignStats>,
-}
-
 pub async fn stats(settings: &Settings, campaign: Option<&str>) -> anyhow::Result<Overview> {
     let client = redis_client(settings).await?;
     let mut conn = manager(&client, std::time::Duration::from_secs(10)).await?;
     let keys = Keys::new(&settings.redis.prefix);
-    let names: Vec<String> = match campaign {
-        Some(c) => vec![c.to_string()],
-        None => {
-            let mut v: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(&keys.campaigns)
-                .query_async(&mut conn)
-                .await?;
-            v.sort();
-            v
-        }
-    };
-    let mut p = redis::pipe();
-    for n in &names {
-        p.cmd("HGETALL").arg(keys.stats(n));
-        p.cmd("HGETALL").arg(keys.links(n));
-    }
-    p.cmd("XLEN").arg(&keys.sends);
-    p.cmd("ZCARD").arg(&keys.scheduled);
-    let mut replies: Vec<redis::Value> = p.query_async(&mut conn).await?;
-    let scheduled: i64 =
-        redis::from_redis_value(replies.pop().unwrap_or(redis::Value::Nil)).unwrap_or(0);
-    let stream_waiting: i64 =
-        redis::from_redis_value(replies.pop().unwrap_or(redis::Value::Nil)).unwrap_or(0);
-    let pending: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
-        .arg(&keys.sends)
-        .arg(&settings.redis.group)
-        .query_async(&mut conn)
-        .await;
-    let stream_pending = match pending {
-        Ok(redis::Value::Array(a)) => a
-            .first()
-            .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
-            .unwrap_or(0),
-        _ => 0,
-    };
-    let mut campaigns = Vec::new();
-    let mut replies = replies.into_iter();
-    for name in names {
-        let h: BTreeMap<String, i64> =
-            redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))
-                .unwrap_or_default();
-        let l: BTreeMap<String, i64> =
-            redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))
-                .unwrap_or_default();
-        let links = l
-            .iter()
-            .filter(|(k, _)| !k.ends_with(":unique"))
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    *v,
-                    l.get(&format!("{k}:unique")).copied().unwrap_or(0),
-                )
-            })
-            .collect();
-        let g = |k: &str| h.get(k).copied().unwrap_or(0);
-        let terminal = g("delivered") + g("bounced") + g("failed") + g("suppressed") + g("dead");
-        campaigns.push(CampaignStats {
-            queued: (g("accepted") - terminal).max(0),
-            accepted: g("accepted"),
-            delivered: g("delivered"),
-            deferred: g("deferred"),
-            bounced: g("bounced"),
-            failed: g("failed"),
-            suppressed: g("suppressed"),
-            dead: g("dead"),
-            opened: g("opened"),
-            unique_opened: g("unique_opened"),
-            clicked: g("clicked"),
-            unique_clicked: g("unique_clicked"),
-            opened_machine: g("opened_machine"),
-            clicked_machine: g("clicked_machine"),
-            unsubscribed: g("unsubscribed"),
-            returned: g("returned"),
-            returned_by_class: h
-                .iter()
-                .filter_map(|(k, v)| k.strip_prefix("returned_").map(|c| (c.to_string(), *v)))
-                .filter(|(c, _)| c != "delayed" && c != "hard")
-                .collect(),
-            returned_delayed: g("returned_delayed"),
-            complained: g("complained"),
-            complaint_rate: if g("delivered") > 0 {
-                g("complained") as f64 / g("delivered") as f64
-            } else {
-                0.0
-            },
-            links,
-            campaign: name,
-        });
-    }
-    Ok(Overview {
-        stream_waiting,
-        stream_pending,
-        scheduled,
-        campaigns,
-    })
+    Ok(crate::stats::overview(&mut conn, &keys, &settings.redis.group, campaign).await?)
 }
 
 pub fn print_stats(o: &Overview) {
@@ -531,33 +393,7 @@ pub async fn recipient(
     let client = redis_client(settings).await?;
     let mut conn = manager(&client, std::time::Duration::from_secs(10)).await?;
     let keys = Keys::new(&settings.redis.prefix);
-    let field = crate::policy::suppression::field(addr);
-    let (mut info, suppressed): (BTreeMap<String, String>, Option<String>) = redis::pipe()
-        .cmd("HGETALL")
-        .arg(keys.recipient(&field))
-        .cmd("HGET")
-        .arg(&keys.suppressed)
-        .arg(&field)
-        .query_async(&mut conn)
-        .await?;
-    for k in ["last_open", "last_click"] {
-        if let Some(t) = info.get(k).and_then(|v| v.parse::<i64>().ok()) {
-            info.insert(k.into(), crate::queue::events::rfc3339_ms(t * 1000));
-        }
-    }
-    if let Some(sends) = info.remove("s") {
-        let times: Vec<String> = sends
-            .split(',')
-            .filter_map(|t| t.parse::<i64>().ok())
-            .map(|t| crate::queue::events::rfc3339_ms(t * 1000))
-            .collect();
-        info.insert("recent_sends".into(), times.join(" "));
-    }
-    info.insert(
-        "suppressed".into(),
-        suppressed.unwrap_or_else(|| "no".into()),
-    );
-    Ok(info)
+    Ok(crate::stats::recipient(&mut conn, &keys, addr).await?)
 }
 
 /// What `paloma campaign …` does.
@@ -568,18 +404,8 @@ pub enum CampaignAction {
     Cancel { campaign: String, yes: bool },
 }
 
-/// One campaign's state and counts, for `paloma campaign list`.
-#[derive(Debug, serde::Serialize)]
-pub struct CampaignRow {
-    pub state: crate::control::State,
-    /// Jobs kept aside while paused.
-    pub parked: i64,
-    #[serde(flatten)]
-    pub stats: CampaignStats,
-}
-
 pub async fn campaign(settings: &Settings, action: CampaignAction) -> anyhow::Result<()> {
-    use crate::control::{self, State};
+    use crate::control;
     let client = redis_client(settings).await?;
     let mut conn = manager(&client, std::time::Duration::from_secs(30)).await?;
     let keys = Keys::new(&settings.redis.prefix);
@@ -590,24 +416,8 @@ pub async fn campaign(settings: &Settings, action: CampaignAction) -> anyhow::Re
     };
     match action {
         CampaignAction::List { json } => {
-            let states = control::Campaigns::default();
-            states.refresh(&mut conn, &keys).await?;
-            let o = stats(settings, None).await?;
-            let mut p = redis::pipe();
-            for c in &o.campaigns {
-                p.cmd("ZCARD").arg(keys.parked(&c.campaign));
-            }
-            let parked: Vec<i64> = p.query_async(&mut conn).await?;
-            let rows: Vec<CampaignRow> = o
-                .campaigns
-                .into_iter()
-                .zip(parked)
-                .map(|(s, parked)| CampaignRow {
-                    state: states.state(&s.campaign),
-                    parked,
-                    stats: s,
-                })
-                .collect();
+            let o = crate::stats::overview(&mut conn, &keys, &settings.redis.group, None).await?;
+            let rows = crate::stats::campaign_rows(&mut conn, &keys, o).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
                 return Ok(());
@@ -642,7 +452,7 @@ pub async fn campaign(settings: &Settings, action: CampaignAction) -> anyhow::Re
         }
         CampaignAction::Pause(c) => {
             check(&c)?;
-            control::set(&mut conn, &keys, &c, State::Paused).await?;
+            control::pause(&mut conn, &keys, &c).await?;
             eprintln!(
                 "paused {c}: within about {} ms no daemon starts another message of it; its jobs wait (paloma campaign resume {c})",
                 control::REFRESH.as_millis() * 2
@@ -650,10 +460,7 @@ pub async fn campaign(settings: &Settings, action: CampaignAction) -> anyhow::Re
         }
         CampaignAction::Resume(c) => {
             check(&c)?;
-            // Guards judge what is sent from now on.
-            control::rebase(&mut conn, &keys, &c).await?;
-            control::set(&mut conn, &keys, &c, State::Active).await?;
-            let n = control::release(&mut conn, &keys, &c).await?;
+            let n = control::resume(&mut conn, &keys, &c).await?.released;
             eprintln!("resumed {c}: {n} parked jobs go out now, paced by shaping as usual");
         }
         CampaignAction::Cancel { campaign: c, yes } => {
@@ -670,9 +477,8 @@ pub async fn campaign(settings: &Settings, action: CampaignAction) -> anyhow::Re
                     bail!("not confirmed; nothing changed");
                 }
             }
-            control::set(&mut conn, &keys, &c, State::Cancelled).await?;
-            let parked = control::release(&mut conn, &keys, &c).await?;
-            let delayed = control::bring_forward(&mut conn, &keys, &c).await?;
+            let done = control::cancel(&mut conn, &keys, &c).await?;
+            let (parked, delayed) = (done.released, done.brought_forward);
             eprintln!(
                 "cancelled {c}: its jobs end as suppressed (cancelled) as the daemons reach them ({parked} parked and {delayed} delayed brought forward); paloma campaign resume {c} undoes it for jobs not yet ended"
             );

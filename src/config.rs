@@ -70,6 +70,40 @@ pub struct Settings {
     /// Rules that pause a campaign when its bounce or complaint rate goes wrong.
     #[serde(default)]
     pub guards: Vec<GuardRule>,
+    /// The HTTP API for campaign systems (off unless `listen` is set).
+    #[serde(default)]
+    pub api: ApiSettings,
+}
+
+/// `[api]`: `/api/v1/…` behind a bearer token, on its own listener or, when `listen` is
+/// `metrics.listen`, on the metrics one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    pub listen: Option<SocketAddr>,
+    /// `Authorization: Bearer …`; required with `listen` (better: `PALOMA_API__TOKEN`).
+    pub token: Secret,
+    /// Largest request body (bytes); larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Jobs in one `POST /api/v1/sends`.
+    pub max_jobs: usize,
+    /// A request (its body included) must arrive within this.
+    pub timeout: Dur,
+    /// Connections served at once (see tracking.max_connections).
+    pub max_connections: usize,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            token: Secret::default(),
+            max_body_bytes: 16 * 1024 * 1024,
+            max_jobs: 50_000,
+            timeout: "30s".parse().expect("valid default"),
+            max_connections: 64,
+        }
+    }
 }
 
 /// `[providers]`: webhooks of the services paloma may relay through, each verified as the
@@ -805,6 +839,25 @@ impl Settings {
                 return bad(format!("guards[{i}] needs bounce_rate or complaint_rate"));
             }
         }
+        let a = &self.api;
+        if a.listen.is_some() {
+            if a.token.is_empty() {
+                return bad(format!("api.token must be set with api.listen: every API request carries it as `Authorization: Bearer …`; {MAKE_SECRET} (PALOMA_API__TOKEN)"));
+            }
+            if let Some(why) = weak_secret(a.token.expose()) {
+                return bad(format!("api.token is refused because {why}: anyone could enqueue mail and cancel campaigns with it; {MAKE_SECRET} (PALOMA_API__TOKEN)"));
+            }
+            if a.token.expose() == self.tracking.secret.expose() {
+                return bad("api.token must differ from tracking.secret (a leaked API token must not sign links)".into());
+            }
+        }
+        if a.max_body_bytes < 1024
+            || a.max_jobs == 0
+            || a.max_connections == 0
+            || a.timeout.get().is_zero()
+        {
+            return bad("api.max_body_bytes must be at least 1024, and api.max_jobs, max_connections and timeout above zero".into());
+        }
         if let Some(k) = &self.providers.sendgrid_public_key {
             crate::bounces::providers::SendGrid::new(k, self.providers.max_skew.get())
                 .map_err(ConfigError::Invalid)?;
@@ -1202,6 +1255,30 @@ secret = "0123456789abcdef0123"
         let hook = format!("{MIN}\n[webhooks]\nsecret = \"change-me-to-a-long-random-string\"\n");
         let e = Settings::from_toml(&hook, vec![]).unwrap_err().to_string();
         assert!(e.contains("webhooks.secret"), "{e}");
+    }
+
+    #[test]
+    fn the_api_needs_a_strong_token_of_its_own() {
+        let api = format!("{MIN}\n[api]\nlisten = \"127.0.0.1:0\"\n");
+        let e = Settings::from_toml(&api, vec![]).unwrap_err().to_string();
+        assert!(
+            e.contains("api.token") && e.contains("PALOMA_API__TOKEN"),
+            "{e}"
+        );
+        let weak = format!("{api}token = \"change-me-to-a-long-random-string\"\n");
+        let e = Settings::from_toml(&weak, vec![]).unwrap_err().to_string();
+        assert!(e.contains("api.token is refused"), "{e}");
+        assert!(!e.contains("change-me-to"), "{e}");
+        let same = format!("{api}token = \"0123456789abcdef0123\"\n");
+        let e = Settings::from_toml(&same, vec![]).unwrap_err().to_string();
+        assert!(e.contains("differ"), "{e}");
+        let env = vec![(
+            "PALOMA_API__TOKEN".to_string(),
+            "4f1d9c2be7a05836d1e4".to_string(),
+        )];
+        let s = Settings::from_toml(&api, env).unwrap();
+        assert_eq!(s.api.token.expose(), "4f1d9c2be7a05836d1e4");
+        assert!(!format!("{s:?}").contains("4f1d9c2be7a05836d1e4"));
     }
 
     #[test]

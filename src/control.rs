@@ -31,7 +31,7 @@ use crate::store::RedisConn;
 /// How often each daemon re-reads the campaign states.
 pub const REFRESH: Duration = Duration::from_millis(500);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     Active,
@@ -70,6 +70,12 @@ impl Campaigns {
             return State::Active;
         }
         states.get(campaign).copied().unwrap_or(State::Active)
+    }
+
+    /// How many campaigns are in `state` (not counting active ones).
+    pub fn count(&self, state: State) -> usize {
+        let states = self.states.read().expect("states lock");
+        states.values().filter(|s| **s == state).count()
     }
 
     /// Re-reads every state (one HGETALL); returns the campaigns that were paused and no
@@ -116,6 +122,12 @@ impl Campaigns {
                         // resume or cancel came between two refreshes) are released by this
                         // daemon itself, once it knows: none stays parked for ever.
                         Ok(unpaused) => {
+                            for st in [State::Paused, State::Cancelled] {
+                                metrics
+                                    .campaigns_held
+                                    .with_label_values(&[st.as_str()])
+                                    .set(self.count(st) as i64);
+                            }
                             for c in unpaused {
                                 if let Err(e) = release(&mut conn, &keys, &c).await {
                                     metrics.redis_errors.inc();
@@ -133,6 +145,69 @@ impl Campaigns {
             }
         }
     }
+}
+
+/// What a pause, resume or cancel did.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct Changed {
+    pub campaign: String,
+    /// The campaign's state now.
+    pub state: State,
+    /// Parked jobs sent on (resume) or brought forward to end (cancel).
+    pub released: u64,
+    /// Delayed jobs brought forward to end now (cancel).
+    pub brought_forward: u64,
+}
+
+/// Pauses `campaign`: within about two refreshes no daemon starts another message of it.
+pub async fn pause(
+    conn: &mut RedisConn,
+    keys: &Keys,
+    campaign: &str,
+) -> redis::RedisResult<Changed> {
+    set(conn, keys, campaign, State::Paused).await?;
+    Ok(Changed {
+        campaign: campaign.to_string(),
+        state: State::Paused,
+        released: 0,
+        brought_forward: 0,
+    })
+}
+
+/// Resumes `campaign` (also undoes a cancel for jobs not yet ended): guards take a new
+/// baseline and the parked jobs go out, paced by shaping as usual.
+pub async fn resume(
+    conn: &mut RedisConn,
+    keys: &Keys,
+    campaign: &str,
+) -> redis::RedisResult<Changed> {
+    rebase(conn, keys, campaign).await?;
+    set(conn, keys, campaign, State::Active).await?;
+    let released = release(conn, keys, campaign).await?;
+    Ok(Changed {
+        campaign: campaign.to_string(),
+        state: State::Active,
+        released,
+        brought_forward: 0,
+    })
+}
+
+/// Cancels `campaign`: every job of it not yet sent ends as suppressed (`cancelled`) as the
+/// daemons reach it; parked and delayed jobs are brought forward so that happens now.
+pub async fn cancel(
+    conn: &mut RedisConn,
+    keys: &Keys,
+    campaign: &str,
+) -> redis::RedisResult<Changed> {
+    set(conn, keys, campaign, State::Cancelled).await?;
+    let released = release(conn, keys, campaign).await?;
+    let brought_forward = bring_forward(conn, keys, campaign).await?;
+    Ok(Changed {
+        campaign: campaign.to_string(),
+        state: State::Cancelled,
+        released,
+        brought_forward,
+    })
 }
 
 /// Sets a campaign's state.

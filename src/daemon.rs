@@ -60,6 +60,8 @@ pub struct App {
     metrics_listener: Option<TcpListener>,
     tracking_listener: Option<TcpListener>,
     bounce_listener: Option<TcpListener>,
+    /// None also when the API shares the metrics listener.
+    api_listener: Option<TcpListener>,
 }
 
 async fn bind(key: &str, addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
@@ -129,6 +131,10 @@ impl App {
         let metrics_listener = bind("metrics.listen", settings.metrics.listen).await?;
         let tracking_listener = bind("tracking.listen", settings.tracking.listen).await?;
         let bounce_listener = bind("bounces.listen", settings.bounces.listen).await?;
+        let api_listener = match settings.api.listen {
+            Some(a) if Some(a) == settings.metrics.listen => None,
+            a => bind("api.listen", a).await?,
+        };
         Ok(App {
             settings,
             renderer,
@@ -145,7 +151,17 @@ impl App {
             metrics_listener,
             tracking_listener,
             bounce_listener,
+            api_listener,
         })
+    }
+
+    /// Where the API listens, if it does (the metrics address when it shares that one).
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.settings.api.listen?;
+        match &self.api_listener {
+            Some(l) => l.local_addr().ok(),
+            None => self.metrics_addr(),
+        }
     }
 
     /// Where the bounce listener listens, if it does.
@@ -181,6 +197,7 @@ impl App {
             metrics_listener,
             tracking_listener,
             bounce_listener,
+            api_listener,
         } = self;
         let i = &settings.intake;
         let group = settings.redis.group.clone();
@@ -304,6 +321,25 @@ impl App {
                 }
             });
         }
+        let api = settings.api.listen.map(|_| {
+            Arc::new(crate::api::Api::new(
+                &settings,
+                conn.clone(),
+                keys.clone(),
+                metrics.clone(),
+            ))
+        });
+        let api_task = match (api_listener, &api) {
+            (Some(listener), Some(api)) => Some(crate::api::serve(
+                listener,
+                api.clone(),
+                settings.api.max_connections,
+                exit_rx.clone(),
+            )),
+            _ => None,
+        };
+        // On the metrics listener when both are configured on one address.
+        let shared_api = api.filter(|_| api_task.is_none()).map(crate::api::router);
         let http_task = metrics_listener.map(|listener| {
             let ops = crate::http::Ops {
                 metrics: metrics.clone(),
@@ -314,7 +350,7 @@ impl App {
                 sends: keys.sends.clone(),
                 health: health.clone(),
             };
-            crate::http::serve_ops(listener, ops, exit_rx.clone())
+            crate::http::serve_ops(listener, ops, shared_api, exit_rx.clone())
         });
         let p = &settings.providers;
         let sendgrid = p
@@ -440,6 +476,9 @@ impl App {
         }
         if let Some(t) = bounce_task {
             let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+        }
+        if let Some(t) = api_task {
+            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
         }
         tracing::info!("stopped");
         Ok(())

@@ -34,10 +34,12 @@ pub struct Ops {
     pub health: Arc<Health>,
 }
 
-/// Serves on `listener` until `stop` turns true.
+/// Serves on `listener` until `stop` turns true, with `extra` routes beside (the API, when
+/// it shares this listener).
 pub fn serve_ops(
     listener: tokio::net::TcpListener,
     ops: Ops,
+    extra: Option<Router>,
     stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let registry = ops.metrics.clone();
@@ -49,6 +51,10 @@ pub fn serve_ops(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(ops);
+    let app = match extra {
+        Some(api) => app.merge(api),
+        None => app,
+    };
     let limits = crate::listener::Limits {
         name: "metrics",
         max_connections: 64,

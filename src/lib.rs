@@ -28,11 +28,14 @@
 //! - [`daemon`]: the wiring: `App::build` (components, Redis, listeners) and `App::run`.
 //! - [`http`], [`metrics`]: the operations endpoint.
 //! - [`listener`]: how public HTTP listeners are served (timeouts, connection cap).
-//! - [`cli`]: `enqueue`, `stats`, and [`demo`].
+//! - [`api`]: the HTTP API for campaign systems (`/api/v1/…`, bearer token, OpenAPI).
+//! - [`stats`]: what is read back of campaigns and recipients, for the CLI and the API.
+//! - [`cli`]: `enqueue`, `stats`, `suppress`, `campaign`, and [`demo`].
 //!
 //! Dependencies point one way: `pipeline` uses `shape`, `deliver` and `render`; `shape`
 //! uses `deliver`'s types (never the reverse); everything speaks `outcome`.
 
+pub mod api;
 pub mod bounces;
 pub mod cli;
 pub mod config;
@@ -50,6 +53,7 @@ pub mod policy;
 pub mod queue;
 pub mod render;
 pub mod shape;
+pub mod stats;
 pub mod store;
 pub mod track;
 pub mod workflow;

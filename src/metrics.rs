@@ -64,6 +64,12 @@ pub struct Metrics {
     pub returned: IntCounterVec,
     /// `complained` events by campaign.
     pub complaints: IntCounterVec,
+    /// Campaigns this daemon's copy of the states holds as paused or cancelled.
+    pub campaigns_held: IntGaugeVec,
+    /// API requests by route (the route's pattern: bounded) and status code.
+    pub api_requests: IntCounterVec,
+    /// Jobs posted to `POST /api/v1/sends`, accepted or refused.
+    pub api_jobs: IntCounterVec,
 }
 
 impl Metrics {
@@ -305,7 +311,31 @@ impl Metrics {
             "Campaigns paused by a guard ([[guards]]), by reason: bounce_rate or complaint_rate.",
             &["reason"],
         );
+        let campaigns_held = IntGaugeVec::new(
+            Opts::new(
+                "paloma_campaigns_held",
+                "Campaigns this daemon currently sees paused or cancelled (its copy of the states, refreshed every 500 ms).",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(campaigns_held.clone()))
+            .expect("unique metric");
+        let api_requests = vec(
+            "paloma_api_requests_total",
+            "HTTP API requests by route pattern and status code.",
+            &["route", "status"],
+        );
+        let api_jobs = vec(
+            "paloma_api_jobs_total",
+            "Jobs posted to POST /api/v1/sends, by result: accepted (written to the sends stream) or refused.",
+            &["result"],
+        );
         Metrics {
+            campaigns_held,
+            api_requests,
+            api_jobs,
             guard_trips,
             jobs_parked,
             reports,

@@ -1,0 +1,231 @@
+//! The HTTP API for campaign systems that speak HTTP rather than Redis (`[api]`):
+//!
+//! - `POST /api/v1/sends`: jobs in, validated exactly as the intake validates them
+//!   ([`sends`]);
+//! - `GET /api/v1/campaigns[/{c}]`, `POST /api/v1/campaigns/{c}/pause|resume|cancel`,
+//!   `GET /api/v1/recipients/{address}`, `PUT|DELETE /api/v1/suppressions/{address}`
+//!   ([`manage`]): what `paloma stats`, `paloma campaign` and `paloma suppress` do;
+//! - `GET /api/v1/openapi.json`: the OpenAPI document, derived from the handlers ([`doc`]).
+//!
+//! Every route but the document needs `Authorization: Bearer {api.token}`, compared in
+//! constant time. Every refusal is a JSON `{"error": "…"}` with a 4xx status; no answer
+//! or log line carries the token. The listener has the limits of [`crate::listener`]; a
+//! request body must arrive within `api.timeout` and stay under `api.max_body_bytes`, and
+//! at most two bodies of `POST /sends` are held at once, so memory stays bounded whatever
+//! the clients send.
+
+pub mod doc;
+pub mod manage;
+pub mod sends;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use sha2::{Digest, Sha256};
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::queue::Keys;
+use crate::store::RedisConn;
+
+/// What the API's handlers share.
+pub struct Api {
+    pub redis: RedisConn,
+    pub keys: Keys,
+    pub group: String,
+    pub metrics: Arc<Metrics>,
+    /// The intake's limit on one job (`intake.max_job_bytes`).
+    pub max_job_bytes: usize,
+    pub max_body_bytes: usize,
+    pub max_jobs: usize,
+    pub timeout: Duration,
+    /// SHA-256 of the token: what a presented token's hash is compared with.
+    token_hash: [u8; 32],
+    /// Bodies of `POST /sends` held at once.
+    pub(crate) bodies: Semaphore,
+}
+
+impl Api {
+    pub fn new(settings: &Settings, redis: RedisConn, keys: Keys, metrics: Arc<Metrics>) -> Api {
+        let a = &settings.api;
+        Api {
+            redis,
+            keys,
+            group: settings.redis.group.clone(),
+            metrics,
+            max_job_bytes: settings.intake.max_job_bytes,
+            max_body_bytes: a.max_body_bytes,
+            max_jobs: a.max_jobs,
+            timeout: a.timeout.get(),
+            token_hash: Sha256::digest(a.token.expose().as_bytes()).into(),
+            bodies: Semaphore::new(2),
+        }
+    }
+
+    /// Whether `presented` is the token. Both sides are hashed first, so neither the time
+    /// taken nor an early exit on length tells anything about the token.
+    fn authorized(&self, presented: &[u8]) -> bool {
+        let h = Sha256::digest(presented);
+        aws_lc_rs::constant_time::verify_slices_are_equal(&h, &self.token_hash).is_ok()
+    }
+}
+
+/// A refusal: a status and a sentence, answered as `{"error": "…"}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// Redis failed: the request may be retried; the error itself stays in the log.
+    pub fn redis(e: redis::RedisError) -> ApiError {
+        tracing::warn!(error = %e, "API request: Redis failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Redis is unavailable; nothing was changed, retry later",
+        )
+    }
+}
+
+/// The body of every refusal.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"paloma\""),
+            );
+        }
+        r
+    }
+}
+
+/// The API's routes, to serve on their own listener or beside `/metrics`.
+pub fn router(api: Arc<Api>) -> Router {
+    let guarded = Router::new()
+        .route("/api/v1/sends", post(sends::post_sends))
+        .route("/api/v1/campaigns", get(manage::list_campaigns))
+        .route("/api/v1/campaigns/{campaign}", get(manage::get_campaign))
+        .route("/api/v1/campaigns/{campaign}/pause", post(manage::pause))
+        .route("/api/v1/campaigns/{campaign}/resume", post(manage::resume))
+        .route("/api/v1/campaigns/{campaign}/cancel", post(manage::cancel))
+        .route("/api/v1/recipients/{address}", get(manage::recipient))
+        .route(
+            "/api/v1/suppressions/{address}",
+            put(manage::suppress).delete(manage::unsuppress),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(api.clone(), auth));
+    Router::new()
+        .route("/api/v1/openapi.json", get(doc::openapi))
+        .merge(guarded)
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such route; see /api/v1/openapi.json",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this route does not take that method; see /api/v1/openapi.json",
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(api.clone(), count))
+        .with_state(api)
+}
+
+/// Refuses a request without the right bearer token.
+async fn auth(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    match presented {
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing `Authorization: Bearer <api.token>`",
+        )
+        .into_response(),
+        Some(t) if !api.authorized(t.as_bytes()) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "wrong API token").into_response()
+        }
+        Some(_) => next.run(req).await,
+    }
+}
+
+/// Counts each request by route pattern (bounded: never the path itself) and status.
+async fn count(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "other".to_string());
+    let r = next.run(req).await;
+    api.metrics
+        .api_requests
+        .with_label_values(&[route.as_str(), r.status().as_str()])
+        .inc();
+    r
+}
+
+/// Serves the API alone on `listener` until `stop` turns true.
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    api: Arc<Api>,
+    max_connections: usize,
+    stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "API listening");
+    }
+    let registry = api.metrics.clone();
+    let limits = crate::listener::Limits {
+        name: "api",
+        max_connections,
+        header_timeout: Duration::from_secs(10),
+    };
+    tokio::spawn(crate::listener::serve(
+        listener,
+        router(api),
+        limits,
+        registry,
+        stop,
+        Duration::from_secs(2),
+    ))
+}

@@ -1,0 +1,291 @@
+//! What paloma knows of its campaigns and recipients, read from Redis: the counters of
+//! `paloma stats`, the rows of `paloma campaign list`, a recipient's record. The command
+//! line and the HTTP API (`src/api/`) answer from the same functions, so they never differ.
+
+use std::collections::BTreeMap;
+
+use crate::control::{Campaigns, State};
+use crate::queue::Keys;
+use crate::store::RedisConn;
+
+/// Counters of one campaign.
+#[derive(Debug, Default, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct CampaignStats {
+    pub campaign: String,
+    /// Jobs with at least one outcome and none terminal yet (awaiting a retry).
+    pub queued: i64,
+    pub accepted: i64,
+    pub delivered: i64,
+    pub deferred: i64,
+    pub bounced: i64,
+    pub failed: i64,
+    pub suppressed: i64,
+    pub dead: i64,
+    /// Opens and clicks by people (machine hits in `*_machine`), total and unique per send.
+    pub opened: i64,
+    pub unique_opened: i64,
+    pub clicked: i64,
+    pub unique_clicked: i64,
+    pub opened_machine: i64,
+    pub clicked_machine: i64,
+    pub unsubscribed: i64,
+    /// Late bounces (DSNs after acceptance), by bounce class; delay notices apart.
+    pub returned: i64,
+    pub returned_by_class: BTreeMap<String, i64>,
+    pub returned_delayed: i64,
+    /// Feedback-loop complaints, and their rate: complaints / delivered (Gmail and Yahoo
+    /// want it under 0.3%).
+    pub complained: i64,
+    pub complaint_rate: f64,
+    /// Clicks per named link: `[link, total, unique]`.
+    #[schema(value_type = Vec<Vec<serde_json::Value>>)]
+    pub links: Vec<(String, i64, i64)>,
+}
+
+/// `paloma stats --json`.
+#[derive(Debug, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct Overview {
+    /// Entries in the sends stream not yet finished (all campaigns).
+    pub stream_waiting: i64,
+    /// Of those, read by a daemon and in progress.
+    pub stream_pending: i64,
+    /// Jobs in the delayed set (retries and send_at).
+    pub scheduled: i64,
+    pub campaigns: Vec<CampaignStats>,
+}
+
+/// One campaign's state and counts (`paloma campaign list --json`, `GET /api/v1/campaigns`).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct CampaignRow {
+    pub state: State,
+    /// Jobs kept aside while paused.
+    pub parked: i64,
+    #[serde(flatten)]
+    pub stats: CampaignStats,
+}
+
+/// The counters of `campaign`, or of every campaign that has an outcome, in one pipeline.
+pub async fn overview(
+    conn: &mut RedisConn,
+    keys: &Keys,
+    group: &str,
+    campaign: Option<&str>,
+) -> redis::RedisResult<Overview> {
+    let names: Vec<String> = match campaign {
+        Some(c) => vec![c.to_string()],
+        None => {
+            let mut v: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&keys.campaigns)
+                .query_async(conn)
+                .await?;
+            v.sort();
+            v
+        }
+    };
+    let mut p = redis::pipe();
+    for n in &names {
+        p.cmd("HGETALL").arg(keys.stats(n));
+        p.cmd("HGETALL").arg(keys.links(n));
+    }
+    p.cmd("XLEN").arg(&keys.sends);
+    p.cmd("ZCARD").arg(&keys.scheduled);
+    let mut replies: Vec<redis::Value> = p.query_async(conn).await?;
+    let scheduled: i64 =
+        redis::from_redis_value(replies.pop().unwrap_or(redis::Value::Nil)).unwrap_or(0);
+    let stream_waiting: i64 =
+        redis::from_redis_value(replies.pop().unwrap_or(redis::Value::Nil)).unwrap_or(0);
+    let pending: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
+        .arg(&keys.sends)
+        .arg(group)
+        .query_async(conn)
+        .await;
+    let stream_pending = match pending {
+        Ok(redis::Value::Array(a)) => a
+            .first()
+            .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
+            .unwrap_or(0),
+        _ => 0,
+    };
+    let mut campaigns = Vec::new();
+    let mut replies = replies.into_iter();
+    for name in names {
+        let h: BTreeMap<String, i64> =
+            redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))
+                .unwrap_or_default();
+        let l: BTreeMap<String, i64> =
+            redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))
+                .unwrap_or_default();
+        campaigns.push(campaign_stats(name, &h, &l));
+    }
+    Ok(Overview {
+        stream_waiting,
+        stream_pending,
+        scheduled,
+        campaigns,
+    })
+}
+
+/// One campaign's figures from its `stats:` and `links:` hashes.
+fn campaign_stats(
+    campaign: String,
+    h: &BTreeMap<String, i64>,
+    l: &BTreeMap<String, i64>,
+) -> CampaignStats {
+    let links = l
+        .iter()
+        .filter(|(k, _)| !k.ends_with(":unique"))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                *v,
+                l.get(&format!("{k}:unique")).copied().unwrap_or(0),
+            )
+        })
+        .collect();
+    let g = |k: &str| h.get(k).copied().unwrap_or(0);
+    let terminal = g("delivered") + g("bounced") + g("failed") + g("suppressed") + g("dead");
+    CampaignStats {
+        queued: (g("accepted") - terminal).max(0),
+        accepted: g("accepted"),
+        delivered: g("delivered"),
+        deferred: g("deferred"),
+        bounced: g("bounced"),
+        failed: g("failed"),
+        suppressed: g("suppressed"),
+        dead: g("dead"),
+        opened: g("opened"),
+        unique_opened: g("unique_opened"),
+        clicked: g("clicked"),
+        unique_clicked: g("unique_clicked"),
+        opened_machine: g("opened_machine"),
+        clicked_machine: g("clicked_machine"),
+        unsubscribed: g("unsubscribed"),
+        returned: g("returned"),
+        returned_by_class: h
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("returned_").map(|c| (c.to_string(), *v)))
+            .filter(|(c, _)| c != "delayed" && c != "hard")
+            .collect(),
+        returned_delayed: g("returned_delayed"),
+        complained: g("complained"),
+        complaint_rate: if g("delivered") > 0 {
+            g("complained") as f64 / g("delivered") as f64
+        } else {
+            0.0
+        },
+        links,
+        campaign,
+    }
+}
+
+/// Every campaign with its state and parked jobs, besides the counters of `o`.
+pub async fn campaign_rows(
+    conn: &mut RedisConn,
+    keys: &Keys,
+    o: Overview,
+) -> redis::RedisResult<Vec<CampaignRow>> {
+    let states = Campaigns::default();
+    states.refresh(conn, keys).await?;
+    let mut p = redis::pipe();
+    for c in &o.campaigns {
+        p.cmd("ZCARD").arg(keys.parked(&c.campaign));
+    }
+    let parked: Vec<i64> = if o.campaigns.is_empty() {
+        Vec::new()
+    } else {
+        p.query_async(conn).await?
+    };
+    Ok(o.campaigns
+        .into_iter()
+        .zip(parked)
+        .map(|(s, parked)| CampaignRow {
+            state: states.state(&s.campaign),
+            parked,
+            stats: s,
+        })
+        .collect())
+}
+
+/// Whether `campaign` was ever seen (has an outcome, or a state set by an operator).
+pub async fn known(conn: &mut RedisConn, keys: &Keys, campaign: &str) -> redis::RedisResult<bool> {
+    let (member, state): (bool, bool) = redis::pipe()
+        .cmd("SISMEMBER")
+        .arg(&keys.campaigns)
+        .arg(campaign)
+        .cmd("HEXISTS")
+        .arg(&keys.campaign_states)
+        .arg(campaign)
+        .query_async(conn)
+        .await?;
+    Ok(member || state)
+}
+
+/// What is known about one recipient: engagement, suppression, recent sends.
+pub async fn recipient(
+    conn: &mut RedisConn,
+    keys: &Keys,
+    addr: &str,
+) -> redis::RedisResult<BTreeMap<String, String>> {
+    let field = crate::policy::suppression::field(addr);
+    let (mut info, suppressed): (BTreeMap<String, String>, Option<String>) = redis::pipe()
+        .cmd("HGETALL")
+        .arg(keys.recipient(&field))
+        .cmd("HGET")
+        .arg(&keys.suppressed)
+        .arg(&field)
+        .query_async(conn)
+        .await?;
+    for k in ["last_open", "last_click"] {
+        if let Some(t) = info.get(k).and_then(|v| v.parse::<i64>().ok()) {
+            info.insert(k.into(), crate::queue::events::rfc3339_ms(t * 1000));
+        }
+    }
+    if let Some(sends) = info.remove("s") {
+        let times: Vec<String> = sends
+            .split(',')
+            .filter_map(|t| t.parse::<i64>().ok())
+            .map(|t| crate::queue::events::rfc3339_ms(t * 1000))
+            .collect();
+        info.insert("recent_sends".into(), times.join(" "));
+    }
+    info.insert(
+        "suppressed".into(),
+        suppressed.unwrap_or_else(|| "no".into()),
+    );
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_add_up_and_links_pair_with_their_unique_counts() {
+        let h: BTreeMap<String, i64> = [
+            ("accepted", 10),
+            ("delivered", 6),
+            ("bounced", 1),
+            ("suppressed", 1),
+            ("complained", 3),
+            ("returned", 2),
+            ("returned_hard", 1),
+            ("returned_invalid_recipient", 2),
+            ("returned_delayed", 1),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let l: BTreeMap<String, i64> = [("pricing", 4), ("pricing:unique", 2)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let s = campaign_stats("spring".into(), &h, &l);
+        assert_eq!(s.queued, 2);
+        assert_eq!(s.complaint_rate, 0.5);
+        assert_eq!(s.links, vec![("pricing".to_string(), 4, 2)]);
+        assert_eq!(
+            s.returned_by_class.keys().collect::<Vec<_>>(),
+            vec!["invalid_recipient"]
+        );
+    }
+}
