@@ -9,6 +9,7 @@
 //! cargo bench --bench e2e -- --quick           # smoke run (CI)
 //! cargo bench --bench e2e -- --runs 5 --no-postfix  # 5 relay runs, each between two ceilings; median
 //! cargo bench --bench e2e -- --runs 3 --no-postfix --bounces  # the same with [bounces] (VERP) on
+//! cargo bench --bench e2e -- --runs 3 --no-postfix --experiment  # … with an A/B test running
 //! ```
 //!
 //! Prints messages/s, the ratio to the ceiling, peak RSS and CPU time per message of the
@@ -43,6 +44,9 @@ struct Opts {
     runs: usize,
     /// `[bounces]` on: VERP return paths (a token per job, written in the claim round trip).
     bounces: bool,
+    /// An experiment on the bench campaign: every job in the test (three variants, one a
+    /// subject override), so that all of them go out during the run.
+    experiment: bool,
 }
 
 fn opts() -> Opts {
@@ -59,6 +63,7 @@ fn opts() -> Opts {
         postfix: true,
         runs: 1,
         bounces: false,
+        experiment: false,
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -96,6 +101,7 @@ fn opts() -> Opts {
             }
             "--mx" => o.mx = true,
             "--bounces" => o.bounces = true,
+            "--experiment" => o.experiment = true,
             "--profile" => o.profile = true,
             "--latency" => {
                 o.latency = Some(next(i).parse().unwrap_or(0.0));
@@ -635,12 +641,16 @@ fn main() {
     let mut relays = Vec::new();
     let mut last = before;
     for k in 0..o.runs {
-        let bounces = if o.bounces {
-            "[bounces]\ndomain = \"bounces.shop.test\"\n"
-        } else {
-            ""
-        };
-        let r = run(&o, &redis, bounces, port, &dkim, None);
+        let mut extra = String::new();
+        if o.bounces {
+            extra.push_str("[bounces]\ndomain = \"bounces.shop.test\"\n");
+        }
+        if o.experiment {
+            extra.push_str(
+                "[[experiments]]\ncampaign = \"bench\"\nvariants = [{ name = \"a\" }, { name = \"b\", subject = \"Last days, {{first_name}}\" }, { name = \"c\" }]\ntest_share = \"100%\"\ndecide_after = \"1h\"\nfallback = \"a\"\n",
+            );
+        }
+        let r = run(&o, &redis, &extra, port, &dkim, None);
         if o.runs > 1 {
             let next = ceiling(port, size, count);
             let ratio = r.rate / ((last + next) / 2.0);

@@ -199,6 +199,7 @@ fn bench(c: &mut Criterion) {
         campaign: "spring",
         to: "ana@example.com",
         sent: "1795000000",
+        variant: "",
     };
     let mut g = c.benchmark_group("links");
     g.throughput(Throughput::Elements(1));
@@ -311,6 +312,7 @@ fn count_mode(stage: &str, iters: usize) {
         campaign: "spring",
         to: "ana@example.com",
         sent: "1795000000",
+        variant: "",
     };
     let (mut out, mut scratch, mut s) = (Vec::new(), Vec::new(), String::new());
     let mut total = 0;

@@ -73,6 +73,63 @@ pub struct Settings {
     /// The HTTP API for campaign systems (off unless `listen` is set).
     #[serde(default)]
     pub api: ApiSettings,
+    /// A/B tests of a campaign's template or subject, with a winner picked automatically.
+    #[serde(default)]
+    pub experiments: Vec<ExperimentRule>,
+}
+
+/// `[[experiments]]`: a share of a campaign's recipients is split evenly across the variants;
+/// after `decide_after` the variant with the best rate of people's (not machines') unique
+/// clicks (or opens) per delivered message wins, if it beats the runner-up at `confidence`,
+/// else `fallback`; the rest of the campaign then goes out with the winner.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentRule {
+    pub campaign: String,
+    pub variants: Vec<VariantRule>,
+    /// Of the campaign's recipients, in the test (split evenly across the variants).
+    pub test_share: Percent,
+    /// From the first job of the campaign seen, how long the test runs.
+    pub decide_after: Dur,
+    #[serde(default)]
+    pub metric: ExperimentMetric,
+    #[serde(default = "default_confidence")]
+    pub confidence: Percent,
+    /// The variant sent to the rest when no variant wins at `confidence`.
+    pub fallback: String,
+}
+
+/// One variant: another template, another subject (Handlebars, on the job's template), or
+/// neither (the job as it is: a control).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantRule {
+    pub name: String,
+    pub template: Option<String>,
+    pub subject: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExperimentMetric {
+    /// Unique human clicks per delivered message.
+    #[default]
+    Clicks,
+    /// Unique human opens per delivered message.
+    Opens,
+}
+
+impl ExperimentMetric {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExperimentMetric::Clicks => "clicks",
+            ExperimentMetric::Opens => "opens",
+        }
+    }
+}
+
+fn default_confidence() -> Percent {
+    Percent(0.95)
 }
 
 /// `[api]`: `/api/v1/…` behind a bearer token, on its own listener or, when `listen` is
@@ -839,6 +896,11 @@ impl Settings {
                 return bad(format!("guards[{i}] needs bounce_rate or complaint_rate"));
             }
         }
+        for (i, x) in self.experiments.iter().enumerate() {
+            validate_experiment(x, &self.experiments[..i]).map_err(|e| {
+                ConfigError::Invalid(format!("experiments[{i}] ({}): {e}", x.campaign))
+            })?;
+        }
         let a = &self.api;
         if a.listen.is_some() {
             if a.token.is_empty() {
@@ -1024,6 +1086,56 @@ impl Settings {
 
 /// The checks of one `[[workflows]]` rule beyond `on` and the send/webhook choice; `earlier`
 /// are the rules before it (names must be unique: they key timers, metrics and follow-up ids).
+fn validate_experiment(x: &ExperimentRule, earlier: &[ExperimentRule]) -> Result<(), String> {
+    crate::job::CampaignId::parse(x.campaign.clone()).map_err(|e| format!("campaign: {e}"))?;
+    if earlier.iter().any(|e| e.campaign == x.campaign) {
+        return Err("a campaign has one experiment at a time".into());
+    }
+    if !(2..=8).contains(&x.variants.len()) {
+        return Err("an experiment has 2 to 8 variants".into());
+    }
+    for (i, v) in x.variants.iter().enumerate() {
+        let ok = !v.name.is_empty()
+            && v.name.len() <= 32
+            && v.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            return Err(format!(
+                "variant name {:?}: 1-32 of A-Z a-z 0-9 - _",
+                v.name
+            ));
+        }
+        if x.variants[..i].iter().any(|o| o.name == v.name) {
+            return Err(format!("two variants are named {:?}", v.name));
+        }
+        if let Some(s) = &v.subject {
+            if s.trim().is_empty() || s.chars().any(|c| c.is_control()) {
+                return Err(format!(
+                    "variant {:?}: subject must be one line of text",
+                    v.name
+                ));
+            }
+        }
+    }
+    if !x.variants.iter().any(|v| v.name == x.fallback) {
+        return Err(format!(
+            "fallback {:?} is not one of the variants",
+            x.fallback
+        ));
+    }
+    if x.test_share.0 <= 0.0 {
+        return Err("test_share must be above 0%".into());
+    }
+    if !(0.5..1.0).contains(&x.confidence.0) {
+        return Err("confidence must be at least 50% and below 100%".into());
+    }
+    if x.decide_after.get().is_zero() {
+        return Err("decide_after must be above zero".into());
+    }
+    Ok(())
+}
+
 fn validate_workflow(w: &WorkflowRule, earlier: &[WorkflowRule]) -> Result<(), String> {
     // The name goes into follow-up job ids (`wf:{name}:{id}`) and Redis keys, so it is kept
     // to characters that need no quoting anywhere and cannot be confused with a separator.
@@ -1255,6 +1367,33 @@ secret = "0123456789abcdef0123"
         let hook = format!("{MIN}\n[webhooks]\nsecret = \"change-me-to-a-long-random-string\"\n");
         let e = Settings::from_toml(&hook, vec![]).unwrap_err().to_string();
         assert!(e.contains("webhooks.secret"), "{e}");
+    }
+
+    #[test]
+    fn experiments_are_checked_with_what_to_change() {
+        let x = |body: &str| {
+            let text = format!(
+                "{MIN}\n[[experiments]]\ncampaign = \"spring\"\ntest_share = \"20%\"\ndecide_after = \"4h\"\n{body}"
+            );
+            Settings::from_toml(&text, vec![])
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let two = "variants = [{ name = \"a\" }, { name = \"b\", subject = \"Hi\" }]\n";
+        assert!(x(&format!("{two}fallback = \"a\"")).is_ok());
+        let e = x(&format!("{two}fallback = \"z\"")).unwrap_err();
+        assert!(
+            e.contains("fallback \"z\" is not one of the variants"),
+            "{e}"
+        );
+        let e = x("variants = [{ name = \"a\" }]\nfallback = \"a\"").unwrap_err();
+        assert!(e.contains("2 to 8 variants"), "{e}");
+        let e = x("variants = [{ name = \"a\" }, { name = \"a\" }]\nfallback = \"a\"").unwrap_err();
+        assert!(e.contains("two variants are named"), "{e}");
+        let e = x(&format!("{two}fallback = \"a\"\nconfidence = \"100%\"")).unwrap_err();
+        assert!(e.contains("confidence"), "{e}");
+        let e = x(&format!("{two}fallback = \"a\"\nmetric = \"revenue\"")).unwrap_err();
+        assert!(e.contains("revenue") || e.contains("metric"), "{e}");
     }
 
     #[test]

@@ -231,12 +231,23 @@ pub async fn set(
 /// Moves every parked job of `campaign` to the delayed set, due now, its age shifted by
 /// the time it was parked. Returns how many.
 pub async fn release(conn: &mut RedisConn, keys: &Keys, campaign: &str) -> redis::RedisResult<u64> {
+    release_set(conn, &keys.parked(campaign), &keys.scheduled).await
+}
+
+/// Moves every member of the set `from` (parked or held jobs, scored by when they were put
+/// there) to the delayed set `scheduled`, due now, each job's age start shifted by the time
+/// it waited. Returns how many.
+pub async fn release_set(
+    conn: &mut RedisConn,
+    from: &str,
+    scheduled: &str,
+) -> redis::RedisResult<u64> {
     let script = redis::Script::new(include_str!("control/release.lua"));
     let mut moved = 0;
     loop {
         let n: u64 = script
-            .key(keys.parked(campaign))
-            .key(&keys.scheduled)
+            .key(from)
+            .key(scheduled)
             .arg(now_ms())
             .arg(1000)
             .invoke_async(conn)

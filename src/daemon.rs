@@ -282,6 +282,18 @@ impl App {
             metrics.clone(),
             stop_rx.clone(),
         ));
+        // Decisions already made, before the first job: a restart never holds a job whose
+        // experiment has a winner.
+        let experiments = Arc::new(crate::experiment::Experiments::new(&settings.experiments));
+        if let Err(e) = experiments.load(&mut conn.clone(), &keys).await {
+            tracing::warn!(error = %e, "reading experiment decisions failed; retrying in the background");
+        }
+        tokio::spawn(experiments.clone().watch(
+            conn.clone(),
+            keys.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
         let workers = i.workers;
         let ready = Arc::new(AtomicBool::new(false));
         let signer = renderer.signer().clone();
@@ -303,6 +315,7 @@ impl App {
             also_prune: vec![(keys.events.clone(), format!("{group}-workflows"))],
             return_paths: crate::bounces::ReturnPaths::new(&settings),
             campaigns: campaigns.clone(),
+            experiments,
             stop: stop_rx.clone(),
         });
         // Housekeeping of SMTP sessions and mx routes, every 5 s until shutdown begins (it

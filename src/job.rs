@@ -72,6 +72,10 @@ pub struct Job {
     /// Unix milliseconds.
     pub send_at: Option<i64>,
     pub transactional: bool,
+    /// The experiment variant it goes out as (set by the intake, never read from the job).
+    pub variant: Option<String>,
+    /// A variant's subject: the name of its template in the plain registry.
+    pub subject: Option<String>,
 }
 
 /// What can be learnt from a job even when it is invalid, for the `dead` event.
@@ -80,6 +84,8 @@ pub struct JobIdentity {
     pub id: String,
     pub campaign: String,
     pub to: String,
+    /// Its experiment variant, if it is in one: every event of it says so.
+    pub variant: Option<String>,
 }
 
 impl Job {
@@ -89,10 +95,14 @@ impl Job {
             id: self.id.as_str().to_string(),
             campaign: self.campaign.as_str().to_string(),
             to: self.to.as_str().to_string(),
+            variant: self.variant.clone(),
         }
     }
 
     /// Parses and validates the `job` field of a stream entry.
+    // The error (a bad job: the rare path) is returned by value: boxing it would buy nothing
+    // measurable and cost every caller an indirection.
+    #[allow(clippy::result_large_err)]
     pub fn parse(raw: &[u8], max_bytes: usize) -> Result<Job, (JobError, JobIdentity)> {
         if raw.len() > max_bytes {
             return Err((
@@ -109,6 +119,7 @@ impl Job {
             id: string_lossy(&rj.id),
             campaign: string_lossy(&rj.campaign),
             to: string_lossy(&rj.to),
+            variant: None,
         };
         Self::validate(rj).map_err(|e| (e, ident))
     }
@@ -200,6 +211,8 @@ impl Job {
             headers,
             send_at,
             transactional: rj.transactional.unwrap_or(false),
+            variant: None,
+            subject: None,
         })
     }
 }

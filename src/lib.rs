@@ -19,6 +19,7 @@
 //! - [`deliver`]: SMTP sessions to the relay or to each domain's MX hosts.
 //! - [`outcome`]: the vocabulary every layer speaks: what an attempt came to, bounce classes.
 //! - [`policy`]: suppression list and frequency caps.
+//! - [`experiment`]: A/B tests: assignment, held jobs, the decision (two-proportion test).
 //! - [`control`]: campaign pause / resume / cancel, with each daemon's cached copy of the
 //!   states.
 //! - [`bounces`]: what comes back after acceptance: VERP tokens, the inbound SMTP listener,
@@ -43,6 +44,7 @@ pub mod control;
 pub mod daemon;
 pub mod deliver;
 pub mod demo;
+pub mod experiment;
 pub mod http;
 pub mod job;
 pub mod listener;

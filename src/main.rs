@@ -61,6 +61,11 @@ enum Command {
         #[command(subcommand)]
         action: CampaignCmd,
     },
+    /// A/B tests: status, or pick a winner by hand.
+    Experiment {
+        #[command(subcommand)]
+        action: ExperimentCmd,
+    },
     /// The quick start: a throwaway Redis, a local mail capture, a sample campaign.
     Demo {
         /// How many recipients.
@@ -107,6 +112,26 @@ enum CampaignCmd {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExperimentCmd {
+    /// The experiment's window, per-variant figures, the leader so far and the decision.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        campaign: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decide now: the rest of the campaign goes out with VARIANT.
+    Pick {
+        #[arg(long, short)]
+        config: PathBuf,
+        campaign: String,
+        variant: String,
     },
 }
 
@@ -218,6 +243,22 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let settings = load(&config)?;
             cli::campaign(&settings, action).await?;
+        }
+        Command::Experiment { action } => {
+            let (config, action) = match action {
+                ExperimentCmd::Status {
+                    config,
+                    campaign,
+                    json,
+                } => (config, cli::ExperimentAction::Status { campaign, json }),
+                ExperimentCmd::Pick {
+                    config,
+                    campaign,
+                    variant,
+                } => (config, cli::ExperimentAction::Pick { campaign, variant }),
+            };
+            let settings = load(&config)?;
+            cli::experiment(&settings, action).await?;
         }
         Command::Demo {
             count,

@@ -66,6 +66,10 @@ pub struct Metrics {
     pub complaints: IntCounterVec,
     /// Campaigns this daemon's copy of the states holds as paused or cancelled.
     pub campaigns_held: IntGaugeVec,
+    /// Outcomes of jobs in an experiment, by campaign, variant (config names) and outcome.
+    pub experiment_messages: IntCounterVec,
+    /// Experiments decided, by how: auto (significant), fallback, manual.
+    pub experiment_decisions: IntCounterVec,
     /// API requests by route (the route's pattern: bounded) and status code.
     pub api_requests: IntCounterVec,
     /// Jobs posted to `POST /api/v1/sends`, accepted or refused.
@@ -322,6 +326,16 @@ impl Metrics {
         registry
             .register(Box::new(campaigns_held.clone()))
             .expect("unique metric");
+        let experiment_messages = vec(
+            "paloma_experiment_messages_total",
+            "Outcomes of jobs in an experiment by campaign, variant and outcome.",
+            &["campaign", "variant", "outcome"],
+        );
+        let experiment_decisions = vec(
+            "paloma_experiment_decisions_total",
+            "Experiments decided by this daemon, by how: auto (a significant winner), fallback (none was), manual (paloma experiment pick).",
+            &["how"],
+        );
         let api_requests = vec(
             "paloma_api_requests_total",
             "HTTP API requests by route pattern and status code.",
@@ -333,6 +347,8 @@ impl Metrics {
             &["result"],
         );
         Metrics {
+            experiment_messages,
+            experiment_decisions,
             campaigns_held,
             api_requests,
             api_jobs,

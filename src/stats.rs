@@ -40,6 +40,15 @@ pub struct CampaignStats {
     /// Clicks per named link: `[link, total, unique]`.
     #[schema(value_type = Vec<Vec<serde_json::Value>>)]
     pub links: Vec<(String, i64, i64)>,
+    /// In an experiment: counters per variant (`delivered`, `bounced`, …, `unique_opened`,
+    /// `unique_clicked`, `opened_machine`, `clicked_machine`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub variants: BTreeMap<String, BTreeMap<String, i64>>,
+    /// In an experiment: `started_at`, and once decided `winner`, `how`, `decided_at` and
+    /// `result` (the figures of the decision).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub experiment: Option<serde_json::Value>,
 }
 
 /// `paloma stats --json`.
@@ -86,6 +95,8 @@ pub async fn overview(
     for n in &names {
         p.cmd("HGETALL").arg(keys.stats(n));
         p.cmd("HGETALL").arg(keys.links(n));
+        p.cmd("HGETALL").arg(keys.variants(n));
+        p.cmd("HGETALL").arg(keys.experiment(n));
     }
     p.cmd("XLEN").arg(&keys.sends);
     p.cmd("ZCARD").arg(&keys.scheduled);
@@ -115,7 +126,16 @@ pub async fn overview(
         let l: BTreeMap<String, i64> =
             redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))
                 .unwrap_or_default();
-        campaigns.push(campaign_stats(name, &h, &l));
+        let v: BTreeMap<String, i64> =
+            redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))
+                .unwrap_or_default();
+        let x: BTreeMap<String, String> =
+            redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))
+                .unwrap_or_default();
+        let mut c = campaign_stats(name, &h, &l);
+        c.variants = per_variant(&v);
+        c.experiment = experiment_state(&x);
+        campaigns.push(c);
     }
     Ok(Overview {
         stream_waiting,
@@ -175,7 +195,53 @@ fn campaign_stats(
         },
         links,
         campaign,
+        variants: BTreeMap::new(),
+        experiment: None,
     }
+}
+
+/// `{variant}:{outcome}` counters, by variant.
+fn per_variant(v: &BTreeMap<String, i64>) -> BTreeMap<String, BTreeMap<String, i64>> {
+    let mut out: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for (k, n) in v {
+        if let Some((variant, field)) = k.split_once(':') {
+            out.entry(variant.to_string())
+                .or_default()
+                .insert(field.to_string(), *n);
+        }
+    }
+    out
+}
+
+/// An experiment's hash as JSON: times in RFC 3339, the decision's figures parsed.
+pub fn experiment_state(x: &BTreeMap<String, String>) -> Option<serde_json::Value> {
+    if x.is_empty() {
+        return None;
+    }
+    let time = |k: &str| {
+        x.get(k)
+            .and_then(|t| t.parse::<i64>().ok())
+            .map(crate::queue::events::rfc3339_ms)
+    };
+    let mut o = serde_json::Map::new();
+    if let Some(t) = time("started") {
+        o.insert("started_at".into(), t.into());
+    }
+    for k in ["winner", "how"] {
+        if let Some(v) = x.get(k) {
+            o.insert(k.into(), v.clone().into());
+        }
+    }
+    if let Some(t) = time("decided_at") {
+        o.insert("decided_at".into(), t.into());
+    }
+    if let Some(r) = x
+        .get("result")
+        .and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok())
+    {
+        o.insert("result".into(), r);
+    }
+    Some(serde_json::Value::Object(o))
 }
 
 /// Every campaign with its state and parked jobs, besides the counters of `o`.

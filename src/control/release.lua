@@ -1,6 +1,6 @@
 -- Moves up to ARGV[2] parked jobs of a campaign to the delayed set, due now, each with its
 -- age start (first_at) moved forward by the time it was parked.
--- KEYS: [1] the campaign's parked set (score: parked at, ms), [2] scheduled.
+-- KEYS: [1] a campaign's parked (or held) set (score: parked at, ms), [2] scheduled.
 -- ARGV: [1] now (ms), [2] how many at most.
 -- Answers how many it moved.
 local now = tonumber(ARGV[1])

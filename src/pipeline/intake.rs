@@ -10,6 +10,7 @@ use tokio::sync::{watch, Semaphore};
 
 use super::Stages;
 use crate::control::State;
+use crate::experiment::Assign;
 use crate::job::Job;
 use crate::policy::suppression;
 use crate::queue::consumer::Backoff;
@@ -202,6 +203,19 @@ async fn dispatch(
             let record = Record::later(&entry, &job.identity(), at, entry.first_at.max(at));
             stages.recorder.send(record).await;
             continue;
+        }
+        let mut job = job;
+        match stages
+            .experiments
+            .assign(job.campaign.as_str(), job.to.as_str(), entry.attempt)
+        {
+            None => {}
+            Some(Assign::Send(variant)) => variant.apply(&mut job),
+            Some(Assign::Hold) => {
+                let record = Record::held(&entry, &job.identity(), now);
+                stages.recorder.send(record).await;
+                continue;
+            }
         }
         ready.push((entry, job));
     }

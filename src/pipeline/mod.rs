@@ -53,6 +53,8 @@ pub struct Stages {
     pub also_prune: Vec<(String, String)>,
     /// Campaign states (pause, cancel), refreshed in the background.
     pub campaigns: Arc<crate::control::Campaigns>,
+    /// A/B tests: which variant a job goes out as, or held until the decision.
+    pub experiments: Arc<crate::experiment::Experiments>,
     /// VERP return paths (`[bounces] domain`), if on.
     pub return_paths: Option<crate::bounces::ReturnPaths>,
     /// Turns true when shutdown begins.

@@ -11,7 +11,7 @@ use crate::job::{Job, JobError, JobIdentity};
 use crate::outcome::Outcome;
 use crate::queue::events::{rfc3339_ms, Event, EventKind};
 use crate::queue::idem::Idem;
-use crate::queue::recorder::{Record, Schedule};
+use crate::queue::recorder::{Park, Record, Schedule};
 use crate::queue::{scheduler, Entry};
 use crate::workflow::KeepJobs;
 
@@ -63,6 +63,7 @@ fn ended(entry: &Entry, ident: &JobIdentity, kind: EventKind, event: String) -> 
         idem: Some((ident.id.clone(), Some(Idem::Done))),
         stat: Some((ident.campaign.clone(), kind)),
         first: entry.attempt == 0,
+        variant: ident.variant.clone(),
         ..Default::default()
     }
 }
@@ -79,7 +80,7 @@ impl Record {
     /// Ends without being sent: the suppression list, a frequency cap.
     pub fn suppressed(entry: &Entry, job: &Job, reason: &str) -> Record {
         let ident = job.identity();
-        let mut ev = Event::new(EventKind::Suppressed, &ident.id, &ident.campaign, &ident.to);
+        let mut ev = Event::of(EventKind::Suppressed, &ident);
         ev.reason = Some(reason);
         let event = ev.to_json();
         ended(entry, &ident, EventKind::Suppressed, event)
@@ -89,7 +90,7 @@ impl Record {
     /// (the record is then deleted, so the job may be fixed and enqueued again).
     pub fn dead(entry: &Entry, err: &JobError, ident: &JobIdentity, claimed: bool) -> Record {
         let error = err.to_string();
-        let mut ev = Event::new(EventKind::Dead, &ident.id, &ident.campaign, &ident.to);
+        let mut ev = Event::of(EventKind::Dead, ident);
         ev.error = Some(&error);
         let event = ev.to_json();
         Record {
@@ -122,13 +123,24 @@ impl Record {
     /// Kept aside while its campaign is paused (see [`crate::control`]): acknowledged,
     /// parked with its attempt count and age start, nothing sent and no event.
     pub fn parked(entry: &Entry, ident: &JobIdentity, now: i64) -> Record {
+        Self::kept(entry, ident, now, false)
+    }
+
+    /// Held until its experiment is decided (see [`crate::experiment`]): as parked, in the
+    /// experiment's own set.
+    pub fn held(entry: &Entry, ident: &JobIdentity, now: i64) -> Record {
+        Self::kept(entry, ident, now, true)
+    }
+
+    fn kept(entry: &Entry, ident: &JobIdentity, now: i64, held: bool) -> Record {
         Record {
             ack: Some(entry.id.clone()),
-            park: Some((
-                ident.campaign.clone(),
-                now,
-                scheduler::member(entry.attempt, entry.first_at, &entry.job),
-            )),
+            park: Some(Park {
+                campaign: ident.campaign.clone(),
+                at: now,
+                member: scheduler::member(entry.attempt, entry.first_at, &entry.job),
+                held,
+            }),
             idem: Some((ident.id.clone(), Some(Idem::Scheduled))),
             ..Default::default()
         }
@@ -153,14 +165,14 @@ impl Record {
         );
         match outcome {
             Outcome::Delivered { response } => {
-                let mut ev = Event::new(EventKind::Delivered, id, campaign, to);
+                let mut ev = Event::of(EventKind::Delivered, ident);
                 ev.response = Some(&response);
                 let mut record = ended(entry, ident, EventKind::Delivered, ev.to_json());
                 record.store = keep.store(EventKind::Delivered, id, campaign, &entry.job);
                 record
             }
             Outcome::Bounced(b) => {
-                let mut ev = Event::new(EventKind::Bounced, id, campaign, to);
+                let mut ev = Event::of(EventKind::Bounced, ident);
                 ev.code = Some(b.code);
                 ev.enhanced = Some(&b.enhanced);
                 ev.class = Some(b.class.as_str());
@@ -176,12 +188,12 @@ impl Record {
             Outcome::Deferred { response } => {
                 let attempt = entry.attempt.saturating_add(1);
                 let Some(retry_at) = retry.next(attempt, entry.first_at, now, jitter) else {
-                    let mut ev = Event::new(EventKind::Failed, id, campaign, to);
+                    let mut ev = Event::of(EventKind::Failed, ident);
                     ev.attempt = Some(attempt);
                     ev.response = Some(&response);
                     return ended(entry, ident, EventKind::Failed, ev.to_json());
                 };
-                let mut ev = Event::new(EventKind::Deferred, id, campaign, to);
+                let mut ev = Event::of(EventKind::Deferred, ident);
                 ev.attempt = Some(attempt);
                 ev.retry_at = Some(rfc3339_ms(retry_at));
                 ev.response = Some(&response);
@@ -196,6 +208,7 @@ impl Record {
                     }),
                     stat: Some((campaign.to_string(), EventKind::Deferred)),
                     first: entry.attempt == 0,
+                    variant: ident.variant.clone(),
                     ..Default::default()
                 }
             }
@@ -221,6 +234,7 @@ mod tests {
             id: "j".into(),
             campaign: "spring".into(),
             to: "a@b.test".into(),
+            variant: None,
         }
     }
 
@@ -305,9 +319,18 @@ mod tests {
     fn a_parked_job_keeps_its_attempt_and_age_and_writes_no_event() {
         let r = Record::parked(&entry(3, 11), &ident(), 500);
         assert!(r.event.is_none() && r.stat.is_none() && r.schedule.is_none());
-        let (c, at, member) = r.park.unwrap();
-        assert_eq!((c.as_str(), at), ("spring", 500));
-        assert!(member.starts_with("3|11|"));
+        let park = r.park.unwrap();
+        assert_eq!(
+            (park.campaign.as_str(), park.at, park.held),
+            ("spring", 500, false)
+        );
+        assert!(park.member.starts_with("3|11|"));
+        assert!(
+            Record::held(&entry(0, 11), &ident(), 500)
+                .park
+                .unwrap()
+                .held
+        );
         assert_eq!(r.idem, Some(("j".into(), Some(Idem::Scheduled))));
     }
 

@@ -77,6 +77,9 @@ pub struct Event<'a> {
     pub id: &'a str,
     pub campaign: &'a str,
     pub to: &'a str,
+    /// The experiment variant the job went out as, if it is in one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<&'a str>,
     pub at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
@@ -135,6 +138,13 @@ impl<'a> Event<'a> {
             at: rfc3339_ms(super::now_ms()),
             ..Default::default()
         }
+    }
+
+    /// An event of the job `ident` names (its variant included).
+    pub fn of(kind: EventKind, ident: &'a crate::job::JobIdentity) -> Self {
+        let mut ev = Event::new(kind, &ident.id, &ident.campaign, &ident.to);
+        ev.variant = ident.variant.as_deref();
+        ev
     }
 
     pub fn to_json(&self) -> String {

@@ -53,12 +53,24 @@ pub struct Record {
     pub first: bool,
     /// One more counter of `stat`'s campaign (`bounced_hard`, which guards read).
     pub stat_extra: Option<&'static str>,
-    /// `(campaign, parked at ms, member)`: a paused campaign's job kept aside, see
-    /// [`crate::control`].
-    pub park: Option<(String, i64, String)>,
+    /// A job kept aside: a paused campaign's (see [`crate::control`]) or one held until
+    /// its experiment's decision (see [`crate::experiment`]).
+    pub park: Option<Park>,
+    /// The experiment variant of `stat`'s job: its outcome is counted for the variant too.
+    pub variant: Option<String>,
     /// `(key, value, ttl secs)` to SET with the outcome (a delivered job's JSON, kept for
     /// workflow follow-ups).
     pub store: Option<(String, Vec<u8>, u64)>,
+}
+
+/// A job kept aside in a sorted set (score: when), as a delayed-set member.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Park {
+    pub campaign: String,
+    pub at: i64,
+    pub member: String,
+    /// Held for an experiment (`held:{c}`), not parked for a pause (`parked:{c}`).
+    pub held: bool,
 }
 
 #[derive(Clone)]
@@ -194,6 +206,12 @@ impl Recorder {
                         .messages
                         .with_label_values(&[campaign.as_str(), outcome.as_str()])
                         .inc();
+                    if let Some(v) = &r.variant {
+                        self.metrics
+                            .experiment_messages
+                            .with_label_values(&[campaign.as_str(), v.as_str(), outcome.as_str()])
+                            .inc();
+                    }
                 }
             }
         }
@@ -233,6 +251,8 @@ impl Recorder {
         let mut acks: Vec<&str> = Vec::with_capacity(records.len());
         let mut value = String::new();
         let mut stats: HashMap<(&str, &str), i64> = HashMap::new();
+        // (campaign, variant) → the outcomes to count for it.
+        let mut vstats: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
         for (i, r) in records.iter().enumerate() {
             if let Some(ev) = &r.event {
                 p.cmd("XADD")
@@ -306,11 +326,16 @@ impl Recorder {
                     .arg(k.events_max_len);
                 ops.push((i, Op::Schedule));
             }
-            if let Some((campaign, at, member)) = &r.park {
+            if let Some(park) = &r.park {
+                let set = if park.held {
+                    k.held(&park.campaign)
+                } else {
+                    k.parked(&park.campaign)
+                };
                 p.cmd("ZADD")
-                    .arg(k.parked(campaign))
-                    .arg(*at)
-                    .arg(member)
+                    .arg(set)
+                    .arg(park.at)
+                    .arg(&park.member)
                     .ignore();
                 ops.push((i, Op::Other));
             }
@@ -341,9 +366,30 @@ impl Recorder {
                 if let Some(extra) = r.stat_extra {
                     *stats.entry((campaign.as_str(), extra)).or_default() += 1;
                 }
+                if let Some(v) = &r.variant {
+                    let e = vstats.entry((campaign.as_str(), v.as_str())).or_default();
+                    e.push(outcome.as_str());
+                    if r.first {
+                        e.push("accepted");
+                    }
+                }
             }
             if let Some(id) = &r.ack {
                 acks.push(id);
+            }
+        }
+        for ((campaign, variant), outcomes) in &vstats {
+            let mut counts: HashMap<&str, i64> = HashMap::new();
+            for o in outcomes {
+                *counts.entry(o).or_default() += 1;
+            }
+            for (o, n) in counts {
+                p.cmd("HINCRBY")
+                    .arg(k.variants(campaign))
+                    .arg(format!("{variant}:{o}"))
+                    .arg(n)
+                    .ignore();
+                ops.push((0, Op::Other));
             }
         }
         let mut campaigns: Vec<&str> = Vec::new();

@@ -16,6 +16,22 @@ pub struct LinkOwner<'a> {
     /// When the message is rendered (Unix seconds, decimal): carried by open and click
     /// tokens so that hits within seconds of delivery can be told apart.
     pub sent: &'a str,
+    /// The job's experiment variant ("" when none), carried by open and click tokens so
+    /// that people's opens and clicks are counted for it.
+    pub variant: &'a str,
+}
+
+impl LinkOwner<'_> {
+    /// Signs an open or click token for this message into `out`.
+    fn sign(&self, signer: &Signer, out: &mut String, kind: Kind, url: &str, name: &str) {
+        let base = [self.id, self.campaign, self.to, url, name, self.sent];
+        if self.variant.is_empty() {
+            signer.sign_into(out, kind, &base);
+        } else {
+            let [a, b, c, d, e, f] = base;
+            signer.sign_into(out, kind, &[a, b, c, d, e, f, self.variant]);
+        }
+    }
 }
 
 /// Rewrites every `http(s)` link of `<a>` tags in `html` into a tracked link, drops the
@@ -132,12 +148,7 @@ impl<'a, 'o> Tracker<'a, 'o> {
         out.push_str("<img src=\"");
         out.push_str(self.base_url);
         out.push_str("/o/");
-        let who = self.who;
-        self.signer.sign_into(
-            out,
-            Kind::Open,
-            &[who.id, who.campaign, who.to, "", "", who.sent],
-        );
+        self.who.sign(self.signer, out, Kind::Open, "", "");
         out.push_str("\" width=\"1\" height=\"1\" alt=\"\" style=\"display:none;border:0\">");
         out.push_str(&html[pixel_at..]);
     }
@@ -317,11 +328,7 @@ fn rewrite_anchor<'t>(
             out.push_str("href=\"");
             out.push_str(base_url);
             out.push_str("/c/");
-            signer.sign_into(
-                out,
-                Kind::Click,
-                &[who.id, who.campaign, who.to, url, name, who.sent],
-            );
+            who.sign(signer, out, Kind::Click, url, name);
             out.push('"');
         }
         *pos = end;
@@ -678,6 +685,7 @@ mod tests {
             campaign: "c1",
             to: "a@b.co",
             sent: "1795000000",
+            variant: "",
         }
     }
 

@@ -199,6 +199,25 @@ impl Renderer {
             .map(Mailbox::parse)
             .transpose()
             .map_err(|e| format!("sender.reply_to: {e}"))?;
+        let mut templates = templates;
+        for x in &settings.experiments {
+            for v in &x.variants {
+                if let Some(t) = &v.template {
+                    if !templates.contains(t) {
+                        return Err(format!(
+                            "experiments ({}): variant {:?} names template {t:?}, which is not in templates.dir",
+                            x.campaign, v.name
+                        ));
+                    }
+                }
+            }
+        }
+        for (key, source) in crate::experiment::Experiments::subjects(&settings.experiments) {
+            templates
+                .plain
+                .register_template_string(&key, source)
+                .map_err(|e| format!("experiments: the subject of {key}: {e}"))?;
+        }
         let t = &settings.tracking;
         Ok(Renderer {
             templates,
@@ -273,10 +292,14 @@ impl Renderer {
             key.push_str(part);
             key.clone()
         };
+        let subject_tpl = match &job.subject {
+            Some(key) => key.clone(),
+            None => tpl("subject"),
+        };
         let subject = self
             .templates
             .plain
-            .render_with_context(&tpl("subject"), &ctx)
+            .render_with_context(&subject_tpl, &ctx)
             .map_err(render_err)?;
         let subject = subject.trim();
         if subject.chars().any(|c| c.is_control() && c != '\t') {
@@ -306,6 +329,7 @@ impl Renderer {
                 campaign: job.campaign.as_str(),
                 to: job.to.as_str(),
                 sent: unix_now(&mut sent),
+                variant: job.variant.as_deref().unwrap_or(""),
             };
             let text = match text {
                 Some(t) => {

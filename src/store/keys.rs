@@ -139,6 +139,23 @@ impl Keys {
         self.join(&["parked:", campaign])
     }
 
+    /// An experiment's campaign jobs held until the decision (as [`Keys::parked`]).
+    pub fn held(&self, campaign: &str) -> String {
+        self.join(&["held:", campaign])
+    }
+
+    /// An experiment's state: `started` (ms), and once decided `winner`, `how`
+    /// (auto | fallback | manual), `decided_at` (ms), `result` (the decision's figures, JSON).
+    pub fn experiment(&self, campaign: &str) -> String {
+        self.join(&["experiment:", campaign])
+    }
+
+    /// Counters per variant of a campaign: fields `{variant}:{outcome}` (delivered, bounced,
+    /// …, unique_opened, unique_clicked, unsubscribed).
+    pub fn variants(&self, campaign: &str) -> String {
+        self.join(&["variants:", campaign])
+    }
+
     /// A campaign's counters at its last resume (guards judge what came since).
     pub fn guard_base(&self, campaign: &str) -> String {
         self.join(&["guard_base:", campaign])

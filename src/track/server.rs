@@ -101,6 +101,8 @@ struct Pending {
     campaign: String,
     link: String,
     machine: bool,
+    /// The job's experiment variant ("" when none).
+    variant: String,
 }
 
 struct Inner {
@@ -380,12 +382,14 @@ async fn write_events(
                 .key(keys.links(&p.campaign))
                 .key(keys.unique_link(&p.campaign, &p.link))
                 .key(keys.recipient(&p.to))
+                .key(keys.variants(&p.campaign))
                 .arg(&p.to)
                 .arg(&p.event)
                 .arg(p.kind)
                 .arg(&p.id)
                 .arg(&p.link)
-                .arg(if p.machine { "1" } else { "0" });
+                .arg(if p.machine { "1" } else { "0" })
+                .arg(&p.variant);
         }
         let mut delay = Duration::from_millis(50);
         let codes = loop {
@@ -448,6 +452,7 @@ impl Inner {
             campaign: c.campaign.clone(),
             link: c.link.clone(),
             machine,
+            variant: c.variant.clone(),
         };
         let p = match self.tx.try_send(p) {
             Ok(()) => return,
@@ -528,6 +533,7 @@ async fn open(
         app.count("open", if machine { "machine" } else { "human" });
         let mut ev = Event::new(EventKind::Opened, &c.id, &c.campaign, &c.to);
         ev.machine = Some(machine);
+        ev.variant = (!c.variant.is_empty()).then_some(c.variant.as_str());
         app.record(&c, "o", machine, ev.to_json()).await;
     }
     pixel()
@@ -582,6 +588,7 @@ async fn click(
         ev.url = Some(&c.url);
         ev.link = Some(&c.link);
         ev.machine = Some(machine);
+        ev.variant = (!c.variant.is_empty()).then_some(c.variant.as_str());
         app.record(&c, "c", machine, ev.to_json()).await;
     }
     redirect(location)

@@ -49,6 +49,8 @@ pub struct Claims {
     /// Open and click tokens: when the message was rendered for sending (Unix seconds), the
     /// start of the "within seconds of delivery" machine window. None in older tokens.
     pub sent: Option<i64>,
+    /// Open and click tokens of a job in an experiment: its variant ("" otherwise).
+    pub variant: String,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -157,6 +159,7 @@ impl Signer {
         let (id, campaign, to) = (next(), next(), next());
         let (url, link) = (next(), next());
         let sent = next().parse().ok();
+        let variant = next();
         if id.is_empty() || (kind == Kind::Click && url.is_empty()) {
             return Err(TokenError::Malformed);
         }
@@ -168,6 +171,7 @@ impl Signer {
             url,
             link,
             sent,
+            variant,
         })
     }
 }
