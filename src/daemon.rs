@@ -82,6 +82,7 @@ impl App {
         let dkim = DkimKeys::load(&settings.dkim)?;
         let renderer = Renderer::new(&settings, templates, dkim).map_err(anyhow::Error::msg)?;
         let metrics = Arc::new(Metrics::new());
+        metrics.prime_rules(settings.domains.iter().map(|d| d.pattern.as_str()));
         let keys = Keys::new(&settings.redis.prefix).retaining(&settings.events);
 
         let client = redis_target(&settings).await?;

@@ -346,7 +346,7 @@ impl Metrics {
             "Jobs posted to POST /api/v1/sends, by result: accepted (written to the sends stream) or refused.",
             &["result"],
         );
-        Metrics {
+        let m = Metrics {
             experiment_messages,
             experiment_decisions,
             campaigns_held,
@@ -387,6 +387,61 @@ impl Metrics {
             engagement_unique,
             link_clicks,
             workflow_actions,
+        };
+        m.prime();
+        m
+    }
+
+    /// Every series of a bounded label set, at zero: a dashboard shows 0, not "no data",
+    /// for what has not happened yet, and a rate over a counter's first increment is right.
+    fn prime(&self) {
+        for c in crate::outcome::BounceClass::ALL {
+            self.bounces.with_label_values(&[c.as_str()]);
+            self.returned.with_label_values(&[c.as_str()]);
+        }
+        for r in ["bounce_rate", "complaint_rate"] {
+            self.guard_trips.with_label_values(&[r]);
+        }
+        for k in [
+            "returned",
+            "delayed",
+            "complained",
+            "auto_reply",
+            "duplicate",
+            "unmatched",
+            "forged",
+            "other",
+        ] {
+            self.reports.with_label_values(&[k]);
+        }
+        for r in ["agent", "network", "window", "burst"] {
+            self.machine_hits.with_label_values(&[r]);
+        }
+        for r in ["accepted", "refused"] {
+            self.api_jobs.with_label_values(&[r]);
+        }
+        for h in ["auto", "fallback", "manual"] {
+            self.experiment_decisions.with_label_values(&[h]);
+        }
+        for s in ["paused", "cancelled"] {
+            self.campaigns_held.with_label_values(&[s]);
+        }
+        for l in ["tracking", "metrics", "api"] {
+            self.http_connections.with_label_values(&[l]);
+            for r in ["evicted", "all_busy"] {
+                self.http_refused.with_label_values(&[l, r]);
+            }
+        }
+    }
+
+    /// The shaping series of each configured `[[domains]]` rule (and the default `*`), at
+    /// zero.
+    pub fn prime_rules<'a>(&self, patterns: impl Iterator<Item = &'a str>) {
+        for p in patterns.chain(std::iter::once("*")) {
+            let p = p.to_ascii_lowercase();
+            self.shaping_delays.with_label_values(&[p.as_str()]);
+            self.suspended_delays.with_label_values(&[p.as_str()]);
+            self.suspensions.with_label_values(&[p.as_str()]);
         }
     }
 

@@ -37,6 +37,17 @@ pub enum BounceClass {
 }
 
 impl BounceClass {
+    pub const ALL: [BounceClass; 8] = [
+        BounceClass::InvalidRecipient,
+        BounceClass::BadDomain,
+        BounceClass::MailboxFull,
+        BounceClass::InactiveMailbox,
+        BounceClass::SpamBlock,
+        BounceClass::PolicyBlock,
+        BounceClass::MessageRejected,
+        BounceClass::Other,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             BounceClass::InvalidRecipient => "invalid_recipient",
