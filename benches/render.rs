@@ -200,6 +200,7 @@ fn bench(c: &mut Criterion) {
         to: "ana@example.com",
         sent: "1795000000",
         variant: "",
+        touch: "",
     };
     let mut g = c.benchmark_group("links");
     g.throughput(Throughput::Elements(1));
@@ -313,6 +314,7 @@ fn count_mode(stage: &str, iters: usize) {
         to: "ana@example.com",
         sent: "1795000000",
         variant: "",
+        touch: "",
     };
     let (mut out, mut scratch, mut s) = (Vec::new(), Vec::new(), String::new());
     let mut total = 0;

@@ -418,6 +418,40 @@ pub async fn suppress(
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// `paloma stats --touches`: the contact-pressure curve.
+pub async fn touches(
+    settings: &Settings,
+    campaign: Option<&str>,
+) -> anyhow::Result<Vec<crate::stats::TouchRow>> {
+    let client = redis_client(settings).await?;
+    let mut conn = manager(&client, std::time::Duration::from_secs(30)).await?;
+    let keys = Keys::new(&settings.redis.prefix);
+    Ok(crate::stats::touches(&mut conn, &keys, campaign).await?)
+}
+
+pub fn print_touches(rows: &[crate::stats::TouchRow], campaign: Option<&str>) {
+    println!(
+        "contact pressure ({}): the sends that were their recipient's Nth marketing message in the last year",
+        campaign.unwrap_or("every campaign")
+    );
+    println!(
+        "{:<8} {:>11} {:>9} {:>9} {:>9} {:>9}",
+        "touch", "recipients", "opens", "clicks", "unsubs", "complaints"
+    );
+    for r in rows {
+        println!(
+            "{:<8} {:>11} {:>8.2}% {:>8.2}% {:>8.2}% {:>9.3}%",
+            r.bucket,
+            r.recipients,
+            r.open_rate * 100.0,
+            r.click_rate * 100.0,
+            r.unsubscribe_rate * 100.0,
+            r.complaint_rate * 100.0
+        );
+    }
+    println!("(opens and clicks: people's unique ones per delivered; machine hits excluded)");
+}
+
 /// What is known about one recipient: engagement, suppression, recent sends.
 pub async fn recipient(
     settings: &Settings,

@@ -76,6 +76,9 @@ pub struct Job {
     pub variant: Option<String>,
     /// A variant's subject: the name of its template in the plain registry.
     pub subject: Option<String>,
+    /// A marketing job: which marketing message of the year it is for its recipient (1: the
+    /// first), read at the intake (see [`crate::policy::touches`]).
+    pub touch: Option<u32>,
 }
 
 /// What can be learnt from a job even when it is invalid, for the `dead` event.
@@ -86,6 +89,8 @@ pub struct JobIdentity {
     pub to: String,
     /// Its experiment variant, if it is in one: every event of it says so.
     pub variant: Option<String>,
+    /// A marketing job's touch bucket (see [`crate::policy::touches`]).
+    pub touch: Option<&'static str>,
 }
 
 impl Job {
@@ -96,6 +101,7 @@ impl Job {
             campaign: self.campaign.as_str().to_string(),
             to: self.to.as_str().to_string(),
             variant: self.variant.clone(),
+            touch: self.touch.map(crate::policy::touches::bucket),
         }
     }
 
@@ -120,6 +126,7 @@ impl Job {
             campaign: string_lossy(&rj.campaign),
             to: string_lossy(&rj.to),
             variant: None,
+            touch: None,
         };
         Self::validate(rj).map_err(|e| (e, ident))
     }
@@ -213,6 +220,7 @@ impl Job {
             transactional: rj.transactional.unwrap_or(false),
             variant: None,
             subject: None,
+            touch: None,
         })
     }
 }

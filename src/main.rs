@@ -45,6 +45,10 @@ enum Command {
         /// One recipient's engagement, suppression and recent sends instead.
         #[arg(long)]
         recipient: Option<String>,
+        /// The contact-pressure curve instead: figures by how many marketing messages the
+        /// recipient had received in the last year.
+        #[arg(long, conflicts_with = "recipient")]
+        touches: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -206,6 +210,21 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
                 for (k, v) in &info {
                     println!("  {k:<14} {v}");
                 }
+            }
+        }
+        Command::Stats {
+            config,
+            campaign,
+            json,
+            touches: true,
+            ..
+        } => {
+            let settings = load(&config)?;
+            let rows = cli::touches(&settings, campaign.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                cli::print_touches(&rows, campaign.as_deref());
             }
         }
         Command::Stats {

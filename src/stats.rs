@@ -286,6 +286,88 @@ pub async fn known(conn: &mut RedisConn, keys: &Keys, campaign: &str) -> redis::
     Ok(member || state)
 }
 
+/// One level of contact pressure (`paloma stats --touches`): the sends that were their
+/// recipient's `bucket`-th marketing message of the year, and what came of them.
+#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct TouchRow {
+    pub bucket: String,
+    /// Messages delivered (each a recipient reached by one campaign).
+    pub recipients: i64,
+    pub bounced: i64,
+    /// People's unique opens and clicks (machine hits never count).
+    pub opened: i64,
+    pub clicked: i64,
+    pub unsubscribed: i64,
+    pub complained: i64,
+    /// Of `recipients`.
+    pub open_rate: f64,
+    pub click_rate: f64,
+    pub unsubscribe_rate: f64,
+    pub complaint_rate: f64,
+}
+
+/// The contact-pressure curve of `campaign`, or of every campaign summed.
+pub async fn touches(
+    conn: &mut RedisConn,
+    keys: &Keys,
+    campaign: Option<&str>,
+) -> redis::RedisResult<Vec<TouchRow>> {
+    let names: Vec<String> = match campaign {
+        Some(c) => vec![c.to_string()],
+        None => {
+            redis::cmd("SMEMBERS")
+                .arg(&keys.campaigns)
+                .query_async(conn)
+                .await?
+        }
+    };
+    let mut sum: BTreeMap<String, i64> = BTreeMap::new();
+    for chunk in names.chunks(500) {
+        let mut p = redis::pipe();
+        for n in chunk {
+            p.cmd("HGETALL").arg(keys.touches(n));
+        }
+        let all: Vec<BTreeMap<String, i64>> = p.query_async(conn).await?;
+        for h in all {
+            for (k, v) in h {
+                *sum.entry(k).or_default() += v;
+            }
+        }
+    }
+    Ok(touch_rows(&sum))
+}
+
+/// The rows of [`crate::policy::touches::BUCKETS`] from `{bucket}:{what}` counters.
+fn touch_rows(sum: &BTreeMap<String, i64>) -> Vec<TouchRow> {
+    crate::policy::touches::BUCKETS
+        .iter()
+        .map(|b| {
+            let g = |what: &str| sum.get(&format!("{b}:{what}")).copied().unwrap_or(0);
+            let recipients = g("delivered");
+            let rate = |n: i64| {
+                if recipients > 0 {
+                    n as f64 / recipients as f64
+                } else {
+                    0.0
+                }
+            };
+            TouchRow {
+                bucket: b.to_string(),
+                recipients,
+                bounced: g("bounced"),
+                opened: g("unique_opened"),
+                clicked: g("unique_clicked"),
+                unsubscribed: g("unsubscribed"),
+                complained: g("complained"),
+                open_rate: rate(g("unique_opened")),
+                click_rate: rate(g("unique_clicked")),
+                unsubscribe_rate: rate(g("unsubscribed")),
+                complaint_rate: rate(g("complained")),
+            }
+        })
+        .collect()
+}
+
 /// What is known about one recipient: engagement, suppression, recent sends.
 pub async fn recipient(
     conn: &mut RedisConn,
@@ -324,6 +406,29 @@ pub async fn recipient(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_touch_curve_has_every_bucket_and_rates_of_recipients() {
+        let sum: BTreeMap<String, i64> = [
+            ("1:delivered", 200),
+            ("1:unique_clicked", 30),
+            ("4-6:delivered", 50),
+            ("4-6:unsubscribed", 5),
+            ("4-6:complained", 1),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let rows = touch_rows(&sum);
+        assert_eq!(rows.len(), 6);
+        assert_eq!((rows[0].recipients, rows[0].click_rate), (200, 0.15));
+        assert_eq!(rows[3].bucket, "4-6");
+        assert_eq!(
+            (rows[3].unsubscribe_rate, rows[3].complaint_rate),
+            (0.1, 0.02)
+        );
+        assert_eq!(rows[5].recipients, 0);
+    }
 
     #[test]
     fn counters_add_up_and_links_pair_with_their_unique_counts() {

@@ -131,7 +131,7 @@ proptest! {
         ],
     ) {
         let s = signer();
-        let who = LinkOwner { id: "j1", campaign: "c", to: "a@b.test", sent: "1700000000", variant: "" };
+        let who = LinkOwner { id: "j1", campaign: "c", to: "a@b.test", sent: "1700000000", variant: "", touch: "" };
         let base = "https://t.example";
         let mut out = String::new();
         rewrite(&html, base, &s, &who, &mut out);

@@ -98,6 +98,14 @@ fn a_real_postfix_dsn_reaches_the_verp_address_and_suppresses_the_recipient() {
         .query(&mut conn)
         .unwrap();
     assert_eq!(returned_stat, 3);
+    // Counted at the level of contact pressure of the send it came back from (the token
+    // carries it): each was its recipient's first marketing message.
+    let by_touch: i64 = redis::cmd("HGET")
+        .arg(format!("{}touches:late", setup.prefix))
+        .arg("1:returned")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(by_touch, 3);
     assert_eq!(
         metric(
             metrics_port,

@@ -169,6 +169,12 @@ pub struct TokenJob {
     pub id: String,
     pub campaign: String,
     pub to: String,
+    /// Its experiment variant, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// A marketing job's touch bucket (see [`crate::policy::touches`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub touch: Option<String>,
 }
 
 #[cfg(test)]

@@ -129,6 +129,8 @@ pub fn sendgrid_events(body: &[u8]) -> Result<Vec<Item>, String> {
                 id: id.to_string(),
                 campaign: campaign.to_string(),
                 to: to.to_string(),
+                variant: None,
+                touch: None,
             },
             finding,
             event_id,

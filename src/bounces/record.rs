@@ -107,6 +107,7 @@ pub async fn record(
     f: &Finding,
 ) -> redis::RedisResult<bool> {
     let mut ev = Event::new(f.kind, &job.id, &job.campaign, &job.to);
+    ev.variant = job.variant.as_deref();
     let (fields, reason) = match f.kind {
         EventKind::Complained => {
             ev.feedback_type = Some(&f.feedback_type);
@@ -140,6 +141,8 @@ pub async fn record(
         .key(keys.stats(&job.campaign))
         .key(&keys.suppressed)
         .key(&keys.campaigns)
+        .key(keys.variants(&job.campaign))
+        .key(keys.touches(&job.campaign))
         .arg(ttl)
         .arg(ev.to_json())
         .arg(keys.events_max_len)
@@ -147,6 +150,8 @@ pub async fn record(
         .arg(crate::policy::suppression::field(&job.to))
         .arg(reason)
         .arg(&job.campaign)
+        .arg(job.variant.as_deref().unwrap_or(""))
+        .arg(job.touch.as_deref().unwrap_or(""))
         .invoke_async(conn)
         .await?;
     Ok(recorded == 1)

@@ -255,6 +255,8 @@ pub fn ses_events(m: &SnsMessage) -> Vec<Item> {
                         id: id.clone(),
                         campaign: campaign.clone(),
                         to,
+                        variant: None,
+                        touch: None,
                     },
                 });
             }
@@ -285,6 +287,8 @@ pub fn ses_events(m: &SnsMessage) -> Vec<Item> {
                         id: id.clone(),
                         campaign: campaign.clone(),
                         to,
+                        variant: None,
+                        touch: None,
                     },
                 });
             }

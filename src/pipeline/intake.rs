@@ -14,7 +14,7 @@ use crate::experiment::Assign;
 use crate::job::Job;
 use crate::policy::suppression;
 use crate::queue::consumer::Backoff;
-use crate::queue::intake::{Claim, Intake};
+use crate::queue::intake::{Claim, Claimed, Intake};
 use crate::queue::recorder::Record;
 use crate::queue::{now_ms, Entry};
 
@@ -132,28 +132,8 @@ async fn dispatch(
         .iter()
         .map(|(e, j)| (j.id.as_str(), e.id.as_str(), j.to.as_str()))
         .collect();
-    // With VERP on, each job's token is matched to it for `bounces.token_ttl`: written
-    // before anything is sent, in the same round trip as the claims.
-    let tokens: Vec<(String, String, u64)> = match &stages.return_paths {
-        Some(rp) => valid
-            .iter()
-            .map(|(_, j)| {
-                let v = serde_json::json!({
-                    "id": j.id.as_str(),
-                    "campaign": j.campaign.as_str(),
-                    "to": j.to.as_str(),
-                });
-                (
-                    stages.keys.return_path(&rp.key(j.id.as_str())),
-                    v.to_string(),
-                    rp.ttl_secs,
-                )
-            })
-            .collect(),
-        None => Vec::new(),
-    };
     let claims = loop {
-        match intake.claim(&ids, &tokens).await {
+        match intake.claim(&ids).await {
             Ok(c) => break c,
             Err(e) => {
                 stages.metrics.redis_errors.inc();
@@ -165,7 +145,12 @@ async fn dispatch(
     drop(ids);
     let now = now_ms();
     let mut ready = Vec::with_capacity(valid.len());
-    for ((entry, job), (claim, suppressed)) in valid.into_iter().zip(claims) {
+    for ((entry, mut job), claimed) in valid.into_iter().zip(claims) {
+        let Claimed {
+            claim,
+            suppressed,
+            previous,
+        } = claimed;
         if claim == Claim::Duplicate {
             stages.metrics.jobs_duplicate.inc();
             tracing::debug!(id = job.id.as_str(), "duplicate job id; skipped");
@@ -204,7 +189,9 @@ async fn dispatch(
             stages.recorder.send(record).await;
             continue;
         }
-        let mut job = job;
+        if !job.transactional {
+            job.touch = Some(previous.saturating_add(1));
+        }
         match stages
             .experiments
             .assign(job.campaign.as_str(), job.to.as_str(), entry.attempt)
@@ -220,6 +207,9 @@ async fn dispatch(
         ready.push((entry, job));
     }
     let ready = apply_caps(stages, ready).await;
+    if let Some(rp) = &stages.return_paths {
+        write_return_paths(stages, rp, &ready).await;
+    }
     for (entry, job) in ready {
         let permit = permits
             .clone()
@@ -228,6 +218,43 @@ async fn dispatch(
             .expect("semaphore never closes");
         tokio::spawn(super::worker::work(stages.clone(), entry, job, permit));
     }
+}
+
+/// With VERP on, each job about to be sent is matched to its token for
+/// `bounces.token_ttl` (with its variant and touch, so that a late bounce or a complaint is
+/// counted where the job belongs): written before anything is sent, one round trip per batch.
+async fn write_return_paths(
+    stages: &Stages,
+    rp: &crate::bounces::ReturnPaths,
+    ready: &[(Entry, Job)],
+) {
+    if ready.is_empty() {
+        return;
+    }
+    let mut p = redis::pipe();
+    for (_, j) in ready {
+        let v = crate::bounces::TokenJob {
+            id: j.id.as_str().to_string(),
+            campaign: j.campaign.as_str().to_string(),
+            to: j.to.as_str().to_string(),
+            variant: j.variant.clone(),
+            touch: j
+                .touch
+                .map(|t| crate::policy::touches::bucket(t).to_string()),
+        };
+        p.cmd("SET")
+            .arg(stages.keys.return_path(&rp.key(j.id.as_str())))
+            .arg(serde_json::to_string(&v).unwrap_or_default())
+            .arg("EX")
+            .arg(rp.ttl_secs)
+            .ignore();
+    }
+    until_ok(stages, "writing return-path tokens", || {
+        let mut redis = stages.redis.clone();
+        let p = &p;
+        async move { p.query_async::<()>(&mut redis).await }
+    })
+    .await
 }
 
 /// Frequency caps: reserves each marketing job's slot; a recipient over a cap gets a

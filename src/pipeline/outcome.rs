@@ -64,6 +64,7 @@ fn ended(entry: &Entry, ident: &JobIdentity, kind: EventKind, event: String) -> 
         stat: Some((ident.campaign.clone(), kind)),
         first: entry.attempt == 0,
         variant: ident.variant.clone(),
+        touch: ident.touch,
         ..Default::default()
     }
 }
@@ -169,6 +170,7 @@ impl Record {
                 ev.response = Some(&response);
                 let mut record = ended(entry, ident, EventKind::Delivered, ev.to_json());
                 record.store = keep.store(EventKind::Delivered, id, campaign, &entry.job);
+                record.touched = ident.touch.map(|_| to.to_string());
                 record
             }
             Outcome::Bounced(b) => {
@@ -209,6 +211,7 @@ impl Record {
                     stat: Some((campaign.to_string(), EventKind::Deferred)),
                     first: entry.attempt == 0,
                     variant: ident.variant.clone(),
+                    touch: ident.touch,
                     ..Default::default()
                 }
             }
@@ -235,6 +238,7 @@ mod tests {
             campaign: "spring".into(),
             to: "a@b.test".into(),
             variant: None,
+            touch: None,
         }
     }
 

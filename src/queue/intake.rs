@@ -107,20 +107,15 @@ impl Intake {
 
     /// Claims each job id for its entry and looks its recipient up in the suppression list,
     /// one pipelined round trip per batch: `SET idem:{id} {in progress} NX GET` answers nil when
-    /// new, else the current holder; `HGET suppressed addr` the reason, if any.
-    /// `also`: `(key, value, ttl secs)` to SET in the same round trip (return-path tokens).
-    pub async fn claim(
-        &mut self,
-        jobs: &[(&str, &str, &str)],
-        also: &[(String, String, u64)],
-    ) -> redis::RedisResult<Vec<(Claim, Option<String>)>> {
+    /// new, else the current holder; `HGET suppressed addr` the reason, if any; `HMGET r:addr`
+    /// of the month counters, how many marketing messages the address was sent in the last
+    /// year (see [`crate::policy::touches`]).
+    pub async fn claim(&mut self, jobs: &[(&str, &str, &str)]) -> redis::RedisResult<Vec<Claimed>> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
+        let months = crate::policy::touches::months(chrono::Utc::now());
         let mut p = redis::pipe();
-        for (k, v, ttl) in also {
-            p.cmd("SET").arg(k).arg(v).arg("EX").arg(*ttl).ignore();
-        }
         let mut owner = String::new();
         for (job_id, entry_id, addr) in jobs {
             Idem::InProgress(entry_id).encode(&mut owner);
@@ -134,30 +129,57 @@ impl Intake {
             p.cmd("HGET")
                 .arg(&self.keys.suppressed)
                 .arg(crate::policy::suppression::field(addr));
+            p.cmd("HMGET")
+                .arg(
+                    self.keys
+                        .recipient(&crate::policy::suppression::field(addr)),
+                )
+                .arg(&months[..]);
         }
         // Read as raw values: one value that is not UTF-8 (a suppression reason written by
         // another tool) must not fail the whole batch, and so stall the intake, for ever.
         let replies: Vec<redis::Value> = p.query_async(&mut self.conn).await?;
-        let replies: Vec<Option<String>> = replies
-            .into_iter()
-            .map(|v| match v {
-                redis::Value::BulkString(b) => Some(String::from_utf8_lossy(&b).into_owned()),
-                redis::Value::SimpleString(s) => Some(s),
-                redis::Value::Okay => Some("OK".into()),
-                _ => None,
-            })
-            .collect();
+        let text = |v: &redis::Value| match v {
+            redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            redis::Value::SimpleString(s) => Some(s.clone()),
+            redis::Value::Okay => Some("OK".into()),
+            _ => None,
+        };
         Ok(replies
-            .chunks(2)
+            .chunks(3)
             .zip(jobs)
-            .map(|(pair, (_, entry_id, _))| {
-                let claim = match &pair[0] {
+            .map(|(three, (_, entry_id, _))| {
+                let claim = match three.first().and_then(text) {
                     None => Claim::New,
-                    Some(v) if Idem::parse(v) == Some(Idem::InProgress(entry_id)) => Claim::Resumed,
+                    Some(v) if Idem::parse(&v) == Some(Idem::InProgress(entry_id)) => {
+                        Claim::Resumed
+                    }
                     Some(_) => Claim::Duplicate,
                 };
-                (claim, pair.get(1).cloned().flatten())
+                let previous = match three.get(2) {
+                    Some(redis::Value::Array(counts)) => counts
+                        .iter()
+                        .filter_map(|c| text(c)?.parse::<u32>().ok())
+                        .sum(),
+                    _ => 0,
+                };
+                Claimed {
+                    claim,
+                    suppressed: three.get(1).and_then(text),
+                    previous,
+                }
             })
             .collect())
     }
+}
+
+/// What the intake's claim round trip found for one job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    pub claim: Claim,
+    /// Its address's suppression reason, if any.
+    pub suppressed: Option<String>,
+    /// Marketing messages delivered to the address in the current and the 12 previous
+    /// months.
+    pub previous: u32,
 }

@@ -58,6 +58,11 @@ pub struct Record {
     pub park: Option<Park>,
     /// The experiment variant of `stat`'s job: its outcome is counted for the variant too.
     pub variant: Option<String>,
+    /// The touch bucket of `stat`'s job (a marketing job): its outcome is counted for the
+    /// bucket too.
+    pub touch: Option<&'static str>,
+    /// A marketing message delivered to this address: one more for this month's counter.
+    pub touched: Option<String>,
     /// `(key, value, ttl secs)` to SET with the outcome (a delivered job's JSON, kept for
     /// workflow follow-ups).
     pub store: Option<(String, Vec<u8>, u64)>,
@@ -251,8 +256,9 @@ impl Recorder {
         let mut acks: Vec<&str> = Vec::with_capacity(records.len());
         let mut value = String::new();
         let mut stats: HashMap<(&str, &str), i64> = HashMap::new();
-        // (campaign, variant) → the outcomes to count for it.
-        let mut vstats: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
+        // (per-variant or per-touch hash, variant or bucket) → the outcomes to count for it.
+        let mut vstats: HashMap<(String, &str), Vec<&str>> = HashMap::new();
+        let month = crate::policy::touches::month_field(chrono::Utc::now());
         for (i, r) in records.iter().enumerate() {
             if let Some(ev) = &r.event {
                 p.cmd("XADD")
@@ -367,25 +373,44 @@ impl Recorder {
                     *stats.entry((campaign.as_str(), extra)).or_default() += 1;
                 }
                 if let Some(v) = &r.variant {
-                    let e = vstats.entry((campaign.as_str(), v.as_str())).or_default();
+                    let e = vstats
+                        .entry((k.variants(campaign), v.as_str()))
+                        .or_default();
+                    e.push(outcome.as_str());
+                    if r.first {
+                        e.push("accepted");
+                    }
+                }
+                if let Some(t) = r.touch {
+                    let e = vstats.entry((k.touches(campaign), t)).or_default();
                     e.push(outcome.as_str());
                     if r.first {
                         e.push("accepted");
                     }
                 }
             }
+            if let Some(addr) = &r.touched {
+                let key = k.recipient(&crate::policy::suppression::field(addr));
+                p.cmd("HINCRBY").arg(&key).arg(&month).arg(1).ignore();
+                p.cmd("EXPIRE")
+                    .arg(&key)
+                    .arg(crate::policy::touches::KEEP_SECS)
+                    .ignore();
+                ops.push((i, Op::Other));
+                ops.push((i, Op::Other));
+            }
             if let Some(id) = &r.ack {
                 acks.push(id);
             }
         }
-        for ((campaign, variant), outcomes) in &vstats {
+        for ((hash, variant), outcomes) in &vstats {
             let mut counts: HashMap<&str, i64> = HashMap::new();
             for o in outcomes {
                 *counts.entry(o).or_default() += 1;
             }
             for (o, n) in counts {
                 p.cmd("HINCRBY")
-                    .arg(k.variants(campaign))
+                    .arg(hash)
                     .arg(format!("{variant}:{o}"))
                     .arg(n)
                     .ignore();

@@ -19,17 +19,20 @@ pub struct LinkOwner<'a> {
     /// The job's experiment variant ("" when none), carried by open and click tokens so
     /// that people's opens and clicks are counted for it.
     pub variant: &'a str,
+    /// A marketing job's touch bucket ("" when none): its opens and clicks are counted for
+    /// it.
+    pub touch: &'a str,
 }
 
 impl LinkOwner<'_> {
     /// Signs an open or click token for this message into `out`.
     fn sign(&self, signer: &Signer, out: &mut String, kind: Kind, url: &str, name: &str) {
         let base = [self.id, self.campaign, self.to, url, name, self.sent];
-        if self.variant.is_empty() {
+        if self.variant.is_empty() && self.touch.is_empty() {
             signer.sign_into(out, kind, &base);
         } else {
             let [a, b, c, d, e, f] = base;
-            signer.sign_into(out, kind, &[a, b, c, d, e, f, self.variant]);
+            signer.sign_into(out, kind, &[a, b, c, d, e, f, self.variant, self.touch]);
         }
     }
 }
@@ -686,6 +689,7 @@ mod tests {
             to: "a@b.co",
             sent: "1795000000",
             variant: "",
+            touch: "",
         }
     }
 

@@ -253,11 +253,20 @@ impl Renderer {
         let mut url = String::with_capacity(self.base_url.len() + 128);
         url.push_str(&self.base_url);
         url.push_str("/u/");
-        self.signer.sign_into(
-            &mut url,
-            Kind::Unsubscribe,
-            &[job.id.as_str(), job.campaign.as_str(), job.to.as_str()],
-        );
+        let (id, campaign, to) = (job.id.as_str(), job.campaign.as_str(), job.to.as_str());
+        let variant = job.variant.as_deref().unwrap_or("");
+        let touch = job.touch.map_or("", crate::policy::touches::bucket);
+        if variant.is_empty() && touch.is_empty() {
+            self.signer
+                .sign_into(&mut url, Kind::Unsubscribe, &[id, campaign, to]);
+        } else {
+            // The same places as in open and click tokens (no URL, link or time).
+            self.signer.sign_into(
+                &mut url,
+                Kind::Unsubscribe,
+                &[id, campaign, to, "", "", "", variant, touch],
+            );
+        }
         url
     }
 
@@ -330,6 +339,7 @@ impl Renderer {
                 to: job.to.as_str(),
                 sent: unix_now(&mut sent),
                 variant: job.variant.as_deref().unwrap_or(""),
+                touch: job.touch.map_or("", crate::policy::touches::bucket),
             };
             let text = match text {
                 Some(t) => {

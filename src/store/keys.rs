@@ -156,6 +156,12 @@ impl Keys {
         self.join(&["variants:", campaign])
     }
 
+    /// Counters per touch bucket of a campaign (see [`crate::policy::touches`]): fields
+    /// `{bucket}:{outcome}`.
+    pub fn touches(&self, campaign: &str) -> String {
+        self.join(&["touches:", campaign])
+    }
+
     /// A campaign's counters at its last resume (guards judge what came since).
     pub fn guard_base(&self, campaign: &str) -> String {
         self.join(&["guard_base:", campaign])

@@ -88,8 +88,10 @@ const WRITE_EVENTS: &str = include_str!("scripts/write_events.lua");
 /// removing a bounce or a manual block later cannot undo it), on the suppression list unless
 /// the address is already there for another reason, and as one `unsubscribed` event — the
 /// first time only, so that a second click or a provider's retried POST is not a second event.
-/// KEYS: suppressed hash, events stream, the campaign's stats hash, optouts hash;
-/// ARGV: lowercased address, event JSON, now (unix ms), events max length.
+/// KEYS: suppressed hash, events stream, the campaign's stats hash, optouts hash, its
+/// per-variant and per-touch counters;
+/// ARGV: lowercased address, event JSON, now (unix ms), events max length, the job's variant
+/// and touch bucket ("" when none).
 const UNSUBSCRIBE: &str = include_str!("scripts/unsubscribe.lua");
 
 struct Pending {
@@ -103,6 +105,8 @@ struct Pending {
     machine: bool,
     /// The job's experiment variant ("" when none).
     variant: String,
+    /// The job's touch bucket ("" when none).
+    touch: String,
 }
 
 struct Inner {
@@ -383,13 +387,15 @@ async fn write_events(
                 .key(keys.unique_link(&p.campaign, &p.link))
                 .key(keys.recipient(&p.to))
                 .key(keys.variants(&p.campaign))
+                .key(keys.touches(&p.campaign))
                 .arg(&p.to)
                 .arg(&p.event)
                 .arg(p.kind)
                 .arg(&p.id)
                 .arg(&p.link)
                 .arg(if p.machine { "1" } else { "0" })
-                .arg(&p.variant);
+                .arg(&p.variant)
+                .arg(&p.touch);
         }
         let mut delay = Duration::from_millis(50);
         let codes = loop {
@@ -453,6 +459,7 @@ impl Inner {
             link: c.link.clone(),
             machine,
             variant: c.variant.clone(),
+            touch: c.touch.clone(),
         };
         let p = match self.tx.try_send(p) {
             Ok(()) => return,
@@ -632,16 +639,22 @@ async fn unsubscribe(
         return not_found();
     };
     let lang = Lang::of(&uri, &headers);
-    let event = Event::new(EventKind::Unsubscribed, &c.id, &c.campaign, &c.to).to_json();
+    let mut event = Event::new(EventKind::Unsubscribed, &c.id, &c.campaign, &c.to);
+    event.variant = (!c.variant.is_empty()).then_some(c.variant.as_str());
+    let event = event.to_json();
     let mut redis = app.redis.clone();
     let mut inv = app.unsubscribe.key(&app.keys.suppressed);
     inv.key(&app.keys.events)
         .key(app.keys.stats(&c.campaign))
         .key(&app.keys.optouts)
+        .key(app.keys.variants(&c.campaign))
+        .key(app.keys.touches(&c.campaign))
         .arg(c.to.to_lowercase())
         .arg(event)
         .arg(crate::queue::now_ms())
-        .arg(app.keys.events_max_len);
+        .arg(app.keys.events_max_len)
+        .arg(&c.variant)
+        .arg(&c.touch);
     match tokio::time::timeout(UNSUBSCRIBE_TIMEOUT, inv.invoke_async::<i64>(&mut redis)).await {
         Ok(Ok(first)) => {
             app.count(

@@ -51,6 +51,8 @@ pub struct Claims {
     pub sent: Option<i64>,
     /// Open and click tokens of a job in an experiment: its variant ("" otherwise).
     pub variant: String,
+    /// Of a marketing job: its touch bucket ("" otherwise).
+    pub touch: String,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -160,6 +162,7 @@ impl Signer {
         let (url, link) = (next(), next());
         let sent = next().parse().ok();
         let variant = next();
+        let touch = next();
         if id.is_empty() || (kind == Kind::Click && url.is_empty()) {
             return Err(TokenError::Malformed);
         }
@@ -172,6 +175,7 @@ impl Signer {
             link,
             sent,
             variant,
+            touch,
         })
     }
 }

@@ -13,4 +13,10 @@ if not reason then
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[2])
 redis.call('HINCRBY', KEYS[3], 'unsubscribed', 1)
+if ARGV[5] ~= '' then
+  redis.call('HINCRBY', KEYS[5], ARGV[5] .. ':unsubscribed', 1)
+end
+if ARGV[6] ~= '' then
+  redis.call('HINCRBY', KEYS[6], ARGV[6] .. ':unsubscribed', 1)
+end
 return 1

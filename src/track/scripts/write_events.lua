@@ -1,20 +1,20 @@
 -- Writes a batch of tracking events (see server.rs, write_events).
--- KEYS: [1] suppressed, [2] events, then per event 6 keys: the campaign's stats, its
+-- KEYS: [1] suppressed, [2] events, then per event 7 keys: the campaign's stats, its
 --       unique opens or clicks (by kind), its links, the link's unique clicks, the
---       recipient's hash, the campaign's per-variant counters.
--- ARGV: [1] now (unix s), [2] events max length, then per event 7 values: address, event
+--       recipient's hash, the campaign's per-variant counters, its per-touch counters.
+-- ARGV: [1] now (unix s), [2] events max length, then per event 8 values: address, event
 --       JSON, kind (o|c), job id, link ("" if none), '1' when a machine made the request,
---       the job's experiment variant ("" if none).
+--       the job's experiment variant ("" if none), its touch bucket ("" if none).
 -- Answers a code per event: 0 not recorded (opted out), 1 recorded, 2 recorded and the first
 -- by a person for that send.
 local codes = {}
 local k = 3
-for i = 3, #ARGV, 7 do
-  local addr, ev, kind, id, link, machine, variant =
-    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
-  local stats, uniq, links, uniq_link, recipient, variants =
-    KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
-  k = k + 6
+for i = 3, #ARGV, 8 do
+  local addr, ev, kind, id, link, machine, variant, touch =
+    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  local stats, uniq, links, uniq_link, recipient, variants, touches =
+    KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5], KEYS[k + 6]
+  k = k + 7
   local reason = redis.call('HGET', KEYS[1], addr)
   local code = 0
   if reason ~= 'unsubscribed' and reason ~= 'complained' then
@@ -32,6 +32,9 @@ for i = 3, #ARGV, 7 do
         redis.call('HINCRBY', stats, 'unique_' .. what, 1)
         if variant ~= '' then
           redis.call('HINCRBY', variants, variant .. ':unique_' .. what, 1)
+        end
+        if touch ~= '' then
+          redis.call('HINCRBY', touches, touch .. ':unique_' .. what, 1)
         end
         code = 2
       end
