@@ -140,6 +140,8 @@ pub struct ApiSettings {
     pub listen: Option<SocketAddr>,
     /// `Authorization: Bearer …`; required with `listen` (better: `PALOMA_API__TOKEN`).
     pub token: Secret,
+    /// A read-only token that opens the report pages (`/campaigns`) and nothing else.
+    pub report_token: Option<Secret>,
     /// Largest request body (bytes); larger ones get 413.
     pub max_body_bytes: usize,
     /// Jobs in one `POST /api/v1/sends`.
@@ -155,6 +157,7 @@ impl Default for ApiSettings {
         Self {
             listen: None,
             token: Secret::default(),
+            report_token: None,
             max_body_bytes: 16 * 1024 * 1024,
             max_jobs: 50_000,
             timeout: "30s".parse().expect("valid default"),
@@ -911,6 +914,16 @@ impl Settings {
             }
             if a.token.expose() == self.tracking.secret.expose() {
                 return bad("api.token must differ from tracking.secret (a leaked API token must not sign links)".into());
+            }
+            if let Some(r) = &a.report_token {
+                if let Some(why) = weak_secret(r.expose()) {
+                    return bad(format!("api.report_token is refused because {why}; {MAKE_SECRET} (PALOMA_API__REPORT_TOKEN)"));
+                }
+                if r.expose() == a.token.expose() || r.expose() == self.tracking.secret.expose() {
+                    return bad(
+                        "api.report_token must differ from api.token and tracking.secret".into(),
+                    );
+                }
             }
         }
         if a.max_body_bytes < 1024

@@ -343,17 +343,24 @@ impl App {
                 metrics.clone(),
             ))
         });
-        let api_task = match (api_listener, &api) {
-            (Some(listener), Some(api)) => Some(crate::api::serve(
+        let pages = api
+            .as_ref()
+            .map(|a| Arc::new(crate::pages::Pages::new(a.clone(), &settings)));
+        let api_task = match (api_listener, &api, &pages) {
+            (Some(listener), Some(api), Some(pages)) => Some(crate::api::serve(
                 listener,
                 api.clone(),
+                pages.clone(),
                 settings.api.max_connections,
                 exit_rx.clone(),
             )),
             _ => None,
         };
         // On the metrics listener when both are configured on one address.
-        let shared_api = api.filter(|_| api_task.is_none()).map(crate::api::router);
+        let shared_api = match (api, pages) {
+            (Some(a), Some(p)) if api_task.is_none() => Some(crate::api::router(a, p)),
+            _ => None,
+        };
         let http_task = metrics_listener.map(|listener| {
             let ops = crate::http::Ops {
                 metrics: metrics.clone(),

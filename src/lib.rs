@@ -30,6 +30,7 @@
 //! - [`http`], [`metrics`]: the operations endpoint.
 //! - [`listener`]: how public HTTP listeners are served (timeouts, connection cap).
 //! - [`api`]: the HTTP API for campaign systems (`/api/v1/…`, bearer token, OpenAPI).
+//! - [`pages`]: the campaign report (HTML with SVG charts) on the API listener.
 //! - [`stats`]: what is read back of campaigns and recipients, for the CLI and the API.
 //! - [`cli`]: `enqueue`, `stats`, `suppress`, `campaign`, and [`demo`].
 //!
@@ -50,6 +51,7 @@ pub mod job;
 pub mod listener;
 pub mod metrics;
 pub mod outcome;
+pub mod pages;
 pub mod pipeline;
 pub mod policy;
 pub mod queue;

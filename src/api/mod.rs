@@ -5,7 +5,8 @@
 //! - `GET /api/v1/campaigns[/{c}]`, `POST /api/v1/campaigns/{c}/pause|resume|cancel`,
 //!   `GET /api/v1/recipients/{address}`, `PUT|DELETE /api/v1/suppressions/{address}`
 //!   ([`manage`]): what `paloma stats`, `paloma campaign` and `paloma suppress` do;
-//! - `GET /api/v1/openapi.json`: the OpenAPI document, derived from the handlers ([`doc`]).
+//! - `GET /api/v1/openapi.json`: the OpenAPI document, derived from the handlers ([`doc`]);
+//! - the report pages, `/campaigns` ([`crate::pages`]).
 //!
 //! Every route but the document needs `Authorization: Bearer {api.token}`, compared in
 //! constant time. Every refusal is a JSON `{"error": "…"}` with a 4xx status; no answer
@@ -131,8 +132,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The API's routes, to serve on their own listener or beside `/metrics`.
-pub fn router(api: Arc<Api>) -> Router {
+/// The API's routes and the report pages, to serve on their own listener or beside
+/// `/metrics`.
+pub fn router(api: Arc<Api>, pages: Arc<crate::pages::Pages>) -> Router {
     let guarded = Router::new()
         .route("/api/v1/sends", post(sends::post_sends))
         .route("/api/v1/campaigns", get(manage::list_campaigns))
@@ -146,9 +148,12 @@ pub fn router(api: Arc<Api>) -> Router {
             put(manage::suppress).delete(manage::unsuppress),
         )
         .route_layer(axum::middleware::from_fn_with_state(api.clone(), auth));
-    Router::new()
+    let api_routes: Router = Router::new()
         .route("/api/v1/openapi.json", get(doc::openapi))
         .merge(guarded)
+        .with_state(api.clone());
+    api_routes
+        .merge(crate::pages::router(pages))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -161,8 +166,7 @@ pub fn router(api: Arc<Api>) -> Router {
                 "this route does not take that method; see /api/v1/openapi.json",
             )
         })
-        .layer(axum::middleware::from_fn_with_state(api.clone(), count))
-        .with_state(api)
+        .layer(axum::middleware::from_fn_with_state(api, count))
 }
 
 /// Refuses a request without the right bearer token.
@@ -208,6 +212,7 @@ async fn count(State(api): State<Arc<Api>>, req: Request, next: Next) -> Respons
 pub fn serve(
     listener: tokio::net::TcpListener,
     api: Arc<Api>,
+    pages: Arc<crate::pages::Pages>,
     max_connections: usize,
     stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
@@ -222,7 +227,7 @@ pub fn serve(
     };
     tokio::spawn(crate::listener::serve(
         listener,
-        router(api),
+        router(api, pages),
         limits,
         registry,
         stop,

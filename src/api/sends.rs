@@ -163,7 +163,9 @@ fn too_large(limit: usize) -> ApiError {
     )
 }
 
-/// The body, up to `limit` bytes, arrived within `timeout`.
+/// The body, up to `limit` bytes, arrived within `timeout`. Past the limit the rest is read
+/// and dropped for a moment (at most another `limit` bytes, one second), so that the client,
+/// still sending, reads the 413 rather than a connection reset.
 async fn read_body(
     body: Body,
     limit: usize,
@@ -176,6 +178,16 @@ async fn read_body(
             let chunk =
                 chunk.map_err(|_| ApiError::bad_request("the request body could not be read"))?;
             if buf.len() + chunk.len() > limit {
+                let mut dropped = 0usize;
+                let drain = async {
+                    while let Some(Ok(c)) = stream.next().await {
+                        dropped += c.len();
+                        if dropped > limit {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
                 return Err(too_large(limit));
             }
             buf.extend_from_slice(&chunk);

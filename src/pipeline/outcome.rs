@@ -65,8 +65,16 @@ fn ended(entry: &Entry, ident: &JobIdentity, kind: EventKind, event: String) -> 
         first: entry.attempt == 0,
         variant: ident.variant.clone(),
         touch: ident.touch,
+        domain: domain_of(&ident.to),
         ..Default::default()
     }
+}
+
+/// The lower-cased domain of an address, for the per-domain counters.
+fn domain_of(to: &str) -> Option<String> {
+    to.rsplit_once('@')
+        .map(|(_, d)| d.to_ascii_lowercase())
+        .filter(|d| !d.is_empty())
 }
 
 impl Record {
@@ -212,6 +220,7 @@ impl Record {
                     first: entry.attempt == 0,
                     variant: ident.variant.clone(),
                     touch: ident.touch,
+                    domain: domain_of(to),
                     ..Default::default()
                 }
             }

@@ -63,6 +63,8 @@ pub struct Record {
     pub touch: Option<&'static str>,
     /// A marketing message delivered to this address: one more for this month's counter.
     pub touched: Option<String>,
+    /// The recipient's domain, for `stat`'s outcome per domain (the campaign report).
+    pub domain: Option<String>,
     /// `(key, value, ttl secs)` to SET with the outcome (a delivered job's JSON, kept for
     /// workflow follow-ups).
     pub store: Option<(String, Vec<u8>, u64)>,
@@ -114,6 +116,10 @@ pub struct Recorder {
 /// (it may be enqueued again), counted dead. Sent whole (EVAL): a NOSCRIPT inside MULTI
 /// would abort the batch.
 const SCHEDULE_OR_DEAD: &str = include_str!("scripts/schedule_or_dead.lua");
+/// Outcomes per recipient domain, in a bounded hash per campaign.
+const DOMAINS: &str = include_str!("scripts/domains.lua");
+/// Fields (domain × outcome) a campaign's per-domain hash holds at most.
+const MAX_DOMAIN_FIELDS: usize = 600;
 
 /// How long a batch marker outlives a daemon that stopped before deleting it.
 const MARKER_TTL_SECS: u64 = 24 * 3600;
@@ -259,6 +265,8 @@ impl Recorder {
         // (per-variant or per-touch hash, variant or bucket) → the outcomes to count for it.
         let mut vstats: HashMap<(String, &str), Vec<&str>> = HashMap::new();
         let month = crate::policy::touches::month_field(chrono::Utc::now());
+        // campaign → (domain, outcome) → count.
+        let mut dstats: HashMap<&str, HashMap<(&str, &str), i64>> = HashMap::new();
         for (i, r) in records.iter().enumerate() {
             if let Some(ev) = &r.event {
                 p.cmd("XADD")
@@ -381,6 +389,13 @@ impl Recorder {
                         e.push("accepted");
                     }
                 }
+                if let Some(d) = &r.domain {
+                    *dstats
+                        .entry(campaign.as_str())
+                        .or_default()
+                        .entry((d.as_str(), outcome.as_str()))
+                        .or_default() += 1;
+                }
                 if let Some(t) = r.touch {
                     let e = vstats.entry((k.touches(campaign), t)).or_default();
                     e.push(outcome.as_str());
@@ -402,6 +417,18 @@ impl Recorder {
             if let Some(id) = &r.ack {
                 acks.push(id);
             }
+        }
+        for (campaign, counts) in &dstats {
+            p.cmd("EVAL")
+                .arg(DOMAINS)
+                .arg(1)
+                .arg(k.domains(campaign))
+                .arg(MAX_DOMAIN_FIELDS);
+            for ((domain, outcome), n) in counts {
+                p.arg(*domain).arg(*outcome).arg(*n);
+            }
+            p.ignore();
+            ops.push((0, Op::Other));
         }
         for ((hash, variant), outcomes) in &vstats {
             let mut counts: HashMap<&str, i64> = HashMap::new();

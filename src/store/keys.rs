@@ -162,6 +162,16 @@ impl Keys {
         self.join(&["touches:", campaign])
     }
 
+    /// Outcomes per recipient domain of a campaign (fields `{domain}:{outcome}`, bounded).
+    pub fn domains(&self, campaign: &str) -> String {
+        self.join(&["domains:", campaign])
+    }
+
+    /// People's opens and clicks of a campaign per hour (fields `{unix hour}:{opened|clicked}`).
+    pub fn timeline(&self, campaign: &str) -> String {
+        self.join(&["timeline:", campaign])
+    }
+
     /// A campaign's counters at its last resume (guards judge what came since).
     pub fn guard_base(&self, campaign: &str) -> String {
         self.join(&["guard_base:", campaign])

@@ -388,6 +388,7 @@ async fn write_events(
                 .key(keys.recipient(&p.to))
                 .key(keys.variants(&p.campaign))
                 .key(keys.touches(&p.campaign))
+                .key(keys.timeline(&p.campaign))
                 .arg(&p.to)
                 .arg(&p.event)
                 .arg(p.kind)

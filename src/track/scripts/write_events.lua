@@ -1,7 +1,8 @@
 -- Writes a batch of tracking events (see server.rs, write_events).
--- KEYS: [1] suppressed, [2] events, then per event 7 keys: the campaign's stats, its
+-- KEYS: [1] suppressed, [2] events, then per event 8 keys: the campaign's stats, its
 --       unique opens or clicks (by kind), its links, the link's unique clicks, the
---       recipient's hash, the campaign's per-variant counters, its per-touch counters.
+--       recipient's hash, the campaign's per-variant counters, its per-touch counters, its
+--       people's opens and clicks per hour.
 -- ARGV: [1] now (unix s), [2] events max length, then per event 8 values: address, event
 --       JSON, kind (o|c), job id, link ("" if none), '1' when a machine made the request,
 --       the job's experiment variant ("" if none), its touch bucket ("" if none).
@@ -12,9 +13,9 @@ local k = 3
 for i = 3, #ARGV, 8 do
   local addr, ev, kind, id, link, machine, variant, touch =
     ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
-  local stats, uniq, links, uniq_link, recipient, variants, touches =
-    KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5], KEYS[k + 6]
-  k = k + 7
+  local stats, uniq, links, uniq_link, recipient, variants, touches, timeline =
+    KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5], KEYS[k + 6], KEYS[k + 7]
+  k = k + 8
   local reason = redis.call('HGET', KEYS[1], addr)
   local code = 0
   if reason ~= 'unsubscribed' and reason ~= 'complained' then
@@ -28,6 +29,7 @@ for i = 3, #ARGV, 8 do
       end
     else
       redis.call('HINCRBY', stats, what, 1)
+      redis.call('HINCRBY', timeline, math.floor(tonumber(ARGV[1]) / 3600) .. ':' .. what, 1)
       if redis.call('PFADD', uniq, id) == 1 then
         redis.call('HINCRBY', stats, 'unique_' .. what, 1)
         if variant ~= '' then

@@ -1,0 +1,167 @@
+//! The report's charts, drawn as SVG by plotters (no JavaScript, no fonts on disk: the
+//! SVG carries its text as text, sized by the browser).
+
+use plotters::prelude::*;
+
+const WIDTH: u32 = 720;
+const HEIGHT: u32 = 300;
+const OPENS: RGBColor = RGBColor(37, 99, 235);
+const CLICKS: RGBColor = RGBColor(217, 119, 6);
+const UNSUBS: RGBColor = RGBColor(190, 18, 60);
+
+/// Opens and clicks (people's) per hour: `points` are (hour since the epoch, opens,
+/// clicks), in order.
+pub fn timeline(points: &[(i64, i64, i64)]) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let (first, last) = match (points.first(), points.last()) {
+            (Some(f), Some(l)) => (f.0, l.0.max(f.0 + 1)),
+            _ => (0, 1),
+        };
+        let top = points
+            .iter()
+            .map(|p| p.1.max(p.2))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut chart = ChartBuilder::on(&root)
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(first..last, 0i64..top + top / 10 + 1)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("hour (UTC)")
+            .y_desc("per hour")
+            .x_labels(6)
+            .x_label_formatter(&|h| {
+                chrono::DateTime::from_timestamp(h * 3600, 0)
+                    .map(|t| t.format("%d %b %H:00").to_string())
+                    .unwrap_or_default()
+            })
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (name, color, pick) in [("opens", OPENS, 1usize), ("clicks", CLICKS, 2usize)] {
+            let series: Vec<(i64, i64)> = points
+                .iter()
+                .map(|p| (p.0, if pick == 1 { p.1 } else { p.2 }))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(
+                    series.iter().copied(),
+                    color.stroke_width(2),
+                ))
+                .map_err(|e| e.to_string())?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(
+                    series
+                        .iter()
+                        .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.9))
+            .border_style(RGBColor(200, 200, 200))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(svg)
+}
+
+/// The contact-pressure curve: people's unique click rate and unsubscribe rate (in %) per
+/// touch bucket.
+pub fn touches(rows: &[(String, f64, f64)]) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let top = rows
+            .iter()
+            .map(|r| r.1.max(r.2))
+            .fold(0.0f64, f64::max)
+            .max(0.5);
+        let n = rows.len().max(1) as i32;
+        let labels: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+        let mut chart = ChartBuilder::on(&root)
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(-1i32..n, 0f64..top * 1.15)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("marketing messages to the person in the last year (this one included)")
+            .y_desc("% of delivered")
+            .x_labels(rows.len() + 2)
+            .x_label_formatter(&|i| {
+                usize::try_from(*i)
+                    .ok()
+                    .and_then(|i| labels.get(i).cloned())
+                    .unwrap_or_default()
+            })
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (name, color, pick) in [
+            ("click rate", CLICKS, 1usize),
+            ("unsubscribe rate", UNSUBS, 2usize),
+        ] {
+            let series: Vec<(i32, f64)> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (i as i32, if pick == 1 { r.1 } else { r.2 }))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(
+                    series.iter().copied(),
+                    color.stroke_width(2),
+                ))
+                .map_err(|e| e.to_string())?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(
+                    series
+                        .iter()
+                        .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.9))
+            .border_style(RGBColor(200, 200, 200))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charts_are_svg_with_their_legends() {
+        let t = timeline(&[(490_000, 10, 2), (490_001, 4, 1)]).unwrap();
+        assert!(t.starts_with("<svg") && t.contains("opens") && t.contains("clicks"));
+        let empty = timeline(&[]).unwrap();
+        assert!(empty.starts_with("<svg"));
+        let c = touches(&[("1".into(), 4.0, 0.1), ("2".into(), 3.5, 0.2)]).unwrap();
+        assert!(c.contains("unsubscribe rate") && c.contains("<text"));
+    }
+}
