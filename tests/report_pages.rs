@@ -230,6 +230,7 @@ fallback = "a"
 
         // No session: the form. A wrong token first, then the report token.
         c.goto(&format!("{base}/campaigns")).await.unwrap();
+        c.wait().for_element(Locator::Css("#token")).await.unwrap();
         assert!(c.current_url().await.unwrap().path().starts_with("/login"));
         c.find(Locator::Css("#token"))
             .await
@@ -243,8 +244,10 @@ fallback = "a"
             .click()
             .await
             .unwrap();
+        // Each navigation is waited for by an element only the next page has.
         let alert = c
-            .find(Locator::Css("[role=alert]"))
+            .wait()
+            .for_element(Locator::Css("[role=alert]"))
             .await
             .unwrap()
             .text()
@@ -263,10 +266,9 @@ fallback = "a"
             .click()
             .await
             .unwrap();
-        assert_eq!(c.current_url().await.unwrap().path(), "/campaigns");
-
         let table = c
-            .find(Locator::Css("#campaigns"))
+            .wait()
+            .for_element(Locator::Css("#campaigns"))
             .await
             .unwrap()
             .text()
@@ -285,6 +287,7 @@ fallback = "a"
             .click()
             .await
             .unwrap();
+        c.wait().for_element(Locator::Css("#funnel")).await.unwrap();
         assert_eq!(c.current_url().await.unwrap().path(), "/campaigns/spring");
         let step = |name: &'static str| {
             let c = c.clone();

@@ -22,8 +22,9 @@ th{color:#6b7280;font-weight:600}
 .active{background:#dcfce7;color:#166534}.paused{background:#fef3c7;color:#92400e}.cancelled{background:#fee2e2;color:#991b1b}
 .funnel .row{display:flex;align-items:center;gap:8px;margin:6px 0}
 .funnel .label{width:110px;flex:none}
-.funnel .bar{height:22px;background:#2563eb;border-radius:4px;min-width:2px}
-.funnel .n{flex:none;font-variant-numeric:tabular-nums}
+.funnel .track{flex:1;min-width:0}
+.funnel .bar{display:block;height:22px;background:#2563eb;border-radius:4px;min-width:2px}
+.funnel .n{flex:none;width:7.5em;font-variant-numeric:tabular-nums}
 .side{display:flex;flex-wrap:wrap;gap:8px;margin-top:10px}
 .side div{background:#f1f5f9;border-radius:6px;padding:6px 10px;font-size:.9rem}
 .warn td{background:#fff7ed}
@@ -131,7 +132,7 @@ fn funnel(s: &CampaignStats) -> String {
         let share = of.map(|o| format!(" ({})", pct(n, o))).unwrap_or_default();
         let _ = write!(
             f,
-            "<div class=\"row\" data-step=\"{label}\"><span class=\"label\">{label}</span><span class=\"bar\" style=\"width:{width:.1}%\"></span><span class=\"n\">{n}{share}</span></div>"
+            "<div class=\"row\" data-step=\"{label}\"><span class=\"label\">{label}</span><span class=\"track\"><span class=\"bar\" style=\"width:{width:.1}%\"></span></span><span class=\"n\">{n}{share}</span></div>"
         );
     }
     f.push_str("<div class=\"side\">");
