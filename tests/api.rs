@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::track::request;
+use common::track::{request, stat};
 use common::*;
 use serde_json::Value;
 
@@ -50,15 +50,6 @@ fn refused(a: &Answer, status: u16) -> String {
         a.raw
     );
     e.to_string()
-}
-
-fn stat(conn: &mut redis::Connection, prefix: &str, campaign: &str, field: &str) -> i64 {
-    redis::cmd("HGET")
-        .arg(format!("{prefix}stats:{campaign}"))
-        .arg(field)
-        .query::<Option<i64>>(conn)
-        .unwrap()
-        .unwrap_or(0)
 }
 
 fn xlen(conn: &mut redis::Connection, prefix: &str) -> i64 {

@@ -15,7 +15,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::track::{captured, request, MAIL_UA};
+use common::track::{captured, request, stat, MAIL_UA};
 use common::*;
 use paloma::experiment::{Assign, Experiments};
 use serde_json::Value;
@@ -61,22 +61,6 @@ fn decided(conn: &mut redis::Connection, prefix: &str, campaign: &str) -> Option
     events(conn, prefix)
         .into_iter()
         .find(|e| e["type"] == "experiment_decided" && e["campaign"] == campaign)
-}
-
-fn delivered(conn: &mut redis::Connection, prefix: &str, campaign: &str) -> i64 {
-    redis::cmd("HGET")
-        .arg(format!("{prefix}stats:{campaign}"))
-        .arg("delivered")
-        .query::<Option<i64>>(conn)
-        .unwrap()
-        .unwrap_or(0)
-}
-
-fn held(conn: &mut redis::Connection, prefix: &str, campaign: &str) -> usize {
-    redis::cmd("ZCARD")
-        .arg(format!("{prefix}held:{campaign}"))
-        .query(conn)
-        .unwrap()
 }
 
 fn click(port: u16, path: &str, ua: &str, ip: &str) {
@@ -134,7 +118,7 @@ fallback = "a"
         Duration::from_secs(120),
         &daemon,
         || {
-            delivered(&mut conn, &p, "spring") == in_test as i64
+            stat(&mut conn, &p, "spring", "delivered") == in_test as i64
                 && held(&mut conn, &p, "spring") == 2000 - in_test
         },
     );
@@ -235,7 +219,7 @@ fallback = "a"
         "all 2,000 delivered",
         Duration::from_secs(120),
         &daemon,
-        || delivered(&mut conn, &p, "spring") == 2000,
+        || stat(&mut conn, &p, "spring", "delivered") == 2000,
     );
     let evs = events(&mut conn, &p);
     let by_id = terminal_by_id(&evs);
@@ -330,7 +314,7 @@ fallback = "a"
         "{d}"
     );
     wait_until_daemon("quiet delivered", Duration::from_secs(60), &daemon, || {
-        delivered(&mut conn, &p, "quiet") == 300
+        stat(&mut conn, &p, "quiet", "delivered") == 300
     });
 
     // early waits for a person.
@@ -339,7 +323,7 @@ fallback = "a"
         "early's test share out",
         Duration::from_secs(60),
         &daemon,
-        || delivered(&mut conn, &p, "early") == early_test as i64,
+        || stat(&mut conn, &p, "early", "delivered") == early_test as i64,
     );
     let (st, out, err) = paloma(&["experiment", "status", "--config", &cfg, "early"], None);
     assert!(st.success(), "{err}");
@@ -366,7 +350,7 @@ fallback = "a"
         "{err}"
     );
     wait_until_daemon("early delivered", Duration::from_secs(60), &daemon, || {
-        delivered(&mut conn, &p, "early") == 300
+        stat(&mut conn, &p, "early", "delivered") == 300
     });
     let d = decided(&mut conn, &p, "early").unwrap();
     assert_eq!(

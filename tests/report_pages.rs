@@ -104,12 +104,8 @@ fallback = "a"
         Duration::from_secs(60),
         &daemon,
         || {
-            redis::cmd("ZCARD")
-                .arg(format!("{p}held:spring"))
-                .query::<usize>(&mut conn)
-                .unwrap()
-                > 0
-                && terminal_events(&mut conn, &p).len() + held(&mut conn, &p) == 60
+            held(&mut conn, &p, "spring") > 0
+                && terminal_events(&mut conn, &p).len() + held(&mut conn, &p, "spring") == 60
         },
     );
     let (st, _, err) = paloma(
@@ -378,11 +374,4 @@ fallback = "a"
         .unwrap();
         c.close().await.unwrap();
     });
-}
-
-fn held(conn: &mut redis::Connection, prefix: &str) -> usize {
-    redis::cmd("ZCARD")
-        .arg(format!("{prefix}held:spring"))
-        .query(conn)
-        .unwrap()
 }

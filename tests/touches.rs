@@ -9,18 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::track::{captured, one_click, request, MAIL_UA};
+use common::track::{captured, one_click, request, stat, MAIL_UA};
 use common::*;
 use serde_json::Value;
-
-fn delivered(conn: &mut redis::Connection, prefix: &str, campaign: &str) -> i64 {
-    redis::cmd("HGET")
-        .arg(format!("{prefix}stats:{campaign}"))
-        .arg("delivered")
-        .query::<Option<i64>>(conn)
-        .unwrap()
-        .unwrap_or(0)
-}
 
 fn row<'a>(rows: &'a Value, bucket: &str) -> &'a Value {
     rows.as_array()
@@ -51,7 +42,7 @@ fn the_curve_counts_each_send_at_its_level_of_contact_pressure() {
         "to": "p0@people.test", "transactional": true, "data": {"name": "R", "order_id": 1}});
     enqueue_raw(&mut conn, &p, &[receipt.to_string()]);
     wait_until_daemon("the receipt", Duration::from_secs(30), &daemon, || {
-        delivered(&mut conn, &p, "receipts") == 1
+        stat(&mut conn, &p, "receipts", "delivered") == 1
     });
     for (k, n) in [(1, 40), (2, 30), (3, 20), (4, 10)] {
         let campaign = format!("c{k}");
@@ -71,7 +62,7 @@ fn the_curve_counts_each_send_at_its_level_of_contact_pressure() {
             &format!("{campaign} delivered"),
             Duration::from_secs(60),
             &daemon,
-            || delivered(&mut conn, &p, &campaign) == n,
+            || stat(&mut conn, &p, &campaign, "delivered") == n,
         );
     }
     sink.wait_count(101, Duration::from_secs(30));

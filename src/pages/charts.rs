@@ -9,6 +9,47 @@ const OPENS: RGBColor = RGBColor(37, 99, 235);
 const CLICKS: RGBColor = RGBColor(217, 119, 6);
 const UNSUBS: RGBColor = RGBColor(190, 18, 60);
 
+/// One named line of a chart: its legend, its colour, its points.
+type Series<X, Y> = (&'static str, RGBColor, Vec<(X, Y)>);
+
+/// Draws each named series as a line with its points, and the legend.
+fn lines<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    series: Vec<Series<X::ValueType, Y::ValueType>>,
+) -> Result<(), String>
+where
+    X: Ranged,
+    Y: Ranged,
+    X::ValueType: Clone + 'static,
+    Y::ValueType: Clone + 'static,
+{
+    for (name, color, points) in series {
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().cloned(),
+                color.stroke_width(2),
+            ))
+            .map_err(|e| e.to_string())?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 3, color.filled())),
+            )
+            .map_err(|e| e.to_string())?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.9))
+        .border_style(RGBColor(200, 200, 200))
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
 /// Opens and clicks (people's) per hour: `points` are (hour since the epoch, opens,
 /// clicks), in order.
 pub fn timeline(points: &[(i64, i64, i64)]) -> Result<String, String> {
@@ -45,35 +86,12 @@ pub fn timeline(points: &[(i64, i64, i64)]) -> Result<String, String> {
             .light_line_style(RGBColor(235, 235, 235))
             .draw()
             .map_err(|e| e.to_string())?;
-        for (name, color, pick) in [("opens", OPENS, 1usize), ("clicks", CLICKS, 2usize)] {
-            let series: Vec<(i64, i64)> = points
-                .iter()
-                .map(|p| (p.0, if pick == 1 { p.1 } else { p.2 }))
-                .collect();
-            chart
-                .draw_series(LineSeries::new(
-                    series.iter().copied(),
-                    color.stroke_width(2),
-                ))
-                .map_err(|e| e.to_string())?
-                .label(name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                });
-            chart
-                .draw_series(
-                    series
-                        .iter()
-                        .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
-                )
-                .map_err(|e| e.to_string())?;
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.9))
-            .border_style(RGBColor(200, 200, 200))
-            .draw()
-            .map_err(|e| e.to_string())?;
+        let opens = points.iter().map(|p| (p.0, p.1)).collect();
+        let clicks = points.iter().map(|p| (p.0, p.2)).collect();
+        lines(
+            &mut chart,
+            vec![("opens", OPENS, opens), ("clicks", CLICKS, clicks)],
+        )?;
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(svg)
@@ -113,39 +131,19 @@ pub fn touches(rows: &[(String, f64, f64)]) -> Result<String, String> {
             .light_line_style(RGBColor(235, 235, 235))
             .draw()
             .map_err(|e| e.to_string())?;
-        for (name, color, pick) in [
-            ("click rate", CLICKS, 1usize),
-            ("unsubscribe rate", UNSUBS, 2usize),
-        ] {
-            let series: Vec<(i32, f64)> = rows
-                .iter()
+        let at = |pick: fn(&(String, f64, f64)) -> f64| {
+            rows.iter()
                 .enumerate()
-                .map(|(i, r)| (i as i32, if pick == 1 { r.1 } else { r.2 }))
-                .collect();
-            chart
-                .draw_series(LineSeries::new(
-                    series.iter().copied(),
-                    color.stroke_width(2),
-                ))
-                .map_err(|e| e.to_string())?
-                .label(name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                });
-            chart
-                .draw_series(
-                    series
-                        .iter()
-                        .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
-                )
-                .map_err(|e| e.to_string())?;
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.9))
-            .border_style(RGBColor(200, 200, 200))
-            .draw()
-            .map_err(|e| e.to_string())?;
+                .map(|(i, r)| (i as i32, pick(r)))
+                .collect()
+        };
+        lines(
+            &mut chart,
+            vec![
+                ("click rate", CLICKS, at(|r| r.1)),
+                ("unsubscribe rate", UNSUBS, at(|r| r.2)),
+            ],
+        )?;
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(svg)

@@ -33,8 +33,8 @@ const COOKIE: &str = "paloma_report";
 /// What the pages read with.
 pub struct Pages {
     pub api: Arc<Api>,
-    /// Session cookie values that open the pages: one per accepted token.
-    sessions: Vec<String>,
+    /// SHA-256 of each session cookie value that opens the pages (one per accepted token).
+    sessions: Vec<[u8; 32]>,
     /// SHA-256 of each token that opens the pages (API token, report token).
     tokens: Vec<[u8; 32]>,
 }
@@ -55,6 +55,14 @@ fn hash(s: &[u8]) -> [u8; 32] {
     Sha256::digest(s).into()
 }
 
+/// Whether the hash of `value` is one of `hashes`, comparing every one in constant time.
+fn any_equal(hashes: &[[u8; 32]], value: &str) -> bool {
+    let h = hash(value.as_bytes());
+    hashes.iter().fold(false, |ok, t| {
+        ok | aws_lc_rs::constant_time::verify_slices_are_equal(&h, t).is_ok()
+    })
+}
+
 impl Pages {
     pub fn new(api: Arc<Api>, settings: &crate::config::Settings) -> Pages {
         let mut tokens = vec![settings.api.token.expose().to_string()];
@@ -63,24 +71,21 @@ impl Pages {
         }
         Pages {
             api,
-            sessions: tokens.iter().map(|t| session_of(t)).collect(),
+            sessions: tokens
+                .iter()
+                .map(|t| hash(session_of(t).as_bytes()))
+                .collect(),
             tokens: tokens.iter().map(|t| hash(t.as_bytes())).collect(),
         }
     }
 
     /// Whether `token` opens the pages (constant time, on hashes).
     fn token_ok(&self, token: &str) -> bool {
-        let h = hash(token.as_bytes());
-        self.tokens.iter().fold(false, |ok, t| {
-            ok | aws_lc_rs::constant_time::verify_slices_are_equal(&h, t).is_ok()
-        })
+        any_equal(&self.tokens, token)
     }
 
     fn session_ok(&self, value: &str) -> bool {
-        let h = hash(value.as_bytes());
-        self.sessions.iter().fold(false, |ok, s| {
-            ok | aws_lc_rs::constant_time::verify_slices_are_equal(&h, &hash(s.as_bytes())).is_ok()
-        })
+        any_equal(&self.sessions, value)
     }
 
     fn allowed(&self, headers: &HeaderMap) -> bool {

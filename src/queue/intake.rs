@@ -126,15 +126,11 @@ impl Intake {
                 .arg("GET")
                 .arg("EX")
                 .arg(self.idem_ttl);
-            p.cmd("HGET")
-                .arg(&self.keys.suppressed)
-                .arg(crate::policy::suppression::field(addr));
+            let field = crate::policy::suppression::field(addr);
             p.cmd("HMGET")
-                .arg(
-                    self.keys
-                        .recipient(&crate::policy::suppression::field(addr)),
-                )
+                .arg(self.keys.recipient(&field))
                 .arg(&months[..]);
+            p.cmd("HGET").arg(&self.keys.suppressed).arg(field);
         }
         // Read as raw values: one value that is not UTF-8 (a suppression reason written by
         // another tool) must not fail the whole batch, and so stall the intake, for ever.
@@ -156,7 +152,7 @@ impl Intake {
                     }
                     Some(_) => Claim::Duplicate,
                 };
-                let previous = match three.get(2) {
+                let previous = match three.get(1) {
                     Some(redis::Value::Array(counts)) => counts
                         .iter()
                         .filter_map(|c| text(c)?.parse::<u32>().ok())
@@ -165,7 +161,7 @@ impl Intake {
                 };
                 Claimed {
                     claim,
-                    suppressed: three.get(1).and_then(text),
+                    suppressed: three.get(2).and_then(text),
                     previous,
                 }
             })

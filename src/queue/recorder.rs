@@ -262,8 +262,9 @@ impl Recorder {
         let mut acks: Vec<&str> = Vec::with_capacity(records.len());
         let mut value = String::new();
         let mut stats: HashMap<(&str, &str), i64> = HashMap::new();
-        // (per-variant or per-touch hash, variant or bucket) → the outcomes to count for it.
-        let mut vstats: HashMap<(String, &str), Vec<&str>> = HashMap::new();
+        // (campaign, per-variant or per-touch, variant or bucket, outcome) → count; the hash
+        // keys are built once per group, not per record.
+        let mut vstats: HashMap<(&str, bool, &str, &str), i64> = HashMap::new();
         let month = crate::policy::touches::month_field(chrono::Utc::now());
         // campaign → (domain, outcome) → count.
         let mut dstats: HashMap<&str, HashMap<(&str, &str), i64>> = HashMap::new();
@@ -380,13 +381,18 @@ impl Recorder {
                 if let Some(extra) = r.stat_extra {
                     *stats.entry((campaign.as_str(), extra)).or_default() += 1;
                 }
-                if let Some(v) = &r.variant {
-                    let e = vstats
-                        .entry((k.variants(campaign), v.as_str()))
-                        .or_default();
-                    e.push(outcome.as_str());
+                let groups = [
+                    r.variant.as_deref().map(|v| (false, v)),
+                    r.touch.map(|t| (true, t)),
+                ];
+                for (touch, name) in groups.into_iter().flatten() {
+                    *vstats
+                        .entry((campaign.as_str(), touch, name, outcome.as_str()))
+                        .or_default() += 1;
                     if r.first {
-                        e.push("accepted");
+                        *vstats
+                            .entry((campaign.as_str(), touch, name, "accepted"))
+                            .or_default() += 1;
                     }
                 }
                 if let Some(d) = &r.domain {
@@ -395,13 +401,6 @@ impl Recorder {
                         .or_default()
                         .entry((d.as_str(), outcome.as_str()))
                         .or_default() += 1;
-                }
-                if let Some(t) = r.touch {
-                    let e = vstats.entry((k.touches(campaign), t)).or_default();
-                    e.push(outcome.as_str());
-                    if r.first {
-                        e.push("accepted");
-                    }
                 }
             }
             if let Some(addr) = &r.touched {
@@ -430,19 +429,18 @@ impl Recorder {
             p.ignore();
             ops.push((0, Op::Other));
         }
-        for ((hash, variant), outcomes) in &vstats {
-            let mut counts: HashMap<&str, i64> = HashMap::new();
-            for o in outcomes {
-                *counts.entry(o).or_default() += 1;
-            }
-            for (o, n) in counts {
-                p.cmd("HINCRBY")
-                    .arg(hash)
-                    .arg(format!("{variant}:{o}"))
-                    .arg(n)
-                    .ignore();
-                ops.push((0, Op::Other));
-            }
+        for ((campaign, touch, name, outcome), n) in &vstats {
+            let hash = if *touch {
+                k.touches(campaign)
+            } else {
+                k.variants(campaign)
+            };
+            p.cmd("HINCRBY")
+                .arg(hash)
+                .arg(format!("{name}:{outcome}"))
+                .arg(*n)
+                .ignore();
+            ops.push((0, Op::Other));
         }
         let mut campaigns: Vec<&str> = Vec::new();
         for ((campaign, field), n) in &stats {

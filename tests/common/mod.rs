@@ -527,6 +527,14 @@ secret = "{SECRET}"
     }
 }
 
+/// Jobs of `campaign` held until its experiment is decided.
+pub fn held(conn: &mut redis::Connection, prefix: &str, campaign: &str) -> usize {
+    redis::cmd("ZCARD")
+        .arg(format!("{prefix}held:{campaign}"))
+        .query(conn)
+        .unwrap()
+}
+
 /// XADDs raw job strings to `{prefix}sends`.
 pub fn enqueue_raw(conn: &mut redis::Connection, prefix: &str, jobs: &[String]) {
     let mut p = redis::pipe();
