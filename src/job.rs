@@ -187,9 +187,11 @@ impl Job {
                     format!("{name:?}: only X-… header names of ASCII letters, digits, - and _"),
                 ));
             }
-            // The two headers paloma writes itself (tests and tools find a message by them).
-            if name.eq_ignore_ascii_case("x-paloma-id")
-                || name.eq_ignore_ascii_case("x-paloma-campaign")
+            // The headers paloma writes itself (tests, tools and providers' webhooks find a
+            // message's job by them).
+            if name
+                .get(..9)
+                .is_some_and(|p| p.eq_ignore_ascii_case("x-paloma-"))
             {
                 return Err(invalid(
                     "headers",

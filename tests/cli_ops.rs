@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
@@ -207,81 +206,14 @@ fn tls_required_defers_when_the_relay_offers_no_starttls() {
     assert_eq!(sink.count(), 0, "nothing sent in clear text");
 }
 
-/// A relay that demands AUTH PLAIN with one set of credentials.
-fn auth_relay(user: &'static str, pass: &'static str) -> (u16, std::sync::mpsc::Receiver<String>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let _ = s.write_all(b"220 relay ESMTP\r\n");
-                let mut authed = false;
-                let mut line = String::new();
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let up = line.to_ascii_uppercase();
-                    let reply: String = if up.starts_with("EHLO") {
-                        "250-relay\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n".into()
-                    } else if let Some(b64) = line.strip_prefix("AUTH PLAIN ") {
-                        use base64::Engine;
-                        let raw = base64::engine::general_purpose::STANDARD
-                            .decode(b64.trim())
-                            .unwrap_or_default();
-                        let want = format!("\0{user}\0{pass}");
-                        authed = raw == want.as_bytes();
-                        if authed {
-                            "235 2.7.0 ok\r\n".into()
-                        } else {
-                            "535 5.7.8 bad credentials\r\n".into()
-                        }
-                    } else if up.starts_with("MAIL") {
-                        if authed {
-                            "250 ok\r\n".into()
-                        } else {
-                            "530 5.7.0 Authentication required\r\n".into()
-                        }
-                    } else if up.starts_with("RCPT") {
-                        "250 ok\r\n".into()
-                    } else if up.starts_with("DATA") {
-                        let _ = s.write_all(b"354 go\r\n");
-                        let mut body = String::new();
-                        loop {
-                            line.clear();
-                            if r.read_line(&mut line).unwrap_or(0) == 0 || line == ".\r\n" {
-                                break;
-                            }
-                            body.push_str(&line);
-                        }
-                        let _ = tx.send(body);
-                        "250 2.0.0 queued\r\n".into()
-                    } else if up.starts_with("QUIT") {
-                        let _ = s.write_all(b"221 bye\r\n");
-                        return;
-                    } else {
-                        "250 ok\r\n".into()
-                    };
-                    if s.write_all(reply.as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (port, rx)
-}
-
 #[test]
 fn smtp_auth_credentials_come_from_config_or_environment() {
     let redis = Redis::start();
-    let (port, rx) = auth_relay("paloma", "s3cret-pass");
-    let setup = Setup::new(&redis.url(), port, "username = \"paloma\"", "", "");
+    // aiosmtpd, requiring AUTH but not TLS: a relay on the same host, `tls = "none"`.
+    let certs = tempfile::tempdir().unwrap();
+    let (_, cert, key) = private_ca(certs.path());
+    let relay = AuthRelay::start_clear(&cert, &key, "paloma", "s3cret-pass");
+    let setup = Setup::new(&redis.url(), relay.port, "username = \"paloma\"", "", "");
     let mut conn = redis.conn();
     enqueue_raw(
         &mut conn,
@@ -311,10 +243,10 @@ fn smtp_auth_credentials_come_from_config_or_environment() {
         "delivered",
         "{evs:?}"
     );
-    assert!(rx
-        .recv_timeout(Duration::from_secs(1))
-        .unwrap()
-        .contains("Hi A,"));
+    assert_eq!(relay.auth_log().trim(), "paloma tls=False");
+    let texts = relay.message_texts();
+    assert_eq!(texts.len(), 1);
+    assert!(texts[0].contains("Hi A,"), "{}", texts[0]);
     assert!(
         !daemon.log_text().contains("s3cret-pass"),
         "no secret in the logs"

@@ -105,10 +105,13 @@ fn signed_sendgrid_events_are_recorded_and_unsigned_ones_refused() {
         m.contains("X-SMTPAPI: {\"unique_args\":{\"paloma_campaign\":\"sg\",\"paloma_id\":\"sg-"),
         "{m}"
     );
+    // And its touch bucket (each recipient's first marketing message).
+    assert!(m.contains(",\"paloma_touch\":\"1\"}}"), "{m}");
     wait_port("127.0.0.1", track_port, Duration::from_secs(10));
 
-    // SendGrid's documented example events, for the jobs just sent.
-    let body = br#"[{"email":"u0@example.test","timestamp":1513299569,"event":"bounce","sg_event_id":"6g4ZI7SA-xmRDv57GoPIPw==","sg_message_id":"14c5d75ce93.dfd.64b469.filter0001","reason":"550 5.1.1 The email account that you tried to reach does not exist","status":"5.1.1","type":"bounce","paloma_id":"sg-0","paloma_campaign":"sg"},{"email":"u1@example.test","timestamp":1513299569,"event":"spamreport","sg_event_id":"37nvH5QBz858KGVYCM4uOA==","sg_message_id":"14c5d75ce93.dfd.64b469.filter0002","paloma_id":"sg-1","paloma_campaign":"sg"}]"#;
+    // SendGrid's documented example events, for the jobs just sent (with the unique args
+    // paloma set; the spam report's touch is one paloma could not have written).
+    let body = br#"[{"email":"u0@example.test","timestamp":1513299569,"event":"bounce","sg_event_id":"6g4ZI7SA-xmRDv57GoPIPw==","sg_message_id":"14c5d75ce93.dfd.64b469.filter0001","reason":"550 5.1.1 The email account that you tried to reach does not exist","status":"5.1.1","type":"bounce","paloma_id":"sg-0","paloma_campaign":"sg","paloma_touch":"1"},{"email":"u1@example.test","timestamp":1513299569,"event":"spamreport","sg_event_id":"37nvH5QBz858KGVYCM4uOA==","sg_message_id":"14c5d75ce93.dfd.64b469.filter0002","paloma_id":"sg-1","paloma_campaign":"sg","paloma_touch":"1:x"}]"#;
     let now = chrono_now().to_string();
     let sig = key.sign(&now, body);
     // Unsigned, forged (another body), stale: refused, nothing recorded.
@@ -152,6 +155,14 @@ fn signed_sendgrid_events_are_recorded_and_unsigned_ones_refused() {
         reason("u1@example.test", &mut conn).as_deref(),
         Some("complained")
     );
+    // The bounce is counted in its touch bucket; the unknown bucket is not a field.
+    let touches: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+        .arg(format!("{}touches:sg", setup.prefix))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(touches.get("1:returned"), Some(&1), "{touches:?}");
+    assert_eq!(touches.get("1:delivered"), Some(&2), "{touches:?}");
+    assert!(touches.keys().all(|k| !k.starts_with("1:x")), "{touches:?}");
     // Not JSON, but signed: 400.
     let junk = b"not json";
     assert_eq!(
@@ -331,7 +342,8 @@ fn ses_notifications_through_sns_are_verified_by_the_signing_certificate() {
             "timestamp": "2026-12-01T11:59:59.000Z", "source": "news@shop.test",
             "messageId": "0000013786031775-fea503bc-7497-49e1-881b-a0379bb037d3-000000",
             "destination": ["u0@example.test"], "headersTruncated": false,
-            "headers": [{"name": "X-Paloma-Id", "value": "ses-0"}, {"name": "X-Paloma-Campaign", "value": "ses"}]
+            "headers": [{"name": "X-Paloma-Id", "value": "ses-0"}, {"name": "X-Paloma-Campaign", "value": "ses"},
+                {"name": "X-Paloma-Touch", "value": "1"}]
         }
     })
     .to_string();
@@ -397,6 +409,17 @@ fn ses_notifications_through_sns_are_verified_by_the_signing_certificate() {
     assert_eq!(complained.len(), 1);
     assert_eq!(complained[0]["id"], "ses-1");
     assert_eq!(complained[0]["source"], "AnyCompany Feedback Loop (V0.01)");
+    // Each message carried its touch bucket for SES to return; the bounce is counted in it.
+    let m = String::from_utf8_lossy(&sink.dumps()[0]).into_owned();
+    assert!(
+        m.lines().any(|l| l.trim_end() == "X-Paloma-Touch: 1"),
+        "{m}"
+    );
+    let touches: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+        .arg(format!("{}touches:ses", setup.prefix))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(touches.get("1:returned"), Some(&1), "{touches:?}");
     // A subscription confirmation: verified, then confirmed at its SubscribeURL.
     let subscribe = format!(
         "http://127.0.0.1:{}/confirm?Action=ConfirmSubscription&Token=tok",

@@ -177,9 +177,42 @@ pub struct TokenJob {
     pub touch: Option<String>,
 }
 
+impl TokenJob {
+    /// The job a provider's event names, by the values paloma put in the message (unique
+    /// args, headers). A variant or touch that paloma could not have written is dropped, so
+    /// that the counters' fields stay the bounded set the config and the buckets make.
+    pub fn named(id: &str, campaign: &str, to: &str, variant: &str, touch: &str) -> Self {
+        let variant_ok = (1..=32).contains(&variant.len())
+            && variant
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        TokenJob {
+            id: id.to_string(),
+            campaign: campaign.to_string(),
+            to: to.to_string(),
+            variant: variant_ok.then(|| variant.to_string()),
+            touch: crate::policy::touches::BUCKETS
+                .contains(&touch)
+                .then(|| touch.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_provider_names_only_variants_and_buckets_paloma_could_have_written() {
+        let j = TokenJob::named("j", "c", "a@b.test", "b-2", "4-6");
+        assert_eq!(j.variant.as_deref(), Some("b-2"));
+        assert_eq!(j.touch.as_deref(), Some("4-6"));
+        let long = "v".repeat(33);
+        for (v, t) in [("", ""), ("a:b", "5"), (long.as_str(), "13+ ")] {
+            let j = TokenJob::named("j", "c", "a@b.test", v, t);
+            assert_eq!((j.variant, j.touch), (None, None), "{v:?} {t:?}");
+        }
+    }
 
     fn paths() -> ReturnPaths {
         let s = Settings::from_toml(

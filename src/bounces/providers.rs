@@ -125,13 +125,7 @@ pub fn sendgrid_events(body: &[u8]) -> Result<Vec<Item>, String> {
             v => v.to_string(),
         };
         out.push(Item {
-            job: TokenJob {
-                id: id.to_string(),
-                campaign: campaign.to_string(),
-                to: to.to_string(),
-                variant: None,
-                touch: None,
-            },
+            job: TokenJob::named(id, campaign, to, s("paloma_variant"), s("paloma_touch")),
             finding,
             event_id,
         });

@@ -216,6 +216,9 @@ pub fn ses_events(m: &SnsMessage) -> Vec<Item> {
     let (Some(id), Some(campaign)) = (header("X-Paloma-Id"), header("X-Paloma-Campaign")) else {
         return Vec::new();
     };
+    let variant = header("X-Paloma-Variant").unwrap_or_default();
+    let touch = header("X-Paloma-Touch").unwrap_or_default();
+    let job = |to: &str| TokenJob::named(&id, &campaign, to, &variant, &touch);
     let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
     let mut out = Vec::new();
     match n["notificationType"].as_str().unwrap_or_default() {
@@ -251,13 +254,7 @@ pub fn ses_events(m: &SnsMessage) -> Vec<Item> {
                         Some(to.clone()),
                     ),
                     event_id: format!("{}:{to}", m.message_id),
-                    job: TokenJob {
-                        id: id.clone(),
-                        campaign: campaign.clone(),
-                        to,
-                        variant: None,
-                        touch: None,
-                    },
+                    job: job(&to),
                 });
             }
         }
@@ -283,13 +280,7 @@ pub fn ses_events(m: &SnsMessage) -> Vec<Item> {
                         Some(to.clone()),
                     ),
                     event_id: format!("{}:{to}", m.message_id),
-                    job: TokenJob {
-                        id: id.clone(),
-                        campaign: campaign.clone(),
-                        to,
-                        variant: None,
-                        touch: None,
-                    },
+                    job: job(&to),
                 });
             }
         }

@@ -183,6 +183,9 @@ pub struct Renderer {
     /// Relaying through SendGrid (`[providers] sendgrid_public_key`): each message carries
     /// `X-SMTPAPI` unique args naming its job, which SendGrid's event webhook returns.
     sendgrid: bool,
+    /// Taking SES notifications (`[providers] ses_topics`): a marketing message carries
+    /// `X-Paloma-Touch`, which SES returns with the original headers.
+    ses: bool,
     /// `[bounces]` on: the Message-ID's local part is the job's return-path token (without
     /// `b-`), so a bounce that quotes only the original Message-ID still names its job.
     return_paths: Option<crate::bounces::ReturnPaths>,
@@ -236,6 +239,7 @@ impl Renderer {
             reply_to,
             max_bytes: settings.delivery.max_message_bytes,
             sendgrid: settings.providers.sendgrid_public_key.is_some(),
+            ses: !settings.providers.ses_topics.is_empty(),
             return_paths: crate::bounces::ReturnPaths::new(settings),
         })
     }
@@ -400,12 +404,28 @@ impl Renderer {
                 Raw::new(job.campaign.as_str().to_string()),
             )
             .header("X-Paloma-Id", Raw::new(job.id.as_str().to_string()));
+        // A provider's bounce or complaint is counted for the job's variant and touch
+        // bucket too: they travel in the message, as its id does.
+        let touch = job.touch.map(crate::policy::touches::bucket);
+        if let Some(v) = &job.variant {
+            msg = msg.header("X-Paloma-Variant", Raw::new(v.clone()));
+        }
+        if let (true, Some(t)) = (self.ses, touch) {
+            msg = msg.header("X-Paloma-Touch", Raw::new(t));
+        }
         if self.sendgrid {
             // JSON escapes every control character, so the value is one header line.
-            let args = serde_json::json!({ "unique_args": {
+            let mut args = serde_json::json!({
                 "paloma_id": job.id.as_str(),
                 "paloma_campaign": job.campaign.as_str(),
-            }});
+            });
+            if let Some(v) = &job.variant {
+                args["paloma_variant"] = v.as_str().into();
+            }
+            if let Some(t) = touch {
+                args["paloma_touch"] = t.into();
+            }
+            let args = serde_json::json!({ "unique_args": args });
             msg = msg.header("X-SMTPAPI", Raw::new(args.to_string()));
         }
         if let Some(r) = reply_to {

@@ -938,6 +938,15 @@ pub struct AuthRelay {
 
 impl AuthRelay {
     pub fn start(cert: &Path, key: &Path, user: &str, pass: &str) -> AuthRelay {
+        Self::spawn(cert, key, user, pass, &[])
+    }
+
+    /// The same relay with TLS offered but not required, for AUTH or anything else.
+    pub fn start_clear(cert: &Path, key: &Path, user: &str, pass: &str) -> AuthRelay {
+        Self::spawn(cert, key, user, pass, &["clear"])
+    }
+
+    fn spawn(cert: &Path, key: &Path, user: &str, pass: &str, mode: &[&str]) -> AuthRelay {
         ensure_tools();
         let port = free_port();
         let out = tempfile::tempdir().unwrap();
@@ -948,6 +957,7 @@ impl AuthRelay {
             .args([cert, key])
             .args([user, pass])
             .arg(out.path())
+            .args(mode)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -968,6 +978,13 @@ impl AuthRelay {
                     .count()
             })
             .unwrap_or(0)
+    }
+
+    /// The accepted messages, in arrival order.
+    pub fn message_texts(&self) -> Vec<String> {
+        (1..=self.messages())
+            .filter_map(|n| std::fs::read_to_string(self.out.path().join(format!("{n}.eml"))).ok())
+            .collect()
     }
 
     /// One line per AUTH attempt: "user tls=True|False".

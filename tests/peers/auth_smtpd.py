@@ -1,6 +1,8 @@
 """A relay for paloma's tests: aiosmtpd with STARTTLS and AUTH (PLAIN/LOGIN), both required.
 
-Usage: auth_smtpd.py PORT CERT KEY USER PASSWORD OUTDIR
+Usage: auth_smtpd.py PORT CERT KEY USER PASSWORD OUTDIR [clear]
+With "clear", STARTTLS is offered but neither it nor TLS for AUTH is required (a local relay
+that an operator reaches with `tls = "none"`); AUTH stays required.
 Each accepted message is written to OUTDIR/<n>.eml; each AUTH attempt (whatever its outcome)
 is appended to OUTDIR/auth.log as "user tls=<bool>" so a test can see that no credential
 crossed an unverified or clear session. Prints "ready" once listening.
@@ -14,6 +16,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 port, cert, key, user, password, outdir = sys.argv[1:7]
+tls_required = sys.argv[7:8] != ["clear"]
 count = 0
 
 
@@ -42,9 +45,9 @@ controller = Controller(
     hostname="127.0.0.1",
     port=int(port),
     tls_context=ctx,
-    require_starttls=True,
+    require_starttls=tls_required,
     auth_required=True,
-    auth_require_tls=True,
+    auth_require_tls=tls_required,
     authenticator=authenticator,
 )
 controller.start()
