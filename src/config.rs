@@ -1108,12 +1108,7 @@ fn validate_experiment(x: &ExperimentRule, earlier: &[ExperimentRule]) -> Result
         return Err("an experiment has 2 to 8 variants".into());
     }
     for (i, v) in x.variants.iter().enumerate() {
-        let ok = !v.name.is_empty()
-            && v.name.len() <= 32
-            && v.name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !ok {
+        if !crate::experiment::valid_variant_name(&v.name) {
             return Err(format!(
                 "variant name {:?}: 1-32 of A-Z a-z 0-9 - _",
                 v.name

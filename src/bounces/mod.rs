@@ -182,10 +182,7 @@ impl TokenJob {
     /// args, headers). A variant or touch that paloma could not have written is dropped, so
     /// that the counters' fields stay the bounded set the config and the buckets make.
     pub fn named(id: &str, campaign: &str, to: &str, variant: &str, touch: &str) -> Self {
-        let variant_ok = (1..=32).contains(&variant.len())
-            && variant
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let variant_ok = crate::experiment::valid_variant_name(variant);
         TokenJob {
             id: id.to_string(),
             campaign: campaign.to_string(),
