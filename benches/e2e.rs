@@ -10,10 +10,11 @@
 //! cargo bench --bench e2e -- --runs 5 --no-postfix  # 5 relay runs, each between two ceilings; median
 //! cargo bench --bench e2e -- --runs 3 --no-postfix --bounces  # the same with [bounces] (VERP) on
 //! cargo bench --bench e2e -- --runs 3 --no-postfix --experiment  # … with an A/B test running
+//! cargo bench --bench e2e -- --no-postfix --redis-stats  # … and the Redis commands per job
 //! ```
 //!
 //! Prints messages/s, the ratio to the ceiling, peak RSS and CPU time per message of the
-//! daemon, and (unless `--quick` or `--no-postfix`) the rate of a throwaway Postfix relaying
+//! daemon and of Redis, and (unless `--quick` or `--no-postfix`) the rate of a throwaway Postfix relaying
 //! smtp-source's messages into the same sink: what many senders run today.
 
 #[path = "../tests/common/mod.rs"]
@@ -47,6 +48,8 @@ struct Opts {
     /// An experiment on the bench campaign: every job in the test (three variants, one a
     /// subject override), so that all of them go out during the run.
     experiment: bool,
+    /// Print the Redis commands that cost most per job (`INFO commandstats`).
+    redis_stats: bool,
 }
 
 fn opts() -> Opts {
@@ -64,6 +67,7 @@ fn opts() -> Opts {
         runs: 1,
         bounces: false,
         experiment: false,
+        redis_stats: false,
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -102,6 +106,7 @@ fn opts() -> Opts {
             "--mx" => o.mx = true,
             "--bounces" => o.bounces = true,
             "--experiment" => o.experiment = true,
+            "--redis-stats" => o.redis_stats = true,
             "--profile" => o.profile = true,
             "--latency" => {
                 o.latency = Some(next(i).parse().unwrap_or(0.0));
@@ -284,6 +289,45 @@ struct Run {
     wall: f64,
     peak_kb: u64,
     cpu: f64,
+    /// Redis's CPU seconds over the run: the work the daemon's commands cost the server.
+    redis_cpu: f64,
+}
+
+/// Redis's own CPU seconds so far (`INFO cpu`: user + system, main thread and children).
+fn redis_cpu(conn: &mut redis::Connection) -> f64 {
+    let info: String = redis::cmd("INFO").arg("cpu").query(conn).unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("used_cpu_user:") || l.starts_with("used_cpu_sys:"))
+        .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// The Redis commands that cost most over the run (`INFO commandstats` since the run's
+/// `CONFIG RESETSTAT`): calls and µs per job, for `--redis-stats`.
+fn redis_commands(conn: &mut redis::Connection, jobs: usize) {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
+    let mut rows: Vec<(String, f64, f64)> = info
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |k: &str| -> Option<f64> {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))?
+                    .parse()
+                    .ok()
+            };
+            Some((name.to_string(), field("calls")?, field("usec")?))
+        })
+        .collect();
+    rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+    println!("  Redis commands (per job: calls, µs):");
+    for (name, calls, usec) in rows.iter().take(12) {
+        println!(
+            "    {name:<14} {:>6.2} calls {:>6.2} µs",
+            calls / jobs as f64,
+            usec / jobs as f64
+        );
+    }
 }
 
 /// Fills the stream, runs the daemon until every job is delivered, and measures it.
@@ -327,6 +371,11 @@ fn run(
             .collect();
         enqueue_raw(&mut conn, &setup.prefix, &jobs);
     }
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut conn)
+        .unwrap();
+    let redis_cpu0 = redis_cpu(&mut conn);
     let t0 = Instant::now();
     let daemon = Daemon::spawn(&setup.config);
     let pid = daemon.pid().expect("daemon running");
@@ -369,6 +418,10 @@ fn run(
     }
     let wall = t0.elapsed().as_secs_f64();
     let (hwm, cpu) = proc_stat(pid);
+    let redis_cpu = redis_cpu(&mut conn) - redis_cpu0;
+    if o.redis_stats {
+        redis_commands(&mut conn, o.jobs);
+    }
     if let Some(p) = perf {
         let _ = Command::new("kill")
             .args(["-INT", &p.id().to_string()])
@@ -382,6 +435,7 @@ fn run(
         wall,
         peak_kb: peak.max(hwm),
         cpu,
+        redis_cpu,
     }
 }
 
@@ -590,12 +644,13 @@ fn proc_rss(pid: u32) -> u64 {
 
 fn report(label: &str, o: &Opts, r: &Run, ceiling: f64) {
     println!(
-        "  {label:<28} {:>6.0} msg/s  ratio {:.2}  ({:.2} s, peak RSS {} MB, {:.0} µs CPU/msg)",
+        "  {label:<28} {:>6.0} msg/s  ratio {:.2}  ({:.2} s, peak RSS {} MB, {:.0} µs CPU/msg, Redis {:.0} µs/msg)",
         r.rate,
         r.rate / ceiling,
         r.wall,
         r.peak_kb / 1024,
-        r.cpu * 1e6 / o.jobs as f64
+        r.cpu * 1e6 / o.jobs as f64,
+        r.redis_cpu * 1e6 / o.jobs as f64
     );
 }
 
@@ -655,10 +710,11 @@ fn main() {
             let next = ceiling(port, size, count);
             let ratio = r.rate / ((last + next) / 2.0);
             println!(
-                "  run {}: paloma relay {:.0} msg/s between ceilings {last:.0} and {next:.0}: ratio {ratio:.2} ({:.0} µs CPU/msg)",
+                "  run {}: paloma relay {:.0} msg/s between ceilings {last:.0} and {next:.0}: ratio {ratio:.2} ({:.0} µs CPU/msg, Redis {:.0} µs/msg)",
                 k + 1,
                 r.rate,
-                r.cpu * 1e6 / o.jobs as f64
+                r.cpu * 1e6 / o.jobs as f64,
+                r.redis_cpu * 1e6 / o.jobs as f64
             );
             last = next;
             relays.push((ratio, r));

@@ -142,4 +142,59 @@ fn the_curve_counts_each_send_at_its_level_of_contact_pressure() {
         .map(|(_, v)| v)
         .sum();
     assert_eq!(sent, 4, "{months:?}");
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("{p}r:p0@people.test"))
+        .query(&mut conn)
+        .unwrap();
+    assert!(ttl > 30_000_000, "the recipient's hash is kept: {ttl}");
+
+    // A recipient key that another tool wrote as a string neither stalls the claim nor
+    // loses its batch-mates' counts: its job goes out at level 1, p0's counts on.
+    let _: () = redis::cmd("SET")
+        .arg(format!("{p}r:odd@people.test"))
+        .arg("not a hash")
+        .query(&mut conn)
+        .unwrap();
+    let jobs: Vec<String> = ["odd@people.test", "p0@people.test"]
+        .iter()
+        .enumerate()
+        .map(|(i, to)| {
+            job(
+                &format!("c5-{i}"),
+                "c5",
+                "newsletter",
+                to,
+                newsletter_data("Ana"),
+            )
+        })
+        .collect();
+    enqueue_raw(&mut conn, &p, &jobs);
+    wait_until_daemon("c5 delivered", Duration::from_secs(30), &daemon, || {
+        stat(&mut conn, &p, "c5", "delivered") == 2
+    });
+    let (_, out, _) = paloma(
+        &[
+            "stats",
+            "--config",
+            &cfg,
+            "--touches",
+            "--campaign",
+            "c5",
+            "--json",
+        ],
+        None,
+    );
+    let rows: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(row(&rows, "1")["recipients"], 1, "{rows}");
+    assert_eq!(row(&rows, "4-6")["recipients"], 1, "{rows}");
+    let months: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+        .arg(format!("{p}r:p0@people.test"))
+        .query(&mut conn)
+        .unwrap();
+    let sent: i64 = months
+        .iter()
+        .filter(|(k, _)| k.starts_with("t:"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(sent, 5, "{months:?}");
 }

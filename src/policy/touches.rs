@@ -10,8 +10,20 @@
 //! person's first marketing message of the year — and falls in a bucket of [`BUCKETS`].
 //! Outcomes, people's unique opens and clicks, unsubscribes and complaints are counted per
 //! bucket in `{prefix}touches:{campaign}` (fields `{bucket}:{what}`).
+//!
+//! Both sides are one script call per batch ([`READ`] in the claim round trip, [`COUNT`] in
+//! the recorder's transaction), not commands per message: with an HMGET per job and an
+//! HINCRBY and EXPIRE per delivery, the e2e bench ran about 10% below its rate before
+//! contact pressure; with the two scripts, within 3%.
 
 use chrono::{Datelike, Months};
+
+/// Sums each batch recipient's month counters (KEYS: the hashes; ARGV: the months).
+pub const READ: &str = include_str!("scripts/touches_read.lua");
+
+/// Adds one to each delivered message's month counter and keeps the hash (KEYS: the hashes;
+/// ARGV: the month, [`KEEP_SECS`]).
+pub const COUNT: &str = include_str!("scripts/touches_count.lua");
 
 /// The touch buckets, in order.
 pub const BUCKETS: [&str; 6] = ["1", "2", "3", "4-6", "7-12", "13+"];

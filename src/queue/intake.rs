@@ -107,16 +107,16 @@ impl Intake {
 
     /// Claims each job id for its entry and looks its recipient up in the suppression list,
     /// one pipelined round trip per batch: `SET idem:{id} {in progress} NX GET` answers nil when
-    /// new, else the current holder; `HGET suppressed addr` the reason, if any; `HMGET r:addr`
-    /// of the month counters, how many marketing messages the address was sent in the last
-    /// year (see [`crate::policy::touches`]).
+    /// new, else the current holder; `HGET suppressed addr` the reason, if any; and one
+    /// [`touches::READ`](crate::policy::touches::READ) call for the batch, how many marketing
+    /// messages each address was sent in the last year.
     pub async fn claim(&mut self, jobs: &[(&str, &str, &str)]) -> redis::RedisResult<Vec<Claimed>> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let months = crate::policy::touches::months(chrono::Utc::now());
         let mut p = redis::pipe();
         let mut owner = String::new();
+        let mut recipients = Vec::with_capacity(jobs.len());
         for (job_id, entry_id, addr) in jobs {
             Idem::InProgress(entry_id).encode(&mut owner);
             p.cmd("SET")
@@ -127,14 +127,21 @@ impl Intake {
                 .arg("EX")
                 .arg(self.idem_ttl);
             let field = crate::policy::suppression::field(addr);
-            p.cmd("HMGET")
-                .arg(self.keys.recipient(&field))
-                .arg(&months[..]);
+            recipients.push(self.keys.recipient(&field));
             p.cmd("HGET").arg(&self.keys.suppressed).arg(field);
         }
+        p.cmd("EVAL")
+            .arg(crate::policy::touches::READ)
+            .arg(recipients.len())
+            .arg(&recipients)
+            .arg(crate::policy::touches::months(chrono::Utc::now()));
         // Read as raw values: one value that is not UTF-8 (a suppression reason written by
         // another tool) must not fail the whole batch, and so stall the intake, for ever.
-        let replies: Vec<redis::Value> = p.query_async(&mut self.conn).await?;
+        let mut replies: Vec<redis::Value> = p.query_async(&mut self.conn).await?;
+        let sums = match replies.pop() {
+            Some(redis::Value::Array(sums)) => sums,
+            _ => Vec::new(),
+        };
         let text = |v: &redis::Value| match v {
             redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
             redis::Value::SimpleString(s) => Some(s.clone()),
@@ -142,26 +149,24 @@ impl Intake {
             _ => None,
         };
         Ok(replies
-            .chunks(3)
+            .chunks(2)
             .zip(jobs)
-            .map(|(three, (_, entry_id, _))| {
-                let claim = match three.first().and_then(text) {
+            .enumerate()
+            .map(|(i, (two, (_, entry_id, _)))| {
+                let claim = match two.first().and_then(text) {
                     None => Claim::New,
                     Some(v) if Idem::parse(&v) == Some(Idem::InProgress(entry_id)) => {
                         Claim::Resumed
                     }
                     Some(_) => Claim::Duplicate,
                 };
-                let previous = match three.get(1) {
-                    Some(redis::Value::Array(counts)) => counts
-                        .iter()
-                        .filter_map(|c| text(c)?.parse::<u32>().ok())
-                        .sum(),
+                let previous = match sums.get(i) {
+                    Some(redis::Value::Int(n)) => u32::try_from(*n).unwrap_or(0),
                     _ => 0,
                 };
                 Claimed {
                     claim,
-                    suppressed: three.get(2).and_then(text),
+                    suppressed: two.get(1).and_then(text),
                     previous,
                 }
             })

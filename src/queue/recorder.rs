@@ -265,7 +265,8 @@ impl Recorder {
         // (campaign, per-variant or per-touch, variant or bucket, outcome) → count; the hash
         // keys are built once per group, not per record.
         let mut vstats: HashMap<(&str, bool, &str, &str), i64> = HashMap::new();
-        let month = crate::policy::touches::month_field(chrono::Utc::now());
+        // The recipients' hashes of the delivered marketing messages, counted in one call.
+        let mut touched: Vec<String> = Vec::new();
         // campaign → (domain, outcome) → count.
         let mut dstats: HashMap<&str, HashMap<(&str, &str), i64>> = HashMap::new();
         for (i, r) in records.iter().enumerate() {
@@ -404,18 +405,21 @@ impl Recorder {
                 }
             }
             if let Some(addr) = &r.touched {
-                let key = k.recipient(&crate::policy::suppression::field(addr));
-                p.cmd("HINCRBY").arg(&key).arg(&month).arg(1).ignore();
-                p.cmd("EXPIRE")
-                    .arg(&key)
-                    .arg(crate::policy::touches::KEEP_SECS)
-                    .ignore();
-                ops.push((i, Op::Other));
-                ops.push((i, Op::Other));
+                touched.push(k.recipient(&crate::policy::suppression::field(addr)));
             }
             if let Some(id) = &r.ack {
                 acks.push(id);
             }
+        }
+        if !touched.is_empty() {
+            p.cmd("EVAL")
+                .arg(crate::policy::touches::COUNT)
+                .arg(touched.len())
+                .arg(&touched)
+                .arg(crate::policy::touches::month_field(chrono::Utc::now()))
+                .arg(crate::policy::touches::KEEP_SECS)
+                .ignore();
+            ops.push((0, Op::Other));
         }
         for (campaign, counts) in &dstats {
             p.cmd("EVAL")

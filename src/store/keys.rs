@@ -15,7 +15,7 @@
 //! | `campaigns` | set | campaign codes seen |
 //! | `suppressed` | hash | lower-cased address → reason |
 //! | `optouts` | hash | lower-cased address → when the recipient opted out (unix ms) |
-//! | `r:{address}` | hash | recent sends (`s`, for frequency caps), `last_open`, `last_click` |
+//! | `r:{address}` | hash | recent sends (`s`, for frequency caps), marketing messages per month (`t:YYYYMM`, contact pressure), `last_open`, `last_click` |
 //! | `links:{campaign}` | hash | clicks per named link, total and `:unique` |
 //! | `uniq:{o,c}:{campaign}`, `uniq:l:{campaign}:{link}` | HyperLogLog | sends that opened / clicked (a link) |
 //! | `rate:{rule}:{key}`, `rate-back:{rule}:{key}` | string | a shared rate's GCRA state |
