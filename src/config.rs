@@ -381,8 +381,19 @@ pub struct DeliverySettings {
     pub messages_per_connection: u32,
     /// Idle connections are closed after this long.
     pub idle_timeout: Dur,
-    /// Connect and per-command timeout.
-    pub timeout: Dur,
+    /// Per-stage SMTP timeouts (RFC 5321 §4.5.3.2; Postfix's `smtp_*_timeout`): TCP
+    /// connect; the greeting, EHLO, STARTTLS and AUTH; MAIL and RCPT; DATA's 354; each
+    /// write of the body; the reply after the final dot.
+    pub connect_timeout: Dur,
+    pub greeting_timeout: Dur,
+    pub command_timeout: Dur,
+    pub data_timeout: Dur,
+    pub data_block_timeout: Dur,
+    pub data_done_timeout: Dur,
+    /// The former single timeout, kept for existing configs: when set, it caps every stage
+    /// before the message is sent (connect, greeting, commands, DATA), never the body or
+    /// the final reply.
+    pub timeout: Option<Dur>,
     /// Largest rendered message (bytes).
     pub max_message_bytes: usize,
     /// mx mode: how long a site is suspended after a 421 or a "slow down" reply, when no
@@ -426,7 +437,13 @@ impl Default for DeliverySettings {
             connections: 32,
             messages_per_connection: 1000,
             idle_timeout: "30s".parse().expect("valid default"),
-            timeout: "30s".parse().expect("valid default"),
+            connect_timeout: "30s".parse().expect("valid default"),
+            greeting_timeout: "5m".parse().expect("valid default"),
+            command_timeout: "5m".parse().expect("valid default"),
+            data_timeout: "2m".parse().expect("valid default"),
+            data_block_timeout: "3m".parse().expect("valid default"),
+            data_done_timeout: "10m".parse().expect("valid default"),
+            timeout: None,
             max_message_bytes: 10 * 1024 * 1024,
             throttle_suspend: "5m".parse().expect("valid default"),
             shared_rates: true,
@@ -1008,6 +1025,21 @@ impl Settings {
             if let Err(e) = crate::track::machine::Networks::parse_cidr(n) {
                 return bad(format!("delivery.prohibited_hosts: {e}"));
             }
+        }
+        let stages = [
+            ("connect_timeout", d.connect_timeout),
+            ("greeting_timeout", d.greeting_timeout),
+            ("command_timeout", d.command_timeout),
+            ("data_timeout", d.data_timeout),
+            ("data_block_timeout", d.data_block_timeout),
+            ("data_done_timeout", d.data_done_timeout),
+        ];
+        if let Some((name, _)) = stages
+            .iter()
+            .chain(d.timeout.as_ref().map(|t| ("timeout", *t)).iter())
+            .find(|(_, t)| t.get().is_zero())
+        {
+            return bad(format!("delivery.{name} must be above zero"));
         }
         if d.mx_max_hosts == 0 || d.mx_max_addresses == 0 || d.attempt_timeout.get().is_zero() {
             return bad(

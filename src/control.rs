@@ -279,6 +279,7 @@ pub async fn bring_forward(
             .await?;
         // Member, score pairs: only members are looked at.
         let mut p = redis::pipe();
+        let mut batch = 0;
         for m in items.iter().step_by(2) {
             if member_campaign(m).as_deref() == Some(campaign) {
                 p.cmd("ZADD")
@@ -287,10 +288,15 @@ pub async fn bring_forward(
                     .arg(now)
                     .arg(m.as_slice())
                     .ignore();
-                moved += 1;
+                batch += 1;
             }
         }
-        p.query_async::<()>(conn).await?;
+        // A page without a job of the campaign: nothing to send (an empty pipeline is an
+        // error, "empty command", that would fail the whole cancel).
+        if batch > 0 {
+            p.query_async::<()>(conn).await?;
+            moved += batch;
+        }
         if next == 0 {
             return Ok(moved);
         }

@@ -208,10 +208,13 @@ impl App {
             consumer.clone(),
             i.claim_idle.get(),
         ));
+        // Its own connection: the fenced write WATCHes a key (see queue::recorder).
+        let recorder_conn = connect(&client, Duration::from_secs(10)).await?;
         let (recorder, handle) = Recorder::new(
-            conn.clone(),
+            recorder_conn,
             keys.clone(),
             group.clone(),
+            consumer.clone(),
             i.idempotency_ttl.get(),
             i.event_batch,
             metrics.clone(),

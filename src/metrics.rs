@@ -32,6 +32,12 @@ pub struct Metrics {
     /// Sites suspended after a throttling reply.
     pub suspensions: IntCounterVec,
     pub sessions_open: IntGauge,
+    /// Messages sent whole whose final reply never came (connection closed or
+    /// `data_done_timeout`): deferred, and the receiver may have them.
+    pub replies_lost: IntCounter,
+    /// Outcomes not written because their stream entry had been reclaimed by another
+    /// daemon (this one was stopped longer than `claim_idle`): that daemon ends the job.
+    pub outcomes_fenced: IntCounter,
     pub sites_suspended: IntGauge,
     /// Tracking endpoint requests by kind (open, click, unsubscribe) and result.
     pub tracking_requests: IntCounterVec,
@@ -207,6 +213,14 @@ impl Metrics {
                 .expect("unique metric");
             g
         };
+        let replies_lost = counter(
+            "paloma_smtp_replies_lost_total",
+            "Messages sent whole whose final reply never came (connection closed, or no reply within delivery.data_done_timeout): deferred; the receiver may have them.",
+        );
+        let outcomes_fenced = counter(
+            "paloma_outcomes_fenced_total",
+            "Outcomes dropped because another daemon had reclaimed their job while this one was stopped longer than intake.claim_idle (that daemon ends the job).",
+        );
         let sessions_open = gauge(
             "paloma_smtp_sessions_open",
             "SMTP sessions open (busy and idle).",
@@ -379,6 +393,8 @@ impl Metrics {
             suspended_delays,
             suspensions,
             sessions_open,
+            replies_lost,
+            outcomes_fenced,
             sites_suspended,
             tracking_requests,
             tracking_events_dropped,

@@ -255,3 +255,64 @@ fn resuming_shifts_a_parked_jobs_age_by_the_time_it_waited() {
         "age start moved by the hour parked: {first_at}"
     );
 }
+
+/// Issue 21, point 1: a delayed set that holds only other campaigns' jobs (and an empty
+/// one) made `campaign cancel` send an empty pipeline and exit 1 ("empty command") although
+/// the campaign was cancelled. Now: exit 0, the counts, and the other jobs left alone.
+#[test]
+fn cancel_with_no_delayed_job_of_the_campaign_exits_zero() {
+    let redis = Redis::start();
+    let setup = Setup::new(&redis.url(), free_port(), "", "", "");
+    let cfg = setup.config.to_str().unwrap().to_string();
+    let mut conn = redis.conn();
+    let cancel = |campaign: &str| {
+        paloma(
+            &["campaign", "cancel", "--config", &cfg, campaign, "--yes"],
+            None,
+        )
+    };
+    // Empty Redis: nothing delayed at all.
+    let (st, out, err) = cancel("winter");
+    assert!(st.success(), "cancel on an empty Redis: {out}{err}");
+    // A delayed set of 2,500 jobs (more than one scan page), none of them the campaign's.
+    let key = format!("{}scheduled", setup.prefix);
+    let due = now_ms() + 3_600_000;
+    for chunk in (0..2500).collect::<Vec<_>>().chunks(500) {
+        let mut p = redis::pipe();
+        for i in chunk {
+            let job = job(
+                &format!("o-{i}"),
+                "other",
+                "newsletter",
+                &format!("r{i}@other.test"),
+                newsletter_data("R"),
+            );
+            p.cmd("ZADD")
+                .arg(&key)
+                .arg(due)
+                .arg(format!("1|{due}|{job}"));
+        }
+        p.query::<()>(&mut conn).unwrap();
+    }
+    let (st, out, err) = cancel("spring");
+    assert!(
+        st.success(),
+        "cancel with only other campaigns delayed: {out}{err}"
+    );
+    assert!(err.contains("cancelled spring"), "{err}");
+    assert!(err.contains("0 delayed brought forward"), "{err}");
+    // The other campaign's jobs keep their due time.
+    let early: usize = redis::cmd("ZCOUNT")
+        .arg(&key)
+        .arg("-inf")
+        .arg(due - 1)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(early, 0, "no job of another campaign was brought forward");
+    let state: Option<String> = redis::cmd("HGET")
+        .arg(format!("{}campaign_states", setup.prefix))
+        .arg("spring")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(state.as_deref(), Some("cancelled"));
+}

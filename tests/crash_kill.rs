@@ -198,3 +198,58 @@ fn a_redis_restart_mid_campaign_loses_nothing() {
         "only delivered events"
     );
 }
+
+/// Issue 21, point 4: a daemon frozen (SIGSTOP) longer than `claim_idle` loses its entries
+/// to the other daemon, which sends them again (at-least-once, accepted). When it wakes,
+/// its SMTP replies arrive and its recorder would write a second terminal event for each
+/// of those jobs. The write is fenced: only entries it still holds are recorded, the rest
+/// are dropped and counted. Every job ends exactly once.
+#[test]
+fn a_frozen_daemon_does_not_end_a_reclaimed_job_twice() {
+    let redis = Redis::start();
+    // Each DATA answer waits 1 s: the frozen daemon holds sessions and entries in flight.
+    let sink = Sink::start(&["-w", "1"]);
+    let setup = Setup::new(&redis.url(), sink.port, "", "", "");
+    let (config_a, mport_a) = with_metrics(&setup);
+    let mut conn = redis.conn();
+    let n = 240;
+    enqueue_raw(&mut conn, &setup.prefix, &jobs(n, "freeze", "freeze.test"));
+    let mut a = Daemon::spawn(&config_a);
+    wait_sessions_open(mport_a, &a);
+    let b = Daemon::spawn(&setup.config);
+    wait_until_daemon("B delivering", Duration::from_secs(20), &b, || {
+        terminal_events(&mut conn, &setup.prefix).len() >= 24
+    });
+    a.signal("STOP");
+    // B reclaims what A held once it has been idle for claim_idle (3 s), sends it again
+    // and ends every job.
+    wait_until_daemon("every job ended by B", Duration::from_secs(120), &b, || {
+        sends_drained(&mut conn, &setup.prefix)
+    });
+    a.signal("CONT");
+    // A's late SMTP replies come in and its recorder tries to write their outcomes.
+    wait_until_daemon(
+        "A's stale outcomes fenced",
+        Duration::from_secs(30),
+        &a,
+        || metric(mport_a, "paloma_outcomes_fenced_total") >= 1.0,
+    );
+    wait_until_daemon("A idle", Duration::from_secs(30), &a, || {
+        metric(mport_a, "paloma_in_flight") == 0.0
+    });
+    let evs = terminal_events(&mut conn, &setup.prefix);
+    let by_id = terminal_by_id(&evs);
+    let twice: Vec<&String> = by_id
+        .iter()
+        .filter(|(_, e)| e.len() > 1)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "{} jobs ended twice: {twice:?}",
+        twice.len()
+    );
+    assert_eq!(by_id.len(), n, "every job ended");
+    drop(b);
+    a.kill9();
+}

@@ -1,12 +1,14 @@
 //! Delivery: SMTP sessions to the relay (or, in mx mode, to each domain's MX hosts). Speaks
 //! [`crate::outcome`]; knows nothing of shaping (the pipeline asks `shape` before a send).
 
+pub mod deadline;
 pub mod mx;
 pub mod smtp;
 
 pub use crate::outcome::Outcome;
 
-use std::sync::atomic::AtomicI64;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use lettre::transport::smtp::authentication::Credentials;
@@ -28,6 +30,46 @@ pub struct SiteLimits {
 pub trait Limits: Send + Sync {
     /// The limits for a domain whose MX hosts are `hosts`.
     fn limits(&self, domain: &str, hosts: &[&str]) -> SiteLimits;
+}
+
+/// What the SMTP session tells the worker about the attempt it runs: the session code, deep
+/// in a pool, reaches it as a task-local, so no handle is passed down through routing.
+#[derive(Debug, Default)]
+pub struct AttemptFlags {
+    /// The body began to go out: the receiver may end up with the message, so the attempt
+    /// is let run to its reply (under the data timeouts) rather than cut by
+    /// `attempt_timeout`, which would defer a message the receiver has.
+    committed: AtomicBool,
+    /// The whole message went out and its reply never came (closed or timed out).
+    reply_lost: AtomicBool,
+}
+
+tokio::task_local! {
+    static ATTEMPT: Arc<AttemptFlags>;
+}
+
+impl AttemptFlags {
+    /// Runs `f` (one job's attempt) with these flags as its task-local.
+    pub fn scope<F: Future>(self: &Arc<Self>, f: F) -> impl Future<Output = F::Output> {
+        ATTEMPT.scope(self.clone(), f)
+    }
+
+    pub fn committed(&self) -> bool {
+        self.committed.load(Ordering::Relaxed)
+    }
+
+    pub fn reply_lost(&self) -> bool {
+        self.reply_lost.load(Ordering::Relaxed)
+    }
+
+    /// Called by the session as the body starts (no-op outside a scope).
+    pub(crate) fn mark_committed() {
+        let _ = ATTEMPT.try_with(|a| a.committed.store(true, Ordering::Relaxed));
+    }
+
+    pub(crate) fn mark_reply_lost() {
+        let _ = ATTEMPT.try_with(|a| a.reply_lost.store(true, Ordering::Relaxed));
+    }
 }
 
 /// Where messages go.
@@ -85,10 +127,27 @@ pub fn session_config(
         tls_name,
         ca: ca_roots(d)?,
         credentials: None,
-        timeout: d.timeout.get(),
+        timeouts: timeouts(d),
         idle_timeout: d.idle_timeout.get(),
         messages_per_connection: messages_per_connection.max(1),
     })
+}
+
+/// The per-stage limits of `[delivery]`; the former single `timeout`, when set, caps the
+/// stages before the message is sent (never the body or its final reply).
+pub fn timeouts(d: &DeliverySettings) -> smtp::Timeouts {
+    let cap = |t: crate::config::Dur| match d.timeout {
+        Some(max) => t.get().min(max.get()),
+        None => t.get(),
+    };
+    smtp::Timeouts {
+        connect: cap(d.connect_timeout),
+        greeting: cap(d.greeting_timeout),
+        command: cap(d.command_timeout),
+        data: cap(d.data_timeout),
+        data_block: d.data_block_timeout.get(),
+        data_done: d.data_done_timeout.get(),
+    }
 }
 
 impl Deliverer {

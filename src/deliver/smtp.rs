@@ -14,7 +14,8 @@ use lettre::transport::smtp::extension::ClientId;
 use lettre::Address;
 use tokio::sync::{watch, Semaphore};
 
-use super::Outcome;
+use super::deadline::{Deadlined, Limits};
+use super::{AttemptFlags, Outcome};
 use crate::config::TlsMode;
 
 /// How sessions to one destination are opened and reused.
@@ -27,13 +28,36 @@ pub struct SessionConfig {
     /// Trusted besides the public roots (`delivery.tls_ca_file`).
     pub ca: Option<Certificate>,
     pub credentials: Option<Credentials>,
-    pub timeout: Duration,
+    pub timeouts: Timeouts,
     pub idle_timeout: Duration,
     pub messages_per_connection: u32,
 }
 
+/// The limits of each stage of a session (`delivery.*_timeout`), after RFC 5321 §4.5.3.2 and
+/// Postfix's `smtp_*_timeout`. Each bounds one wait: for a reply, or for a write of the body
+/// to make progress.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP connect (Postfix `smtp_connect_timeout`, 30 s).
+    pub connect: Duration,
+    /// The greeting, EHLO, STARTTLS and AUTH replies (RFC 5 min; `smtp_helo_timeout`).
+    pub greeting: Duration,
+    /// The MAIL and each RCPT reply (RFC 5 min; `smtp_mail_timeout`, `smtp_rcpt_timeout`).
+    pub command: Duration,
+    /// DATA's 354 (RFC 2 min; `smtp_data_init_timeout`).
+    pub data: Duration,
+    /// Each write of the body (RFC 3 min per block; `smtp_data_xfer_timeout`).
+    pub data_block: Duration,
+    /// The reply after the final dot (RFC 10 min; `smtp_data_done_timeout`). Longer than
+    /// any other: the receiver has the message and may be scanning it; giving up early
+    /// defers a message it will deliver, and the retry sends it twice.
+    pub data_done: Duration,
+}
+
 struct Idle {
     conn: AsyncSmtpConnection,
+    /// The time limits of the session's socket, set per stage.
+    limits: Arc<Limits>,
     /// What the server offered in its EHLO reply.
     caps: Caps,
     sent: u32,
@@ -132,9 +156,10 @@ impl Pool {
         }
     }
 
-    fn fresh(&self, (conn, caps): (AsyncSmtpConnection, Caps)) -> Idle {
+    fn fresh(&self, (conn, caps, limits): (AsyncSmtpConnection, Caps, Arc<Limits>)) -> Idle {
         Idle {
             conn,
+            limits,
             caps,
             sent: 0,
             since: Instant::now(),
@@ -200,26 +225,28 @@ impl Pool {
         }
     }
 
-    /// A new session, and the extensions it offers.
-    async fn connect(&self) -> Result<(AsyncSmtpConnection, Caps), String> {
+    /// A new session, the extensions it offers, and the limits of its socket.
+    async fn connect(&self) -> Result<(AsyncSmtpConnection, Caps, Arc<Limits>), String> {
         let deferred = |what: &str, e: &dyn std::fmt::Display| format!("{what} {}: {e}", self.addr);
-        let tcp =
-            match tokio::time::timeout(self.cfg.timeout, tokio::net::TcpStream::connect(self.addr))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(deferred("connect to", &e)),
-                Err(_) => return Err(deferred("connect to", &"timed out")),
-            };
+        let t = &self.cfg.timeouts;
+        let tcp = match tokio::time::timeout(t.connect, tokio::net::TcpStream::connect(self.addr))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(deferred("connect to", &e)),
+            Err(_) => return Err(deferred("connect to", &"timed out")),
+        };
         // The whole point of opening the socket here: without this every message waits for
         // the peer's delayed ACK.
         let _ = tcp.set_nodelay(true);
-        let greet = AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.cfg.helo);
-        let mut conn = match tokio::time::timeout(self.cfg.timeout, greet).await {
-            Ok(Ok(c)) => c,
+        // From here every read and write is bounded by the stage's limit (see `deadline`).
+        let limits = Limits::new(t.greeting);
+        let stream = Deadlined::new(tcp, limits.clone());
+        let greet = AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.cfg.helo);
+        let mut conn = match greet.await {
+            Ok(c) => c,
             // A refusal at greeting or EHLO is about the server, not the recipient: defer.
-            Ok(Err(e)) => return Err(deferred("greeting/EHLO from", &e)),
-            Err(_) => return Err(deferred("greeting from", &"timed out")),
+            Err(e) => return Err(deferred("greeting/EHLO from", &e)),
         };
         match self.cfg.tls {
             TlsMode::None => {}
@@ -238,11 +265,9 @@ impl Pool {
                         .build()
                 };
                 let params = params.map_err(|e| deferred("TLS setup for", &e))?;
-                let up = conn.starttls(params, &self.cfg.helo);
-                match tokio::time::timeout(self.cfg.timeout, up).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(deferred("STARTTLS with", &e)),
-                    Err(_) => return Err(deferred("STARTTLS with", &"timed out")),
+                limits.set(t.greeting, t.greeting);
+                if let Err(e) = conn.starttls(params, &self.cfg.helo).await {
+                    return Err(deferred("STARTTLS with", &e));
                 }
             }
             TlsMode::Required => {
@@ -255,10 +280,10 @@ impl Pool {
         // server offers. A probe without its reply leaves the session out of step (the late
         // reply would answer the next command): the session is dropped, never used.
         let ehlo = format!("EHLO {}\r\n", self.cfg.helo);
-        let caps = match tokio::time::timeout(self.cfg.timeout, conn.command(Raw(&ehlo))).await {
-            Ok(Ok(resp)) => Caps::of(resp.message()),
-            Ok(Err(e)) => return Err(deferred("EHLO to", &e)),
-            Err(_) => return Err(deferred("EHLO to", &"timed out")),
+        limits.set(t.greeting, t.greeting);
+        let caps = match conn.command(Raw(&ehlo)).await {
+            Ok(resp) => Caps::of(resp.message()),
+            Err(e) => return Err(deferred("EHLO to", &e)),
         };
         if let Some(creds) = &self.cfg.credentials {
             // With tls = "opportunistic" a relay without STARTTLS (or a path that strips
@@ -269,19 +294,21 @@ impl Pool {
                     &"no STARTTLS (set delivery.tls = \"none\" to send credentials in clear)",
                 ));
             }
-            let auth = conn.auth(&[Mechanism::Plain, Mechanism::Login], creds);
-            match tokio::time::timeout(self.cfg.timeout, auth).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(deferred("AUTH with", &e)),
-                Err(_) => return Err(deferred("AUTH with", &"timed out")),
+            limits.set(t.greeting, t.greeting);
+            if let Err(e) = conn
+                .auth(&[Mechanism::Plain, Mechanism::Login], creds)
+                .await
+            {
+                return Err(deferred("AUTH with", &e));
             }
         }
-        Ok((conn, caps))
+        Ok((conn, caps, limits))
     }
 
     /// One transaction on `session`; `reused`: it waited in the pool, so a 421 to its first
-    /// command is the server's idle timeout, not about this message (Stale: retried at once
-    /// on a fresh connection, and no throttling is inferred).
+    /// command is the server's idle timeout, not about this message, and a connection found
+    /// dead before any of the message was sent is stale (both: retried at once on a fresh
+    /// connection, and no throttling is inferred).
     async fn transact(
         &self,
         session: &mut Idle,
@@ -292,52 +319,71 @@ impl Pool {
         // Render already did this; here it guards whatever else hands us a message.
         let fixed = crate::render::crlf_line_endings(message);
         let message = fixed.as_deref().unwrap_or(message);
-        let run = async {
-            match std::str::from_utf8(message) {
-                // The fast path: our own MAIL/RCPT/DATA (pipelined when offered) and one
-                // write of the dot-stuffed body with its terminator.
-                Ok(text) => transaction(&mut session.conn, session.caps, envelope, text).await,
-                // Not UTF-8 (a raw 8-bit body): lettre's own transaction handles it.
-                Err(_) => session
-                    .conn
-                    .send(envelope, message)
-                    .await
-                    .map_err(|e| (Stage::Data, e)),
-            }
-        };
-        match tokio::time::timeout(self.cfg.timeout, run).await {
-            Ok(Ok(resp)) => {
+        let limits = session.limits.clone();
+        let t = self.cfg.timeouts;
+        let result = transaction(
+            &mut session.conn,
+            session.caps,
+            envelope,
+            message,
+            &limits,
+            &t,
+        )
+        .await;
+        let (stage, e) = match result {
+            Ok(resp) => {
                 let mut s = resp.code().to_string();
                 for line in resp.message() {
                     s.push(' ');
                     s.push_str(line);
                 }
-                Ok(s)
+                return Ok(s);
             }
-            Ok(Err((stage, e))) => {
-                let text = e.to_string();
-                let code = e.status().and_then(|c| c.to_string().parse::<u16>().ok());
-                let response = reply_text(code, &text);
-                match code {
-                    Some(421) if reused && stage == Stage::Mail => {
-                        Err(SessionError::Stale(format!("{}: {response}", self.addr)))
-                    }
-                    // A refused MAIL FROM is about the sender (verification, SPF, our
-                    // domain): never a recipient class that would suppress the recipient.
-                    Some(c) if e.is_permanent() && stage == Stage::Mail => {
-                        Err(SessionError::Outcome(Outcome::sender_bounce(c, response)))
-                    }
-                    Some(c) if e.is_permanent() => {
-                        Err(SessionError::Outcome(Outcome::bounce(c, response)))
-                    }
-                    Some(_) => Err(SessionError::Outcome(Outcome::Deferred { response })),
-                    // No reply code: the connection failed under us.
-                    None => Err(SessionError::Stale(format!("{}: {text}", self.addr))),
-                }
+            Err(failure) => failure,
+        };
+        let text = e.to_string();
+        let code = e.status().and_then(|c| c.to_string().parse::<u16>().ok());
+        let response = reply_text(code, &text);
+        let deferred =
+            |response: String| Err(SessionError::Outcome(Outcome::Deferred { response }));
+        match code {
+            Some(421) if reused && stage == Stage::Mail => {
+                Err(SessionError::Stale(format!("{}: {response}", self.addr)))
             }
-            Err(_) => Err(SessionError::Outcome(Outcome::Deferred {
-                response: format!("{}: timed out after {:?}", self.addr, self.cfg.timeout),
-            })),
+            // A refused MAIL FROM is about the sender (verification, SPF, our domain): never
+            // a recipient class that would suppress the recipient.
+            Some(c) if e.is_permanent() && stage == Stage::Mail => {
+                Err(SessionError::Outcome(Outcome::sender_bounce(c, response)))
+            }
+            Some(c) if e.is_permanent() => Err(SessionError::Outcome(Outcome::bounce(c, response))),
+            Some(_) => deferred(response),
+            // No reply code: the connection failed or timed out under us. Before any of the
+            // message went out, a pooled connection was simply dead.
+            None if stage == Stage::Mail && reused => {
+                Err(SessionError::Stale(format!("{}: {text}", self.addr)))
+            }
+            // The body did not get through: the receiver cannot have accepted it.
+            None if stage == Stage::Body && limits.write_failed() => {
+                deferred(format!("{}: sending the message failed: {text}", self.addr))
+            }
+            // The whole message, final dot included, went out and its reply never came: the
+            // receiver may well have it. Deferred, never resent at once; counted.
+            None if stage == Stage::Body => {
+                AttemptFlags::mark_reply_lost();
+                let why = if limits.read_timed_out() {
+                    format!(
+                        "no reply within delivery.data_done_timeout ({:?})",
+                        t.data_done
+                    )
+                } else {
+                    format!("the connection closed ({text})")
+                };
+                deferred(format!(
+                    "{}: {why} after the whole message was sent: reply lost, the receiver may have accepted it",
+                    self.addr
+                ))
+            }
+            None => deferred(format!("{}: {text}", self.addr)),
         }
     }
 }
@@ -376,13 +422,16 @@ impl std::fmt::Display for Raw<'_> {
 /// dot-stuffs the body a byte at a time (9% of the daemon's CPU in the e2e profile) and
 /// writes the terminator separately. Here, with PIPELINING (RFC 2920) the three commands
 /// go in one write and their replies are read together, and the body is dot-stuffed with a
-/// line scan and written with its terminator in one write. A failed transaction's session
-/// is not reused (the caller drops it), so no RSET is needed.
+/// line scan and written with its terminator in one write. Each wait has its stage's limit
+/// (`limits`). A failed transaction's session is not reused (the caller drops it), so no
+/// RSET is needed.
 async fn transaction(
     conn: &mut AsyncSmtpConnection,
     caps: Caps,
     envelope: &Envelope,
-    message: &str,
+    message: &[u8],
+    limits: &Limits,
+    t: &Timeouts,
 ) -> Result<lettre::transport::smtp::response::Response, (Stage, lettre::transport::smtp::Error)> {
     let from = envelope.from().map(|a| a.as_ref()).unwrap_or("");
     let mut head = String::with_capacity(96);
@@ -401,6 +450,7 @@ async fn transaction(
         head.push_str(">\r\n");
         rcpts += 1;
     }
+    limits.set(t.command, t.command);
     if caps.pipelining {
         head.push_str("DATA\r\n");
         // Every pipelined reply is read, even after a failure, so that the first one is
@@ -411,6 +461,8 @@ async fn transaction(
             .err()
             .map(|e| (Stage::Mail, e));
         for i in 0..rcpts + 1 {
+            let limit = if i < rcpts { t.command } else { t.data };
+            limits.set(limit, limit);
             let r = conn.read_response().await;
             if let (None, Err(e)) = (&first_err, r) {
                 first_err = Some((if i < rcpts { Stage::Rcpt } else { Stage::Data }, e));
@@ -422,23 +474,36 @@ async fn transaction(
     } else {
         for (i, line) in head.split_inclusive("\r\n").enumerate() {
             let stage = if i == 0 { Stage::Mail } else { Stage::Rcpt };
+            limits.set(t.command, t.command);
             conn.command(Raw(line)).await.map_err(|e| (stage, e))?;
         }
+        limits.set(t.data, t.data);
         conn.command(Raw("DATA\r\n"))
             .await
             .map_err(|e| (Stage::Data, e))?;
     }
-    conn.command(Raw(&dot_stuff(message)))
-        .await
-        .map_err(|e| (Stage::Data, e))
+    // The message goes out: from here a failure may leave the receiver with it, so the
+    // attempt runs to its reply whatever `attempt_timeout` says.
+    AttemptFlags::mark_committed();
+    limits.clear_failures();
+    limits.set(t.data_done, t.data_block);
+    let sent = match std::str::from_utf8(message) {
+        // The fast path: the dot-stuffed body and its terminator in one write.
+        Ok(text) => conn.command(Raw(&dot_stuff(text))).await,
+        // Not UTF-8 (a raw 8-bit body): lettre's own stuffing handles it.
+        Err(_) => conn.message(message).await,
+    };
+    sent.map_err(|e| (Stage::Body, e))
 }
 
-/// Which command of a transaction a reply answered.
+/// Which step of a transaction a reply answered, or failed in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     Mail,
     Rcpt,
     Data,
+    /// The body and the reply after its final dot.
+    Body,
 }
 
 /// The DATA payload: lines starting with `.` get another `.` (RFC 5321 §4.5.2), the body

@@ -11,7 +11,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::Stages;
 use crate::control::State;
-use crate::deliver::Route;
+use crate::deliver::{AttemptFlags, Route};
 use crate::job::{Job, JobError, JobIdentity};
 use crate::outcome::Outcome;
 use crate::queue::recorder::Record;
@@ -32,18 +32,27 @@ pub async fn work(stages: Arc<Stages>, entry: Entry, mut job: Job, _permit: Owne
     // an outcome (unacked, its lease renewed for ever): a panic becomes a dead letter.
     // The longest one job may hold this worker: a tarpit domain (slow DNS, many slow MX
     // addresses) must not hold every worker. Past it the attempt is deferred.
+    // Once the body has started to go out, the attempt runs on to its reply (bounded by
+    // the data timeouts): cutting it would defer a message the receiver may have.
     let limit = stages.attempt_timeout;
-    let attempt = tokio::time::timeout(
-        limit,
-        AssertUnwindSafe(attempt(&stages, &entry, &mut job, &ident)).catch_unwind(),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        let outcome = Outcome::Deferred {
-            response: format!("attempt took longer than delivery.attempt_timeout ({limit:?})"),
-        };
-        Ok(Some(record(&stages, &entry, &ident, "*", outcome)))
-    });
+    let flags = Arc::new(AttemptFlags::default());
+    let run =
+        flags.scope(AssertUnwindSafe(attempt(&stages, &entry, &mut job, &ident)).catch_unwind());
+    tokio::pin!(run);
+    let attempt = tokio::select! {
+        r = &mut run => r,
+        _ = tokio::time::sleep(limit) => if flags.committed() {
+            run.await
+        } else {
+            let outcome = Outcome::Deferred {
+                response: format!("attempt took longer than delivery.attempt_timeout ({limit:?})"),
+            };
+            Ok(Some(record(&stages, &entry, &ident, "*", outcome)))
+        },
+    };
+    if flags.reply_lost() {
+        m.replies_lost.inc();
+    }
     match attempt {
         Ok(Some(record)) => stages.recorder.send(record).await,
         Ok(None) => stages.leases.drop_one(&entry.id),

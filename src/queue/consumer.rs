@@ -1,8 +1,9 @@
 //! One reader of a Redis stream through a consumer group, used by the intake (the sends
 //! stream) and the workflow engine (the events stream): batched `XREADGROUP` on a connection
-//! of its own (a blocking read holds up whatever else shares a connection), `XAUTOCLAIM` of
-//! entries a stopped consumer left pending, on a cadence, recreation of a group that
-//! vanished with its stream, and the backoff after a failed read.
+//! of its own (a blocking read holds up whatever else shares a connection), a reclaim of
+//! entries a stopped consumer left pending (`reclaim.lua`: XPENDING + XCLAIM, fencing the
+//! old owner), on a cadence, recreation of a group that vanished with its stream, and the
+//! backoff after a failed read.
 //!
 //! What an entry's fields mean is the caller's: it implements [`StreamEntry`]. Entries
 //! deleted from the stream while pending come back as bare ids (`gone`), to acknowledge.
@@ -127,7 +128,6 @@ pub struct StreamConsumer {
     claim_idle: Duration,
     claim_every: Duration,
     last_claim: Option<Instant>,
-    cursor: String,
 }
 
 impl StreamConsumer {
@@ -153,7 +153,6 @@ impl StreamConsumer {
             claim_every: (claim_idle / 4)
                 .clamp(Duration::from_millis(500), Duration::from_secs(60)),
             last_claim: None,
-            cursor: "0-0".into(),
         }
     }
 
@@ -216,24 +215,27 @@ impl StreamConsumer {
     }
 
     /// Entries pending longer than `claim_idle` with any consumer, now ours; one page per
-    /// call, the cursor kept between calls.
+    /// call. Each consumer they were taken from has its fence bumped (`reclaim.lua`), so an
+    /// outcome it writes for them after waking from a freeze is refused (see
+    /// [`super::recorder`]).
     pub async fn reclaim<T: StreamEntry>(
-        &mut self,
+        &self,
         conn: &mut RedisConn,
         out: &mut Vec<T>,
         gone: &mut Vec<String>,
     ) -> redis::RedisResult<()> {
-        let reply: Value = redis::cmd("XAUTOCLAIM")
-            .arg(&self.stream)
+        static RECLAIM: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/reclaim.lua")));
+        let reply: Value = RECLAIM
+            .key(&self.stream)
             .arg(&self.group)
             .arg(&self.consumer)
             .arg(self.claim_idle.as_millis() as u64)
-            .arg(&self.cursor)
-            .arg("COUNT")
             .arg(self.batch)
-            .query_async(conn)
+            .invoke_async(conn)
             .await?;
-        self.cursor = parse_autoclaim(&reply, out, gone);
+        // No cursor to keep: what was taken is no longer idle, so the next page starts over.
+        parse_autoclaim(&reply, out, gone);
         Ok(())
     }
 }

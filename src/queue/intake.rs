@@ -1,5 +1,5 @@
 //! Intake from `{prefix}sends` through a consumer group: batched XREADGROUP on a connection
-//! of its own (a blocking read holds up whatever else shares a connection), XAUTOCLAIM of
+//! of its own (a blocking read holds up whatever else shares a connection), a reclaim (fencing the old owner) of
 //! entries a stopped consumer left pending, and the idempotency claim of each job id.
 
 use super::consumer::StreamConsumer;

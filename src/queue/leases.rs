@@ -5,7 +5,9 @@
 //! To keep a live daemon's entries from being reclaimed and sent twice, the entries it holds
 //! are renewed (`XCLAIM … JUSTID`, which resets their idle time) every third of
 //! `claim_idle`. An entry stops being renewed when its outcome is written, or when the
-//! daemon dies, and only then can another daemon reclaim it.
+//! daemon dies, and only then can another daemon reclaim it. Renewal (`held.lua`) touches
+//! only entries this consumer still holds: a daemon that wakes from a freeze longer than
+//! `claim_idle` does not take back what another daemon reclaimed meanwhile.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -80,15 +82,29 @@ pub async fn renew(
         wait = every;
         let ids = leases.snapshot();
         for chunk in ids.chunks(500) {
-            let r: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
-                .arg(&leases.keys.sends)
-                .arg(&leases.group)
-                .arg(&leases.consumer)
-                .arg(0)
-                .arg(chunk)
-                .arg("JUSTID")
-                .query_async(&mut conn)
-                .await;
+            let r = held(
+                &mut conn,
+                &leases.keys.sends,
+                &leases.group,
+                &leases.consumer,
+                chunk,
+                true,
+            )
+            .await;
+            if let Ok(flags) = &r {
+                // Taken by another daemon while this one was frozen: renewing it would take
+                // it back from under that daemon. Its outcome here will be fenced.
+                let lost: Vec<&str> = chunk
+                    .iter()
+                    .zip(flags)
+                    .filter(|(_, h)| !**h)
+                    .map(|(id, _)| id.as_str())
+                    .collect();
+                if !lost.is_empty() {
+                    tracing::warn!(entries = lost.len(), "entries this daemon held were taken by another (it was stopped longer than intake.claim_idle); not renewed");
+                    leases.release(lost);
+                }
+            }
             if let Err(e) = r {
                 metrics.redis_errors.inc();
                 tracing::warn!(error = %e, "renewing leases failed; trying again in a second");
@@ -99,4 +115,27 @@ pub async fn renew(
             }
         }
     }
+}
+
+/// Which of `ids` (entries of `stream`) `consumer` of `group` still holds, one flag per id;
+/// with `renew`, the held ones get their idle time reset. One script call.
+pub async fn held(
+    conn: &mut RedisConn,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    ids: &[impl redis::ToRedisArgs],
+    renew: bool,
+) -> redis::RedisResult<Vec<bool>> {
+    static HELD: std::sync::LazyLock<redis::Script> =
+        std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/held.lua")));
+    let flags: Vec<u8> = HELD
+        .key(stream)
+        .arg(group)
+        .arg(consumer)
+        .arg(if renew { "renew" } else { "check" })
+        .arg(ids)
+        .invoke_async(conn)
+        .await?;
+    Ok(flags.into_iter().map(|f| f == 1).collect())
 }

@@ -3,6 +3,15 @@
 //! stats, then XACK + XDEL of the stream entries. A job's entry is acknowledged in the same
 //! transaction that makes its outcome durable, never before.
 //!
+//! The write is fenced: a daemon frozen longer than `claim_idle` (a VM pause, a stall, a
+//! partition) has had its entries reclaimed by another daemon, which sends them again and
+//! writes their outcome. Its own outcome for them, written on waking, would end those jobs a
+//! second time. So the recorder writes on a connection of its own, `WATCH`es its fence key
+//! (`{sends}:fence:{consumer}`, bumped by every reclaim that takes an entry from it), checks
+//! which entries of the batch it still holds (`held.lua`), and drops the records of the
+//! rest (counted in `paloma_outcomes_fenced_total`); a reclaim between the check and `EXEC`
+//! aborts the transaction, and the check runs again.
+//!
 //! Each transaction also sets a marker key of its own. When the reply to EXEC is lost (the
 //! connection broke or timed out after the server read EXEC), the marker tells whether the
 //! batch was written; only a batch that was not is written again, so a lost reply never
@@ -96,9 +105,14 @@ impl RecorderHandle {
 
 pub struct Recorder {
     rx: mpsc::Receiver<Record>,
+    /// This recorder's own connection: `WATCH` is per connection, and a shared one would
+    /// let another task's `EXEC` clear it.
     conn: RedisConn,
     keys: Keys,
     group: String,
+    consumer: String,
+    /// `{sends}:fence:{consumer}`, watched by every transaction.
+    fence: String,
     idem_ttl: u64,
     batch: usize,
     metrics: Arc<Metrics>,
@@ -125,10 +139,12 @@ const MAX_DOMAIN_FIELDS: usize = 600;
 const MARKER_TTL_SECS: u64 = 24 * 3600;
 
 impl Recorder {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         conn: RedisConn,
         keys: Keys,
         group: String,
+        consumer: String,
         idem_ttl: Duration,
         batch: usize,
         metrics: Arc<Metrics>,
@@ -140,8 +156,10 @@ impl Recorder {
             Recorder {
                 rx,
                 conn,
+                fence: format!("{}:fence:{consumer}", keys.sends),
                 keys,
                 group,
+                consumer,
                 idem_ttl: idem_ttl.as_secs().max(1),
                 batch,
                 metrics,
@@ -167,12 +185,22 @@ impl Recorder {
             let marker = format!("{}{}", self.marker_base, self.seq);
             let mut delay = Duration::from_millis(50);
             loop {
+                if let Err(e) = self.fence(&mut buf).await {
+                    self.metrics.redis_errors.inc();
+                    tracing::warn!(error = %e, records = buf.len(), "checking which entries this daemon holds failed; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                    continue;
+                }
                 let (result, ops) = self.flush(&buf, &marker).await;
                 let e = match result {
-                    Ok(replies) => {
+                    Ok(Some(replies)) => {
                         self.report_dead_schedules(&buf, &replies);
                         break;
                     }
+                    // The fence moved between the check and EXEC (another daemon reclaimed
+                    // entries from this one): nothing was written; check again.
+                    Ok(None) => continue,
                     Err(e) => e,
                 };
                 self.metrics.redis_errors.inc();
@@ -228,6 +256,46 @@ impl Recorder {
         }
     }
 
+    /// Watches this consumer's fence, then drops from `records` those whose stream entry it
+    /// no longer holds (another daemon reclaimed it while this one was stopped): their jobs
+    /// end with that daemon's outcome, not a second one from here.
+    async fn fence(&mut self, records: &mut Vec<Record>) -> redis::RedisResult<()> {
+        let ids: Vec<&str> = records.iter().filter_map(|r| r.ack.as_deref()).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        redis::cmd("WATCH")
+            .arg(&self.fence)
+            .query_async::<()>(&mut self.conn)
+            .await?;
+        let held = super::leases::held(
+            &mut self.conn,
+            &self.keys.sends,
+            &self.group,
+            &self.consumer,
+            &ids,
+            false,
+        )
+        .await?;
+        if held.iter().all(|h| *h) {
+            return Ok(());
+        }
+        let lost: std::collections::HashSet<String> = ids
+            .iter()
+            .zip(&held)
+            .filter(|(_, h)| !**h)
+            .map(|(id, _)| id.to_string())
+            .collect();
+        records.retain(|r| r.ack.as_ref().is_none_or(|id| !lost.contains(id)));
+        self.leases.release(lost.iter().map(String::as_str));
+        self.metrics.outcomes_fenced.inc_by(lost.len() as u64);
+        tracing::warn!(
+            records = lost.len(),
+            "outcomes dropped: their entries were reclaimed by another daemon while this one was stopped longer than intake.claim_idle; that daemon ends those jobs"
+        );
+        Ok(())
+    }
+
     /// Whether the transaction that set `marker` was executed.
     async fn written(&mut self, marker: &str) -> redis::RedisResult<bool> {
         redis::cmd("EXISTS")
@@ -242,7 +310,10 @@ impl Recorder {
         &mut self,
         records: &[Record],
         marker: &str,
-    ) -> (redis::RedisResult<Vec<redis::Value>>, Vec<(usize, Op)>) {
+    ) -> (
+        redis::RedisResult<Option<Vec<redis::Value>>>,
+        Vec<(usize, Op)>,
+    ) {
         let k = &self.keys;
         let mut p = redis::pipe();
         p.atomic();
@@ -472,7 +543,8 @@ impl Recorder {
             ops.push((0, Op::Other));
             ops.push((0, Op::Other));
         }
-        // The replies of the commands not ignored: one per job sent back to the delayed set.
+        // The replies of the commands not ignored: one per job sent back to the delayed set;
+        // None when the watched fence moved and EXEC did nothing.
         (p.query_async(&mut self.conn).await, ops)
     }
 

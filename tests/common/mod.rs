@@ -929,6 +929,65 @@ pub fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
+/// Starts `tests/peers/{script}` (an aiosmtpd peer) on `port` with `args`, and waits until
+/// it prints "ready" and listens.
+fn python_peer(script: &str, port: u16, args: &[&std::ffi::OsStr]) -> Child {
+    ensure_tools();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/peers")
+        .join(script);
+    let mut child = Command::new("/usr/bin/python3")
+        .arg(script)
+        .arg(port.to_string())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting aiosmtpd");
+    let mut line = String::new();
+    let mut r = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "aiosmtpd did not start");
+    wait_port("127.0.0.1", port, Duration::from_secs(10));
+    child
+}
+
+/// Python's aiosmtpd as a receiver with one fault (tests/peers/faulty_smtpd.py): `slow N`
+/// answers the first message's final dot N seconds late, `drop` closes the connection
+/// instead of answering the second message of each session (kept, reply lost).
+pub struct FaultyMta {
+    child: Child,
+    pub port: u16,
+    pub out: tempfile::TempDir,
+}
+
+impl FaultyMta {
+    pub fn start(mode: &[&str]) -> FaultyMta {
+        let port = free_port();
+        let out = tempfile::tempdir().unwrap();
+        let mut args = vec![out.path().as_os_str()];
+        args.extend(mode.iter().map(std::ffi::OsStr::new));
+        let child = python_peer("faulty_smtpd.py", port, &args);
+        FaultyMta { child, port, out }
+    }
+
+    /// Every recipient of every message kept, in arrival order (one per message here).
+    pub fn recipients(&self) -> Vec<String> {
+        std::fs::read_to_string(self.out.path().join("rcpts.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for FaultyMta {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Python's aiosmtpd as a relay that requires STARTTLS and AUTH (tests/peers/auth_smtpd.py).
 pub struct AuthRelay {
     child: Child,
@@ -947,26 +1006,13 @@ impl AuthRelay {
     }
 
     fn spawn(cert: &Path, key: &Path, user: &str, pass: &str, mode: &[&str]) -> AuthRelay {
-        ensure_tools();
         let port = free_port();
         let out = tempfile::tempdir().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/auth_smtpd.py");
-        let mut child = Command::new("/usr/bin/python3")
-            .arg(script)
-            .arg(port.to_string())
-            .args([cert, key])
-            .args([user, pass])
-            .arg(out.path())
-            .args(mode)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting aiosmtpd");
-        let mut line = String::new();
-        let mut r = std::io::BufReader::new(child.stdout.take().unwrap());
-        std::io::BufRead::read_line(&mut r, &mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "aiosmtpd did not start");
-        wait_port("127.0.0.1", port, Duration::from_secs(10));
+        let mut args: Vec<&std::ffi::OsStr> = vec![cert.as_ref(), key.as_ref()];
+        args.extend([user, pass].map(std::ffi::OsStr::new));
+        args.push(out.path().as_os_str());
+        args.extend(mode.iter().map(std::ffi::OsStr::new));
+        let child = python_peer("auth_smtpd.py", port, &args);
         AuthRelay { child, port, out }
     }
 
