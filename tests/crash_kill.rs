@@ -250,6 +250,12 @@ fn a_frozen_daemon_does_not_end_a_reclaimed_job_twice() {
         twice.len()
     );
     assert_eq!(by_id.len(), n, "every job ended");
+    eprintln!(
+        "freeze: {n} jobs, {} ended once, {} outcomes fenced on the frozen daemon, {} messages at the sink",
+        by_id.len(),
+        metric(mport_a, "paloma_outcomes_fenced_total"),
+        sink.count()
+    );
     drop(b);
     a.kill9();
 }
