@@ -230,10 +230,14 @@ impl App {
             metrics.clone(),
             stop_rx.clone(),
         ));
+        // Events the workflow group has not read are never trimmed, whether this daemon
+        // runs workflows or not (a delivery-only daemon of a fleet protects them too).
+        let workflow_group = Some(format!("{}-workflows", settings.redis.group));
         tokio::spawn(crate::queue::events::retain(
             conn.clone(),
             keys.clone(),
-            settings.events.max_age.get(),
+            settings.events.clone(),
+            workflow_group,
             metrics.clone(),
             stop_rx.clone(),
         ));
