@@ -1381,6 +1381,23 @@ secret = "0123456789abcdef0123"
     }
 
     #[test]
+    fn high_water_is_a_share_and_the_hard_bound_not_below_max_len() {
+        let with = |k: &str, v: &str| {
+            Settings::from_toml(MIN, vec![(k.to_string(), v.to_string())])
+                .map_err(|e| e.to_string())
+        };
+        let s = with("PALOMA_REDIS__HIGH_WATER", "0.9").unwrap();
+        assert_eq!(s.redis.high_water, 0.9);
+        assert_eq!(s.events.hard_max_len(), 10_000_000);
+        for bad in ["0", "1", "1.5", "-0.2"] {
+            let e = with("PALOMA_REDIS__HIGH_WATER", bad).unwrap_err();
+            assert!(e.contains("redis.high_water") && e.contains("0.8"), "{e}");
+        }
+        let e = with("PALOMA_EVENTS__HARD_MAX_LEN", "10").unwrap_err();
+        assert!(e.contains("events.hard_max_len"), "{e}");
+    }
+
+    #[test]
     fn weak_and_example_secrets_are_refused_with_advice() {
         for weak in [
             "change-me-to-a-long-random-string",

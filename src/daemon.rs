@@ -258,6 +258,16 @@ impl App {
             stop_rx.clone(),
         )
         .await?;
+        tokio::spawn(crate::store::checks::watch_memory(
+            conn.clone(),
+            keys.sends.clone(),
+            keys.scheduled.clone(),
+            settings.redis.high_water,
+            metrics.clone(),
+            health.clone(),
+            Duration::from_secs(1),
+            stop_rx.clone(),
+        ));
         tokio::spawn(crate::store::checks::watch(
             conn.clone(),
             settings.redis.allow_eviction,
@@ -340,12 +350,10 @@ impl App {
             });
         }
         let api = settings.api.listen.map(|_| {
-            Arc::new(crate::api::Api::new(
-                &settings,
-                conn.clone(),
-                keys.clone(),
-                metrics.clone(),
-            ))
+            Arc::new(
+                crate::api::Api::new(&settings, conn.clone(), keys.clone(), metrics.clone())
+                    .with_health(health.clone()),
+            )
         });
         let pages = api
             .as_ref()

@@ -281,7 +281,7 @@ impl Metrics {
         let redis_check = IntGaugeVec::new(
             Opts::new(
                 "paloma_redis_check",
-                "Checks of the Redis server at start and every minute: version (>= 7.0), eviction (maxmemory-policy noeviction), persistence (AOF or RDB snapshots); 1 passed, 0 failed.",
+                "Checks of the Redis server at start and every few seconds: version (>= 7.0), eviction (maxmemory-policy noeviction), persistence (AOF or RDB snapshots), memory (below redis.high_water of maxmemory, every second); 1 passed, 0 failed.",
             ),
             &["check"],
         )
