@@ -183,11 +183,24 @@ fn above_the_memory_high_water_mark_new_jobs_wait_and_accepted_ones_still_end() 
         why.contains("high-water") && why.contains("redis.high_water"),
         "{why}"
     );
-    let sends: usize = redis::cmd("XLEN")
+    let refused_campaign = format!("\"campaign\":\"mem{accepted}\"");
+    let waiting: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
         .arg(format!("{}sends", setup.prefix))
+        .arg("-")
+        .arg("+")
         .query(&mut conn)
         .unwrap();
-    assert!(sends <= accepted, "nothing of the refused batch written");
+    assert!(
+        !waiting.ids.is_empty(),
+        "the accepted jobs wait behind the slow peer"
+    );
+    assert!(
+        waiting.ids.iter().all(|e| {
+            let job: String = e.get("job").unwrap();
+            !job.contains(&refused_campaign)
+        }),
+        "nothing of the refused batch written"
+    );
     let ready = get(mport, "/readyz", "probe");
     assert_eq!(
         ready.status, 200,
