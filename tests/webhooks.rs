@@ -446,3 +446,84 @@ webhook = "http://127.0.0.1:{crm}/hook"
     );
     assert_eq!(metric(mport, "paloma_events_lost_total"), 0.0);
 }
+
+/// The last resort, `[events] hard_max_len`, does drop events the workflow engine has not
+/// read, but never silently: they are counted in `paloma_events_lost_total` and logged.
+#[test]
+fn unread_events_dropped_by_the_hard_bound_are_counted() {
+    let redis = Redis::start_with(&["--stream-node-max-entries", "10"]);
+    let sink = Sink::start(&[]);
+    let mport = free_port();
+    let setup = Setup::new(
+        &redis.url(),
+        sink.port,
+        "",
+        "",
+        &format!(
+            r#"
+[metrics]
+listen = "127.0.0.1:{mport}"
+[events]
+max_len = 20
+hard_max_len = 40
+[webhooks]
+secret = "{HOOK_SECRET}"
+[[workflows]]
+name = "crm"
+campaign = "bulk"
+on = "delivered"
+webhook = "http://127.0.0.1:{}/hook"
+"#,
+            free_port()
+        ),
+    );
+    let with_workflows = std::fs::read_to_string(&setup.config).unwrap();
+    let plain = setup.path("plain.toml");
+    std::fs::write(
+        &plain,
+        &with_workflows[..with_workflows.find("[webhooks]").unwrap()],
+    )
+    .unwrap();
+    let mut conn = redis.conn();
+    let events_key = format!("{}events", setup.prefix);
+    let mut engine = Daemon::spawn(&setup.config);
+    wait_until_daemon(
+        "the workflow group",
+        Duration::from_secs(30),
+        &engine,
+        || {
+            let g: redis::RedisResult<Vec<HashMap<String, redis::Value>>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&events_key)
+                .query(&mut conn);
+            g.is_ok_and(|g| !g.is_empty())
+        },
+    );
+    engine.signal("TERM");
+    assert!(engine
+        .wait(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+    let n = 200;
+    enqueue_raw(&mut conn, &setup.prefix, &jobs(n, "bulk", "example.test"));
+    let daemon = Daemon::spawn(&plain);
+    // Every event is either still in the stream or counted lost.
+    let delivered = r#"paloma_messages_total{campaign="bulk",outcome="delivered"}"#;
+    let lost = wait_for_daemon(
+        "lost events counted",
+        Duration::from_secs(60),
+        &daemon,
+        || {
+            let lost = metric(mport, "paloma_events_lost_total");
+            let len: usize = redis::cmd("XLEN")
+                .arg(&events_key)
+                .query(&mut conn)
+                .unwrap();
+            (metric(mport, delivered) == n as f64 && lost as usize + len == n).then_some(lost)
+        },
+    );
+    assert!(
+        lost >= 150.0,
+        "the hard bound kept at most about 40: {lost} lost"
+    );
+    assert!(daemon.log_text().contains("events.hard_max_len"));
+}

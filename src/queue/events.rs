@@ -229,7 +229,7 @@ pub async fn retain(
                     group = %group,
                     over_max_len = held,
                     past_max_age_s = held_ms / 1000,
-                    "the events stream is kept past its retention because the workflow engine has not read it yet; is it running?"
+                    "the events stream is kept past its retention because the workflow engine has not read it yet: is it running? (if workflows are no longer used anywhere, remove its group: XGROUP DESTROY {{prefix}}events {{group}})"
                 );
             }
         } else {
