@@ -88,7 +88,7 @@ pub async fn enqueue(
                 .await
                 .context("looking at Redis memory")?;
             if let Some(why) = look.and_then(|m| m.refusal(high_water, 0)) {
-                return Err(Refused(why).into());
+                return Err(anyhow::Error::msg(why));
             }
             p.query_async::<()>(&mut c).await.map_err(|e| {
                 let full = crate::store::checks::is_full(&e);
@@ -213,18 +213,6 @@ pub async fn enqueue(
     }
     Ok(report)
 }
-
-/// Redis memory is above `redis.high_water`: why, as a sentence.
-#[derive(Debug)]
-struct Refused(String);
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Refused {}
 
 /// `campaign:address` (lowercased), or, where that would pass the 200 characters a job id
 /// may have, `campaign:` and the SHA-256 of the address: still deterministic.

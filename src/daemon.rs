@@ -232,7 +232,7 @@ impl App {
         ));
         // Events the workflow group has not read are never trimmed, whether this daemon
         // runs workflows or not (a delivery-only daemon of a fleet protects them too).
-        let workflow_group = Some(format!("{}-workflows", settings.redis.group));
+        let workflow_group = format!("{}-workflows", settings.redis.group);
         tokio::spawn(crate::queue::events::retain(
             conn.clone(),
             keys.clone(),

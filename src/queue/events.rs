@@ -156,9 +156,10 @@ impl<'a> Event<'a> {
 ///
 /// Every second or two (a quarter of `max_age` when that is shorter) any daemon trims the
 /// stream to `max_len` entries and `max_age`, in one script (`scripts/trim_events.lua`),
-/// never past the oldest entry the workflow group (`{redis.group}-workflows`, when
-/// workflows are configured) still needs: the older of its oldest pending entry and its
-/// last-delivered one. A workflow engine that stops reading for hours then costs memory
+/// never past the oldest entry the workflow group (`workflow_group`,
+/// `{redis.group}-workflows`, whenever it exists: also on daemons that run no workflows
+/// themselves) still needs: the older of its oldest pending entry and its last-delivered
+/// one. A workflow engine that stops reading for hours then costs memory
 /// (which the high-water mark of [`crate::store::checks`] turns into back-pressure on new
 /// jobs), not follow-ups and `not_*` timers. While the group holds the trim back,
 /// `paloma_events_held` (entries past `max_len`) and `paloma_events_held_seconds` (the
@@ -173,7 +174,7 @@ pub async fn retain(
     mut conn: crate::store::RedisConn,
     keys: super::Keys,
     settings: crate::config::EventSettings,
-    workflow_group: Option<String>,
+    workflow_group: String,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -181,7 +182,7 @@ pub async fn retain(
     let max_age = settings.max_age.get();
     let every = (max_age / 4).clamp(Duration::from_millis(200), Duration::from_secs(2));
     let script = redis::Script::new(include_str!("scripts/trim_events.lua"));
-    let group = workflow_group.unwrap_or_default();
+    let group = workflow_group;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_warned: Option<Instant> = None;
