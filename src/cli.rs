@@ -65,8 +65,12 @@ pub async fn enqueue(
     };
     let mut batch: Vec<String> = Vec::with_capacity(ENQUEUE_BATCH);
 
+    // Each batch is checked against the memory high-water mark first, and written in one
+    // MULTI/EXEC: what is reported enqueued is exactly what is in the stream.
+    let high_water = settings.redis.high_water;
     let flush = |batch: &mut Vec<String>, conn: &mut crate::store::RedisConn| {
         let mut p = redis::pipe();
+        p.atomic();
         for job in batch.iter() {
             p.cmd("XADD")
                 .arg(&keys.sends)
@@ -75,10 +79,37 @@ pub async fn enqueue(
                 .arg(job)
                 .ignore();
         }
+        let jobs = batch.len() as u64;
         batch.clear();
         let mut c = conn.clone();
-        async move { p.query_async::<()>(&mut c).await }
+        let (sends, scheduled) = (&keys.sends, &keys.scheduled);
+        async move {
+            let look = crate::store::checks::memory(&mut c, sends, scheduled)
+                .await
+                .context("looking at Redis memory")?;
+            if let Some(why) = look.and_then(|m| m.refusal(high_water, 0)) {
+                return Err(anyhow::Error::msg(why));
+            }
+            p.query_async::<()>(&mut c).await.map_err(|e| {
+                let full = crate::store::checks::is_full(&e);
+                let e = anyhow::Error::from(e);
+                match full {
+                    true => e.context(
+                        "Redis is full (maxmemory reached); nothing of this batch was written",
+                    ),
+                    false => e.context("XADD to Redis"),
+                }
+            })?;
+            anyhow::Ok(jobs)
+        }
     };
+    // Stops with what was enqueued and where the rest begins.
+    let stopped = |e: anyhow::Error, enqueued: u64, from_line: usize| {
+        e.context(format!(
+            "stopped: {enqueued} jobs were enqueued; the input from line {from_line} on was not (enqueue it once Redis has room)"
+        ))
+    };
+    let mut batch_line = 1usize;
 
     let push = |line_no: usize,
                 job: Result<String, String>,
@@ -104,12 +135,14 @@ pub async fn enqueue(
                     Ok(_) => Err("not a JSON object".to_string()),
                     Err(e) => Err(format!("invalid JSON ({e})")),
                 };
+                if batch.is_empty() {
+                    batch_line = i + 1;
+                }
                 push(i + 1, job, &mut batch, &mut report);
                 if batch.len() >= ENQUEUE_BATCH {
-                    report.enqueued += batch.len() as u64;
-                    flush(&mut batch, &mut conn)
+                    report.enqueued += flush(&mut batch, &mut conn)
                         .await
-                        .context("XADD to Redis")?;
+                        .map_err(|e| stopped(e, report.enqueued, batch_line))?;
                     show(progress, &mut last_report, started, report.enqueued);
                 }
             }
@@ -157,22 +190,23 @@ pub async fn enqueue(
                     })
                     .to_string()
                 });
+                if batch.is_empty() {
+                    batch_line = line_no;
+                }
                 push(line_no, job, &mut batch, &mut report);
                 if batch.len() >= ENQUEUE_BATCH {
-                    report.enqueued += batch.len() as u64;
-                    flush(&mut batch, &mut conn)
+                    report.enqueued += flush(&mut batch, &mut conn)
                         .await
-                        .context("XADD to Redis")?;
+                        .map_err(|e| stopped(e, report.enqueued, batch_line))?;
                     show(progress, &mut last_report, started, report.enqueued);
                 }
             }
         }
     }
     if !batch.is_empty() {
-        report.enqueued += batch.len() as u64;
-        flush(&mut batch, &mut conn)
+        report.enqueued += flush(&mut batch, &mut conn)
             .await
-            .context("XADD to Redis")?;
+            .map_err(|e| stopped(e, report.enqueued, batch_line))?;
     }
     if progress {
         eprint!("\r\x1b[K");

@@ -232,13 +232,24 @@ impl Default for BounceSettings {
 }
 
 /// How long `{prefix}events` keeps what it holds (`[events]`): at most `max_len` entries
-/// (trimmed as events are written, approximately, in whole stream nodes) and none older
-/// than `max_age` (trimmed every minute). Counters in `stats:*` are not affected.
+/// and none older than `max_age`, trimmed every second or two by any daemon, but never past
+/// an event the workflow engine has not read yet (see [`crate::queue::events::retain`]).
+/// Counters in `stats:*` are not affected.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventSettings {
     pub max_len: u64,
     pub max_age: Dur,
+    /// The bound every write keeps by itself (`XADD … MAXLEN ~`), workflows or not: the
+    /// last resort against a workflow engine that never reads again. Default 10 × `max_len`.
+    pub hard_max_len: Option<u64>,
+}
+
+impl EventSettings {
+    /// `hard_max_len`, or its default.
+    pub fn hard_max_len(&self) -> u64 {
+        self.hard_max_len.unwrap_or(self.max_len.saturating_mul(10))
+    }
 }
 
 impl Default for EventSettings {
@@ -246,6 +257,7 @@ impl Default for EventSettings {
         Self {
             max_len: 1_000_000,
             max_age: "7d".parse().expect("valid default"),
+            hard_max_len: None,
         }
     }
 }
@@ -266,6 +278,10 @@ pub struct RedisSettings {
     /// Start even when Redis evicts keys (`maxmemory-policy` other than `noeviction`):
     /// evictions can drop the sends stream, idempotency records or the suppression list.
     pub allow_eviction: bool,
+    /// Share of Redis's `maxmemory` above which new jobs are refused (`POST /api/v1/sends`
+    /// answers 503, `paloma enqueue` stops), so that what is left still holds the outcomes
+    /// of the jobs already accepted and recipients' opt-outs.
+    pub high_water: f64,
 }
 
 /// By hand: the URLs may carry a password.
@@ -285,6 +301,7 @@ impl fmt::Debug for RedisSettings {
             .field("group", &self.group)
             .field("consumer", &self.consumer)
             .field("allow_eviction", &self.allow_eviction)
+            .field("high_water", &self.high_water)
             .finish()
     }
 }
@@ -298,6 +315,7 @@ impl Default for RedisSettings {
             group: "paloma".into(),
             consumer: None,
             allow_eviction: false,
+            high_water: 0.8,
         }
     }
 }
@@ -1011,6 +1029,19 @@ impl Settings {
         if self.events.max_len == 0 || self.events.max_age.get().is_zero() {
             return bad("events.max_len and events.max_age must be above zero".into());
         }
+        if self.events.hard_max_len() < self.events.max_len {
+            return bad(format!(
+                "events.hard_max_len ({}) is below events.max_len ({}): raise it, or leave it out (default 10 × max_len)",
+                self.events.hard_max_len(),
+                self.events.max_len
+            ));
+        }
+        let hw = self.redis.high_water;
+        if !(hw > 0.0 && hw < 1.0) {
+            return bad(format!(
+                "redis.high_water = {hw} is not a share of maxmemory between 0 and 1 (exclusive): set e.g. 0.8 to refuse new jobs above 80% of maxmemory"
+            ));
+        }
         let d = &self.delivery;
         if d.username.is_some() && d.tls == TlsMode::Opportunistic {
             return bad("delivery.username is set with delivery.tls = \"opportunistic\", which does not verify the relay's certificate: an attacker on the path would get the password. Set delivery.tls = \"required\" (add delivery.tls_ca_file for a private CA), or tls = \"none\" for a trusted local relay".into());
@@ -1379,6 +1410,23 @@ secret = "0123456789abcdef0123"
         assert_eq!(s.delivery.relay, "10.0.0.1:25");
         assert_eq!(s.intake.batch, 64);
         assert_eq!(s.redis.prefix, "x:");
+    }
+
+    #[test]
+    fn high_water_is_a_share_and_the_hard_bound_not_below_max_len() {
+        let with = |k: &str, v: &str| {
+            Settings::from_toml(MIN, vec![(k.to_string(), v.to_string())])
+                .map_err(|e| e.to_string())
+        };
+        let s = with("PALOMA_REDIS__HIGH_WATER", "0.9").unwrap();
+        assert_eq!(s.redis.high_water, 0.9);
+        assert_eq!(s.events.hard_max_len(), 10_000_000);
+        for bad in ["0", "1", "1.5", "-0.2"] {
+            let e = with("PALOMA_REDIS__HIGH_WATER", bad).unwrap_err();
+            assert!(e.contains("redis.high_water") && e.contains("0.8"), "{e}");
+        }
+        let e = with("PALOMA_EVENTS__HARD_MAX_LEN", "10").unwrap_err();
+        assert!(e.contains("events.hard_max_len"), "{e}");
     }
 
     #[test]

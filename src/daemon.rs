@@ -233,10 +233,14 @@ impl App {
             metrics.clone(),
             stop_rx.clone(),
         ));
+        // Events the workflow group has not read are never trimmed, whether this daemon
+        // runs workflows or not (a delivery-only daemon of a fleet protects them too).
+        let workflow_group = format!("{}-workflows", settings.redis.group);
         tokio::spawn(crate::queue::events::retain(
             conn.clone(),
             keys.clone(),
-            settings.events.max_age.get(),
+            settings.events.clone(),
+            workflow_group,
             metrics.clone(),
             stop_rx.clone(),
         ));
@@ -257,6 +261,16 @@ impl App {
             stop_rx.clone(),
         )
         .await?;
+        tokio::spawn(crate::store::checks::watch_memory(
+            conn.clone(),
+            keys.sends.clone(),
+            keys.scheduled.clone(),
+            settings.redis.high_water,
+            metrics.clone(),
+            health.clone(),
+            Duration::from_secs(1),
+            stop_rx.clone(),
+        ));
         tokio::spawn(crate::store::checks::watch(
             conn.clone(),
             settings.redis.allow_eviction,
@@ -339,12 +353,10 @@ impl App {
             });
         }
         let api = settings.api.listen.map(|_| {
-            Arc::new(crate::api::Api::new(
-                &settings,
-                conn.clone(),
-                keys.clone(),
-                metrics.clone(),
-            ))
+            Arc::new(
+                crate::api::Api::new(&settings, conn.clone(), keys.clone(), metrics.clone())
+                    .with_health(health.clone()),
+            )
         });
         let pages = api
             .as_ref()

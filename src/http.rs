@@ -1,5 +1,6 @@
 //! The operations endpoint: `GET /metrics` (Prometheus text), `/healthz` (the process
-//! answers), `/readyz` (intake running and Redis reachable).
+//! answers), `/readyz` (intake running and Redis reachable; warnings, such as Redis memory
+//! above the high-water mark, beside "ready").
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -111,8 +112,18 @@ async fn readyz(State(mut ops): State<Ops>) -> impl IntoResponse {
             format!("not ready: {why}\n"),
         );
     }
-    match health.warning() {
-        Some(w) => (StatusCode::OK, format!("ready (warning: {w})\n")),
-        None => (StatusCode::OK, "ready\n".to_string()),
+    // Above the memory high-water mark new jobs are refused, but this daemon stays ready:
+    // its deliveries free memory, and clicks and opt-outs must still reach it.
+    let warnings: Vec<String> = health
+        .warning()
+        .into_iter()
+        .chain(health.memory_refusal())
+        .collect();
+    match warnings.is_empty() {
+        true => (StatusCode::OK, "ready\n".to_string()),
+        false => (
+            StatusCode::OK,
+            format!("ready (warning: {})\n", warnings.join("; ")),
+        ),
     }
 }

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub api_requests: IntCounterVec,
     /// Jobs posted to `POST /api/v1/sends`, accepted or refused.
     pub api_jobs: IntCounterVec,
+    /// What Redis holds against what it may: stream lags, retention, memory.
+    pub capacity: Capacity,
 }
 
 impl Metrics {
@@ -293,7 +295,7 @@ impl Metrics {
         let redis_check = IntGaugeVec::new(
             Opts::new(
                 "paloma_redis_check",
-                "Checks of the Redis server at start and every minute: version (>= 7.0), eviction (maxmemory-policy noeviction), persistence (AOF or RDB snapshots); 1 passed, 0 failed.",
+                "Checks of the Redis server at start and every few seconds: version (>= 7.0), eviction (maxmemory-policy noeviction), persistence (AOF or RDB snapshots), memory (below redis.high_water of maxmemory, every second); 1 passed, 0 failed.",
             ),
             &["check"],
         )
@@ -360,7 +362,9 @@ impl Metrics {
             "Jobs posted to POST /api/v1/sends, by result: accepted (written to the sends stream) or refused.",
             &["result"],
         );
+        let capacity = Capacity::new(&registry);
         let m = Metrics {
+            capacity,
             experiment_messages,
             experiment_decisions,
             campaigns_held,
@@ -471,5 +475,74 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// How full Redis is and how far behind its readers are: consumer-group lag, the events
+/// retention held back for the workflow engine, memory against `maxmemory`.
+pub struct Capacity {
+    /// Entries of `{prefix}sends` / `{prefix}events` not yet delivered to each group.
+    pub stream_lag: IntGaugeVec,
+    /// Events kept past `[events] max_len` because the workflow group has not read them.
+    pub events_held: IntGauge,
+    /// How far past `[events] max_age` the oldest event is kept for the workflow group.
+    pub events_held_seconds: IntGauge,
+    /// Events trimmed by `[events] hard_max_len` before the workflow group read them.
+    pub events_lost: IntCounter,
+    /// Redis `used_memory` / `maxmemory` (0 without a limit).
+    pub redis_memory_ratio: prometheus::Gauge,
+}
+
+impl Capacity {
+    fn new(registry: &Registry) -> Capacity {
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+            r.register(Box::new(m.clone())).expect("unique metric");
+            m
+        }
+        Capacity {
+            stream_lag: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "paloma_stream_lag",
+                        "Entries of the sends and events streams not yet delivered to each consumer group (XINFO GROUPS lag), refreshed every second or two.",
+                    ),
+                    &["group"],
+                )
+                .expect("valid metric"),
+            ),
+            events_held: reg(
+                registry,
+                IntGauge::new(
+                    "paloma_events_held",
+                    "Events kept past events.max_len because the workflow engine has not read them yet (0: retention as configured).",
+                )
+                .expect("valid metric"),
+            ),
+            events_held_seconds: reg(
+                registry,
+                IntGauge::new(
+                    "paloma_events_held_seconds",
+                    "How far past events.max_age the oldest event is kept because the workflow engine has not read it yet.",
+                )
+                .expect("valid metric"),
+            ),
+            events_lost: reg(
+                registry,
+                IntCounter::new(
+                    "paloma_events_lost_total",
+                    "Events trimmed by events.hard_max_len before the workflow engine read them (their follow-ups, webhooks and timers are lost), as seen by this daemon.",
+                )
+                .expect("valid metric"),
+            ),
+            redis_memory_ratio: reg(
+                registry,
+                prometheus::Gauge::new(
+                    "paloma_redis_memory_ratio",
+                    "Redis used_memory / maxmemory, checked every second (0 when Redis has no maxmemory); above redis.high_water new jobs are refused.",
+                )
+                .expect("valid metric"),
+            ),
+        }
     }
 }

@@ -127,11 +127,12 @@ fn the_events_stream_keeps_its_length_and_age_bounds_and_counters_stay_exact() {
     wait_until("600 delivered", Duration::from_secs(60), || {
         stat(&mut conn, &setup.prefix, "ret", "delivered") == 600
     });
-    // MAXLEN ~ trims whole stream nodes (100 entries each by default).
-    let n = xlen(&mut conn, &setup.prefix);
-    assert!(
-        (100..=300).contains(&n),
-        "{n} events kept with max_len = 100"
+    // The retention task trims to max_len within a second or two, in whole stream nodes
+    // (100 entries each by default) when no workflow group needs the events.
+    wait_until(
+        "the events stream trimmed to about max_len = 100",
+        Duration::from_secs(5),
+        || (100..200).contains(&xlen(&mut conn, &setup.prefix)),
     );
     assert_eq!(sink.count(), 600);
     // Older than max_age: gone, while the counters stay.

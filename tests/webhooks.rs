@@ -316,3 +316,214 @@ webhook = "http://127.0.0.1:{never}/x"
         .expect("exits")
         .success());
 }
+
+/// Issue 21, point 5: a workflow outage at volume must not lose the events the engine has
+/// not read. While the only daemon running has no workflows (the engine's daemons are
+/// down), `[events] max_len` is passed rather than trimming what the workflow group has not
+/// read, and a gauge says so; once an engine is back, every event gets its webhook and the
+/// stream is trimmed to its bound again.
+#[test]
+fn events_the_workflow_engine_has_not_read_are_kept_past_max_len() {
+    // Small stream nodes, so that the old `XADD … MAXLEN ~ 20` would really trim.
+    let redis = Redis::start_with(&["--stream-node-max-entries", "10"]);
+    let sink = Sink::start(&[]);
+    let (crm, mport) = (free_port(), free_port());
+    let base = format!(
+        r#"
+[metrics]
+listen = "127.0.0.1:{mport}"
+[events]
+max_len = 20
+max_age = "1h"
+"#
+    );
+    let setup = Setup::new(
+        &redis.url(),
+        sink.port,
+        "",
+        "",
+        &format!(
+            r#"{base}
+[webhooks]
+secret = "{HOOK_SECRET}"
+[[workflows]]
+name = "crm"
+campaign = "bulk"
+on = "delivered"
+webhook = "http://127.0.0.1:{crm}/hook"
+"#
+        ),
+    );
+    let with_workflows = std::fs::read_to_string(&setup.config).unwrap();
+    let plain = setup.path("plain.toml");
+    std::fs::write(
+        &plain,
+        &with_workflows[..with_workflows.find("[webhooks]").unwrap()],
+    )
+    .unwrap();
+    let mut conn = redis.conn();
+    let events_key = format!("{}events", setup.prefix);
+    let group_exists = |conn: &mut redis::Connection| {
+        let g: redis::RedisResult<Vec<HashMap<String, redis::Value>>> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&events_key)
+            .query(conn);
+        g.is_ok_and(|g| !g.is_empty())
+    };
+
+    // A daemon with workflows creates the engine's group, then the fleet's workflow
+    // daemons are gone; one without workflows delivers 200 jobs.
+    let mut engine = Daemon::spawn(&setup.config);
+    wait_until_daemon(
+        "the workflow group",
+        Duration::from_secs(30),
+        &engine,
+        || group_exists(&mut conn),
+    );
+    engine.signal("TERM");
+    assert!(engine
+        .wait(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+    let n = 200;
+    enqueue_raw(&mut conn, &setup.prefix, &jobs(n, "bulk", "example.test"));
+    let plain_daemon = Daemon::spawn(&plain);
+    let delivered = r#"paloma_messages_total{campaign="bulk",outcome="delivered"}"#;
+    wait_until_daemon(
+        "200 delivered",
+        Duration::from_secs(60),
+        &plain_daemon,
+        || metric(mport, delivered) == n as f64,
+    );
+    // The retention round after the last write holds back at max_len + the unread ones.
+    wait_until_daemon(
+        "the retention held back by the workflow group",
+        Duration::from_secs(20),
+        &plain_daemon,
+        || metric(mport, "paloma_events_held") >= (n - 20) as f64,
+    );
+    let len: usize = redis::cmd("XLEN")
+        .arg(&events_key)
+        .query(&mut conn)
+        .unwrap();
+    assert!(len >= n, "every unread event kept: {len}");
+    assert!(
+        metric(mport, r#"paloma_stream_lag{group="paloma-workflows"}"#) >= n as f64,
+        "the workflow group's lag is exported"
+    );
+    assert!(plain_daemon
+        .log_text()
+        .contains("the workflow engine has not read it yet"));
+    drop(plain_daemon);
+
+    // The engine is back: every delivery gets its webhook, and then the stream its bound.
+    let got = receiver(crm, 0);
+    let engine = Daemon::spawn(&setup.config);
+    let ids = wait_for_daemon("200 webhooks", Duration::from_secs(60), &engine, || {
+        let ids: std::collections::BTreeSet<String> = got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, body)| serde_json::from_str::<Value>(body).unwrap()["id"].to_string())
+            .collect();
+        (ids.len() >= n).then_some(ids)
+    });
+    assert_eq!(ids.len(), n);
+    wait_until_daemon(
+        "the stream back to max_len",
+        Duration::from_secs(20),
+        &engine,
+        || {
+            let len: usize = redis::cmd("XLEN")
+                .arg(&events_key)
+                .query(&mut conn)
+                .unwrap();
+            len <= 20 && metric(mport, "paloma_events_held") == 0.0
+        },
+    );
+    assert_eq!(
+        metric(mport, r#"paloma_stream_lag{group="paloma-workflows"}"#),
+        0.0
+    );
+    assert_eq!(metric(mport, "paloma_events_lost_total"), 0.0);
+}
+
+/// The last resort, `[events] hard_max_len`, does drop events the workflow engine has not
+/// read, but never silently: they are counted in `paloma_events_lost_total` and logged.
+#[test]
+fn unread_events_dropped_by_the_hard_bound_are_counted() {
+    let redis = Redis::start_with(&["--stream-node-max-entries", "10"]);
+    let sink = Sink::start(&[]);
+    let mport = free_port();
+    let setup = Setup::new(
+        &redis.url(),
+        sink.port,
+        "",
+        "",
+        &format!(
+            r#"
+[metrics]
+listen = "127.0.0.1:{mport}"
+[events]
+max_len = 20
+hard_max_len = 40
+[webhooks]
+secret = "{HOOK_SECRET}"
+[[workflows]]
+name = "crm"
+campaign = "bulk"
+on = "delivered"
+webhook = "http://127.0.0.1:{}/hook"
+"#,
+            free_port()
+        ),
+    );
+    let with_workflows = std::fs::read_to_string(&setup.config).unwrap();
+    let plain = setup.path("plain.toml");
+    std::fs::write(
+        &plain,
+        &with_workflows[..with_workflows.find("[webhooks]").unwrap()],
+    )
+    .unwrap();
+    let mut conn = redis.conn();
+    let events_key = format!("{}events", setup.prefix);
+    let mut engine = Daemon::spawn(&setup.config);
+    wait_until_daemon(
+        "the workflow group",
+        Duration::from_secs(30),
+        &engine,
+        || {
+            let g: redis::RedisResult<Vec<HashMap<String, redis::Value>>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&events_key)
+                .query(&mut conn);
+            g.is_ok_and(|g| !g.is_empty())
+        },
+    );
+    engine.signal("TERM");
+    assert!(engine
+        .wait(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+    let n = 200;
+    enqueue_raw(&mut conn, &setup.prefix, &jobs(n, "bulk", "example.test"));
+    let daemon = Daemon::spawn(&plain);
+    // Every event is either still in the stream or counted lost.
+    let delivered = r#"paloma_messages_total{campaign="bulk",outcome="delivered"}"#;
+    let lost = wait_for_daemon(
+        "lost events counted",
+        Duration::from_secs(60),
+        &daemon,
+        || {
+            let lost = metric(mport, "paloma_events_lost_total");
+            let len: usize = redis::cmd("XLEN")
+                .arg(&events_key)
+                .query(&mut conn)
+                .unwrap();
+            (metric(mport, delivered) == n as f64 && lost as usize + len == n).then_some(lost)
+        },
+    );
+    assert!(
+        lost >= 150.0,
+        "the hard bound kept at most about 40: {lost} lost"
+    );
+    assert!(daemon.log_text().contains("events.hard_max_len"));
+}

@@ -51,6 +51,9 @@ pub struct Api {
     token_hash: [u8; 32],
     /// Bodies of `POST /sends` held at once.
     pub(crate) bodies: Semaphore,
+    /// The daemon's last look at Redis: new jobs are refused above the memory high-water
+    /// mark.
+    pub health: Arc<crate::store::checks::Health>,
 }
 
 impl Api {
@@ -67,7 +70,14 @@ impl Api {
             timeout: a.timeout.get(),
             token_hash: Sha256::digest(a.token.expose().as_bytes()).into(),
             bodies: Semaphore::new(2),
+            health: Arc::default(),
         }
+    }
+
+    /// With the daemon's checks of the Redis server (memory above the high-water mark).
+    pub fn with_health(mut self, health: Arc<crate::store::checks::Health>) -> Api {
+        self.health = health;
+        self
     }
 
     /// Whether `presented` is the token. Both sides are hashed first, so neither the time
@@ -83,6 +93,8 @@ impl Api {
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// Seconds for `Retry-After`, on a refusal that passes by itself.
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -90,7 +102,15 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// A 503 to retry after `seconds`.
+    pub fn retry_later(message: impl Into<String>, seconds: u32) -> ApiError {
+        let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message);
+        e.retry_after = Some(seconds);
+        e
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -100,12 +120,23 @@ impl ApiError {
     /// Redis failed: the request may be retried; the error itself stays in the log.
     pub fn redis(e: redis::RedisError) -> ApiError {
         tracing::warn!(error = %e, "API request: Redis failed");
+        if crate::store::checks::is_full(&e) {
+            // Answering, but full (maxmemory, noeviction): not "unavailable".
+            return ApiError::retry_later(
+                "Redis is full (maxmemory reached); nothing was changed, retry later",
+                MEMORY_RETRY_AFTER,
+            );
+        }
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "Redis is unavailable; nothing was changed, retry later",
         )
     }
 }
+
+/// `Retry-After` (seconds) when Redis memory is above the high-water mark or full: about
+/// the time the daemons take to deliver a batch's worth.
+pub const MEMORY_RETRY_AFTER: u32 = 30;
 
 /// The body of every refusal.
 #[derive(serde::Serialize, utoipa::ToSchema)]
@@ -122,6 +153,10 @@ impl IntoResponse for ApiError {
             }),
         )
             .into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

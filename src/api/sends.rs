@@ -6,7 +6,9 @@
 //! The valid jobs are written with one MULTI/EXEC of XADDs, as they were sent (so the
 //! stream holds the caller's bytes): either every accepted job is in the stream or, if Redis
 //! fails, none is and the answer is 503. With `?all_or_nothing=true` one refused job refuses
-//! the whole request (422, nothing written).
+//! the whole request (422, nothing written). Above the memory high-water mark
+//! ([`crate::store::checks`]) the request is refused with 503 and `Retry-After`, nothing
+//! written.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -68,7 +70,7 @@ pub struct SendsAnswer {
         (status = 408, description = "The body did not arrive within api.timeout", body = ErrorBody),
         (status = 413, description = "Body over api.max_body_bytes, or more than api.max_jobs jobs", body = ErrorBody),
         (status = 422, description = "No job was valid (or one was not, with all_or_nothing); nothing was written", body = SendsAnswer),
-        (status = 503, description = "Redis unavailable; nothing was written", body = ErrorBody),
+        (status = 503, description = "Redis unavailable, full, or its memory above redis.high_water (then with Retry-After); nothing was written", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -131,6 +133,11 @@ pub async fn post_sends(State(api): State<Arc<Api>>, req: Request) -> Result<Res
         };
         return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(answer)).into_response());
     }
+    // The daemon's last look at Redis memory: no round trip per request.
+    if let Some(why) = api.health.memory_refusal() {
+        m.with_label_values(&["refused"]).inc_by(jobs.len() as u64);
+        return Err(ApiError::retry_later(why, super::MEMORY_RETRY_AFTER));
+    }
     let mut p = redis::pipe();
     p.atomic();
     for &i in &valid {
@@ -145,6 +152,8 @@ pub async fn post_sends(State(api): State<Arc<Api>>, req: Request) -> Result<Res
     for (&i, entry) in valid.iter().zip(entries) {
         results[i].entry = Some(entry);
     }
+    let bytes: usize = valid.iter().map(|&i| jobs[i].len()).sum();
+    api.health.note_accepted(valid.len() as u64, bytes as u64);
     m.with_label_values(&["accepted"])
         .inc_by(valid.len() as u64);
     m.with_label_values(&["refused"]).inc_by(refused as u64);

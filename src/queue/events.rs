@@ -152,41 +152,205 @@ impl<'a> Event<'a> {
     }
 }
 
-/// Age retention of `{prefix}events` (`[events] max_age`): every `max_age / 4` (between 1 s
-/// and a minute) entries older than `max_age` are trimmed (exact `XTRIM MINID`; the length
-/// bound is kept by `MAXLEN ~` on every write). Any daemon may do it; trimming twice is
-/// harmless.
+/// Retention of `{prefix}events` (`[events]`), and the lag of every consumer group.
+///
+/// Every second or two (a quarter of `max_age` when that is shorter) any daemon trims the
+/// stream to `max_len` entries and `max_age`, in one script (`scripts/trim_events.lua`),
+/// never past the oldest entry the workflow group (`workflow_group`,
+/// `{redis.group}-workflows`, whenever it exists: also on daemons that run no workflows
+/// themselves) still needs: the older of its oldest pending entry and its last-delivered
+/// one. A workflow engine that stops reading for hours then costs memory
+/// (which the high-water mark of [`crate::store::checks`] turns into back-pressure on new
+/// jobs), not follow-ups and `not_*` timers. While the group holds the trim back,
+/// `paloma_events_held` (entries past `max_len`) and `paloma_events_held_seconds` (the
+/// oldest entry's age past `max_age`) say so, and a warning is logged at most once a
+/// minute. Writes keep only the far larger `hard_max_len` by themselves (`XADD … MAXLEN
+/// ~`); what that bound drops before the group read it is counted in
+/// `paloma_events_lost_total` and logged as an error.
+///
+/// The same round sets `paloma_stream_lag{group}` for every group on `{prefix}sends` and
+/// `{prefix}events` (`XINFO GROUPS`: entries not yet delivered to the group).
 pub async fn retain(
     mut conn: crate::store::RedisConn,
     keys: super::Keys,
-    max_age: std::time::Duration,
+    settings: crate::config::EventSettings,
+    workflow_group: String,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let every = (max_age / 4).clamp(
-        std::time::Duration::from_secs(1),
-        std::time::Duration::from_secs(60),
-    );
+    use std::time::{Duration, Instant};
+    let max_age = settings.max_age.get();
+    let every = (max_age / 4).clamp(Duration::from_millis(200), Duration::from_secs(2));
+    let script = redis::Script::new(include_str!("scripts/trim_events.lua"));
+    let group = workflow_group;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_warned: Option<Instant> = None;
+    // Unread entries gone in the current gap (reset once the group is past it), so that
+    // each is counted once by this daemon.
+    let mut lost_seen = 0i64;
+    let mut lags = Lags::default();
+    let mut more = false;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
+        if !more {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            lags.refresh(&mut conn, &keys, &metrics).await;
         }
-        let min = super::now_ms() - max_age.as_millis() as i64;
-        if min <= 0 {
-            continue;
-        }
-        let r: redis::RedisResult<i64> = redis::cmd("XTRIM")
-            .arg(&keys.events)
-            .arg("MINID")
-            .arg(format!("{min}-0"))
-            .query_async(&mut conn)
+        let now = super::now_ms();
+        let cutoff = (now - max_age.as_millis() as i64).max(0);
+        let r: redis::RedisResult<(i64, i64, String, i64, i64)> = script
+            .key(&keys.events)
+            .arg(format!("{cutoff}-0"))
+            .arg(settings.max_len)
+            .arg(&group)
+            .arg(TRIM_CHUNK)
+            .invoke_async(&mut conn)
             .await;
-        if let Err(e) = r {
-            metrics.redis_errors.inc();
-            tracing::debug!(error = %e, "trimming old events failed; next round");
+        let (_removed, held, first, lost, again) = match r {
+            Ok(r) => r,
+            Err(e) => {
+                metrics.redis_errors.inc();
+                tracing::debug!(error = %e, "trimming the events stream failed; next round");
+                more = false;
+                continue;
+            }
+        };
+        more = again == 1;
+        let first_ms = (!first.is_empty()).then(|| super::Entry::id_millis(&first));
+        let held_ms = first_ms.map_or(0, |f| (cutoff - f).max(0));
+        metrics.capacity.events_held.set(held);
+        metrics.capacity.events_held_seconds.set(held_ms / 1000);
+        if held > 0 || held_ms > 0 {
+            if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                last_warned = Some(Instant::now());
+                tracing::warn!(
+                    group = %group,
+                    over_max_len = held,
+                    past_max_age_s = held_ms / 1000,
+                    "the events stream is kept past its retention because the workflow engine has not read it yet: is it running? (if workflows are no longer used anywhere, remove its group: XGROUP DESTROY {{prefix}}events {{group}})"
+                );
+            }
+        } else {
+            last_warned = None;
         }
+        if lost > lost_seen {
+            metrics
+                .capacity
+                .events_lost
+                .inc_by((lost - lost_seen) as u64);
+            tracing::error!(
+                group = %group,
+                lost = lost - lost_seen,
+                hard_max_len = settings.hard_max_len(),
+                "events the workflow engine had not read were trimmed by events.hard_max_len: their follow-ups, webhooks and timers are lost"
+            );
+        }
+        lost_seen = lost;
     }
+}
+
+/// Entries removed for the length bound in one script call, at most.
+const TRIM_CHUNK: u64 = 10_000;
+
+/// The groups last seen on the two streams, so a removed group's series goes too.
+#[derive(Default)]
+struct Lags {
+    seen: std::collections::HashSet<String>,
+}
+
+impl Lags {
+    async fn refresh(
+        &mut self,
+        conn: &mut crate::store::RedisConn,
+        keys: &super::Keys,
+        metrics: &crate::metrics::Metrics,
+    ) {
+        let mut now = std::collections::HashMap::<String, i64>::new();
+        for stream in [&keys.sends, &keys.events] {
+            match stream_lags(conn, stream).await {
+                Ok(lags) => {
+                    for (g, lag) in lags {
+                        *now.entry(g).or_default() += lag;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, stream = %stream, "reading the consumer groups failed");
+                    return;
+                }
+            }
+        }
+        for (g, lag) in &now {
+            metrics
+                .capacity
+                .stream_lag
+                .with_label_values(&[g])
+                .set(*lag);
+        }
+        for g in self.seen.iter().filter(|g| !now.contains_key(*g)) {
+            let _ = metrics.capacity.stream_lag.remove_label_values(&[g]);
+        }
+        self.seen = now.into_keys().collect();
+    }
+}
+
+/// Each group of `stream` and how many entries it has not been delivered yet: Redis's
+/// `lag`, or, where Redis cannot tell it (entries deleted in between), entries added minus
+/// entries read.
+async fn stream_lags(
+    conn: &mut crate::store::RedisConn,
+    stream: &str,
+) -> redis::RedisResult<Vec<(String, i64)>> {
+    use redis::Value;
+    type Info = Vec<std::collections::HashMap<String, Value>>;
+    let groups: Info = match redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+    {
+        Ok(g) => g,
+        // No stream yet: no groups.
+        Err(e) if e.code() == Some("ERR") && e.to_string().contains("no such key") => {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(e),
+    };
+    let int = |v: Option<&Value>| match v {
+        Some(Value::Int(n)) => Some(*n),
+        _ => None,
+    };
+    let text = |v: Option<&Value>| match v {
+        Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        Some(Value::SimpleString(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let mut added: Option<i64> = None;
+    let mut out = Vec::with_capacity(groups.len());
+    for g in &groups {
+        let lag = match int(g.get("lag")) {
+            Some(l) => l,
+            None => {
+                let Some(read) = int(g.get("entries-read")) else {
+                    continue;
+                };
+                if added.is_none() {
+                    let info: std::collections::HashMap<String, Value> = redis::cmd("XINFO")
+                        .arg("STREAM")
+                        .arg(stream)
+                        .query_async(conn)
+                        .await?;
+                    added = int(info.get("entries-added"));
+                }
+                match added {
+                    Some(a) => (a - read).max(0),
+                    None => continue,
+                }
+            }
+        };
+        out.push((text(g.get("name")), lag));
+    }
+    Ok(out)
 }

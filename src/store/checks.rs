@@ -7,6 +7,13 @@
 //!   who opted out). Refused unless `redis.allow_eviction`; `/readyz` reports it.
 //! - **persistence** (AOF, or RDB snapshots): without it a restart loses the delayed set,
 //!   the suppression list and the events. Warned.
+//! - **memory** (every second, [`watch_memory`]): `used_memory`, plus a reserve for each
+//!   job accepted but not yet ended, against `redis.high_water` × `maxmemory`. Above it new
+//!   jobs are refused (`POST /api/v1/sends` 503 with `Retry-After`, `paloma enqueue`
+//!   stops), so that the rest of `maxmemory` still holds the outcomes of the jobs already
+//!   accepted and recipients' opt-outs; a full Redis (OOM) would refuse those alike.
+//!   `/readyz` says so (still ready: tracking, opt-outs and deliveries go on), and
+//!   `paloma_redis_memory_ratio` is `used_memory / maxmemory`. No `maxmemory`: no limit.
 //!
 //! Each result is the gauge `paloma_redis_check{check}` (1 passed, 0 failed). In a Redis
 //! Cluster the server commands go to one node and are not checked.
@@ -108,11 +115,105 @@ pub async fn facts(conn: &mut RedisConn) -> redis::RedisResult<Option<ServerFact
     }))
 }
 
-/// The latest verdict, shared with `/readyz`: 0 fine, 1 warned, 2 not ready.
+/// Bytes held back per job accepted but not yet ended, for what its end writes: its
+/// terminal event, idempotency record, return-path key, recipient hash and more, less the
+/// sends entry it frees (measured about 250 B net, README "Sizing Redis"), with a margin.
+pub const RESERVE_PER_JOB: u64 = 1024;
+
+/// Whether Redis refused `e` because it is full (`maxmemory` reached, `noeviction`): an
+/// OOM reply, also inside an aborted MULTI/EXEC.
+pub fn is_full(e: &redis::RedisError) -> bool {
+    e.code() == Some("OOM")
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|errs| errs.iter().any(|(_, s)| s.code() == "OOM"))
+}
+
+/// One look at Redis's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    /// `used_memory`.
+    pub used: u64,
+    /// `maxmemory`; 0 is no limit.
+    pub max: u64,
+    /// Jobs accepted and not yet ended: the sends stream and the delayed set.
+    pub backlog: u64,
+}
+
+impl Memory {
+    /// `used / max`; 0 without a limit.
+    pub fn ratio(&self) -> f64 {
+        if self.max == 0 {
+            return 0.0;
+        }
+        self.used as f64 / self.max as f64
+    }
+
+    /// Why new jobs are refused, if they are: `used`, the reserve for the backlog and
+    /// `extra` bytes (written since the look) reach `high_water` of `max`.
+    pub fn refusal(&self, high_water: f64, extra: u64) -> Option<String> {
+        if self.max == 0 {
+            return None;
+        }
+        let reserve = self.backlog.saturating_mul(RESERVE_PER_JOB);
+        let committed = self.used.saturating_add(reserve).saturating_add(extra);
+        let mark = (self.max as f64 * high_water) as u64;
+        let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
+        (committed >= mark).then(|| {
+            format!(
+                "Redis memory is above the high-water mark: {:.1} MB used of maxmemory {:.1} MB, plus {:.1} MB kept for the outcomes of {} accepted jobs not yet done, reaches redis.high_water = {} ({:.1} MB); new jobs are refused until the daemons have delivered more (or raise maxmemory)",
+                mb(self.used),
+                mb(self.max),
+                mb(reserve.saturating_add(extra)),
+                self.backlog,
+                high_water,
+                mb(mark),
+            )
+        })
+    }
+}
+
+/// Looks at memory and backlog (one pipelined round trip); None in a cluster, where INFO
+/// would answer for one node of several.
+pub async fn memory(
+    conn: &mut RedisConn,
+    sends: &str,
+    scheduled: &str,
+) -> redis::RedisResult<Option<Memory>> {
+    if matches!(conn, RedisConn::Cluster(_)) {
+        return Ok(None);
+    }
+    let (info, queued, delayed): (String, u64, u64) = redis::pipe()
+        .cmd("INFO")
+        .arg("memory")
+        .cmd("XLEN")
+        .arg(sends)
+        .cmd("ZCARD")
+        .arg(scheduled)
+        .query_async(conn)
+        .await?;
+    let num = |k: &str| {
+        info_field(&info, k)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok(Some(Memory {
+        used: num("used_memory"),
+        max: num("maxmemory"),
+        backlog: queued + delayed,
+    }))
+}
+
+/// The latest verdict, shared with `/readyz`: 0 fine, 1 warned, 2 not ready. Also the
+/// latest look at memory, which the API reads before each batch (no round trip).
 #[derive(Default)]
 pub struct Health {
     state: AtomicU8,
     reason: std::sync::Mutex<String>,
+    /// The last look and `redis.high_water`.
+    memory: std::sync::Mutex<Option<(Memory, f64)>>,
+    /// Bytes (and reserves) this process has accepted since that look.
+    accepted: std::sync::atomic::AtomicU64,
 }
 
 impl Health {
@@ -126,6 +227,27 @@ impl Health {
     pub fn warning(&self) -> Option<String> {
         (self.state.load(Ordering::Relaxed) == 1)
             .then(|| self.reason.lock().map(|r| r.clone()).unwrap_or_default())
+    }
+
+    /// Why new jobs are refused, if Redis memory is above the high-water mark (as of the
+    /// last look, plus what this process accepted since).
+    pub fn memory_refusal(&self) -> Option<String> {
+        let m = *self.memory.lock().ok()?;
+        let (m, high_water) = m?;
+        m.refusal(high_water, self.accepted.load(Ordering::Relaxed))
+    }
+
+    /// `jobs` of `bytes` were written to the sends stream: counted until the next look.
+    pub fn note_accepted(&self, jobs: u64, bytes: u64) {
+        let add = bytes.saturating_add(jobs.saturating_mul(RESERVE_PER_JOB));
+        self.accepted.fetch_add(add, Ordering::Relaxed);
+    }
+
+    fn set_memory(&self, m: Memory, high_water: f64) {
+        if let Ok(mut g) = self.memory.lock() {
+            *g = Some((m, high_water));
+            self.accepted.store(0, Ordering::Relaxed);
+        }
     }
 
     fn set(&self, state: u8, reason: String) {
@@ -204,6 +326,56 @@ pub async fn watch(
     }
 }
 
+/// Looks at Redis memory every `every` until `stop`: the gauges, `health`, and a log line
+/// when new jobs start or stop being refused.
+#[allow(clippy::too_many_arguments)]
+pub async fn watch_memory(
+    mut conn: RedisConn,
+    sends: String,
+    scheduled: String,
+    high_water: f64,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut refusing = false;
+    loop {
+        let m = match memory(&mut conn, &sends, &scheduled).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "looking at Redis memory failed; next round");
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => continue,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        };
+        health.set_memory(m, high_water);
+        metrics.capacity.redis_memory_ratio.set(m.ratio());
+        let refusal = m.refusal(high_water, 0);
+        metrics
+            .redis_check
+            .with_label_values(&["memory"])
+            .set(i64::from(refusal.is_none()));
+        match (&refusal, refusing) {
+            (Some(why), false) => tracing::warn!("{why}"),
+            (None, true) => tracing::info!(
+                used = m.used,
+                maxmemory = m.max,
+                "Redis memory is below the high-water mark again: new jobs are taken"
+            ),
+            _ => {}
+        }
+        refusing = refusal.is_some();
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +402,31 @@ mod tests {
             f("8.0.0", "noeviction", Some(false)).findings(),
             [Finding::NoPersistence]
         );
+    }
+
+    #[test]
+    fn memory_above_the_mark_refuses_counting_the_backlog_and_no_limit_never_does() {
+        let mb = 1024 * 1024;
+        let m = |used, max, backlog| Memory { used, max, backlog };
+        assert!(m(90 * mb, 0, 1_000_000).refusal(0.8, 0).is_none());
+        assert!(m(70 * mb, 100 * mb, 0).refusal(0.8, 0).is_none());
+        let why = m(81 * mb, 100 * mb, 0).refusal(0.8, 0).unwrap();
+        assert!(why.contains("high-water") && why.contains("redis.high_water = 0.8"));
+        // 10,000 jobs waiting hold back their outcomes' reserve.
+        assert!(m(70 * mb, 100 * mb, 10_240).refusal(0.8, 0).is_some());
+        assert!(m(70 * mb, 100 * mb, 0).refusal(0.8, 10 * mb).is_some());
+        let h = Health::default();
+        assert!(h.memory_refusal().is_none(), "no look yet: no refusal");
+        h.set_memory(m(70 * mb, 100 * mb, 0), 0.8);
+        assert!(h.memory_refusal().is_none());
+        h.note_accepted(5_000, 6 * mb);
+        assert!(
+            h.memory_refusal().is_some(),
+            "what this process accepted counts"
+        );
+        h.set_memory(m(70 * mb, 100 * mb, 0), 0.8);
+        assert!(h.memory_refusal().is_none(), "until the next look");
+        assert_eq!(m(25 * mb, 100 * mb, 0).ratio(), 0.25);
     }
 
     #[test]

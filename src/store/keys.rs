@@ -50,7 +50,9 @@ pub struct Keys {
     pub webhooks: String,
     /// Campaign → `paused` | `cancelled` (absent: active).
     pub campaign_states: String,
-    /// `XADD … MAXLEN ~` of every event (`[events] max_len`).
+    /// `XADD … MAXLEN ~` of every event: the hard bound (`[events] hard_max_len`), far
+    /// above `max_len`, which the retention task keeps without passing what the workflow
+    /// engine has not read.
     pub events_max_len: u64,
 }
 
@@ -69,13 +71,13 @@ impl Keys {
             timers_cancelled: format!("{prefix}timers:cancelled"),
             webhooks: format!("{prefix}webhooks"),
             campaign_states: format!("{prefix}campaign_states"),
-            events_max_len: crate::config::EventSettings::default().max_len,
+            events_max_len: crate::config::EventSettings::default().hard_max_len(),
         }
     }
 
     /// The same keys, with the configured retention of the events stream.
     pub fn retaining(mut self, events: &crate::config::EventSettings) -> Self {
-        self.events_max_len = events.max_len;
+        self.events_max_len = events.hard_max_len();
         self
     }
 
