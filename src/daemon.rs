@@ -96,6 +96,9 @@ impl App {
         .await?;
         let reader = connect(&client, i.block.get() + Duration::from_secs(5)).await?;
         let health = Arc::new(Health::default());
+        if let Err(e) = crate::store::clock::sync(&mut conn.clone()).await {
+            tracing::warn!(error = %e, "could not read the Redis server's clock (TIME)");
+        }
         match crate::store::checks::facts(&mut conn.clone()).await {
             Ok(Some(f)) => {
                 for w in f.findings() {
@@ -254,6 +257,11 @@ impl App {
             stop_rx.clone(),
         )
         .await?;
+        tokio::spawn(crate::store::clock::watch(
+            conn.clone(),
+            Duration::from_secs(5),
+            stop_rx.clone(),
+        ));
         tokio::spawn(crate::store::checks::watch(
             conn.clone(),
             settings.redis.allow_eviction,

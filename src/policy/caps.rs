@@ -50,7 +50,7 @@ impl Caps {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let now = chrono::Utc::now().timestamp();
+        let now = crate::queue::now_ms() / 1000;
         let build = || {
             let mut p = redis::pipe();
             for (addr, id) in jobs {

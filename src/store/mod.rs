@@ -8,6 +8,7 @@
 //! hash tag (`{paloma}:`), and a cluster configuration without one is refused.
 
 pub mod checks;
+pub mod clock;
 pub mod keys;
 
 use std::time::{Duration, Instant};
