@@ -36,6 +36,9 @@ pub struct Metrics {
     /// Tracking endpoint requests by kind (open, click, unsubscribe) and result.
     pub tracking_requests: IntCounterVec,
     pub tracking_events_dropped: IntCounter,
+    /// Open and click events dead-lettered: one of their keys holds another type, or Redis
+    /// kept refusing their batch.
+    pub tracking_events_dead: IntCounter,
     pub machine_hits: IntCounterVec,
     /// Opens and clicks recorded, by campaign, type and human/machine.
     pub engagement: IntCounterVec,
@@ -255,6 +258,10 @@ impl Metrics {
             "paloma_tracking_events_dropped_total",
             "Open and click events dropped because Redis fell behind.",
         );
+        let tracking_events_dead = counter(
+            "paloma_tracking_events_dead_total",
+            "Open and click events put in the dead letters: a key of theirs holds another type, or Redis kept refusing their batch.",
+        );
         let workflow_actions = vec(
             "paloma_workflow_actions_total",
             "Workflow actions by rule, action (send, webhook, timer) and result.",
@@ -382,6 +389,7 @@ impl Metrics {
             sites_suspended,
             tracking_requests,
             tracking_events_dropped,
+            tracking_events_dead,
             machine_hits,
             engagement,
             engagement_unique,

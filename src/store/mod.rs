@@ -21,6 +21,14 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::config::Settings;
 
+/// True when Redis answered with an error that comes again however often the same
+/// command is sent (WRONGTYPE: another tool wrote a key of another type; a script's own
+/// error), as against an outage (no connection, a timeout, loading, a failover, out of
+/// memory), which waiting mends. Writers bound their retries of the first kind only.
+pub fn is_refusal(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("WRONGTYPE" | "ERR" | "EXECABORT"))
+}
+
 /// Where Redis is: a server or a cluster.
 pub enum RedisTarget {
     Single(redis::Client),
