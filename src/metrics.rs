@@ -39,6 +39,8 @@ pub struct Metrics {
     /// Open and click events dead-lettered: one of their keys holds another type, or Redis
     /// kept refusing their batch.
     pub tracking_events_dead: IntCounter,
+    /// Messages rendered and signed on a blocking thread (large ones).
+    pub renders_blocking: IntCounter,
     pub machine_hits: IntCounterVec,
     /// Opens and clicks recorded, by campaign, type and human/machine.
     pub engagement: IntCounterVec,
@@ -258,6 +260,10 @@ impl Metrics {
             "paloma_tracking_events_dropped_total",
             "Open and click events dropped because Redis fell behind.",
         );
+        let renders_blocking = counter(
+            "paloma_renders_blocking_total",
+            "Messages rendered and DKIM-signed on a blocking thread because they are large.",
+        );
         let tracking_events_dead = counter(
             "paloma_tracking_events_dead_total",
             "Open and click events put in the dead letters: a key of theirs holds another type, or Redis kept refusing their batch.",
@@ -390,6 +396,7 @@ impl Metrics {
             tracking_requests,
             tracking_events_dropped,
             tracking_events_dead,
+            renders_blocking,
             machine_hits,
             engagement,
             engagement_unique,
