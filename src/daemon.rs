@@ -96,9 +96,6 @@ impl App {
         .await?;
         let reader = connect(&client, i.block.get() + Duration::from_secs(5)).await?;
         let health = Arc::new(Health::default());
-        if let Err(e) = crate::store::clock::sync(&mut conn.clone()).await {
-            tracing::warn!(error = %e, "could not read the Redis server's clock (TIME)");
-        }
         match crate::store::checks::facts(&mut conn.clone()).await {
             Ok(Some(f)) => {
                 for w in f.findings() {

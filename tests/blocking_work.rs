@@ -218,6 +218,7 @@ async fn a_large_message_is_signed_on_a_blocking_thread_and_small_ones_flow() {
         .into_iter()
         .find(|raw| raw.len() > 256 * 1024)
         .expect("the large message at the sink");
+    eprintln!("the large message: {} bytes", large.len());
     let msg = AuthenticatedMessage::parse(&large).expect("parse");
     let out = auth.verify_dkim(&msg).await;
     assert_eq!(out.len(), 1, "one signature");

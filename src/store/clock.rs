@@ -9,7 +9,8 @@
 //! The offset is one per process, not a handle: every daemon of a process talks to the same
 //! Redis (tests that run several share one server, or servers on one host, offset 0), and
 //! `now_ms()` is called from places (event times, the recorder) that have no handle to pass.
-//! A process that never measured it (the CLI) uses its own clock, offset 0.
+//! Every new connection (`store::connect`) measures it, so the CLI's due times (`campaign
+//! resume` releasing parked jobs) follow the server's clock too.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;

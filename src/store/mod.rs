@@ -132,7 +132,7 @@ pub async fn connect(
     target: &RedisTarget,
     response_timeout: Duration,
 ) -> anyhow::Result<RedisConn> {
-    match target {
+    let conn = match target {
         RedisTarget::Single(client) => {
             let cfg = ConnectionManagerConfig::new()
                 .set_response_timeout(Some(response_timeout))
@@ -155,7 +155,13 @@ pub async fn connect(
                 .map(RedisConn::Cluster)
                 .context("cannot connect to the Redis Cluster (redis.cluster_nodes)")
         }
+    }?;
+    // Due times written through it (a daemon's retries, a CLI's `campaign resume`) follow
+    // the server's clock (`clock`); a server that does not answer TIME leaves the offset.
+    if let Err(e) = clock::sync(&mut conn.clone()).await {
+        tracing::debug!(error = %e, "reading the Redis server's TIME failed");
     }
+    Ok(conn)
 }
 
 /// Connects, and waits until the server answers commands (it may be starting, or loading
