@@ -19,8 +19,10 @@ local function misfit(key, want)
   if t == 'none' then return nil end
   if want == 'hll' then
     if t ~= 'string' then return key .. ' holds a ' .. t .. ', not a HyperLogLog' end
-    local r = redis.pcall('PFCOUNT', key)
-    if type(r) == 'table' and r.err then return key .. ' holds a string, not a HyperLogLog' end
+    -- A HyperLogLog is a string that starts with its magic (PFCOUNT would recount it).
+    if redis.call('GETRANGE', key, 0, 3) ~= 'HYLL' then
+      return key .. ' holds a string, not a HyperLogLog'
+    end
     return nil
   end
   if t ~= want then return key .. ' holds a ' .. t .. ', not a ' .. want end
