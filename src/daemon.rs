@@ -271,6 +271,11 @@ impl App {
             Duration::from_secs(1),
             stop_rx.clone(),
         ));
+        tokio::spawn(crate::store::clock::watch(
+            conn.clone(),
+            Duration::from_secs(5),
+            stop_rx.clone(),
+        ));
         tokio::spawn(crate::store::checks::watch(
             conn.clone(),
             settings.redis.allow_eviction,

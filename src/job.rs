@@ -28,6 +28,9 @@ pub enum JobError {
     Render { template: String, reason: String },
     #[error("internal error: {0}")]
     Internal(String),
+    /// Redis refused the job's own records (a key of the wrong type, a script error).
+    #[error("{0}")]
+    Store(String),
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> JobError {

@@ -42,6 +42,11 @@ pub struct Metrics {
     /// Tracking endpoint requests by kind (open, click, unsubscribe) and result.
     pub tracking_requests: IntCounterVec,
     pub tracking_events_dropped: IntCounter,
+    /// Open and click events dead-lettered: one of their keys holds another type, or Redis
+    /// kept refusing their batch.
+    pub tracking_events_dead: IntCounter,
+    /// Messages rendered and signed on a blocking thread (large ones).
+    pub renders_blocking: IntCounter,
     pub machine_hits: IntCounterVec,
     /// Opens and clicks recorded, by campaign, type and human/machine.
     pub engagement: IntCounterVec,
@@ -271,6 +276,14 @@ impl Metrics {
             "paloma_tracking_events_dropped_total",
             "Open and click events dropped because Redis fell behind.",
         );
+        let renders_blocking = counter(
+            "paloma_renders_blocking_total",
+            "Messages rendered and DKIM-signed on a blocking thread because they are large.",
+        );
+        let tracking_events_dead = counter(
+            "paloma_tracking_events_dead_total",
+            "Open and click events put in the dead letters: a key of theirs holds another type, or Redis kept refusing their batch.",
+        );
         let workflow_actions = vec(
             "paloma_workflow_actions_total",
             "Workflow actions by rule, action (send, webhook, timer) and result.",
@@ -402,6 +415,8 @@ impl Metrics {
             sites_suspended,
             tracking_requests,
             tracking_events_dropped,
+            tracking_events_dead,
+            renders_blocking,
             machine_hits,
             engagement,
             engagement_unique,

@@ -3,6 +3,7 @@
 
 pub mod deadline;
 pub mod mx;
+pub mod relay;
 pub mod smtp;
 
 pub use crate::outcome::Outcome;
@@ -16,7 +17,8 @@ use lettre::transport::smtp::client::Certificate;
 use lettre::transport::smtp::extension::ClientId;
 
 use crate::config::{DeliveryMode, DeliverySettings};
-use smtp::{Pool, SessionConfig, Site};
+use relay::Relay;
+use smtp::{SessionConfig, Site};
 
 /// How many sessions a destination may hold and how many messages each carries, asked of
 /// the shaping rules when a site is first built (the pipeline passes `shape::Shaper`).
@@ -75,7 +77,7 @@ impl AttemptFlags {
 /// Where messages go.
 pub enum Deliverer {
     /// Everything through one smarthost.
-    Relay(Arc<Site>),
+    Relay(Box<Relay>),
     /// Straight to each domain's MX hosts.
     Mx(Box<mx::MxRouter>),
 }
@@ -161,13 +163,6 @@ impl Deliverer {
     ) -> Result<Self, DeliverError> {
         match d.mode {
             DeliveryMode::Relay => {
-                let addr = tokio::net::lookup_host(d.relay.as_str())
-                    .await
-                    .map_err(|e| DeliverError::Relay(d.relay.clone(), e.to_string()))?
-                    .next()
-                    .ok_or_else(|| {
-                        DeliverError::Relay(d.relay.clone(), "resolves to no address".into())
-                    })?;
                 let host = d
                     .relay
                     .rsplit_once(':')
@@ -187,13 +182,9 @@ impl Deliverer {
                             .unwrap_or_default(),
                     )
                 });
-                let pool = Pool::new(addr, cfg, open);
-                Ok(Deliverer::Relay(Site::new(
-                    d.relay.clone(),
-                    vec![d.relay.clone()],
-                    vec![pool],
-                    d.connections,
-                )))
+                let relay =
+                    Relay::new(&d.relay, || mx::resolver(d), cfg, d.connections, open).await?;
+                Ok(Deliverer::Relay(Box::new(relay)))
             }
             DeliveryMode::Mx => Ok(Deliverer::Mx(Box::new(mx::MxRouter::new(
                 d, helo, limits, open,
@@ -204,14 +195,14 @@ impl Deliverer {
     /// The route for a recipient domain.
     pub async fn route(&self, domain: &str) -> Route {
         match self {
-            Deliverer::Relay(site) => Route::Site(site.clone()),
+            Deliverer::Relay(relay) => Route::Site(relay.site().await),
             Deliverer::Mx(router) => router.route(domain).await,
         }
     }
 
     pub async fn close(&self) {
         match self {
-            Deliverer::Relay(site) => site.close_idle().await,
+            Deliverer::Relay(relay) => relay.current().close_idle().await,
             Deliverer::Mx(router) => router.close_idle().await,
         }
     }
@@ -220,7 +211,7 @@ impl Deliverer {
     /// sites and pools. Called every few seconds by the daemon.
     pub fn reap(&self) {
         match self {
-            Deliverer::Relay(site) => site.reap_idle(),
+            Deliverer::Relay(relay) => relay.current().reap_idle(),
             Deliverer::Mx(router) => router.reap(),
         }
     }

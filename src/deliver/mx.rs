@@ -48,6 +48,40 @@ pub struct MxRouter {
     max_addresses: usize,
 }
 
+/// The resolver of `delivery.nameservers` (the system's when empty), for MX hosts and a
+/// relay given by name.
+pub fn resolver(d: &DeliverySettings) -> Result<TokioResolver, DeliverError> {
+    let mut opts = ResolverOpts::default();
+    opts.timeout = Duration::from_secs(5);
+    opts.attempts = 2;
+    opts.cache_size = 10_000;
+    opts.max_active_requests = 256;
+    let builder = if d.nameservers.is_empty() {
+        TokioResolver::builder_tokio().map_err(|e| DeliverError::Resolver(e.to_string()))?
+    } else {
+        let mut servers = Vec::new();
+        for ns in &d.nameservers {
+            let addr: SocketAddr = ns
+                .parse()
+                .or_else(|_| ns.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                .map_err(|_| DeliverError::Resolver(format!("{ns:?} is not ip or ip:port")))?;
+            let mut cfg = NameServerConfig::udp_and_tcp(addr.ip());
+            for c in &mut cfg.connections {
+                c.port = addr.port();
+            }
+            servers.push(cfg);
+        }
+        TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(servers),
+            TokioRuntimeProvider::default(),
+        )
+    };
+    builder
+        .with_options(opts)
+        .build()
+        .map_err(|e| DeliverError::Resolver(e.to_string()))
+}
+
 impl MxRouter {
     pub fn new(
         d: &DeliverySettings,
@@ -55,35 +89,7 @@ impl MxRouter {
         limits: Arc<dyn Limits>,
         open: Arc<AtomicI64>,
     ) -> Result<Self, DeliverError> {
-        let mut opts = ResolverOpts::default();
-        opts.timeout = Duration::from_secs(5);
-        opts.attempts = 2;
-        opts.cache_size = 10_000;
-        opts.max_active_requests = 256;
-        let builder = if d.nameservers.is_empty() {
-            TokioResolver::builder_tokio().map_err(|e| DeliverError::Resolver(e.to_string()))?
-        } else {
-            let mut servers = Vec::new();
-            for ns in &d.nameservers {
-                let addr: SocketAddr = ns
-                    .parse()
-                    .or_else(|_| ns.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-                    .map_err(|_| DeliverError::Resolver(format!("{ns:?} is not ip or ip:port")))?;
-                let mut cfg = NameServerConfig::udp_and_tcp(addr.ip());
-                for c in &mut cfg.connections {
-                    c.port = addr.port();
-                }
-                servers.push(cfg);
-            }
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_name_servers(servers),
-                TokioRuntimeProvider::default(),
-            )
-        };
-        let resolver = builder
-            .with_options(opts)
-            .build()
-            .map_err(|e| DeliverError::Resolver(e.to_string()))?;
+        let resolver = resolver(d)?;
         Ok(MxRouter {
             resolver,
             port: d.mx_port,

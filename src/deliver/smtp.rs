@@ -537,8 +537,12 @@ pub struct Site {
     pub key: String,
     /// The MX host names (the relay in relay mode), in preference order.
     pub hosts: Vec<String>,
-    pools: Vec<Arc<Pool>>,
+    /// Swapped whole when a relay's name resolves to other addresses (`super::relay`); a
+    /// send works on the list it started with.
+    pools: std::sync::RwLock<Vec<Arc<Pool>>>,
     permits: Semaphore,
+    /// Sends that found every address unreachable: a relay's name is resolved again then.
+    unreachable: std::sync::atomic::AtomicU64,
 }
 
 impl Site {
@@ -551,9 +555,24 @@ impl Site {
         Arc::new(Site {
             key,
             hosts,
-            pools,
+            pools: std::sync::RwLock::new(pools),
             permits: Semaphore::new(connections.max(1)),
+            unreachable: Default::default(),
         })
+    }
+
+    fn pools(&self) -> Vec<Arc<Pool>> {
+        self.pools.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the addresses (their pools) sessions go to; the cap on sessions stays.
+    pub fn set_pools(&self, pools: Vec<Arc<Pool>>) {
+        *self.pools.write().unwrap_or_else(|e| e.into_inner()) = pools;
+    }
+
+    /// How many sends so far found no address that would take a session.
+    pub fn unreachable(&self) -> u64 {
+        self.unreachable.load(Ordering::Relaxed)
     }
 
     /// Sends over the first address that accepts a session. None when `stop` turned true
@@ -569,7 +588,7 @@ impl Site {
             _ = stop.wait_for(|s| *s) => return None,
         };
         let mut last = String::from("no address to deliver to");
-        for pool in &self.pools {
+        for pool in &self.pools() {
             match pool.attempt(envelope, message).await {
                 Attempt::Done(o) => return Some(o),
                 Attempt::Unreachable(reason) => {
@@ -578,17 +597,18 @@ impl Site {
                 }
             }
         }
+        self.unreachable.fetch_add(1, Ordering::Relaxed);
         Some(Outcome::Deferred { response: last })
     }
 
     pub async fn close_idle(&self) {
-        for p in &self.pools {
+        for p in &self.pools() {
             p.close_idle().await;
         }
     }
 
     pub fn reap_idle(&self) {
-        for p in &self.pools {
+        for p in &self.pools() {
             p.reap_idle();
         }
     }

@@ -11,7 +11,8 @@ use tokio::sync::{watch, Semaphore};
 use super::Stages;
 use crate::control::State;
 use crate::experiment::Assign;
-use crate::job::Job;
+use crate::job::{Job, JobError};
+use crate::policy::caps::Reserved;
 use crate::policy::suppression;
 use crate::queue::consumer::Backoff;
 use crate::queue::intake::{Claim, Claimed, Intake};
@@ -102,6 +103,38 @@ where
             Ok(v) => return v,
             Err(e) => {
                 stages.metrics.redis_errors.inc();
+                tracing::warn!(error = %e, "{what} failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// How often Redis may refuse a batch's writes (answer with an error, as against not
+/// answering) before the batch's jobs are dead-lettered with the reason: a key of the wrong
+/// type that another tool wrote fails the same way every time, and retrying it for ever
+/// would hold the batch, its consumer and every job behind it.
+const REFUSALS: u32 = 5;
+
+/// [`until_ok`] with a bound on refusals ([`REFUSALS`]); outages are still waited out.
+async fn until_ok_or_refused<T, F, Fut>(stages: &Stages, what: &str, mut f: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<T>>,
+{
+    let mut refusals = 0;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                stages.metrics.redis_errors.inc();
+                if crate::store::is_refusal(&e) {
+                    refusals += 1;
+                    if refusals >= REFUSALS {
+                        tracing::warn!(error = %e, "{what} refused {refusals} times; dead-lettering the batch");
+                        return Err(format!("{what} refused by Redis: {e}"));
+                    }
+                }
                 tracing::warn!(error = %e, "{what} failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -268,24 +301,38 @@ async fn apply_caps(stages: &Stages, ready: Vec<(Entry, Job)>) -> Vec<(Entry, Jo
         .filter(|(_, j)| !j.transactional)
         .map(|(_, j)| (j.to.as_str(), j.id.as_str()))
         .collect();
-    let allowed = until_ok(stages, "checking frequency caps", || {
+    let allowed = until_ok_or_refused(stages, "checking frequency caps", || {
         let mut redis = stages.redis.clone();
         let marketing = &marketing;
         async move { caps.reserve(&mut redis, &stages.keys, marketing).await }
     })
     .await;
+    let n = marketing.len();
     drop(marketing);
-    let mut allowed = allowed.into_iter();
+    let mut allowed = match allowed {
+        Ok(a) => a.into_iter(),
+        Err(reason) => (0..n)
+            .map(|_| Reserved::Refused(reason.clone()))
+            .collect::<Vec<_>>()
+            .into_iter(),
+    };
     let mut out = Vec::with_capacity(ready.len());
     for (entry, job) in ready {
-        if job.transactional || allowed.next().unwrap_or(true) {
+        if job.transactional {
             out.push((entry, job));
             continue;
         }
-        stages
-            .recorder
-            .send(Record::suppressed(&entry, &job, "frequency_cap"))
-            .await;
+        let record = match allowed.next().unwrap_or(Reserved::Go) {
+            Reserved::Go => {
+                out.push((entry, job));
+                continue;
+            }
+            Reserved::Capped => Record::suppressed(&entry, &job, "frequency_cap"),
+            Reserved::Refused(reason) => {
+                Record::dead(&entry, &JobError::Store(reason), &job.identity(), true)
+            }
+        };
+        stages.recorder.send(record).await;
     }
     out
 }

@@ -68,9 +68,13 @@ pub async fn work(stages: Arc<Stages>, entry: Entry, mut job: Job, _permit: Owne
     m.in_flight.dec();
 }
 
+/// A job whose JSON and template sources together are larger than this is rendered and
+/// signed on a blocking thread (the newsletter's are about 3 KB).
+pub const BLOCKING_RENDER_BYTES: usize = 64 * 1024;
+
 /// The record of one job's attempt; None when shutdown came before anything was sent.
 async fn attempt(
-    stages: &Stages,
+    stages: &Arc<Stages>,
     entry: &Entry,
     job: &mut Job,
     ident: &JobIdentity,
@@ -115,13 +119,36 @@ async fn attempt(
     }
     // Render.
     let t0 = Instant::now();
-    let mut message = Vec::with_capacity(16 * 1024);
-    let mut scratch = Vec::new();
-    if let Err(e) = stages.renderer.render(job, &mut message, &mut scratch) {
+    let size = entry.job.len() + stages.renderer.templates().size(job.template.as_str());
+    let (message, rendered) = if size > BLOCKING_RENDER_BYTES {
+        // A large message takes milliseconds to render, hash and sign: on a blocking thread,
+        // so that the runtime's few threads keep every other session and request moving.
+        let st = stages.clone();
+        let mut owned = job.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let (mut message, mut scratch) = (Vec::with_capacity(size * 2), Vec::new());
+            let r = st.renderer.render(&mut owned, &mut message, &mut scratch);
+            (owned, message, r)
+        })
+        .await;
+        match done {
+            Ok((owned, message, r)) => {
+                *job = owned;
+                m.renders_blocking.inc();
+                (message, r)
+            }
+            // A panic there is a panic here: the worker dead-letters the job.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    } else {
+        let (mut message, mut scratch) = (Vec::with_capacity(16 * 1024), Vec::new());
+        let r = stages.renderer.render(job, &mut message, &mut scratch);
+        (message, r)
+    };
+    if let Err(e) = rendered {
         return Some(Record::dead(entry, &e, ident, true));
     }
     m.render_seconds.observe(t0.elapsed().as_secs_f64());
-    drop(scratch);
     // The envelope sender: the job's VERP return path when `[bounces]` is on.
     let verp = stages
         .return_paths

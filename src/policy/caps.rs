@@ -39,20 +39,22 @@ impl Caps {
         })
     }
 
-    /// Reserves a slot for each `(address, job id)`; false where a cap is reached. One
-    /// pipelined round trip per batch.
+    /// Reserves a slot for each `(address, job id)`: one pipelined round trip per batch.
+    /// Each job is answered on its own: a recipient record that is not a hash (another tool
+    /// wrote there) or a script error refuses that job, not the batch.
     pub async fn reserve(
         &self,
         conn: &mut RedisConn,
         keys: &Keys,
         jobs: &[(&str, &str)],
-    ) -> redis::RedisResult<Vec<bool>> {
+    ) -> redis::RedisResult<Vec<Reserved>> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let now = chrono::Utc::now().timestamp();
+        let now = crate::queue::now_ms() / 1000;
         let build = || {
             let mut p = redis::pipe();
+            p.ignore_errors();
             for (addr, id) in jobs {
                 let c = p
                     .cmd("EVALSHA")
@@ -68,20 +70,56 @@ impl Caps {
             }
             p
         };
-        let replies: redis::RedisResult<Vec<i64>> = build().query_async(conn).await;
-        let replies = match replies {
-            // A restarted Redis forgot the script: load it and go again.
-            Err(e) if e.code() == Some("NOSCRIPT") => {
-                redis::cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(RESERVE)
-                    .query_async::<String>(conn)
-                    .await?;
-                build().query_async(conn).await?
+        let mut replies: Vec<redis::Value> = build().query_async(conn).await?;
+        // A restarted Redis forgot the script: load it and go again.
+        let noscript =
+            |v: &redis::Value| matches!(v, redis::Value::ServerError(e) if e.code() == "NOSCRIPT");
+        if replies.iter().any(noscript) {
+            redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(RESERVE)
+                .query_async::<String>(conn)
+                .await?;
+            replies = build().query_async(conn).await?;
+        }
+        Ok(replies
+            .into_iter()
+            .zip(jobs)
+            .map(|(v, (addr, _))| Reserved::from_reply(v, addr))
+            .collect())
+    }
+}
+
+/// What the script answered for one job.
+#[derive(Debug, PartialEq)]
+pub enum Reserved {
+    /// The slot is taken: the job may go.
+    Go,
+    /// A cap is reached.
+    Capped,
+    /// Redis refused this job's reservation (why): it cannot be counted, so it is not sent.
+    Refused(String),
+}
+
+impl Reserved {
+    fn from_reply(v: redis::Value, addr: &str) -> Reserved {
+        match v {
+            redis::Value::Int(1) => Reserved::Go,
+            redis::Value::Int(_) => Reserved::Capped,
+            redis::Value::BulkString(b) => {
+                let s = String::from_utf8_lossy(&b);
+                let kind = s.strip_prefix("wrongtype:").unwrap_or(&s);
+                Reserved::Refused(format!(
+                    "the frequency-cap record of {addr} holds a Redis {kind}, not a hash"
+                ))
             }
-            other => other?,
-        };
-        Ok(replies.into_iter().map(|r| r == 1).collect())
+            redis::Value::ServerError(e) => {
+                Reserved::Refused(format!("reserving a frequency-cap slot failed: {e:?}"))
+            }
+            other => Reserved::Refused(format!(
+                "reserving a frequency-cap slot: unexpected reply {other:?}"
+            )),
+        }
     }
 }
 

@@ -74,6 +74,7 @@ impl consumer::StreamEntry for Entry {
     }
 }
 
+/// Now, in ms since the epoch, by the Redis server's clock (see `store::clock`).
 pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    crate::store::clock::now_ms()
 }

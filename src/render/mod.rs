@@ -50,6 +50,8 @@ pub struct Templates {
     /// No escaping: subject.hbs and text.hbs.
     plain: Handlebars<'static>,
     has_text: HashMap<String, bool>,
+    /// Bytes of each template's sources: with the job's data, what a render costs.
+    sizes: HashMap<String, usize>,
 }
 
 impl Templates {
@@ -61,6 +63,7 @@ impl Templates {
         html.set_strict_mode(strict);
         plain.set_strict_mode(strict);
         let mut has_text = HashMap::new();
+        let mut sizes = HashMap::new();
         let entries =
             std::fs::read_dir(dir).map_err(|e| TemplateError::Dir(dir.display().to_string(), e))?;
         for entry in entries {
@@ -98,12 +101,17 @@ impl Templates {
             if let Some(text) = &text {
                 compile(&mut plain, "text", text)?;
             }
+            sizes.insert(
+                name.clone(),
+                subject.len() + body.len() + text.as_ref().map_or(0, String::len),
+            );
             has_text.insert(name, text.is_some());
         }
         Ok(Templates {
             html,
             plain,
             has_text,
+            sizes,
         })
     }
 
@@ -113,6 +121,11 @@ impl Templates {
 
     pub fn contains(&self, name: &str) -> bool {
         self.has_text.contains_key(name)
+    }
+
+    /// Bytes of the template's sources (0 for an unknown one).
+    pub fn size(&self, name: &str) -> usize {
+        self.sizes.get(name).copied().unwrap_or(0)
     }
 }
 

@@ -8,6 +8,7 @@
 //! hash tag (`{paloma}:`), and a cluster configuration without one is refused.
 
 pub mod checks;
+pub mod clock;
 pub mod keys;
 
 use std::time::{Duration, Instant};
@@ -19,6 +20,14 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::config::Settings;
+
+/// True when Redis answered with an error that comes again however often the same
+/// command is sent (WRONGTYPE: another tool wrote a key of another type; a script's own
+/// error), as against an outage (no connection, a timeout, loading, a failover, out of
+/// memory), which waiting mends. Writers bound their retries of the first kind only.
+pub fn is_refusal(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("WRONGTYPE" | "ERR" | "EXECABORT"))
+}
 
 /// Where Redis is: a server or a cluster.
 pub enum RedisTarget {
@@ -123,7 +132,7 @@ pub async fn connect(
     target: &RedisTarget,
     response_timeout: Duration,
 ) -> anyhow::Result<RedisConn> {
-    match target {
+    let conn = match target {
         RedisTarget::Single(client) => {
             let cfg = ConnectionManagerConfig::new()
                 .set_response_timeout(Some(response_timeout))
@@ -146,7 +155,13 @@ pub async fn connect(
                 .map(RedisConn::Cluster)
                 .context("cannot connect to the Redis Cluster (redis.cluster_nodes)")
         }
+    }?;
+    // Due times written through it (a daemon's retries, a CLI's `campaign resume`) follow
+    // the server's clock (`clock`); a server that does not answer TIME leaves the offset.
+    if let Err(e) = clock::sync(&mut conn.clone()).await {
+        tracing::debug!(error = %e, "reading the Redis server's TIME failed");
     }
+    Ok(conn)
 }
 
 /// Connects, and waits until the server answers commands (it may be starting, or loading

@@ -84,6 +84,11 @@ const PIXEL: &[u8] = &[
 /// out), 1 recorded, 2 recorded and the first by a person for that send.
 const WRITE_EVENTS: &str = include_str!("scripts/write_events.lua");
 
+/// How often Redis may refuse a batch of tracking events (answer with an error, as against
+/// not answering) before the batch goes to the dead letters with the reason, rather than
+/// being retried for ever behind every click that follows.
+const REFUSALS: u32 = 5;
+
 /// Records a recipient's opt-out: in `optouts` (kept apart from the suppression list, so that
 /// removing a bounce or a manual block later cannot undo it), on the suppression list unless
 /// the address is already there for another reason, and as one `unsubscribed` event — the
@@ -378,7 +383,8 @@ async fn write_events(
     while rx.recv_many(&mut buf, EVENT_BATCH).await > 0 {
         let mut inv = script.key(&keys.suppressed);
         inv.key(&keys.events)
-            .arg(chrono::Utc::now().timestamp())
+            .key(&keys.dead)
+            .arg(crate::queue::now_ms() / 1000)
             .arg(keys.events_max_len);
         for p in &buf {
             inv.key(keys.stats(&p.campaign))
@@ -399,21 +405,38 @@ async fn write_events(
                 .arg(&p.touch);
         }
         let mut delay = Duration::from_millis(50);
+        let mut refusals = 0;
         let codes = loop {
             match inv.invoke_async::<Vec<i64>>(&mut redis).await {
                 Ok(c) => break c,
                 Err(e) => {
                     metrics.redis_errors.inc();
+                    if crate::store::is_refusal(&e) {
+                        refusals += 1;
+                        if refusals >= REFUSALS {
+                            dead_letter_events(&mut redis, &keys, &buf, &e.to_string(), &metrics)
+                                .await;
+                            break Vec::new();
+                        }
+                    }
                     tracing::warn!(error = %e, events = buf.len(), "writing tracking events failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
             }
         };
+        let skipped = codes.iter().filter(|c| **c < 0).count();
+        if skipped > 0 {
+            metrics.tracking_events_dead.inc_by(skipped as u64);
+            tracing::warn!(
+                events = skipped,
+                "tracking events whose Redis keys hold another type went to the dead letters"
+            );
+        }
         // Engagement metrics per campaign (and per named link), counted per batch from what
         // the script actually recorded.
         for (p, code) in buf.iter().zip(codes) {
-            if code == 0 {
+            if code <= 0 {
                 continue;
             }
             let what = if p.kind == "o" { "opened" } else { "clicked" };
@@ -436,6 +459,41 @@ async fn write_events(
             }
         }
         buf.clear();
+    }
+}
+
+/// A batch Redis keeps refusing goes to `{prefix}dead`, each event with the error (fields
+/// `event`, `error`), so that it can be looked at and replayed; if even that fails it is
+/// dropped and counted, never retried for ever.
+async fn dead_letter_events(
+    redis: &mut RedisConn,
+    keys: &Keys,
+    buf: &[Pending],
+    error: &str,
+    metrics: &Metrics,
+) {
+    let mut p = redis::pipe();
+    for e in buf {
+        p.cmd("XADD")
+            .arg(&keys.dead)
+            .arg("*")
+            .arg("event")
+            .arg(&e.event)
+            .arg("error")
+            .arg(error)
+            .ignore();
+    }
+    tracing::warn!(
+        error,
+        events = buf.len(),
+        "Redis keeps refusing a batch of tracking events; dead-lettered"
+    );
+    match p.query_async::<()>(redis).await {
+        Ok(()) => metrics.tracking_events_dead.inc_by(buf.len() as u64),
+        Err(e) => {
+            metrics.tracking_events_dropped.inc_by(buf.len() as u64);
+            tracing::warn!(error = %e, events = buf.len(), "dead-lettering tracking events failed; dropped");
+        }
     }
 }
 

@@ -335,8 +335,12 @@ impl Dns {
     /// `records` are dnsmasq options without the leading `--`, e.g.
     /// `txt-record=s1._domainkey.shop.test,"v=DKIM1; …"`.
     pub fn start(records: &[String]) -> Dns {
+        Self::start_on(free_port(), records)
+    }
+
+    /// On a given port: a restart with other records, at the address a daemon already uses.
+    pub fn start_on(port: u16, records: &[String]) -> Dns {
         ensure_tools();
-        let port = free_port();
         let mut cmd = Command::new(sbin("dnsmasq"));
         cmd.args([
             "--no-daemon",

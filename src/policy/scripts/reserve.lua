@@ -1,3 +1,9 @@
+-- A key of another type than a hash (another tool wrote there) is answered with its type,
+-- before anything is written: the job is dead-lettered with that reason, the batch goes on.
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'hash' and kind ~= 'none' then
+  return 'wrongtype:' .. kind
+end
 local now, keep, tag = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local kept = {}
 for entry in string.gmatch(redis.call('HGET', KEYS[1], 's') or '', '[^,]+') do
