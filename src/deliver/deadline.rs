@@ -75,9 +75,44 @@ pub struct Deadlined {
     inner: TcpStream,
     limits: Arc<Limits>,
     /// The deadline of the stage `read_stage`, from its first wait for a reply.
-    read_timer: Option<Pin<Box<Sleep>>>,
+    read_timer: Timer,
     read_stage: u64,
-    write_timer: Option<Pin<Box<Sleep>>>,
+    write_timer: Timer,
+}
+
+/// One timer, allocated once per session and re-armed for each wait (a wait per reply is a
+/// wait per message: no allocation there).
+struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    armed: bool,
+}
+
+impl Timer {
+    fn new() -> Self {
+        Timer {
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed: false,
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    /// Arms the timer for `limit_ms` if it is not armed, then polls it: true once it fired
+    /// (and it is disarmed again).
+    fn expired(&mut self, limit_ms: u64, cx: &mut Context<'_>) -> bool {
+        if !self.armed {
+            let at = Instant::now() + Duration::from_millis(limit_ms);
+            self.sleep.as_mut().reset(at);
+            self.armed = true;
+        }
+        let fired = self.sleep.as_mut().poll(cx).is_ready();
+        if fired {
+            self.armed = false;
+        }
+        fired
+    }
 }
 
 impl Deadlined {
@@ -85,9 +120,9 @@ impl Deadlined {
         Deadlined {
             inner,
             limits,
-            read_timer: None,
+            read_timer: Timer::new(),
             read_stage: 0,
-            write_timer: None,
+            write_timer: Timer::new(),
         }
     }
 }
@@ -98,16 +133,6 @@ impl std::fmt::Debug for Deadlined {
             .field("inner", &self.inner)
             .finish_non_exhaustive()
     }
-}
-
-/// Polls `timer` (started on the first pending poll); `Err(TimedOut)` once it fires.
-fn expired(timer: &mut Option<Pin<Box<Sleep>>>, limit_ms: u64, cx: &mut Context<'_>) -> bool {
-    let t = timer.get_or_insert_with(|| {
-        Box::pin(tokio::time::sleep_until(
-            Instant::now() + Duration::from_millis(limit_ms),
-        ))
-    });
-    t.as_mut().poll(cx).is_ready()
 }
 
 fn timed_out(what: &str, ms: u64) -> io::Error {
@@ -127,14 +152,13 @@ impl AsyncRead for Deadlined {
         let stage = this.limits.stage.load(Ordering::Relaxed);
         if stage != this.read_stage {
             this.read_stage = stage;
-            this.read_timer = None;
+            this.read_timer.disarm();
         }
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(r) => Poll::Ready(r),
             Poll::Pending => {
                 let ms = this.limits.read_ms.load(Ordering::Relaxed);
-                if expired(&mut this.read_timer, ms, cx) {
-                    this.read_timer = None;
+                if this.read_timer.expired(ms, cx) {
                     this.limits.read_timed_out.store(true, Ordering::Relaxed);
                     return Poll::Ready(Err(timed_out("waiting for the reply", ms)));
                 }
@@ -155,13 +179,13 @@ impl Deadlined {
             Poll::Ready(r) => r,
             Poll::Pending => {
                 let ms = self.limits.write_ms.load(Ordering::Relaxed);
-                if !expired(&mut self.write_timer, ms, cx) {
+                if !self.write_timer.expired(ms, cx) {
                     return Poll::Pending;
                 }
                 Err(timed_out("sending", ms))
             }
         };
-        self.write_timer = None;
+        self.write_timer.disarm();
         if r.is_err() {
             self.limits.write_failed.store(true, Ordering::Relaxed);
         }

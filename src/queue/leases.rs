@@ -117,6 +117,9 @@ pub async fn renew(
     }
 }
 
+/// `held.lua`: which entries a consumer still holds, optionally renewing them.
+pub const HELD: &str = include_str!("scripts/held.lua");
+
 /// Which of `ids` (entries of `stream`) `consumer` of `group` still holds, one flag per id;
 /// with `renew`, the held ones get their idle time reset. One script call.
 pub async fn held(
@@ -127,9 +130,9 @@ pub async fn held(
     ids: &[impl redis::ToRedisArgs],
     renew: bool,
 ) -> redis::RedisResult<Vec<bool>> {
-    static HELD: std::sync::LazyLock<redis::Script> =
-        std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/held.lua")));
-    let flags: Vec<u8> = HELD
+    static SCRIPT: std::sync::LazyLock<redis::Script> =
+        std::sync::LazyLock::new(|| redis::Script::new(HELD));
+    let flags: Vec<u8> = SCRIPT
         .key(stream)
         .arg(group)
         .arg(consumer)

@@ -264,19 +264,22 @@ impl Recorder {
         if ids.is_empty() {
             return Ok(());
         }
-        redis::cmd("WATCH")
+        // WATCH and the check in one round trip (a pipeline, not a transaction).
+        let (held,): (Vec<u8>,) = redis::pipe()
+            .cmd("WATCH")
             .arg(&self.fence)
-            .query_async::<()>(&mut self.conn)
+            .ignore()
+            .cmd("EVAL")
+            .arg(super::leases::HELD)
+            .arg(1)
+            .arg(&self.keys.sends)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg("check")
+            .arg(&ids)
+            .query_async(&mut self.conn)
             .await?;
-        let held = super::leases::held(
-            &mut self.conn,
-            &self.keys.sends,
-            &self.group,
-            &self.consumer,
-            &ids,
-            false,
-        )
-        .await?;
+        let held: Vec<bool> = held.into_iter().map(|h| h == 1).collect();
         if held.iter().all(|h| *h) {
             return Ok(());
         }
