@@ -670,6 +670,11 @@ where
 }
 
 /// Parses a report, finds the jobs it is about, and records it for each, durably.
+///
+/// Which tokens count: every one whose MAC is right under the current secret or an old one.
+/// A report sent to a forged token (and to no valid one) is a forgery, not acted on at all;
+/// a bad token quoted in the text (a stale one, another sender's) is passed over alone, so
+/// it does not void what the valid ones say.
 async fn take_in(
     state: &BounceState,
     script: &redis::Script,
@@ -679,6 +684,10 @@ async fn take_in(
     let m = &state.metrics;
     let paths = &state.rules.paths;
     let count = |kind: &str| m.reports.with_label_values(&[kind]).inc();
+    if envelope.forged && envelope.tokens.is_empty() {
+        count("forged");
+        return Ok(());
+    }
     let r = report::parse(raw, envelope.null_sender);
     let findings: Vec<Finding> = match &r.kind {
         Kind::AutoReply => {
@@ -735,13 +744,8 @@ async fn take_in(
         count("other");
         return Ok(());
     }
-    // A token of ours with a wrong MAC, in the envelope or the text: a forgery, not acted
-    // on at all (a real report carries the real token).
+    // Tokens in the text with a wrong MAC are passed over, one by one.
     let (found, invalid) = paths.find(raw);
-    if envelope.forged || invalid > 0 {
-        count("forged");
-        return Ok(());
-    }
     // The jobs: signed tokens (the envelope's, then any in the returned text) name theirs;
     // an X-Paloma-Id counts only when the report also names that job's recipient.
     let mut keys: Vec<(String, bool)> = envelope.tokens.iter().map(|k| (k.clone(), true)).collect();
@@ -758,15 +762,17 @@ async fn take_in(
             }
         }
     }
+    // A job sent before a secret rotation has its record under the key of its day.
     for id in &r.paloma_ids {
-        let k = paths.key(id);
-        if !keys.iter().any(|(x, _)| *x == k) {
-            keys.push((k, false));
+        for k in paths.keys(id) {
+            if !keys.iter().any(|(x, _)| *x == k) {
+                keys.push((k, false));
+            }
         }
     }
     keys.truncate(MAX_RCPTS);
     if keys.is_empty() {
-        count("unmatched");
+        count(if invalid > 0 { "forged" } else { "unmatched" });
         return Ok(());
     }
     let mut conn = state.redis.clone();
