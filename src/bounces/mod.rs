@@ -10,10 +10,12 @@
 //!   `bounces.token_ttl` (30 days by default).
 //! - [`report`]: what an inbound message is — an RFC 3464 DSN, an ARF (RFC 5965) feedback
 //!   report, an auto-reply (ignored), or a plain-text bounce — parsed with mail-parser.
+//! - [`fields`]: the sizes of what a report may record, and RFC 3463 statuses.
 //! - [`server`]: the inbound SMTP listener for DSNs and feedback reports.
 //! - [`providers`] (SendGrid) and [`ses`] (Amazon SES through SNS): the same reports as
 //!   signed webhooks on the tracking server; [`record`] writes them all.
 
+pub mod fields;
 pub mod providers;
 pub mod record;
 pub mod report;
