@@ -283,3 +283,28 @@ pub fn loopback_drained(port: u16) -> bool {
             .all(|q| u64::from_str_radix(q, 16) == Ok(0))
     })
 }
+
+/// Sends `message` from `from` to `to` with Python's smtplib (a standard client, as a
+/// reporting MTA would): Ok once the server answered 250 to the final dot, else its error.
+pub fn smtplib_send(port: u16, from: &str, to: &str, message: &[u8]) -> Result<(), String> {
+    use std::process::{Command, Stdio};
+    ensure_tools();
+    let script = "import smtplib, sys\n\
+s = smtplib.SMTP('127.0.0.1', int(sys.argv[1]), timeout=20)\n\
+s.sendmail(sys.argv[2], [sys.argv[3]], sys.stdin.buffer.read())\n\
+s.quit()\n";
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", script, &port.to_string(), from, to])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting python3");
+    child.stdin.take().unwrap().write_all(message).unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
