@@ -211,10 +211,18 @@ pub struct BounceSettings {
     pub token_ttl: Dur,
     /// Largest message taken in (bytes); larger ones get 552.
     pub max_message_bytes: usize,
-    /// Sessions at once; more are refused with 421.
+    /// Sessions at once; past it the oldest one not recording a report is closed (421) to
+    /// make room for a new one.
     pub max_connections: usize,
     /// The longest wait for a client's next command or data line.
     pub timeout: Dur,
+    /// The longest one session may last, however busy (then 421 and closed).
+    pub session_timeout: Dur,
+    /// The longest DATA may last, from 354 to the final dot (then 421 and closed).
+    pub data_timeout: Dur,
+    /// Message data held across all sessions beyond 64 KB each (bytes); a message that
+    /// would need more is read to its end, not kept, and answered 452 (the sender retries).
+    pub max_data_bytes: usize,
 }
 
 impl Default for BounceSettings {
@@ -227,6 +235,9 @@ impl Default for BounceSettings {
             max_message_bytes: 10 * 1024 * 1024,
             max_connections: 256,
             timeout: "30s".parse().expect("valid default"),
+            session_timeout: "5m".parse().expect("valid default"),
+            data_timeout: "2m".parse().expect("valid default"),
+            max_data_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -990,6 +1001,14 @@ impl Settings {
         }
         if b.max_connections == 0 || b.max_message_bytes < 1024 {
             return bad("bounces.max_connections must be above zero and bounces.max_message_bytes at least 1024".into());
+        }
+        if b.timeout.get().is_zero()
+            || b.session_timeout.get().is_zero()
+            || b.data_timeout.get().is_zero()
+        {
+            return bad(
+                "bounces.timeout, session_timeout and data_timeout must be above zero".into(),
+            );
         }
         if self.delivery.retry_intervals.is_empty() {
             return bad("delivery.retry_intervals must not be empty".into());

@@ -441,15 +441,20 @@ impl App {
             (Some(listener), Some(paths)) => {
                 let b = &settings.bounces;
                 let state = crate::bounces::server::BounceState {
-                    paths,
-                    accept: b.accept.iter().map(|a| a.to_ascii_lowercase()).collect(),
+                    rules: crate::bounces::server::Rules {
+                        paths,
+                        accept: b.accept.iter().map(|a| a.to_ascii_lowercase()).collect(),
+                        hostname: settings.sender.helo.clone(),
+                        max_bytes: b.max_message_bytes,
+                        timeout: b.timeout.get(),
+                        session_timeout: b.session_timeout.get(),
+                        data_timeout: b.data_timeout.get(),
+                    },
                     redis: conn.clone(),
                     keys: keys.clone(),
                     metrics: metrics.clone(),
-                    max_bytes: b.max_message_bytes,
                     max_connections: b.max_connections,
-                    timeout: b.timeout.get(),
-                    hostname: settings.sender.helo.clone(),
+                    max_data_bytes: b.max_data_bytes,
                 };
                 Some(crate::bounces::server::serve(
                     listener,

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub returned: IntCounterVec,
     /// `complained` events by campaign.
     pub complaints: IntCounterVec,
+    /// Bounce-listener sessions closed by a limit, by reason.
+    pub bounce_sessions_closed: IntCounterVec,
     /// Campaigns this daemon's copy of the states holds as paused or cancelled.
     pub campaigns_held: IntGaugeVec,
     /// Outcomes of jobs in an experiment, by campaign, variant (config names) and outcome.
@@ -335,6 +337,11 @@ impl Metrics {
             "Feedback-loop complaints by campaign.",
             &["campaign"],
         );
+        let bounce_sessions_closed = vec(
+            "paloma_bounce_sessions_closed_total",
+            "Bounce-listener sessions closed by a limit: evicted (the oldest not recording, to make room at bounces.max_connections), all_busy (refused: every session recording), idle_timeout, data_timeout, session_timeout.",
+            &["reason"],
+        );
         let jobs_parked = counter(
             "paloma_jobs_parked_total",
             "Jobs kept aside (parked) because their campaign is paused; they go out on resume.",
@@ -388,6 +395,7 @@ impl Metrics {
             reports,
             returned,
             complaints,
+            bounce_sessions_closed,
             http_connections,
             http_refused,
             redis_check,

@@ -3,15 +3,19 @@
 //! - [`ReturnPaths`]: with `[bounces] domain` set, each message's envelope sender is
 //!   `b-{token}@domain` (VERP). The token is 32 hex digits: a key derived from the job id
 //!   with an HMAC under `tracking.secret`, and a MAC of that key, so a forged or altered
-//!   token is recognised without a lookup. The key names `{prefix}rp:{key}`, written by the
+//!   token is recognised without a lookup. A token made under one of
+//!   `tracking.old_secrets` verifies too: a DSN for mail sent before a rotation still names
+//!   its job (whose record was written under the key of its day). The key names `{prefix}rp:{key}`, written by the
 //!   intake in the claim round trip of each batch: the job's id, campaign and recipient, for
 //!   `bounces.token_ttl` (30 days by default).
 //! - [`report`]: what an inbound message is — an RFC 3464 DSN, an ARF (RFC 5965) feedback
 //!   report, an auto-reply (ignored), or a plain-text bounce — parsed with mail-parser.
+//! - [`fields`]: the sizes of what a report may record, and RFC 3463 statuses.
 //! - [`server`]: the inbound SMTP listener for DSNs and feedback reports.
 //! - [`providers`] (SendGrid) and [`ses`] (Amazon SES through SNS): the same reports as
 //!   signed webhooks on the tracking server; [`record`] writes them all.
 
+pub mod fields;
 pub mod providers;
 pub mod record;
 pub mod report;
@@ -33,7 +37,9 @@ const MAC_HEX: usize = 12;
 #[derive(Clone)]
 pub struct ReturnPaths {
     pub domain: String,
-    mac: HmacSha256,
+    /// `tracking.secret`'s HMAC (which makes tokens), then each of `old_secrets` (by key id),
+    /// which still check them.
+    macs: Vec<HmacSha256>,
     pub ttl_secs: u64,
 }
 
@@ -48,39 +54,61 @@ impl ReturnPaths {
     /// None unless `[bounces] domain` is set.
     pub fn new(settings: &Settings) -> Option<ReturnPaths> {
         let domain = settings.bounces.domain.clone()?;
-        let mac = HmacSha256::new_from_slice(settings.tracking.secret.expose().as_bytes())
-            .expect("HMAC takes any key");
+        let t = &settings.tracking;
+        let mut old: Vec<_> = t.old_secrets.iter().collect();
+        old.sort_by(|a, b| a.0.cmp(b.0));
+        let macs = std::iter::once(&t.secret)
+            .chain(old.into_iter().map(|(_, s)| s))
+            .map(|s| HmacSha256::new_from_slice(s.expose().as_bytes()).expect("HMAC takes any key"))
+            .collect();
         Some(ReturnPaths {
             domain: domain.to_ascii_lowercase(),
-            mac,
+            macs,
             ttl_secs: settings.bounces.token_ttl.get().as_secs().max(1),
         })
     }
 
-    fn tag(&self, context: &[u8], data: &[u8]) -> [u8; 32] {
-        let mut m = self.mac.clone();
+    fn tag(mac: &HmacSha256, context: &[u8], data: &[u8]) -> [u8; 32] {
+        let mut m = mac.clone();
         m.update(context);
         m.update(data);
         m.finalize().into_bytes().into()
     }
 
-    /// The key of a job's token (hex), the same for every attempt of the job.
-    pub fn key(&self, job_id: &str) -> String {
+    fn key_with(mac: &HmacSha256, job_id: &str) -> String {
         let mut k = String::with_capacity(KEY_HEX);
         hex(
-            &self.tag(b"paloma-rp-key\0", job_id.as_bytes())[..KEY_HEX / 2],
+            &Self::tag(mac, b"paloma-rp-key\0", job_id.as_bytes())[..KEY_HEX / 2],
             &mut k,
         );
         k
     }
 
-    fn mac_of(&self, key: &str) -> String {
+    /// The key of a job's token (hex), the same for every attempt of the job.
+    pub fn key(&self, job_id: &str) -> String {
+        Self::key_with(&self.macs[0], job_id)
+    }
+
+    /// The keys a job's tokens may have had: under the current secret first, then under
+    /// each old one (mail sent before a rotation).
+    pub fn keys(&self, job_id: &str) -> Vec<String> {
+        self.macs
+            .iter()
+            .map(|m| Self::key_with(m, job_id))
+            .collect()
+    }
+
+    fn mac_with(mac: &HmacSha256, key: &str) -> String {
         let mut m = String::with_capacity(MAC_HEX);
         hex(
-            &self.tag(b"paloma-rp-mac\0", key.as_bytes())[..MAC_HEX / 2],
+            &Self::tag(mac, b"paloma-rp-mac\0", key.as_bytes())[..MAC_HEX / 2],
             &mut m,
         );
         m
+    }
+
+    fn mac_of(&self, key: &str) -> String {
+        Self::mac_with(&self.macs[0], key)
     }
 
     /// The envelope sender of a job's messages: `b-{key}{mac}@{domain}` (36 octets of local
@@ -107,8 +135,9 @@ impl ReturnPaths {
         self.verify(&format!("b-{local}"))
     }
 
-    /// The key of a local part `b-{key}{mac}` whose MAC is right (case-insensitive: some
-    /// servers change the case of what they return); None for anything else.
+    /// The key of a local part `b-{key}{mac}` whose MAC is right under the current secret
+    /// or an old one (case-insensitive: some servers change the case of what they return);
+    /// None for anything else.
     pub fn verify(&self, local: &str) -> Option<String> {
         let t = local
             .strip_prefix("b-")
@@ -117,14 +146,18 @@ impl ReturnPaths {
             return None;
         }
         let t = t.to_ascii_lowercase();
+        // All ASCII hex digits: any split is at a character boundary.
         let (key, mac) = t.split_at(KEY_HEX);
-        let want = self.mac_of(key);
-        // Constant time: the MAC is the only secret-derived part compared.
-        let same = want
-            .bytes()
-            .zip(mac.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
+        // Constant time: the MAC is the only secret-derived part compared, and every key
+        // is tried whichever matches.
+        let same = self.macs.iter().fold(false, |any, m| {
+            let want = Self::mac_with(m, key);
+            let diff = want
+                .bytes()
+                .zip(mac.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            any | (diff == 0)
+        });
         same.then(|| key.to_string())
     }
 
@@ -147,7 +180,7 @@ impl ReturnPaths {
                     .is_some_and(|d| d.eq_ignore_ascii_case(self.domain.as_bytes()))
             {
                 let local = std::str::from_utf8(&at[..2 + n]).unwrap_or_default();
-                if local.len() == 2 + n && local[2..].bytes().all(|b| b.is_ascii_hexdigit()) {
+                if local.len() == 2 + n && local.bytes().skip(2).all(|b| b.is_ascii_hexdigit()) {
                     match self.verify(local) {
                         Some(k) if !out.contains(&k) => out.push(k),
                         Some(_) => {}
@@ -249,6 +282,33 @@ mod tests {
         );
         assert_eq!(p.key_of_message_id("<abc@shop.test>"), None);
         assert_eq!(p.verify("postmaster"), None);
+    }
+
+    #[test]
+    fn tokens_made_under_an_old_secret_still_verify() {
+        let old = paths();
+        let s = Settings::from_toml(
+            "[sender]\nfrom = \"a@shop.test\"\nhelo = \"h\"\n[tracking]\nsecret = \"fedcba9876543210f\"\nold_secrets = { \"1\" = \"0123456789abcdef0\" }\n[bounces]\ndomain = \"bounces.shop.test\"\n",
+            Vec::new(),
+        )
+        .unwrap();
+        let new = ReturnPaths::new(&s).unwrap();
+        let addr = old.address("job-1");
+        let local = addr.split('@').next().unwrap();
+        assert_ne!(new.key("job-1"), old.key("job-1"));
+        assert_eq!(new.verify(local), Some(old.key("job-1")));
+        assert_eq!(new.keys("job-1"), [new.key("job-1"), old.key("job-1")]);
+        let (local, _) = new
+            .address("job-2")
+            .split_once('@')
+            .map(|(l, d)| (l.to_string(), d.to_string()))
+            .unwrap();
+        assert_eq!(
+            old.verify(&local),
+            None,
+            "the old key alone does not know the new"
+        );
+        assert_eq!(new.verify(&local), Some(new.key("job-2")));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! about one job: its `returned` or `complained` event, the campaign's counters and the
 //! suppression, once, in one script (`scripts/report.lua`).
 
-use super::TokenJob;
+use super::{fields, TokenJob};
 use crate::outcome::BounceClass;
 use crate::queue::events::{Event, EventKind};
 use crate::queue::Keys;
@@ -32,7 +32,10 @@ pub struct Finding {
 
 impl Finding {
     /// A failed delivery reported after acceptance (`delayed`: a delay notice instead),
-    /// classified as the synchronous path classifies.
+    /// classified as the synchronous path classifies. Every field is cut to its size
+    /// ([`fields`]); a status that is not an RFC 3463 code is recorded as `malformed`, class
+    /// `other`, and the return is then never permanent: whether an address is suppressed is
+    /// decided from well-formed fields only.
     pub fn returned(
         status: String,
         diagnostic: String,
@@ -41,6 +44,16 @@ impl Finding {
         permanent: bool,
         recipient: Option<String>,
     ) -> Finding {
+        let diagnostic = fields::clip(&diagnostic, fields::DIAGNOSTIC_MAX);
+        let parsed = fields::Status::parse(status.trim());
+        let (status, class) = match parsed {
+            Some(s) => {
+                let s = s.to_string();
+                let class = BounceClass::classify(&s, &diagnostic);
+                (s, class)
+            }
+            None => (fields::MALFORMED.to_string(), BounceClass::Other),
+        };
         Finding {
             kind: EventKind::Returned,
             what: if delayed {
@@ -48,19 +61,19 @@ impl Finding {
             } else {
                 "returned-failed"
             },
-            class: Some(BounceClass::classify(&status, &diagnostic)),
-            permanent: permanent && !delayed,
+            class: Some(class),
+            permanent: permanent && !delayed && parsed.is_some_and(|s| s.is_permanent()),
             status,
             diagnostic,
-            reporting_mta,
+            reporting_mta: fields::clip(&reporting_mta, fields::MTA_MAX),
             action: if delayed { "delayed" } else { "failed" }.into(),
             feedback_type: String::new(),
             source: String::new(),
-            recipient,
+            recipient: recipient.map(|r| fields::clip(&r, fields::RECIPIENT_MAX)),
         }
     }
 
-    /// A complaint (feedback-loop report or provider spam report).
+    /// A complaint (feedback-loop report or provider spam report), its fields cut to size.
     pub fn complained(feedback_type: String, source: String, recipient: Option<String>) -> Finding {
         Finding {
             kind: EventKind::Complained,
@@ -71,9 +84,10 @@ impl Finding {
             reporting_mta: String::new(),
             action: String::new(),
             permanent: false,
-            feedback_type,
-            source,
-            recipient,
+            feedback_type: fields::clip(&feedback_type, fields::FEEDBACK_TYPE_MAX)
+                .to_ascii_lowercase(),
+            source: fields::clip(&source, fields::SOURCE_MAX),
+            recipient: recipient.map(|r| fields::clip(&r, fields::RECIPIENT_MAX)),
         }
     }
 
@@ -155,4 +169,53 @@ pub async fn record(
         .invoke_async(conn)
         .await?;
     Ok(recorded == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_status_is_recorded_as_such_and_never_suppresses() {
+        let diag = "550 5.1.1 <a@b.test>: user unknown".to_string();
+        for bad in ["5.1.1€", "-5.-1.-1", "99999999999999999999.1.1", ""] {
+            let f = Finding::returned(bad.into(), diag.clone(), "mx".into(), false, true, None);
+            assert_eq!(f.status, "malformed", "{bad:?}");
+            assert_eq!(f.class, Some(BounceClass::Other), "{bad:?}");
+            assert!(!f.permanent, "{bad:?}");
+        }
+        let f = Finding::returned("5.1.1".into(), diag, "mx".into(), false, true, None);
+        assert_eq!(
+            (f.status.as_str(), f.class, f.permanent),
+            ("5.1.1", Some(BounceClass::InvalidRecipient), true)
+        );
+        let f = Finding::returned(
+            "4.2.2".into(),
+            String::new(),
+            String::new(),
+            false,
+            true,
+            None,
+        );
+        assert!(!f.permanent, "a 4.x.x status is never permanent");
+    }
+
+    #[test]
+    fn every_field_is_cut_to_its_size() {
+        let huge = "x".repeat(5_000_000);
+        let f = Finding::returned(
+            "5.1.1".into(),
+            huge.clone(),
+            huge.clone(),
+            false,
+            true,
+            Some(huge.clone()),
+        );
+        assert_eq!(f.diagnostic.len(), fields::DIAGNOSTIC_MAX);
+        assert_eq!(f.reporting_mta.len(), fields::MTA_MAX);
+        assert_eq!(f.recipient.map(|r| r.len()), Some(fields::RECIPIENT_MAX));
+        let c = Finding::complained(huge.clone(), huge.clone(), Some(huge));
+        assert_eq!(c.feedback_type.len(), fields::FEEDBACK_TYPE_MAX);
+        assert_eq!(c.source.len(), fields::SOURCE_MAX);
+    }
 }

@@ -11,9 +11,12 @@
 //!   code (or SMTP code) in the text.
 //!
 //! The job a report is about is found from the tokens (`b-…@domain`) and `X-Paloma-Id`
-//! lines it carries (see [`super`]); this module only reads the message.
+//! lines it carries (see [`super`]); this module only reads the message. What it returns
+//! is already cut to the sizes of [`super::fields`], however large the report.
 
 use mail_parser::{MessageParser, MimeHeaders, PartType};
+
+use super::fields::{self as limits, clip};
 
 use crate::outcome::enhanced_status;
 
@@ -65,11 +68,12 @@ pub struct Report {
     pub message_ids: Vec<String>,
 }
 
-fn strip_type(v: &str) -> String {
+/// A typed field's value without its type (`rfc822;`, `dns;`, `smtp;`), cut to `max`.
+fn strip_type(v: &str, max: usize) -> String {
     let v = v.trim();
     match v.split_once(';') {
-        Some((_, rest)) => rest.trim().to_string(),
-        None => v.to_string(),
+        Some((_, rest)) => clip(rest, max),
+        None => clip(v, max),
     }
 }
 
@@ -125,24 +129,27 @@ fn parse_dsn(body: &str) -> Kind {
     let mut b = blocks(body).into_iter();
     let per_message = b.next().map(fields).unwrap_or_default();
     let reporting_mta = field(&per_message, "reporting-mta")
-        .map(strip_type)
+        .map(|v| strip_type(v, limits::MTA_MAX))
         .unwrap_or_default();
     let recipients = b
         .map(fields)
         .filter(|f| field(f, "action").is_some() || field(f, "status").is_some())
+        .take(limits::DSN_RECIPIENTS_MAX)
         .map(|f| DsnRecipient {
             recipient: field(&f, "final-recipient")
                 .or_else(|| field(&f, "original-recipient"))
-                .map(strip_type)
+                .map(|v| strip_type(v, limits::RECIPIENT_MAX + 2))
                 .unwrap_or_default()
                 .trim_matches(['<', '>'])
                 .to_string(),
-            action: field(&f, "action").unwrap_or_default().to_ascii_lowercase(),
+            action: clip(field(&f, "action").unwrap_or_default(), 16).to_ascii_lowercase(),
+            // The code alone (a comment may follow it); checked against RFC 3463 when
+            // recorded, so that a malformed one is kept as malformed, not mended.
             status: field(&f, "status")
-                .map(|s| s.split_whitespace().next().unwrap_or_default().to_string())
+                .map(|s| clip(s.split_whitespace().next().unwrap_or_default(), 16))
                 .unwrap_or_default(),
             diagnostic: field(&f, "diagnostic-code")
-                .map(strip_type)
+                .map(|v| strip_type(v, limits::DIAGNOSTIC_MAX))
                 .unwrap_or_default(),
         })
         .collect();
@@ -156,16 +163,18 @@ fn parse_feedback(body: &str, from_domain: Option<&str>) -> Kind {
     let f = fields(body);
     let source = field(&f, "user-agent")
         .or_else(|| field(&f, "reporting-mta").map(|v| v.rsplit(';').next().unwrap_or(v)))
-        .map(|s| s.trim().to_string())
-        .or_else(|| from_domain.map(str::to_string))
+        .or(from_domain)
+        .map(|s| clip(s, limits::SOURCE_MAX))
         .unwrap_or_default();
     Kind::Feedback {
-        feedback_type: field(&f, "feedback-type")
-            .unwrap_or("other")
-            .to_ascii_lowercase(),
+        feedback_type: clip(
+            field(&f, "feedback-type").unwrap_or("other"),
+            limits::FEEDBACK_TYPE_MAX,
+        )
+        .to_ascii_lowercase(),
         source,
         recipient: field(&f, "original-rcpt-to")
-            .map(|r| r.trim_matches(['<', '>', ' ']).to_string()),
+            .map(|r| clip(r.trim_matches(['<', '>', ' ']), limits::RECIPIENT_MAX)),
     }
 }
 
@@ -324,15 +333,15 @@ fn text_bounce(text: &str) -> Option<Kind> {
             continue;
         }
         let status = if enhanced.is_empty() {
-            let c = code.unwrap_or("500");
-            format!("{}.0.0", &c[..1])
+            let class = code.and_then(|c| c.get(..1)).unwrap_or("5");
+            format!("{class}.0.0")
         } else {
             enhanced
         };
         let permanent = status.starts_with('5');
         return Some(Kind::TextBounce {
             status,
-            diagnostic: l.chars().take(500).collect(),
+            diagnostic: clip(l, limits::DIAGNOSTIC_MAX),
             permanent,
         });
     }

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod bounce;
 pub mod mx;
 pub mod postfix;
 pub mod track;
