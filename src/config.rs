@@ -150,6 +150,9 @@ pub struct ApiSettings {
     pub timeout: Dur,
     /// Connections served at once (see tracking.max_connections).
     pub max_connections: usize,
+    /// The report's session cookie gets `Secure` (sent over HTTPS only). Unset: when
+    /// `tracking.base_url` is https.
+    pub secure_cookie: Option<bool>,
 }
 
 impl Default for ApiSettings {
@@ -162,6 +165,7 @@ impl Default for ApiSettings {
             max_jobs: 50_000,
             timeout: "30s".parse().expect("valid default"),
             max_connections: 64,
+            secure_cookie: None,
         }
     }
 }
@@ -384,6 +388,9 @@ pub struct DeliverySettings {
     /// destination. Default: loopback, link-local (cloud metadata at 169.254.169.254) and
     /// "this host".
     pub prohibited_hosts: Vec<String>,
+    /// mx mode: destinations connected to although `prohibited_hosts` covers them (CIDR),
+    /// e.g. `["10.20.0.0/16"]` for internal mail servers reached through MX records.
+    pub allowed_hosts: Vec<String>,
     /// mx mode: MX hosts tried per attempt (in preference order), and addresses over all.
     pub mx_max_hosts: usize,
     pub mx_max_addresses: usize,
@@ -440,10 +447,18 @@ impl Default for DeliverySettings {
                 "fe80::/10",
                 "0.0.0.0/8",
                 "::/128",
+                // Private networks (RFC 1918, CGNAT, ULA): a recipient's DNS must not
+                // point paloma at internal mail servers (allowed_hosts lets some in).
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "100.64.0.0/10",
+                "fc00::/7",
             ]
             .iter()
             .map(|s| s.to_string())
             .collect(),
+            allowed_hosts: Vec::new(),
             mx_max_hosts: 5,
             mx_max_addresses: 5,
             attempt_timeout: "3m".parse().expect("valid default"),
@@ -1055,6 +1070,11 @@ impl Settings {
         for n in &d.prohibited_hosts {
             if let Err(e) = crate::track::machine::Networks::parse_cidr(n) {
                 return bad(format!("delivery.prohibited_hosts: {e}"));
+            }
+        }
+        for n in &d.allowed_hosts {
+            if let Err(e) = crate::track::machine::Networks::parse_cidr(n) {
+                return bad(format!("delivery.allowed_hosts: {e}"));
             }
         }
         let stages = [

@@ -45,10 +45,21 @@ impl<S: Send + Sync> FromRequestParts<S> for Seg {
     }
 }
 
+/// A campaign to change: a name paloma accepts, else 422.
 fn campaign_id(c: String) -> Result<String, ApiError> {
     CampaignId::parse(c)
         .map(|c| c.as_str().to_string())
-        .map_err(|e| ApiError::bad_request(format!("campaign: {e}")))
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("campaign: {e}")))
+}
+
+/// A campaign to read: a name paloma accepts, or one kept from before names were narrowed
+/// (see [`CampaignId::readable`]); else 422.
+fn readable_campaign(c: String) -> Result<String, ApiError> {
+    if CampaignId::readable(&c) {
+        Ok(c)
+    } else {
+        campaign_id(c)
+    }
 }
 
 fn address(a: &str) -> Result<String, ApiError> {
@@ -87,15 +98,15 @@ pub async fn list_campaigns(State(api): State<Arc<Api>>) -> Result<Json<Campaign
     params(("campaign" = String, Path, description = "Campaign id")),
     responses(
         (status = 200, body = CampaignRow),
-        (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 404, description = "No job of it was seen and no state was set", body = ErrorBody)),
+        (status = 404, description = "No job of it was seen and no state was set", body = ErrorBody),
+        (status = 422, description = "Not a campaign name", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_campaign(
     State(api): State<Arc<Api>>,
     Seg(campaign): Seg,
 ) -> Result<Json<CampaignRow>, ApiError> {
-    let c = campaign_id(campaign)?;
+    let c = readable_campaign(campaign)?;
     let mut conn = api.redis.clone();
     if !stats::known(&mut conn, &api.keys, &c)
         .await
@@ -120,7 +131,7 @@ pub async fn get_campaign(
 /// Pause a campaign: within about a second no daemon starts another message of it.
 #[utoipa::path(post, path = "/api/v1/campaigns/{campaign}/pause", tag = "campaigns",
     params(("campaign" = String, Path, description = "Campaign id")),
-    responses((status = 200, body = Changed), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = Changed), (status = 401, body = ErrorBody), (status = 422, description = "Not a campaign name", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn pause(
     State(api): State<Arc<Api>>,
@@ -138,7 +149,7 @@ pub async fn pause(
 /// Resume a paused (or cancelled) campaign: its parked jobs go out, paced as usual.
 #[utoipa::path(post, path = "/api/v1/campaigns/{campaign}/resume", tag = "campaigns",
     params(("campaign" = String, Path, description = "Campaign id")),
-    responses((status = 200, body = Changed), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = Changed), (status = 401, body = ErrorBody), (status = 422, description = "Not a campaign name", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn resume(
     State(api): State<Arc<Api>>,
@@ -156,7 +167,7 @@ pub async fn resume(
 /// Cancel a campaign: every job of it not yet sent ends `suppressed` (`cancelled`).
 #[utoipa::path(post, path = "/api/v1/campaigns/{campaign}/cancel", tag = "campaigns",
     params(("campaign" = String, Path, description = "Campaign id")),
-    responses((status = 200, body = Changed), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = Changed), (status = 401, body = ErrorBody), (status = 422, description = "Not a campaign name", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn cancel(
     State(api): State<Arc<Api>>,
