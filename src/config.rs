@@ -61,6 +61,9 @@ pub struct Settings {
     /// Retention of `{prefix}events`.
     #[serde(default)]
     pub events: EventSettings,
+    /// Retention of finished campaigns' keys (`[campaigns]`).
+    #[serde(default)]
+    pub campaigns: CampaignSettings,
     /// Late bounces and complaints: VERP return paths and the inbound SMTP listener.
     #[serde(default)]
     pub bounces: BounceSettings,
@@ -166,6 +169,24 @@ impl Default for ApiSettings {
             timeout: "30s".parse().expect("valid default"),
             max_connections: 64,
             secure_cookie: None,
+        }
+    }
+}
+
+/// `[campaigns]`: a finished campaign (every job ended, none parked or held) with no
+/// outcome for `retention` is archived: its counters and link clicks become one field of
+/// `{prefix}campaigns:archive`, and its per-campaign keys (timeline, domains, touches,
+/// variants, unique-count HyperLogLogs) are deleted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CampaignSettings {
+    pub retention: Dur,
+}
+
+impl Default for CampaignSettings {
+    fn default() -> Self {
+        Self {
+            retention: "90d".parse().expect("valid default"),
         }
     }
 }
@@ -667,6 +688,10 @@ impl Default for TrackingSettings {
 pub struct MetricsSettings {
     /// `GET /metrics`, `/healthz`, `/readyz`.
     pub listen: Option<SocketAddr>,
+    /// A campaign's series (`paloma_messages_total{campaign}`, engagement, links,
+    /// complaints, experiments) are removed once none has moved for this long, so
+    /// `/metrics` stays bounded however many campaigns are sent. Unset: 6 hours.
+    pub campaign_idle: Option<Dur>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

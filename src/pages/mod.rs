@@ -240,19 +240,31 @@ fn unavailable(e: redis::RedisError) -> Response {
     )
 }
 
-async fn list(State(pages): State<Arc<Pages>>, headers: HeaderMap) -> Response {
+/// Campaigns on one page of the list.
+pub const PAGE: usize = 100;
+
+async fn list(
+    State(pages): State<Arc<Pages>>,
+    Query(q): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
     if !pages.allowed(&headers) {
         return to_login("/campaigns");
     }
     let api = &pages.api;
     let mut conn = api.redis.clone();
+    let after = q.get("after").map(String::as_str);
     let rows = async {
-        let o = crate::stats::overview(&mut conn, &api.keys, &api.group, None).await?;
-        crate::stats::campaign_rows(&mut conn, &api.keys, o).await
+        let (o, next) =
+            crate::stats::overview_page(&mut conn, &api.keys, &api.group, after, PAGE).await?;
+        Ok::<_, redis::RedisError>((
+            crate::stats::campaign_rows(&mut conn, &api.keys, o).await?,
+            next,
+        ))
     }
     .await;
     match rows {
-        Ok(rows) => html(StatusCode::OK, view::list(&rows)),
+        Ok((rows, next)) => html(StatusCode::OK, view::list(&rows, next.as_deref())),
         Err(e) => unavailable(e),
     }
 }

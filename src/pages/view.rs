@@ -111,7 +111,8 @@ fn state_badge(state: &str) -> String {
     format!("<span class=\"badge {0}\">{0}</span>", esc(state))
 }
 
-pub fn list(rows: &[CampaignRow]) -> String {
+/// One page of the campaigns; `next`: the cursor of the next page, if any.
+pub fn list(rows: &[CampaignRow], next: Option<&str>) -> String {
     let mut t = String::from(
         "<h1>Campaigns</h1><div class=\"card scroll\"><table id=\"campaigns\"><thead><tr><th>campaign</th><th>state</th><th>enqueued</th><th>delivered</th><th>opened</th><th>clicked</th><th>bounced</th><th>complaints</th></tr></thead><tbody>",
     );
@@ -134,7 +135,17 @@ pub fn list(rows: &[CampaignRow]) -> String {
     if rows.is_empty() {
         t.push_str("<tr><td colspan=\"8\">No campaign has an outcome yet.</td></tr>");
     }
-    t.push_str("</tbody></table></div><form method=\"post\" action=\"/logout\"><button type=\"submit\">Sign out</button></form>");
+    t.push_str("</tbody></table></div>");
+    if let Some(n) = next {
+        let _ = write!(
+            t,
+            "<p><a id=\"next\" href=\"/campaigns?after={}\">Next campaigns →</a></p>",
+            segment(n)
+        );
+    }
+    t.push_str(
+        "<form method=\"post\" action=\"/logout\"><button type=\"submit\">Sign out</button></form>",
+    );
     layout("Campaigns", &t)
 }
 
