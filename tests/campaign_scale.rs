@@ -225,22 +225,44 @@ fn ten_thousand_campaigns_keep_a_daemons_work_and_metrics_bounded() {
 fn a_finished_campaign_is_archived_after_the_retention_and_still_read_back() {
     let redis = Redis::start();
     let sink = Sink::start(&[]);
-    let api = free_port();
+    let (api, metrics) = (free_port(), free_port());
     let setup = Setup::new(
         &redis.url(),
         sink.port,
         "",
         "",
         &format!(
-            "[api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{TOKEN}\"\n[campaigns]\nretention = \"2s\"\n"
+            "[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{TOKEN}\"\n[campaigns]\nretention = \"2s\"\n"
         ),
     );
     let p = setup.prefix.clone();
     let daemon = Daemon::spawn(&setup.config);
     wait_port("127.0.0.1", api, Duration::from_secs(30));
     let mut conn = redis.conn();
+    // A paused campaign with a parked job is not finished, however long it waits.
+    enqueue_raw(&mut conn, &p, &jobs(1, "kept", "x.test"));
+    wait_terminal(&mut conn, &p, 1, Duration::from_secs(30), Some(&daemon));
+    let r = request(api, "POST", "/api/v1/campaigns/kept/pause", &[AUTH], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_until_daemon("the daemon knows", Duration::from_secs(10), &daemon, || {
+        metric(metrics, "paloma_campaigns_held{state=\"paused\"}") == 1.0
+    });
+    let parked_job = jobs(2, "kept", "x.test").pop().unwrap();
+    enqueue_raw(&mut conn, &p, &[parked_job]);
+    wait_until_daemon(
+        "the kept job parked",
+        Duration::from_secs(30),
+        &daemon,
+        || {
+            redis::cmd("ZCARD")
+                .arg(format!("{p}parked:kept"))
+                .query::<i64>(&mut conn)
+                .unwrap()
+                == 1
+        },
+    );
     enqueue_raw(&mut conn, &p, &jobs(3, "old", "x.test"));
-    wait_terminal(&mut conn, &p, 3, Duration::from_secs(30), Some(&daemon));
+    wait_terminal(&mut conn, &p, 4, Duration::from_secs(30), Some(&daemon));
     // The campaign's own keys (not the jobs' idempotency records).
     let keys_of = |conn: &mut redis::Connection| -> Vec<String> {
         let all: Vec<String> = redis::cmd("KEYS")
@@ -277,6 +299,12 @@ fn a_finished_campaign_is_archived_after_the_retention_and_still_read_back() {
         .query(&mut conn)
         .unwrap();
     assert!(!member);
+    let kept: bool = redis::cmd("HEXISTS")
+        .arg(format!("{p}campaigns:archive"))
+        .arg("kept")
+        .query(&mut conn)
+        .unwrap();
+    assert!(!kept, "a campaign with a parked job stays");
     println!(
         "archived: {} keys ({}) → one field of {} B",
         keys_before.len(),
@@ -294,7 +322,13 @@ fn a_finished_campaign_is_archived_after_the_retention_and_still_read_back() {
     );
     let list = request(api, "GET", "/api/v1/campaigns", &[AUTH], b"");
     let list: Value = serde_json::from_slice(&list.body).unwrap();
-    assert!(list["campaigns"].as_array().unwrap().is_empty(), "{list}");
+    let names: Vec<&str> = list["campaigns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["campaign"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["kept"], "{list}");
     let page = request(api, "GET", "/campaigns/old", &[AUTH], b"");
     assert_eq!(page.status, 200);
 
@@ -306,7 +340,7 @@ fn a_finished_campaign_is_archived_after_the_retention_and_still_read_back() {
         .map(|(_, j)| j.replace("\"old-", "\"again-"))
         .collect();
     enqueue_raw(&mut conn, &p, &again);
-    wait_terminal(&mut conn, &p, 5, Duration::from_secs(30), Some(&daemon));
+    wait_terminal(&mut conn, &p, 6, Duration::from_secs(30), Some(&daemon));
     let one = request(api, "GET", "/api/v1/campaigns/old", &[AUTH], b"");
     let one: Value = serde_json::from_slice(&one.body).unwrap();
     assert_eq!(one["delivered"], 5, "{one}");
