@@ -131,7 +131,13 @@ pub async fn enqueue(
                     continue;
                 }
                 let job = match serde_json::from_str::<Value>(line) {
-                    Ok(Value::Object(_)) => Ok(line.to_string()),
+                    // A campaign name the intake would refuse is refused here, with the rule.
+                    Ok(Value::Object(o)) => match o.get("campaign") {
+                        Some(Value::String(c)) if !crate::job::CampaignId::allowed(c) => {
+                            Err(format!("campaign {:?}: {}", c, crate::job::CAMPAIGN_RULE))
+                        }
+                        _ => Ok(line.to_string()),
+                    },
                     Ok(_) => Err("not a JSON object".to_string()),
                     Err(e) => Err(format!("invalid JSON ({e})")),
                 };
@@ -148,6 +154,13 @@ pub async fn enqueue(
             }
         }
         Some(opts) => {
+            if !crate::job::CampaignId::allowed(&opts.campaign) {
+                bail!(
+                    "--campaign {:?}: {}; nothing was enqueued",
+                    opts.campaign,
+                    crate::job::CAMPAIGN_RULE
+                );
+            }
             let mut rdr = csv::ReaderBuilder::new()
                 .flexible(false)
                 .from_reader(reader);

@@ -61,6 +61,9 @@ pub struct Settings {
     /// Retention of `{prefix}events`.
     #[serde(default)]
     pub events: EventSettings,
+    /// Retention of finished campaigns' keys (`[campaigns]`).
+    #[serde(default)]
+    pub campaigns: CampaignSettings,
     /// Late bounces and complaints: VERP return paths and the inbound SMTP listener.
     #[serde(default)]
     pub bounces: BounceSettings,
@@ -150,6 +153,9 @@ pub struct ApiSettings {
     pub timeout: Dur,
     /// Connections served at once (see tracking.max_connections).
     pub max_connections: usize,
+    /// The report's session cookie gets `Secure` (sent over HTTPS only). Unset: when
+    /// `tracking.base_url` is https.
+    pub secure_cookie: Option<bool>,
 }
 
 impl Default for ApiSettings {
@@ -162,6 +168,25 @@ impl Default for ApiSettings {
             max_jobs: 50_000,
             timeout: "30s".parse().expect("valid default"),
             max_connections: 64,
+            secure_cookie: None,
+        }
+    }
+}
+
+/// `[campaigns]`: a finished campaign (every job ended, none parked or held) with no
+/// outcome for `retention` is archived: its counters and link clicks become one field of
+/// `{prefix}campaigns:archive`, and its per-campaign keys (timeline, domains, touches,
+/// variants, unique-count HyperLogLogs) are deleted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CampaignSettings {
+    pub retention: Dur,
+}
+
+impl Default for CampaignSettings {
+    fn default() -> Self {
+        Self {
+            retention: "90d".parse().expect("valid default"),
         }
     }
 }
@@ -395,6 +420,9 @@ pub struct DeliverySettings {
     /// destination. Default: loopback, link-local (cloud metadata at 169.254.169.254) and
     /// "this host".
     pub prohibited_hosts: Vec<String>,
+    /// mx mode: destinations connected to although `prohibited_hosts` covers them (CIDR),
+    /// e.g. `["10.20.0.0/16"]` for internal mail servers reached through MX records.
+    pub allowed_hosts: Vec<String>,
     /// mx mode: MX hosts tried per attempt (in preference order), and addresses over all.
     pub mx_max_hosts: usize,
     pub mx_max_addresses: usize,
@@ -451,10 +479,18 @@ impl Default for DeliverySettings {
                 "fe80::/10",
                 "0.0.0.0/8",
                 "::/128",
+                // Private networks (RFC 1918, CGNAT, ULA): a recipient's DNS must not
+                // point paloma at internal mail servers (allowed_hosts lets some in).
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "100.64.0.0/10",
+                "fc00::/7",
             ]
             .iter()
             .map(|s| s.to_string())
             .collect(),
+            allowed_hosts: Vec::new(),
             mx_max_hosts: 5,
             mx_max_addresses: 5,
             attempt_timeout: "3m".parse().expect("valid default"),
@@ -663,6 +699,10 @@ impl Default for TrackingSettings {
 pub struct MetricsSettings {
     /// `GET /metrics`, `/healthz`, `/readyz`.
     pub listen: Option<SocketAddr>,
+    /// A campaign's series (`paloma_messages_total{campaign}`, engagement, links,
+    /// complaints, experiments) are removed once none has moved for this long, so
+    /// `/metrics` stays bounded however many campaigns are sent. Unset: 6 hours.
+    pub campaign_idle: Option<Dur>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1074,6 +1114,11 @@ impl Settings {
         for n in &d.prohibited_hosts {
             if let Err(e) = crate::track::machine::Networks::parse_cidr(n) {
                 return bad(format!("delivery.prohibited_hosts: {e}"));
+            }
+        }
+        for n in &d.allowed_hosts {
+            if let Err(e) = crate::track::machine::Networks::parse_cidr(n) {
+                return bad(format!("delivery.allowed_hosts: {e}"));
             }
         }
         let stages = [

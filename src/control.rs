@@ -48,7 +48,8 @@ impl State {
         }
     }
 
-    fn parse(s: &str) -> State {
+    /// A field of `campaign_states` (anything else: active).
+    pub fn parse(s: &str) -> State {
         match s {
             "paused" => State::Paused,
             "cancelled" => State::Cancelled,
@@ -61,7 +62,17 @@ impl State {
 #[derive(Default)]
 pub struct Campaigns {
     states: RwLock<HashMap<String, State>>,
+    /// The `campaign_states:v` of the copy, and refreshes since the last full read: the
+    /// hash is read again only when the counter moved (or every [`FULL_READ_EVERY`]
+    /// refreshes, for a writer that does not bump it), so a refresh costs one GET however
+    /// many campaigns are paused or cancelled.
+    seen: std::sync::Mutex<(Option<(i64, i64)>, u32)>,
 }
+
+/// A full read of the states every this many refreshes (a minute), whatever the counter
+/// and the count say (a writer that bumps neither: an older paloma turning a pause into a
+/// cancel).
+pub const FULL_READ_EVERY: u32 = 120;
 
 impl Campaigns {
     pub fn state(&self, campaign: &str) -> State {
@@ -78,17 +89,35 @@ impl Campaigns {
         states.values().filter(|s| **s == state).count()
     }
 
-    /// Re-reads every state (one HGETALL); returns the campaigns that were paused and no
-    /// longer are.
+    /// Re-reads the states when they changed (one GET of the counter; the HGETALL only
+    /// after a change); returns the campaigns that were paused and no longer are.
     pub async fn refresh(
         &self,
         conn: &mut RedisConn,
         keys: &Keys,
     ) -> redis::RedisResult<Vec<String>> {
+        // The counter, and the number of states (which an older writer changes too).
+        let (version, len): (Option<i64>, i64) = redis::pipe()
+            .cmd("GET")
+            .arg(&keys.campaign_states_version)
+            .cmd("HLEN")
+            .arg(&keys.campaign_states)
+            .query_async(conn)
+            .await?;
+        let now = (version.unwrap_or(0), len);
+        {
+            let mut seen = self.seen.lock().expect("seen lock");
+            if seen.0 == Some(now) && seen.1 < FULL_READ_EVERY {
+                seen.1 += 1;
+                return Ok(Vec::new());
+            }
+        }
         let all: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(&keys.campaign_states)
             .query_async(conn)
             .await?;
+        // The counter read before the hash: a change in between is read again next time.
+        *self.seen.lock().expect("seen lock") = (Some(now), 0);
         let next: HashMap<String, State> = all
             .into_iter()
             .map(|(c, s)| (c, State::parse(&s)))
@@ -217,15 +246,20 @@ pub async fn set(
     campaign: &str,
     state: State,
 ) -> redis::RedisResult<()> {
-    let mut c = match state {
-        State::Active => redis::cmd("HDEL"),
-        _ => redis::cmd("HSET"),
-    };
-    c.arg(&keys.campaign_states).arg(campaign);
-    if state != State::Active {
-        c.arg(state.as_str());
+    let mut p = redis::pipe();
+    p.atomic();
+    if state == State::Active {
+        p.cmd("HDEL").arg(&keys.campaign_states).arg(campaign);
+    } else {
+        p.cmd("HSET")
+            .arg(&keys.campaign_states)
+            .arg(campaign)
+            .arg(state.as_str());
     }
-    c.query_async(conn).await
+    p.ignore();
+    // Daemons re-read the states when this moves.
+    p.cmd("INCR").arg(&keys.campaign_states_version).ignore();
+    p.query_async(conn).await
 }
 
 /// Moves every parked job of `campaign` to the delayed set, due now, its age shifted by
@@ -341,6 +375,9 @@ mod tests {
 /// How often each daemon checks the guards.
 pub const GUARD_EVERY: Duration = Duration::from_secs(2);
 
+/// At start, the guards judge the campaigns that had an outcome within this.
+pub const ACTIVE_WINDOW: Duration = Duration::from_secs(15 * 60);
+
 /// The counters a guard reads, in this order.
 const GUARD_FIELDS: [&str; 5] = [
     "delivered",
@@ -409,19 +446,39 @@ pub async fn guard(
     let trip_script = redis::Script::new(include_str!("control/trip.lua"));
     let mut tick = tokio::time::interval(GUARD_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Campaigns with an outcome since `from` are judged: at start those of the last
+    // ACTIVE_WINDOW, then those since the last round (less a slack for batches written
+    // late). A campaign whose counters did not move keeps its verdict.
+    let mut from = now_ms() - ACTIVE_WINDOW.as_millis() as i64;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
         }
-        if let Err(e) =
-            check_guards(&rules, &campaigns, &mut conn, &keys, &metrics, &trip_script).await
+        let round = now_ms();
+        match check_guards(
+            &rules,
+            &campaigns,
+            &mut conn,
+            &keys,
+            &metrics,
+            &trip_script,
+            from,
+        )
+        .await
         {
-            metrics.redis_errors.inc();
-            tracing::debug!(error = %e, "checking guards failed; next round");
+            Ok(()) => from = round - GUARD_SLACK.as_millis() as i64,
+            Err(e) => {
+                metrics.redis_errors.inc();
+                tracing::debug!(error = %e, "checking guards failed; next round");
+            }
         }
     }
 }
+
+/// How far before the last round the next one looks: an outcome batch stamped before it
+/// and written after it is still judged.
+const GUARD_SLACK: Duration = Duration::from_secs(5);
 
 async fn check_guards(
     rules: &[crate::config::GuardRule],
@@ -430,9 +487,14 @@ async fn check_guards(
     keys: &Keys,
     metrics: &crate::metrics::Metrics,
     trip_script: &redis::Script,
+    since: i64,
 ) -> redis::RedisResult<()> {
-    let all: Vec<String> = redis::cmd("SMEMBERS")
-        .arg(&keys.campaigns)
+    // Only campaigns with an outcome since `since` (`campaigns:active`): one that sends
+    // nothing has nothing to pause, and its next outcome brings it back within a round.
+    let all: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+        .arg(&keys.campaigns_active)
+        .arg(since)
+        .arg("+inf")
         .query_async(conn)
         .await?;
     let names: Vec<String> = all
@@ -480,6 +542,7 @@ async fn check_guards(
         let tripped: i64 = trip_script
             .key(&keys.campaign_states)
             .key(&keys.events)
+            .key(&keys.campaign_states_version)
             .arg(c)
             .arg(event.to_string())
             .arg(keys.events_max_len)

@@ -297,6 +297,21 @@ impl App {
             metrics.clone(),
             stop_rx.clone(),
         ));
+        tokio::spawn(crate::archive::run(
+            conn.clone(),
+            keys.clone(),
+            settings.campaigns.retention.get(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
+        tokio::spawn(crate::labels::reap(
+            metrics.clone(),
+            settings
+                .metrics
+                .campaign_idle
+                .map_or(crate::labels::DEFAULT_IDLE, |d| d.get()),
+            stop_rx.clone(),
+        ));
         tokio::spawn(crate::control::guard(
             settings.guards.clone(),
             campaigns.clone(),

@@ -276,26 +276,52 @@ impl IdempotencyKey {
     }
 }
 
-/// A campaign code: it reaches events, stats, metric labels and the Feedback-ID header.
+/// A campaign code: it reaches events, stats, metric labels, Redis keys, the Feedback-ID
+/// header and the report's URLs (`/campaigns/{campaign}`), so it is held to what all of them
+/// carry as they are: 1-64 of `A-Z a-z 0-9 . _ -`, not starting with `.` (no `..` path
+/// segment, no markup, no separator of keys or headers).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CampaignId(String);
 
+/// The allowed campaign names, as error messages and the docs say it.
+pub const CAMPAIGN_RULE: &str =
+    "a campaign name is 1-64 of A-Z a-z 0-9 . _ - and does not start with `.`";
+
 impl CampaignId {
+    pub const MAX_LEN: usize = 64;
+
     pub fn parse(s: String) -> Result<Self, JobError> {
-        if s.is_empty() || s.len() > 100 {
-            return Err(invalid("campaign", "must be 1-100 characters"));
-        }
         if s.chars().any(char::is_control) {
             return Err(JobError::HeaderInjection("campaign".into()));
         }
-        if !s.is_ascii() || s.contains([' ', ':', '"', '\\']) {
-            return Err(invalid(
-                "campaign",
-                "use printable ASCII without spaces, colons, quotes or backslashes",
-            ));
+        if !Self::allowed(&s) {
+            let shown: String = s.chars().take(80).collect();
+            return Err(invalid("campaign", format!("{shown:?}: {CAMPAIGN_RULE}")));
         }
         Ok(Self(s))
     }
+
+    /// Whether `s` is a campaign name paloma accepts.
+    pub fn allowed(s: &str) -> bool {
+        !s.is_empty()
+            && s.len() <= Self::MAX_LEN
+            && !s.starts_with('.')
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    }
+
+    /// A name that may be in Redis from before the names were narrowed (printable ASCII
+    /// without spaces, colons, quotes or backslashes, at most 100), or a counter of dead
+    /// jobs (`(none)`, `(invalid)`): readable in the report and the API, never accepted in
+    /// a new job.
+    pub fn readable(s: &str) -> bool {
+        Self::allowed(s)
+            || (!s.is_empty()
+                && s.len() <= 100
+                && s.bytes().all(|b| b.is_ascii_graphic())
+                && !s.contains([':', '"', '\\']))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -494,6 +520,14 @@ mod tests {
                 r#"{"id":"1","campaign":"c\n","template":"t","to":"a@b.co"}"#,
                 "header injection",
             ),
+            (
+                r#"{"id":"1","campaign":"a/b/../c","template":"t","to":"a@b.co"}"#,
+                "invalid `campaign`",
+            ),
+            (
+                r#"{"id":"1","campaign":"<script>alert(1)</script>","template":"t","to":"a@b.co"}"#,
+                "invalid `campaign`",
+            ),
         ];
         for (job, want) in cases {
             let e = parse(job).unwrap_err().to_string();
@@ -504,6 +538,30 @@ mod tests {
             "a".repeat(5000)
         );
         assert!(parse(&big).unwrap_err().to_string().contains("oversize"));
+    }
+
+    #[test]
+    fn campaign_names_are_what_urls_keys_and_headers_carry_as_they_are() {
+        for ok in ["spring", "spring-sale_2026.v2", "A", &"x".repeat(64)] {
+            assert!(CampaignId::parse(ok.to_string()).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "..",
+            "a/b",
+            "a b",
+            "a:b",
+            "<script>",
+            "caf\u{e9}",
+            "a%2Fb",
+            &"x".repeat(65),
+        ] {
+            let e = CampaignId::parse(bad.to_string()).unwrap_err().to_string();
+            assert!(e.contains("1-64 of A-Z a-z 0-9 . _ -"), "{bad}: {e}");
+        }
+        assert!(CampaignId::readable("a/b/../c") && CampaignId::readable("(invalid)"));
+        assert!(!CampaignId::readable("a b") && !CampaignId::readable("a:b"));
     }
 
     #[test]

@@ -22,12 +22,14 @@
 //! - [`experiment`]: A/B tests: assignment, held jobs, the decision (two-proportion test).
 //! - [`control`]: campaign pause / resume / cancel, with each daemon's cached copy of the
 //!   states.
+//! - [`archive`]: retention of finished campaigns (their counters kept in one hash).
 //! - [`bounces`]: what comes back after acceptance: VERP tokens, the inbound SMTP listener,
 //!   DSN and ARF parsing, `returned` / `complained` events.
 //! - [`track`]: signed tracking tokens and the tracking server (pixel, clicks, unsubscribe).
 //! - [`workflow`]: rules → actions: follow-up sends, signed webhooks, not_opened timers.
 //! - [`daemon`]: the wiring: `App::build` (components, Redis, listeners) and `App::run`.
-//! - [`http`], [`metrics`]: the operations endpoint.
+//! - [`http`], [`metrics`]: the operations endpoint; [`labels`]: idle campaigns' series
+//!   removed.
 //! - [`listener`]: how public HTTP listeners are served (timeouts, connection cap).
 //! - [`api`]: the HTTP API for campaign systems (`/api/v1/…`, bearer token, OpenAPI).
 //! - [`pages`]: the campaign report (HTML with SVG charts) on the API listener.
@@ -38,6 +40,7 @@
 //! uses `deliver`'s types (never the reverse); everything speaks `outcome`.
 
 pub mod api;
+pub mod archive;
 pub mod bounces;
 pub mod cli;
 pub mod config;
@@ -48,6 +51,7 @@ pub mod demo;
 pub mod experiment;
 pub mod http;
 pub mod job;
+pub mod labels;
 pub mod listener;
 pub mod metrics;
 pub mod outcome;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::control::{Campaigns, State};
+use crate::control::State;
 use crate::queue::Keys;
 use crate::store::RedisConn;
 
@@ -91,12 +91,62 @@ pub async fn overview(
             v
         }
     };
+    overview_of(conn, keys, group, names).await
+}
+
+/// The largest page of campaigns the API and the report answer with.
+pub const MAX_PAGE: usize = 1000;
+
+/// One page of campaigns in name order: at most `limit` (1..=[`MAX_PAGE`]) names after
+/// `after`, with their counters, and the cursor of the next page when there is one. Only
+/// the page's campaigns are read, so an answer stays small however many campaigns there are.
+pub async fn overview_page(
+    conn: &mut RedisConn,
+    keys: &Keys,
+    group: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> redis::RedisResult<(Overview, Option<String>)> {
+    let mut all: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(&keys.campaigns)
+        .query_async(conn)
+        .await?;
+    all.sort_unstable();
+    let (names, next) = page_of(all, after, limit);
+    Ok((overview_of(conn, keys, group, names).await?, next))
+}
+
+/// The names of one page from all of them (sorted), and the next page's cursor.
+fn page_of(all: Vec<String>, after: Option<&str>, limit: usize) -> (Vec<String>, Option<String>) {
+    let limit = limit.clamp(1, MAX_PAGE);
+    let start = after.map_or(0, |a| all.partition_point(|n| n.as_str() <= a));
+    let names: Vec<String> = all.into_iter().skip(start).take(limit + 1).collect();
+    if names.len() > limit {
+        let mut names = names;
+        names.truncate(limit);
+        let next = names.last().cloned();
+        (names, next)
+    } else {
+        (names, None)
+    }
+}
+
+async fn overview_of(
+    conn: &mut RedisConn,
+    keys: &Keys,
+    group: &str,
+    names: Vec<String>,
+) -> redis::RedisResult<Overview> {
+    // One transaction: an archive between reading a campaign's counters and its archive
+    // entry would count them twice.
     let mut p = redis::pipe();
+    p.atomic();
     for n in &names {
         p.cmd("HGETALL").arg(keys.stats(n));
         p.cmd("HGETALL").arg(keys.links(n));
         p.cmd("HGETALL").arg(keys.variants(n));
         p.cmd("HGETALL").arg(keys.experiment(n));
+        p.cmd("HGET").arg(&keys.campaigns_archive).arg(n);
     }
     p.cmd("XLEN").arg(&keys.sends);
     p.cmd("ZCARD").arg(&keys.scheduled);
@@ -132,6 +182,18 @@ pub async fn overview(
         let x: BTreeMap<String, String> =
             redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))
                 .unwrap_or_default();
+        let archived: Option<String> =
+            redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil)).unwrap_or(None);
+        // An archived campaign's counters, plus what it has done since (if anything).
+        let (mut h, mut l) = (h, l);
+        if let Some((ah, al)) = archived.as_deref().and_then(crate::archive::parse) {
+            for (k, v) in ah {
+                *h.entry(k).or_default() += v;
+            }
+            for (k, v) in al {
+                *l.entry(k).or_default() += v;
+            }
+        }
         let mut c = campaign_stats(name, &h, &l);
         c.variants = per_variant(&v);
         c.experiment = experiment_state(&x);
@@ -250,40 +312,57 @@ pub async fn campaign_rows(
     keys: &Keys,
     o: Overview,
 ) -> redis::RedisResult<Vec<CampaignRow>> {
-    let states = Campaigns::default();
-    states.refresh(conn, keys).await?;
+    if o.campaigns.is_empty() {
+        return Ok(Vec::new());
+    }
+    // The states of these campaigns only (HMGET), not every state ever set.
     let mut p = redis::pipe();
+    p.cmd("HMGET").arg(&keys.campaign_states);
+    for c in &o.campaigns {
+        p.arg(&c.campaign);
+    }
     for c in &o.campaigns {
         p.cmd("ZCARD").arg(keys.parked(&c.campaign));
     }
-    let parked: Vec<i64> = if o.campaigns.is_empty() {
-        Vec::new()
-    } else {
-        p.query_async(conn).await?
-    };
+    let mut replies: Vec<redis::Value> = p.query_async(conn).await?;
+    let parked = replies.split_off(1.min(replies.len()));
+    let states: Vec<Option<String>> = replies
+        .pop()
+        .and_then(|v| redis::from_redis_value(v).ok())
+        .unwrap_or_default();
     Ok(o.campaigns
         .into_iter()
-        .zip(parked)
-        .map(|(s, parked)| CampaignRow {
-            state: states.state(&s.campaign),
-            parked,
+        .enumerate()
+        .map(|(i, s)| CampaignRow {
+            state: states
+                .get(i)
+                .and_then(|x| x.as_deref())
+                .map_or(State::Active, State::parse),
+            parked: parked
+                .get(i)
+                .and_then(|v| redis::from_redis_value(v.clone()).ok())
+                .unwrap_or(0),
             stats: s,
         })
         .collect())
 }
 
-/// Whether `campaign` was ever seen (has an outcome, or a state set by an operator).
+/// Whether `campaign` was ever seen (has an outcome, a state set by an operator, or an
+/// archive entry).
 pub async fn known(conn: &mut RedisConn, keys: &Keys, campaign: &str) -> redis::RedisResult<bool> {
-    let (member, state): (bool, bool) = redis::pipe()
+    let (member, state, archived): (bool, bool, bool) = redis::pipe()
         .cmd("SISMEMBER")
         .arg(&keys.campaigns)
         .arg(campaign)
         .cmd("HEXISTS")
         .arg(&keys.campaign_states)
         .arg(campaign)
+        .cmd("HEXISTS")
+        .arg(&keys.campaigns_archive)
+        .arg(campaign)
         .query_async(conn)
         .await?;
-    Ok(member || state)
+    Ok(member || state || archived)
 }
 
 /// One level of contact pressure (`paloma stats --touches`): the sends that were their
@@ -406,6 +485,23 @@ pub async fn recipient(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_follow_the_name_order_and_say_where_the_next_begins() {
+        let all: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).to_vec();
+        assert_eq!(
+            page_of(all.clone(), None, 2),
+            (vec!["a".into(), "b".into()], Some("b".into()))
+        );
+        assert_eq!(
+            page_of(all.clone(), Some("b"), 2),
+            (vec!["c".into(), "d".into()], Some("d".into()))
+        );
+        assert_eq!(page_of(all.clone(), Some("d"), 2), (vec!["e".into()], None));
+        // A cursor that is no longer a campaign still finds its place.
+        assert_eq!(page_of(all.clone(), Some("bb"), 1).0, vec!["c".to_string()]);
+        assert_eq!(page_of(all, Some("z"), 2), (vec![], None));
+    }
 
     #[test]
     fn the_touch_curve_has_every_bucket_and_rates_of_recipients() {

@@ -260,7 +260,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
             Some(TOKEN),
             b"",
         ),
-        400,
+        422,
     );
 
     // Pause: new jobs wait; resume: they go out. Cancel: they end suppressed/cancelled.

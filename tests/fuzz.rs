@@ -71,6 +71,8 @@ proptest! {
     fn the_job_parser_never_panics_and_what_it_accepts_is_clean(raw in prop_oneof![jobish(), "\\PC{0,200}", proptest::collection::vec(any::<u8>(), 0..300).prop_map(|b| String::from_utf8_lossy(&b).into_owned())]) {
         if let Ok(job) = Job::parse(raw.as_bytes(), 256 * 1024) {
             prop_assert!(!job.to.as_str().contains(['\r', '\n']));
+            // A campaign goes into URLs, keys and headers as it is.
+            prop_assert!(paloma::job::CampaignId::allowed(job.campaign.as_str()));
             for (name, value) in &job.headers {
                 prop_assert!(!name.contains(['\r', '\n', ':']) && !value.contains(['\r', '\n']));
             }

@@ -1,6 +1,6 @@
-//! MX mode does not trust the recipient's DNS too far: MX hosts on loopback or link-local
-//! addresses (169.254.169.254 included) are never connected to and bounce as a bad
-//! destination; only `mx_max_hosts` hosts are tried per attempt; one job holds a worker at
+//! MX mode does not trust the recipient's DNS too far: MX hosts on loopback, link-local
+//! (169.254.169.254 included) or private addresses (RFC 1918, CGNAT) are never connected to
+//! and bounce as a bad destination, unless `allowed_hosts` lets them in; only `mx_max_hosts` hosts are tried per attempt; one job holds a worker at
 //! most `attempt_timeout` against a tarpit; a DNS server that is down defers, never bounces.
 //! The tarpit (accepts, never greets) is a few lines here: no packaged server behaves so.
 
@@ -211,4 +211,51 @@ fn a_dns_server_that_is_down_defers_and_never_bounces() {
     let o = first_outcome(&e, "j0", &d, Duration::from_secs(40));
     assert_eq!(o["type"], "deferred", "{o}");
     assert!(o["response"].as_str().unwrap().contains("DNS"), "{o}");
+}
+
+#[test]
+fn private_mx_addresses_are_prohibited_by_default_and_allowed_by_name() {
+    // A recipient's DNS pointing at an internal mail server: RFC 1918, CGNAT (ULA, fc00::/7,
+    // in the unit test of src/deliver/mx.rs).
+    let records = [
+        "mx-host=intra.test,mx.intra.test,10".to_string(),
+        "address=/mx.intra.test/10.11.12.13".to_string(),
+        "mx-host=cgnat.test,mx.cgnat.test,10".to_string(),
+        "address=/mx.cgnat.test/100.64.1.1".to_string(),
+        "mx-host=home.test,mx.home.test,10".to_string(),
+        "address=/mx.home.test/192.168.1.25".to_string(),
+        "mx-host=loop.test,mx.loop.test,10".to_string(),
+        "address=/mx.loop.test/127.0.0.2".to_string(),
+    ];
+    let e = env(&records, "", false);
+    send(&e, &["a@intra.test", "b@cgnat.test", "c@home.test"]);
+    let d = Daemon::spawn(&e.setup.config);
+    for id in ["j0", "j1", "j2"] {
+        let o = first_outcome(&e, id, &d, Duration::from_secs(20));
+        assert_eq!(
+            (
+                o["type"].as_str(),
+                o["enhanced"].as_str(),
+                o["class"].as_str()
+            ),
+            (Some("bounced"), Some("5.4.4"), Some("bad_domain")),
+            "{id}: {o}"
+        );
+        assert!(
+            o["response"].as_str().unwrap().contains("prohibited"),
+            "{o}"
+        );
+    }
+    drop(d);
+
+    // One internal range let in, the rest of the defaults kept.
+    let e = env(&records, "allowed_hosts = [\"127.0.0.2/32\"]", false);
+    let sink = Sink::start_on("127.0.0.2", e.port, &[]);
+    send(&e, &["e@loop.test", "f@intra.test"]);
+    let d = Daemon::spawn(&e.setup.config);
+    let o = first_outcome(&e, "j0", &d, Duration::from_secs(20));
+    assert_eq!(o["type"], "delivered", "{o}");
+    let o = first_outcome(&e, "j1", &d, Duration::from_secs(20));
+    assert_eq!(o["type"], "bounced", "{o}");
+    assert_eq!(sink.count(), 1);
 }

@@ -271,6 +271,14 @@ fallback = "a"
             .await
             .unwrap();
         assert!(table.contains("spring") && table.contains("60"), "{table}");
+        // tracking.base_url is https here: the browser holds the session as Secure (and
+        // would never send it over plain HTTP to another host).
+        let session = c.get_named_cookie("paloma_report").await.unwrap();
+        assert_eq!(
+            (session.secure(), session.http_only()),
+            (Some(true), Some(true)),
+            "{session:?}"
+        );
         std::fs::write(
             shots_dir().join("campaigns.png"),
             c.screenshot().await.unwrap(),

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::Json;
@@ -27,7 +27,31 @@ pub struct CampaignList {
     pub stream_pending: i64,
     /// Jobs in the delayed set (retries and send_at).
     pub scheduled: i64,
+    /// One page of campaigns, in name order.
     pub campaigns: Vec<CampaignRow>,
+    /// The cursor of the next page (`?after=` it), absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// Campaigns in one answer when `limit` is not given.
+pub const DEFAULT_PAGE: usize = 100;
+
+/// `?limit=&after=` of a list of campaigns: (after, limit), refused as JSON when invalid.
+pub fn page_query(q: &BTreeMap<String, String>) -> Result<(Option<String>, usize), ApiError> {
+    let limit = match q.get("limit") {
+        None => DEFAULT_PAGE,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=stats::MAX_PAGE).contains(&n) => n,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("limit must be 1-{}", stats::MAX_PAGE),
+                ))
+            }
+        },
+    };
+    Ok((q.get("after").cloned(), limit))
 }
 
 /// The one path parameter of a route, refused as JSON (not axum's plain text) when it
@@ -45,10 +69,21 @@ impl<S: Send + Sync> FromRequestParts<S> for Seg {
     }
 }
 
+/// A campaign to change: a name paloma accepts, else 422.
 fn campaign_id(c: String) -> Result<String, ApiError> {
     CampaignId::parse(c)
         .map(|c| c.as_str().to_string())
-        .map_err(|e| ApiError::bad_request(format!("campaign: {e}")))
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("campaign: {e}")))
+}
+
+/// A campaign to read: a name paloma accepts, or one kept from before names were narrowed
+/// (see [`CampaignId::readable`]); else 422.
+fn readable_campaign(c: String) -> Result<String, ApiError> {
+    if CampaignId::readable(&c) {
+        Ok(c)
+    } else {
+        campaign_id(c)
+    }
 }
 
 fn address(a: &str) -> Result<String, ApiError> {
@@ -57,16 +92,26 @@ fn address(a: &str) -> Result<String, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("address: {e}")))
 }
 
-/// Every campaign with its state and counts.
+/// The campaigns with their state and counts, a page at a time in name order: follow
+/// `next` (`?after={next}`) until it is absent.
 #[utoipa::path(get, path = "/api/v1/campaigns", tag = "campaigns",
+    params(
+        ("limit" = Option<usize>, Query, description = "Campaigns in the page, 1-1000 (default 100)"),
+        ("after" = Option<String>, Query, description = "The `next` of the previous page: campaigns whose names sort after it")),
     responses(
         (status = 200, body = CampaignList),
         (status = 401, body = ErrorBody),
+        (status = 422, description = "limit out of range", body = ErrorBody),
         (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
-pub async fn list_campaigns(State(api): State<Arc<Api>>) -> Result<Json<CampaignList>, ApiError> {
+pub async fn list_campaigns(
+    State(api): State<Arc<Api>>,
+    q: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+) -> Result<Json<CampaignList>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("bad query: {}", e.body_text())))?;
+    let (after, limit) = page_query(&q)?;
     let mut conn = api.redis.clone();
-    let o = stats::overview(&mut conn, &api.keys, &api.group, None)
+    let (o, next) = stats::overview_page(&mut conn, &api.keys, &api.group, after.as_deref(), limit)
         .await
         .map_err(ApiError::redis)?;
     let (stream_waiting, stream_pending, scheduled) =
@@ -79,6 +124,7 @@ pub async fn list_campaigns(State(api): State<Arc<Api>>) -> Result<Json<Campaign
         stream_pending,
         scheduled,
         campaigns,
+        next,
     }))
 }
 
@@ -87,15 +133,15 @@ pub async fn list_campaigns(State(api): State<Arc<Api>>) -> Result<Json<Campaign
     params(("campaign" = String, Path, description = "Campaign id")),
     responses(
         (status = 200, body = CampaignRow),
-        (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 404, description = "No job of it was seen and no state was set", body = ErrorBody)),
+        (status = 404, description = "No job of it was seen and no state was set", body = ErrorBody),
+        (status = 422, description = "Not a campaign name", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_campaign(
     State(api): State<Arc<Api>>,
     Seg(campaign): Seg,
 ) -> Result<Json<CampaignRow>, ApiError> {
-    let c = campaign_id(campaign)?;
+    let c = readable_campaign(campaign)?;
     let mut conn = api.redis.clone();
     if !stats::known(&mut conn, &api.keys, &c)
         .await
@@ -120,7 +166,7 @@ pub async fn get_campaign(
 /// Pause a campaign: within about a second no daemon starts another message of it.
 #[utoipa::path(post, path = "/api/v1/campaigns/{campaign}/pause", tag = "campaigns",
     params(("campaign" = String, Path, description = "Campaign id")),
-    responses((status = 200, body = Changed), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = Changed), (status = 401, body = ErrorBody), (status = 422, description = "Not a campaign name", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn pause(
     State(api): State<Arc<Api>>,
@@ -138,7 +184,7 @@ pub async fn pause(
 /// Resume a paused (or cancelled) campaign: its parked jobs go out, paced as usual.
 #[utoipa::path(post, path = "/api/v1/campaigns/{campaign}/resume", tag = "campaigns",
     params(("campaign" = String, Path, description = "Campaign id")),
-    responses((status = 200, body = Changed), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = Changed), (status = 401, body = ErrorBody), (status = 422, description = "Not a campaign name", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn resume(
     State(api): State<Arc<Api>>,
@@ -156,7 +202,7 @@ pub async fn resume(
 /// Cancel a campaign: every job of it not yet sent ends `suppressed` (`cancelled`).
 #[utoipa::path(post, path = "/api/v1/campaigns/{campaign}/cancel", tag = "campaigns",
     params(("campaign" = String, Path, description = "Campaign id")),
-    responses((status = 200, body = Changed), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = Changed), (status = 401, body = ErrorBody), (status = 422, description = "Not a campaign name", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn cancel(
     State(api): State<Arc<Api>>,

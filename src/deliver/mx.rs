@@ -42,8 +42,10 @@ pub struct MxRouter {
     /// Keyed by address and TLS name: two MX names on one address get two pools, so one
     /// domain's certificate name is never checked for another's session.
     pools: Mutex<HashMap<(SocketAddr, String), Arc<Pool>>>,
-    /// Addresses never connected to (`delivery.prohibited_hosts`).
+    /// Addresses never connected to (`delivery.prohibited_hosts`)…
     prohibited: Networks,
+    /// …unless they are here (`delivery.allowed_hosts`).
+    allowed: Networks,
     max_hosts: usize,
     max_addresses: usize,
 }
@@ -105,9 +107,20 @@ impl MxRouter {
                     .map(|n| Networks::parse_cidr(n).map_err(DeliverError::Resolver))
                     .collect::<Result<Vec<_>, _>>()?,
             ),
+            allowed: Networks::new(
+                d.allowed_hosts
+                    .iter()
+                    .map(|n| Networks::parse_cidr(n).map_err(DeliverError::Resolver))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
             max_hosts: d.mx_max_hosts,
             max_addresses: d.mx_max_addresses,
         })
+    }
+
+    /// Whether an MX address may be connected to (`prohibited_hosts`, `allowed_hosts`).
+    fn permitted(&self, ip: IpAddr) -> bool {
+        !self.prohibited.contains(ip) || self.allowed.contains(ip)
     }
 
     pub async fn route(&self, domain: &str) -> Route {
@@ -215,9 +228,9 @@ impl MxRouter {
             }
         }
         // The recipient's DNS decides where we connect: never to loopback, link-local (cloud
-        // metadata at 169.254.169.254) or whatever else is prohibited.
+        // metadata at 169.254.169.254), private networks or whatever else is prohibited.
         let before = addrs.len();
-        addrs.retain(|(_, ip)| !self.prohibited.contains(*ip));
+        addrs.retain(|(_, ip)| self.permitted(*ip));
         if addrs.is_empty() && before > 0 {
             return Ok((
                 Cached::Bounce(Outcome::bounce(
@@ -326,6 +339,61 @@ impl MxRouter {
 mod tests {
     use super::*;
     use crate::config::Settings;
+
+    fn router(delivery: &str) -> MxRouter {
+        struct One;
+        impl Limits for One {
+            fn limits(&self, _: &str, _: &[&str]) -> super::super::SiteLimits {
+                super::super::SiteLimits {
+                    connections: 1,
+                    messages_per_connection: 1,
+                }
+            }
+        }
+        let settings = Settings::from_toml(
+            &format!("[sender]\nfrom = \"a@b.test\"\nhelo = \"h\"\n[tracking]\nsecret = \"0123456789abcdef0\"\n[delivery]\nmode = \"mx\"\nnameservers = [\"127.0.0.1:1\"]\n{delivery}"),
+            Vec::new(),
+        )
+        .unwrap();
+        MxRouter::new(
+            &settings.delivery,
+            &settings.sender.helo,
+            Arc::new(One),
+            Arc::new(AtomicI64::new(0)),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn private_networks_are_prohibited_by_default_and_easy_to_allow() {
+        let r = router("");
+        for ip in [
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.254",
+            "192.168.1.1",
+            "100.64.0.1",
+            "100.127.255.254",
+            "fd00::25",
+            "fc00::1",
+            "127.0.0.1",
+            "169.254.169.254",
+        ] {
+            assert!(!r.permitted(ip.parse().unwrap()), "{ip} is permitted");
+        }
+        for ip in [
+            "172.32.0.1",
+            "100.128.0.1",
+            "192.0.2.1",
+            "2001:db8::1",
+            "8.8.8.8",
+        ] {
+            assert!(r.permitted(ip.parse().unwrap()), "{ip} is prohibited");
+        }
+        let r = router("allowed_hosts = [\"10.20.0.0/16\"]");
+        assert!(r.permitted("10.20.3.4".parse().unwrap()));
+        assert!(!r.permitted("10.21.3.4".parse().unwrap()));
+    }
 
     #[tokio::test]
     async fn two_mx_names_on_one_address_never_share_a_pool_or_its_tls_name() {

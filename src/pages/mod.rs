@@ -5,7 +5,8 @@
 //!
 //! Access: `Authorization: Bearer` with the API token or the read-only `api.report_token`,
 //! or, for a browser, the session cookie that `POST /login` sets after the token is typed in
-//! a form (an HMAC of the token, HttpOnly, SameSite=Strict: the token itself is never in a
+//! a form (an HMAC of the token, HttpOnly, SameSite=Strict, and Secure when the report is
+//! served over HTTPS, see [`secure_cookie`]: the token itself is never in a
 //! cookie or a URL). A report token opens the pages only, never `/api/v1`. Every page is
 //! sent with a Content-Security-Policy that allows no script.
 
@@ -37,6 +38,21 @@ pub struct Pages {
     sessions: Vec<[u8; 32]>,
     /// SHA-256 of each token that opens the pages (API token, report token).
     tokens: Vec<[u8; 32]>,
+    /// The session cookie's attributes: `Secure` when the report is served over HTTPS.
+    attrs: &'static str,
+}
+
+/// Whether the session cookie gets `Secure`: `api.secure_cookie` when set, else when
+/// `tracking.base_url` is https (the deployment is behind TLS, and a browser must never
+/// send the session over plain HTTP).
+pub fn secure_cookie(settings: &crate::config::Settings) -> bool {
+    settings.api.secure_cookie.unwrap_or_else(|| {
+        settings
+            .tracking
+            .base_url
+            .get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+    })
 }
 
 /// The cookie value of a token: an HMAC of it, so the cookie is not the token.
@@ -76,6 +92,11 @@ impl Pages {
                 .map(|t| hash(session_of(t).as_bytes()))
                 .collect(),
             tokens: tokens.iter().map(|t| hash(t.as_bytes())).collect(),
+            attrs: if secure_cookie(settings) {
+                "Path=/; HttpOnly; Secure; SameSite=Strict"
+            } else {
+                "Path=/; HttpOnly; SameSite=Strict"
+            },
         }
     }
 
@@ -157,8 +178,13 @@ fn safe_next(next: Option<&str>) -> &str {
     match next {
         Some(n)
             if n == "/campaigns"
-                || n.strip_prefix("/campaigns/")
-                    .is_some_and(|c| crate::job::CampaignId::parse(c.to_string()).is_ok()) =>
+                || n.strip_prefix("/campaigns/").is_some_and(|c| {
+                    // One encoded segment (see view::segment), never `.` or `..`.
+                    !c.is_empty()
+                        && !c.starts_with('.')
+                        && c.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.~%".contains(&b))
+                }) =>
         {
             n
         }
@@ -182,8 +208,9 @@ async fn login(
         return html(StatusCode::UNAUTHORIZED, view::login(&next, true));
     }
     let cookie = format!(
-        "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200",
-        session_of(token)
+        "{COOKIE}={}; {}; Max-Age=43200",
+        session_of(token),
+        pages.attrs
     );
     Response::builder()
         .status(StatusCode::SEE_OTHER)
@@ -193,13 +220,13 @@ async fn login(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-async fn logout() -> Response {
+async fn logout(State(pages): State<Arc<Pages>>) -> Response {
     Response::builder()
         .status(StatusCode::SEE_OTHER)
         .header(header::LOCATION, "/login")
         .header(
             header::SET_COOKIE,
-            format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+            format!("{COOKIE}=; {}; Max-Age=0", pages.attrs),
         )
         .body(axum::body::Body::empty())
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
@@ -213,19 +240,31 @@ fn unavailable(e: redis::RedisError) -> Response {
     )
 }
 
-async fn list(State(pages): State<Arc<Pages>>, headers: HeaderMap) -> Response {
+/// Campaigns on one page of the list.
+pub const PAGE: usize = 100;
+
+async fn list(
+    State(pages): State<Arc<Pages>>,
+    Query(q): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
     if !pages.allowed(&headers) {
         return to_login("/campaigns");
     }
     let api = &pages.api;
     let mut conn = api.redis.clone();
+    let after = q.get("after").map(String::as_str);
     let rows = async {
-        let o = crate::stats::overview(&mut conn, &api.keys, &api.group, None).await?;
-        crate::stats::campaign_rows(&mut conn, &api.keys, o).await
+        let (o, next) =
+            crate::stats::overview_page(&mut conn, &api.keys, &api.group, after, PAGE).await?;
+        Ok::<_, redis::RedisError>((
+            crate::stats::campaign_rows(&mut conn, &api.keys, o).await?,
+            next,
+        ))
     }
     .await;
     match rows {
-        Ok(rows) => html(StatusCode::OK, view::list(&rows)),
+        Ok((rows, next)) => html(StatusCode::OK, view::list(&rows, next.as_deref())),
         Err(e) => unavailable(e),
     }
 }
@@ -330,15 +369,15 @@ async fn campaign(
     Path(c): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let Ok(id) = crate::job::CampaignId::parse(c.clone()) else {
+    // Names kept from before they were narrowed stay readable (their links are encoded).
+    if !crate::job::CampaignId::readable(&c) {
         return html(
             StatusCode::BAD_REQUEST,
-            view::message("No such campaign", "That is not a campaign id."),
+            view::message("No such campaign", crate::job::CAMPAIGN_RULE),
         );
-    };
-    let c = id.as_str().to_string();
+    }
     if !pages.allowed(&headers) {
-        return to_login(&format!("/campaigns/{c}"));
+        return to_login(&view::campaign_href(&c));
     }
     let api = &pages.api;
     let mut conn = api.redis.clone();
@@ -382,6 +421,12 @@ mod tests {
         assert_eq!(safe_next(Some("/campaigns/spring")), "/campaigns/spring");
         assert_eq!(safe_next(Some("https://evil.test/")), "/campaigns");
         assert_eq!(safe_next(Some("//evil.test")), "/campaigns");
+        assert_eq!(
+            safe_next(Some("/campaigns/a%2Fb%2F..%2Fc")),
+            "/campaigns/a%2Fb%2F..%2Fc"
+        );
+        assert_eq!(safe_next(Some("/campaigns/../x")), "/campaigns");
+        assert_eq!(safe_next(Some("/campaigns/a/b")), "/campaigns");
         assert_eq!(safe_next(None), "/campaigns");
         assert_ne!(session_of("a-token-0123456789"), "a-token-0123456789");
     }

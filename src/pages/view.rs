@@ -54,6 +54,25 @@ pub fn url_escape(s: &str) -> String {
     out
 }
 
+/// Percent-encodes one path segment: everything but unreserved characters, `/` included,
+/// so a name always stays one segment of the URL it is put in.
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// The report page of campaign `c`.
+pub fn campaign_href(c: &str) -> String {
+    format!("/campaigns/{}", segment(c))
+}
+
 fn pct(n: i64, of: i64) -> String {
     if of <= 0 {
         "–".into()
@@ -92,7 +111,8 @@ fn state_badge(state: &str) -> String {
     format!("<span class=\"badge {0}\">{0}</span>", esc(state))
 }
 
-pub fn list(rows: &[CampaignRow]) -> String {
+/// One page of the campaigns; `next`: the cursor of the next page, if any.
+pub fn list(rows: &[CampaignRow], next: Option<&str>) -> String {
     let mut t = String::from(
         "<h1>Campaigns</h1><div class=\"card scroll\"><table id=\"campaigns\"><thead><tr><th>campaign</th><th>state</th><th>enqueued</th><th>delivered</th><th>opened</th><th>clicked</th><th>bounced</th><th>complaints</th></tr></thead><tbody>",
     );
@@ -100,8 +120,8 @@ pub fn list(rows: &[CampaignRow]) -> String {
         let s = &r.stats;
         let _ = write!(
             t,
-            "<tr><td><a href=\"/campaigns/{}\">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            url_escape(&s.campaign),
+            "<tr><td><a href=\"{}\">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&campaign_href(&s.campaign)),
             esc(&s.campaign),
             state_badge(r.state.as_str()),
             s.accepted,
@@ -115,7 +135,17 @@ pub fn list(rows: &[CampaignRow]) -> String {
     if rows.is_empty() {
         t.push_str("<tr><td colspan=\"8\">No campaign has an outcome yet.</td></tr>");
     }
-    t.push_str("</tbody></table></div><form method=\"post\" action=\"/logout\"><button type=\"submit\">Sign out</button></form>");
+    t.push_str("</tbody></table></div>");
+    if let Some(n) = next {
+        let _ = write!(
+            t,
+            "<p><a id=\"next\" href=\"/campaigns?after={}\">Next campaigns →</a></p>",
+            segment(n)
+        );
+    }
+    t.push_str(
+        "<form method=\"post\" action=\"/logout\"><button type=\"submit\">Sign out</button></form>",
+    );
     layout("Campaigns", &t)
 }
 
@@ -303,4 +333,17 @@ pub fn campaign(r: &Report) -> String {
     }
     b.push_str("</tbody></table></div></div>");
     layout(&s.campaign, &b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_stays_one_path_segment() {
+        assert_eq!(campaign_href("spring-2.v1"), "/campaigns/spring-2.v1");
+        assert_eq!(campaign_href("a/b/../c"), "/campaigns/a%2Fb%2F..%2Fc");
+        assert_eq!(campaign_href("<script>x"), "/campaigns/%3Cscript%3Ex");
+        assert_eq!(segment("a b?c#d&e"), "a%20b%3Fc%23d%26e");
+    }
 }

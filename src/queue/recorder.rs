@@ -535,6 +535,14 @@ impl Recorder {
         if !campaigns.is_empty() {
             p.cmd("SADD").arg(&k.campaigns).arg(&campaigns).ignore();
             ops.push((0, Op::Other));
+            // When each last had an outcome: the guards read only recent ones.
+            let now = super::now_ms();
+            p.cmd("ZADD").arg(&k.campaigns_active);
+            for c in &campaigns {
+                p.arg(now).arg(*c);
+            }
+            p.ignore();
+            ops.push((0, Op::Other));
         }
         if !acks.is_empty() {
             p.cmd("XACK")

@@ -24,6 +24,9 @@
 //! | `wfjob:{id}` | string | a sent job kept for follow-ups |
 //! | `wf:{rule}:{id}` | string | a fired rule's once-only marker |
 //! | `campaign_states` | hash | campaign → `paused` / `cancelled` |
+//! | `campaign_states:v` | string | bumped with every change of `campaign_states` (daemons re-read it only then) |
+//! | `campaigns:active` | sorted set | campaign → its last outcome (ms): what the guards read |
+//! | `campaigns:archive` | hash | archived campaign → its counters and link clicks (JSON) |
 //! | `parked:{campaign}` | sorted set | a paused campaign's jobs (score: parked at, ms) |
 //! | `guard_base:{campaign}` | hash | the counters at the campaign's last resume |
 //! | `rp:{token}` | string | the job a return-path token names (id, campaign, to) |
@@ -50,6 +53,12 @@ pub struct Keys {
     pub webhooks: String,
     /// Campaign → `paused` | `cancelled` (absent: active).
     pub campaign_states: String,
+    /// A counter bumped with every change of `campaign_states`.
+    pub campaign_states_version: String,
+    /// Campaign → when it last had an outcome (ms).
+    pub campaigns_active: String,
+    /// Archived campaign → `{"stats": {…}, "links": {…}, "archived_at": ms}`.
+    pub campaigns_archive: String,
     /// `XADD … MAXLEN ~` of every event: the hard bound (`[events] hard_max_len`), far
     /// above `max_len`, which the retention task keeps without passing what the workflow
     /// engine has not read.
@@ -71,6 +80,9 @@ impl Keys {
             timers_cancelled: format!("{prefix}timers:cancelled"),
             webhooks: format!("{prefix}webhooks"),
             campaign_states: format!("{prefix}campaign_states"),
+            campaign_states_version: format!("{prefix}campaign_states:v"),
+            campaigns_active: format!("{prefix}campaigns:active"),
+            campaigns_archive: format!("{prefix}campaigns:archive"),
             events_max_len: crate::config::EventSettings::default().hard_max_len(),
         }
     }
