@@ -625,6 +625,10 @@ pub struct TrackingSettings {
     /// A client must send its request headers within this, and an idle keep-alive
     /// connection is closed after it.
     pub header_timeout: Dur,
+    /// A client must send its whole request, head and body, within this (counted from when
+    /// the connection is ready for it): a body trickled a byte at a time holds no slot
+    /// longer. At the cap a request still arriving is closed to make room, as an idle one.
+    pub request_timeout: Dur,
 }
 
 impl Default for TrackingSettings {
@@ -643,6 +647,7 @@ impl Default for TrackingSettings {
             repeat_window: "1h".parse().expect("valid default"),
             max_connections: 1024,
             header_timeout: "10s".parse().expect("valid default"),
+            request_timeout: "20s".parse().expect("valid default"),
         }
     }
 }
@@ -1025,6 +1030,9 @@ impl Settings {
                 "tracking.repeat_window, max_connections and header_timeout must be above zero"
                     .into(),
             );
+        }
+        if self.tracking.request_timeout.get().is_zero() {
+            return bad("tracking.request_timeout must be above zero".into());
         }
         if self.events.max_len == 0 || self.events.max_age.get().is_zero() {
             return bad("events.max_len and events.max_age must be above zero".into());
