@@ -831,7 +831,11 @@ impl FromStr for Dur {
         if !secs.is_finite() || secs < 0.0 {
             return Err(format!("duration {s:?} out of range"));
         }
-        Ok(Dur(Duration::from_secs_f64(secs)))
+        // Finite and positive, it can still be past what a Duration holds (from_secs_f64
+        // would panic on it).
+        Duration::try_from_secs_f64(secs)
+            .map(Dur)
+            .map_err(|_| format!("duration {s:?} out of range"))
     }
 }
 
@@ -1583,6 +1587,12 @@ secret = "0123456789abcdef0123"
         assert!(e.to_string().contains("relai"), "{e}");
         let e = Settings::from_toml("[sender]\nfrom=\"a@b.c\"\nhelo=\"h\"\n", vec![]).unwrap_err();
         assert!(e.to_string().contains("tracking.secret"), "{e}");
+    }
+
+    #[test]
+    fn a_duration_too_long_for_a_duration_is_an_error_not_a_panic() {
+        let e = "99999999999999999999999d".parse::<Dur>().unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
     }
 }
 
