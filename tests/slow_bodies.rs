@@ -253,3 +253,68 @@ fn trickling_bodies_neither_hold_the_slots_nor_block_a_click_or_an_unsubscribe()
          all closed after {all_closed:?} ({evicted} evicted, {timed_out} past request_timeout)"
     );
 }
+
+const TOKEN: &str = "api-token-7c31e9b04d5a2f68";
+
+/// Watches `s` until the server closes it: how long after `since`.
+fn wait_closed(s: &mut TcpStream, since: Instant, limit: Duration) -> Duration {
+    s.set_nonblocking(true).unwrap();
+    wait_for("the server to close the connection", limit, || {
+        closed_by_server(s).then(|| since.elapsed())
+    })
+}
+
+#[test]
+fn the_api_listener_bounds_a_whole_request_yet_a_slow_sends_body_still_gets_its_408() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let port = free_port();
+    let setup = Setup::new(
+        &redis.url(),
+        sink.port,
+        "",
+        "",
+        &format!("[api]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\ntimeout = \"2s\"\n"),
+    );
+    let _daemon = Daemon::spawn(&setup.config);
+    wait_port("127.0.0.1", port, Duration::from_secs(30));
+
+    // A sends body that stops coming: the handler answers 408 after api.timeout, before the
+    // listener's own deadline (10 s for the head + api.timeout) would close the connection.
+    let stalled = format!(
+        "POST /api/v1/sends HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Length: 1000\r\n\r\n["
+    );
+    let (status, took) = answered_within(port, stalled.as_bytes(), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("a stalled sends body: {e}"));
+    assert_eq!(status, 408);
+    assert!(took >= Duration::from_secs(2), "408 after {took:?}");
+
+    // A sign-in form trickled a byte a second, which no handler deadline covers: the
+    // listener closes it 12 s (10 s + api.timeout) after the connection was opened.
+    let opened = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(
+        b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+          Content-Length: 1000\r\n\r\ntoken=",
+    )
+    .unwrap();
+    let mut w = s.try_clone().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickle = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) && w.write(b"a").is_ok() {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    let closed = wait_closed(&mut s, opened, Duration::from_secs(20));
+    stop.store(true, Ordering::Relaxed);
+    trickle.join().unwrap();
+    assert!(
+        closed >= Duration::from_secs(12),
+        "closed after {closed:?}, before its deadline"
+    );
+    println!("stalled sends body: 408 after {took:?}; trickled /login closed after {closed:?}");
+}
