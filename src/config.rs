@@ -672,6 +672,10 @@ pub struct TrackingSettings {
     /// A client must send its request headers within this, and an idle keep-alive
     /// connection is closed after it.
     pub header_timeout: Dur,
+    /// A client must send its whole request, head and body, within this (counted from when
+    /// the connection is ready for it): a body trickled a byte at a time holds no slot
+    /// longer. At the cap a request still arriving is closed to make room, as an idle one.
+    pub request_timeout: Dur,
 }
 
 impl Default for TrackingSettings {
@@ -690,6 +694,7 @@ impl Default for TrackingSettings {
             repeat_window: "1h".parse().expect("valid default"),
             max_connections: 1024,
             header_timeout: "10s".parse().expect("valid default"),
+            request_timeout: "20s".parse().expect("valid default"),
         }
     }
 }
@@ -877,7 +882,11 @@ impl FromStr for Dur {
         if !secs.is_finite() || secs < 0.0 {
             return Err(format!("duration {s:?} out of range"));
         }
-        Ok(Dur(Duration::from_secs_f64(secs)))
+        // Finite and positive, it can still be past what a Duration holds (from_secs_f64
+        // would panic on it).
+        Duration::try_from_secs_f64(secs)
+            .map(Dur)
+            .map_err(|_| format!("duration {s:?} out of range"))
     }
 }
 
@@ -1084,6 +1093,9 @@ impl Settings {
                 "tracking.repeat_window, max_connections and header_timeout must be above zero"
                     .into(),
             );
+        }
+        if self.tracking.request_timeout.get().is_zero() {
+            return bad("tracking.request_timeout must be above zero".into());
         }
         if self.events.max_len == 0 || self.events.max_age.get().is_zero() {
             return bad("events.max_len and events.max_age must be above zero".into());
@@ -1639,6 +1651,12 @@ secret = "0123456789abcdef0123"
         assert!(e.to_string().contains("relai"), "{e}");
         let e = Settings::from_toml("[sender]\nfrom=\"a@b.c\"\nhelo=\"h\"\n", vec![]).unwrap_err();
         assert!(e.to_string().contains("tracking.secret"), "{e}");
+    }
+
+    #[test]
+    fn a_duration_too_long_for_a_duration_is_an_error_not_a_panic() {
+        let e = "99999999999999999999999d".parse::<Dur>().unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
     }
 }
 

@@ -406,7 +406,9 @@ impl App {
                 sends: keys.sends.clone(),
                 health: health.clone(),
             };
-            crate::http::serve_ops(listener, ops, shared_api, exit_rx.clone())
+            // A request to the API shares its deadline (see api::serve).
+            let request_timeout = crate::api::request_timeout(settings.api.timeout.get());
+            crate::http::serve_ops(listener, ops, shared_api, request_timeout, exit_rx.clone())
         });
         let p = &settings.providers;
         let sendgrid = p
@@ -440,6 +442,7 @@ impl App {
                         name: "tracking",
                         max_connections: t.max_connections,
                         header_timeout: t.header_timeout.get(),
+                        request_timeout: t.request_timeout.get(),
                     },
                     sendgrid,
                     ses,

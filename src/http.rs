@@ -36,11 +36,12 @@ pub struct Ops {
 }
 
 /// Serves on `listener` until `stop` turns true, with `extra` routes beside (the API, when
-/// it shares this listener).
+/// it shares this listener); a whole request must arrive within `request_timeout`.
 pub fn serve_ops(
     listener: tokio::net::TcpListener,
     ops: Ops,
     extra: Option<Router>,
+    request_timeout: Duration,
     stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let registry = ops.metrics.clone();
@@ -60,6 +61,7 @@ pub fn serve_ops(
         name: "metrics",
         max_connections: 64,
         header_timeout: Duration::from_secs(10),
+        request_timeout,
     };
     tokio::spawn(crate::listener::serve(
         listener,

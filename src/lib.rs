@@ -35,6 +35,7 @@
 //! - [`pages`]: the campaign report (HTML with SVG charts) on the API listener.
 //! - [`stats`]: what is read back of campaigns and recipients, for the CLI and the API.
 //! - [`cli`]: `enqueue`, `stats`, `suppress`, `campaign`, and [`demo`].
+//! - [`panics`]: a panic is one log line, with no backtrace to symbolize.
 //!
 //! Dependencies point one way: `pipeline` uses `shape`, `deliver` and `render`; `shape`
 //! uses `deliver`'s types (never the reverse); everything speaks `outcome`.
@@ -56,6 +57,7 @@ pub mod listener;
 pub mod metrics;
 pub mod outcome;
 pub mod pages;
+pub mod panics;
 pub mod pipeline;
 pub mod policy;
 pub mod queue;

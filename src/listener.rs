@@ -1,25 +1,37 @@
-//! Public HTTP listeners (tracking, metrics) served with limits that hostile clients cannot
-//! get around: a client must send its request headers within `header_timeout` (hyper's
+//! Public HTTP listeners (tracking, metrics, API) served with limits that hostile clients
+//! cannot get around: a client must send its request headers within `header_timeout` (hyper's
 //! header-read timer, which also runs while a keep-alive connection waits for its next
-//! request, so an idle connection is closed after it too), and at most `max_connections`
-//! are served at once.
+//! request, so an idle connection is closed after it too), its whole request — head and body
+//! — within `request_timeout`, and at most `max_connections` are served at once.
+//!
+//! A request counts as unfinished until its body has been read to the end (a request without
+//! a body, once its head is read); only then is it being answered. `request_timeout` runs
+//! from the moment the connection is ready for a request (accepted, or its previous response
+//! handed over to be written) until the request is finished, so neither a client that
+//! trickles its head nor one that trickles its body (a byte every few seconds, for ever) holds
+//! a connection past it, whatever the handler; and a response the client does not read in
+//! that time is not waited for either. Handlers bound their own work once the request is in.
 //!
 //! At the cap, a new connection does not wait in the kernel's backlog behind slow ones (a
 //! real click would then wait for every slow client's timeout): the oldest connection that
-//! is not in the middle of a request — idle, or still sending its headers, which is what a
-//! slow-loris client does for ever — is closed to make room. A person's click, whose request
-//! arrives at once, is therefore answered even while thousands of connections trickle.
+//! has not finished its request — idle, still sending its head, or still sending its body,
+//! which is what a slow-loris client does for ever — is closed to make room. A person's click
+//! or one-click unsubscribe, whose request arrives at once, is therefore answered even while
+//! thousands of connections trickle.
 //!
 //! The cap never exceeds a third of the process's descriptor limit, so held sockets cannot
 //! starve the SMTP and Redis connections of the same process.
 
 use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
 use axum::Router;
-use hyper::body::Incoming;
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
@@ -33,6 +45,8 @@ pub struct Limits {
     pub name: &'static str,
     pub max_connections: usize,
     pub header_timeout: Duration,
+    /// The whole request, head and body, must have arrived within this.
+    pub request_timeout: Duration,
 }
 
 impl Limits {
@@ -54,58 +68,88 @@ pub fn descriptor_limit() -> Option<u64> {
     (rc == 0).then_some(lim.rlim_cur)
 }
 
-struct Slot {
-    /// In the middle of a request (headers read, response not yet written): not evicted.
-    busy: bool,
-    /// When it last became idle (accepted, or answered its last request).
-    since: Instant,
-    close: Arc<Notify>,
+/// One connection, as its task, its requests' bodies and the table see it.
+struct Conn {
+    /// Its request has been read in full (head and body) and is being answered: it is not
+    /// evicted, and `request_timeout` does not run (the handler bounds its own work).
+    answering: AtomicBool,
+    /// When it became ready for its current request (accepted, or its last response handed
+    /// over), in microseconds since the table's epoch.
+    since: AtomicU64,
+    close: Notify,
+}
+
+impl Conn {
+    fn answering(&self) -> bool {
+        self.answering.load(Ordering::Acquire)
+    }
+
+    /// The request is in: from now on it is being answered.
+    fn request_read(&self) {
+        self.answering.store(true, Ordering::Release);
+    }
+
+    /// The response is handed over: the next request's time starts now.
+    fn ready(&self, now: u64) {
+        self.since.store(now, Ordering::Release);
+        self.answering.store(false, Ordering::Release);
+    }
 }
 
 /// The connections of one listener.
-#[derive(Default)]
 struct Table {
-    slots: Mutex<HashMap<u64, Slot>>,
+    slots: Mutex<HashMap<u64, Arc<Conn>>>,
     emptied: Notify,
+    epoch: Instant,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table {
+            slots: Mutex::default(),
+            emptied: Notify::new(),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 impl Table {
-    /// Registers a connection; at the cap, first closes the oldest one not in a request.
-    /// None when every slot is in a request (the new connection is refused).
-    fn admit(&self, id: u64, cap: usize) -> Option<(Arc<Notify>, bool)> {
+    /// Microseconds since the epoch: what `Conn::since` holds.
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// When a connection ready since `since` (table time) must have finished its request.
+    fn due(&self, since: u64, timeout: Duration) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.epoch + Duration::from_micros(since) + timeout)
+    }
+
+    /// Registers a connection; at the cap, first closes the oldest one that has not
+    /// finished its request (head or body). None when every slot is being answered (the
+    /// new connection is refused).
+    fn admit(&self, id: u64, cap: usize) -> Option<(Arc<Conn>, bool)> {
+        let now = self.now();
         let mut slots = self.slots.lock().ok()?;
         let mut evicted = false;
         if slots.len() >= cap {
             let victim = slots
                 .iter()
-                .filter(|(_, s)| !s.busy)
-                .min_by_key(|(_, s)| s.since)
+                .filter(|(_, c)| !c.answering())
+                .min_by_key(|(_, c)| c.since.load(Ordering::Acquire))
                 .map(|(k, _)| *k)?;
-            if let Some(s) = slots.remove(&victim) {
+            if let Some(c) = slots.remove(&victim) {
                 // notify_one stores a permit, so a connection not yet waiting still sees it.
-                s.close.notify_one();
+                c.close.notify_one();
                 evicted = true;
             }
         }
-        let close = Arc::new(Notify::new());
-        slots.insert(
-            id,
-            Slot {
-                busy: false,
-                since: Instant::now(),
-                close: close.clone(),
-            },
-        );
-        Some((close, evicted))
-    }
-
-    fn set_busy(&self, id: u64, busy: bool) {
-        if let Ok(mut slots) = self.slots.lock() {
-            if let Some(s) = slots.get_mut(&id) {
-                s.busy = busy;
-                s.since = Instant::now();
-            }
-        }
+        let conn = Arc::new(Conn {
+            answering: AtomicBool::new(false),
+            since: AtomicU64::new(now),
+            close: Notify::new(),
+        });
+        slots.insert(id, conn.clone());
+        Some((conn, evicted))
     }
 
     fn remove(&self, id: u64) {
@@ -119,6 +163,36 @@ impl Table {
 
     fn len(&self) -> usize {
         self.slots.lock().map(|s| s.len()).unwrap_or(0)
+    }
+}
+
+/// A request body that marks its connection's request as read once its end is reached.
+struct Tracked {
+    inner: Incoming,
+    conn: Arc<Conn>,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.conn.request_read();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -165,7 +239,7 @@ pub async fn serve(
         };
         next_id += 1;
         let id = next_id;
-        let Some((close, evicted)) = table.admit(id, cap) else {
+        let Some((conn, evicted)) = table.admit(id, cap) else {
             metrics
                 .http_refused
                 .with_label_values(&[limits.name, "all_busy"])
@@ -181,32 +255,66 @@ pub async fn serve(
         }
         let _ = stream.set_nodelay(true);
         open.inc();
-        let (table, router, builder, open) =
-            (table.clone(), router.clone(), builder.clone(), open.clone());
+        let (table, router, builder, open, metrics) = (
+            table.clone(),
+            router.clone(),
+            builder.clone(),
+            open.clone(),
+            metrics.clone(),
+        );
+        let (name, timeout) = (limits.name, limits.request_timeout);
         let mut stop = stop.clone();
         tokio::spawn(async move {
-            let t2 = table.clone();
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
+            let (t2, c2) = (table.clone(), conn.clone());
+            let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                let (mut parts, body) = req.into_parts();
+                parts.extensions.insert(ConnectInfo(peer));
+                if body.is_end_stream() {
+                    c2.request_read();
+                }
+                let body = Tracked {
+                    inner: body,
+                    conn: c2.clone(),
+                };
+                let req = hyper::Request::from_parts(parts, body);
                 let mut router = router.clone();
-                let table = t2.clone();
+                let (table, conn) = (t2.clone(), c2.clone());
                 async move {
-                    table.set_busy(id, true);
                     let r = tower_service::Service::call(&mut router, req).await;
-                    table.set_busy(id, false);
+                    conn.ready(table.now());
                     r
                 }
             });
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
+            let served = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(served);
+            let accepted = conn.since.load(Ordering::Acquire);
+            let deadline = tokio::time::sleep_until(table.due(accepted, timeout));
+            tokio::pin!(deadline);
             let mut draining = false;
             loop {
                 tokio::select! {
-                    _ = conn.as_mut() => break,
-                    _ = close.notified() => break,
+                    _ = served.as_mut() => break,
+                    _ = conn.close.notified() => break,
                     _ = stopped(&mut stop), if !draining => {
                         draining = true;
-                        conn.as_mut().graceful_shutdown();
+                        served.as_mut().graceful_shutdown();
+                    }
+                    _ = deadline.as_mut() => {
+                        // A request being answered has no deadline here; the next one's
+                        // starts when it is answered, so look again a timeout from now.
+                        let next = if conn.answering() {
+                            tokio::time::Instant::now() + timeout
+                        } else {
+                            table.due(conn.since.load(Ordering::Acquire), timeout)
+                        };
+                        if next <= tokio::time::Instant::now() {
+                            metrics
+                                .http_refused
+                                .with_label_values(&[name, "request_timeout"])
+                                .inc();
+                            break;
+                        }
+                        deadline.as_mut().reset(next);
                     }
                 }
             }
@@ -233,20 +341,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn at_the_cap_the_oldest_connection_not_in_a_request_makes_room() {
+    fn at_the_cap_the_oldest_unfinished_request_makes_room_head_or_body() {
         let t = Table::default();
-        let (c1, _) = t.admit(1, 2).unwrap();
-        t.admit(2, 2).unwrap();
-        t.set_busy(1, true);
-        // 1 is in a request: 2 is closed for 3.
-        let (_, evicted) = t.admit(3, 2).unwrap();
+        let (c1, _) = t.admit(1, 3).unwrap();
+        let (c2, _) = t.admit(2, 3).unwrap();
+        let (c3, _) = t.admit(3, 3).unwrap();
+        // Ready for a request at table times 1, 2, 3 µs.
+        for (i, c) in [&c1, &c2, &c3].into_iter().enumerate() {
+            c.ready(i as u64 + 1);
+        }
+        // 1 has its whole request in and is being answered; 2 sent its head and is still
+        // sending its body; 3 is idle or still sending its head. 2 is the oldest unfinished.
+        c1.request_read();
+        assert!(!c2.answering());
+        let (_, evicted) = t.admit(4, 3).unwrap();
         assert!(evicted);
-        assert_eq!(t.len(), 2);
-        assert!(t.slots.lock().unwrap().contains_key(&1));
-        t.set_busy(3, true);
-        // Everything busy: refused.
-        assert!(t.admit(4, 2).is_none());
-        drop(c1);
+        assert_eq!(t.len(), 3);
+        let slots = t.slots.lock().unwrap();
+        assert!(slots.contains_key(&1) && !slots.contains_key(&2));
+        drop(slots);
+        // Answered: 1 is ready for its next request, the youngest of all now.
+        c1.ready(t.now() + 1_000_000);
+        c3.request_read();
+        let (c5, evicted) = t.admit(5, 3).unwrap();
+        assert!(evicted);
+        assert!(!t.slots.lock().unwrap().contains_key(&4));
+        // Everything being answered: refused.
+        c5.request_read();
+        t.slots
+            .lock()
+            .unwrap()
+            .values()
+            .for_each(|c| c.request_read());
+        assert!(t.admit(6, 3).is_none());
     }
 
     #[test]
@@ -255,6 +382,7 @@ mod tests {
             name: "t",
             max_connections: usize::MAX,
             header_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
         };
         let nofile = descriptor_limit().unwrap();
         assert_eq!(l.effective_cap() as u64, (nofile / 3).max(1));

@@ -59,7 +59,8 @@ pub struct Metrics {
     pub workflow_actions: IntCounterVec,
     /// Open connections per public HTTP listener (tracking, metrics).
     pub http_connections: IntGaugeVec,
-    /// Connections closed to make room at the cap (`evicted`) or refused (`all_busy`).
+    /// Connections closed to make room at the cap (`evicted`), refused (`all_busy`), or past
+    /// the listener's whole-request deadline (`request_timeout`).
     pub http_refused: IntCounterVec,
     /// Checks of the Redis server (version, eviction, persistence): 1 passed, 0 failed.
     pub redis_check: IntGaugeVec,
@@ -304,7 +305,7 @@ impl Metrics {
             .expect("unique metric");
         let http_refused = vec(
             "paloma_http_connections_closed_total",
-            "Connections closed at the connection cap: evicted (the oldest idle or unfinished one, to make room) or all_busy (refused).",
+            "Connections closed by a public listener: evicted (at the cap, the oldest idle or unfinished one, to make room), all_busy (refused at the cap) or request_timeout (a whole request, head and body, not in within the listener's request_timeout).",
             &["listener", "reason"],
         );
         let redis_check = IntGaugeVec::new(
@@ -471,7 +472,7 @@ impl Metrics {
         }
         for l in ["tracking", "metrics", "api"] {
             self.http_connections.with_label_values(&[l]);
-            for r in ["evicted", "all_busy"] {
+            for r in ["evicted", "all_busy", "request_timeout"] {
                 self.http_refused.with_label_values(&[l, r]);
             }
         }

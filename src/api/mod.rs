@@ -243,6 +243,17 @@ async fn count(State(api): State<Arc<Api>>, req: Request, next: Next) -> Respons
     r
 }
 
+/// The API's listeners take a request's head within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a listener serving the API gives a whole request, head and body: the head's
+/// time, then `api.timeout` for the body, so that a slow body of `POST /api/v1/sends` still
+/// gets its 408 from the handler (whose timer starts when it begins to read) before the
+/// listener closes the connection.
+pub fn request_timeout(timeout: Duration) -> Duration {
+    HEADER_TIMEOUT + timeout
+}
+
 /// Serves the API alone on `listener` until `stop` turns true.
 pub fn serve(
     listener: tokio::net::TcpListener,
@@ -258,7 +269,8 @@ pub fn serve(
     let limits = crate::listener::Limits {
         name: "api",
         max_connections,
-        header_timeout: Duration::from_secs(10),
+        header_timeout: HEADER_TIMEOUT,
+        request_timeout: request_timeout(api.timeout),
     };
     tokio::spawn(crate::listener::serve(
         listener,

@@ -240,20 +240,26 @@ pub fn serve(
 }
 
 fn router(app: App) -> Router {
-    Router::new()
+    let mut r = Router::new()
         .route("/o/{token}", get(open))
         .route("/c/{token}", get(click))
-        .route("/u/{token}", get(unsubscribe_page).post(unsubscribe))
-        // A provider sends events in batches: a larger body limit for that route alone.
-        .route(
+        .route("/u/{token}", get(unsubscribe_page).post(unsubscribe));
+    // A provider's webhook is routed only when configured: otherwise the fallback's 404,
+    // answered without reading (or waiting for) the body. A provider sends events in
+    // batches: a larger body limit for its route alone.
+    if app.sendgrid.is_some() {
+        r = r.route(
             "/webhooks/sendgrid",
             post(sendgrid).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)),
-        )
-        .route(
+        );
+    }
+    if app.ses.is_some() {
+        r = r.route(
             "/webhooks/ses",
             post(ses).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)),
-        )
-        .fallback(|| async { not_found() })
+        );
+    }
+    r.fallback(|| async { not_found() })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(app)
 }
