@@ -5,96 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
+use common::bounce::{arf, Client};
 use common::*;
-
-/// One SMTP client session, line by line.
-struct Client {
-    r: BufReader<TcpStream>,
-}
-
-impl Client {
-    fn connect(port: u16) -> Client {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s.set_nodelay(true).unwrap();
-        let mut c = Client {
-            r: BufReader::new(s),
-        };
-        assert!(c.reply().starts_with("220"));
-        c
-    }
-
-    /// The last line of a (possibly multi-line) reply.
-    fn reply(&mut self) -> String {
-        loop {
-            let mut l = String::new();
-            self.r.read_line(&mut l).unwrap();
-            if l.len() < 4 || l.as_bytes()[3] != b'-' {
-                return l;
-            }
-        }
-    }
-
-    fn cmd(&mut self, line: &str) -> String {
-        self.r
-            .get_mut()
-            .write_all(format!("{line}\r\n").as_bytes())
-            .unwrap();
-        self.reply()
-    }
-
-    /// MAIL, RCPT, DATA and the message; the reply to the final dot.
-    fn send(&mut self, from: &str, to: &str, message: &[u8]) -> String {
-        assert!(self.cmd(&format!("MAIL FROM:<{from}>")).starts_with("250"));
-        let r = self.cmd(&format!("RCPT TO:<{to}>"));
-        assert!(r.starts_with("250"), "{r}");
-        assert!(self.cmd("DATA").starts_with("354"));
-        let mut body = Vec::with_capacity(message.len() + 5);
-        body.extend_from_slice(message);
-        body.extend_from_slice(b"\r\n.\r\n");
-        self.r.get_mut().write_all(&body).unwrap();
-        self.reply()
-    }
-}
-
-fn arf(id: &str, rcpt: &str, return_path: &str) -> String {
-    format!(
-        "From: <staff@fbl.example.net>\r\n\
-Subject: FW: Spring sale\r\n\
-To: <fbl@bounces.test>\r\n\
-MIME-Version: 1.0\r\n\
-Content-Type: multipart/report; report-type=feedback-report; boundary=\"b1\"\r\n\
-\r\n\
---b1\r\n\
-Content-Type: text/plain\r\n\
-\r\n\
-This is an email abuse report.\r\n\
---b1\r\n\
-Content-Type: message/feedback-report\r\n\
-\r\n\
-Feedback-Type: abuse\r\n\
-User-Agent: ExampleFBL/1.0\r\n\
-Version: 1\r\n\
-Original-Rcpt-To: <{rcpt}>\r\n\
-Source-IP: 192.0.2.1\r\n\
-\r\n\
---b1\r\n\
-Content-Type: message/rfc822\r\n\
-\r\n\
-Return-Path: <{return_path}>\r\n\
-From: Shop Test <news@shop.test>\r\n\
-To: <{rcpt}>\r\n\
-X-Paloma-Id: {id}\r\n\
-Subject: Spring\r\n\
-\r\n\
-Hello\r\n\
---b1--\r\n"
-    )
-}
 
 #[test]
 fn the_listener_refuses_relaying_oversize_and_forgeries_and_records_a_complaint() {
