@@ -380,6 +380,14 @@ webhook = "http://127.0.0.1:{crm}/hook"
         &engine,
         || group_exists(&mut conn),
     );
+    // Its SIGTERM handler is in place once it says it runs (a signal before that ends it
+    // by default, not by a drain).
+    wait_until_daemon(
+        "the engine running",
+        Duration::from_secs(30),
+        &engine,
+        || engine.log_text().contains("paloma running"),
+    );
     engine.signal("TERM");
     assert!(engine
         .wait(Duration::from_secs(30))
@@ -498,6 +506,12 @@ webhook = "http://127.0.0.1:{}/hook"
                 .query(&mut conn);
             g.is_ok_and(|g| !g.is_empty())
         },
+    );
+    wait_until_daemon(
+        "the engine running",
+        Duration::from_secs(30),
+        &engine,
+        || engine.log_text().contains("paloma running"),
     );
     engine.signal("TERM");
     assert!(engine
