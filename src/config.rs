@@ -1123,14 +1123,14 @@ impl Settings {
                     .into(),
             );
         }
-        for n in &d.prohibited_hosts {
-            if let Err(e) = crate::track::machine::Networks::parse_cidr(n) {
-                return bad(format!("delivery.prohibited_hosts: {e}"));
-            }
-        }
-        for n in &d.allowed_hosts {
-            if let Err(e) = crate::track::machine::Networks::parse_cidr(n) {
-                return bad(format!("delivery.allowed_hosts: {e}"));
+        for (key, list) in [
+            ("prohibited_hosts", &d.prohibited_hosts),
+            ("allowed_hosts", &d.allowed_hosts),
+        ] {
+            for n in list {
+                if let Err(e) = crate::track::machine::Networks::parse_cidr(n) {
+                    return bad(format!("delivery.{key}: {e}"));
+                }
             }
         }
         let stages = [

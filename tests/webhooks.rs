@@ -354,44 +354,11 @@ webhook = "http://127.0.0.1:{crm}/hook"
 "#
         ),
     );
-    let with_workflows = std::fs::read_to_string(&setup.config).unwrap();
-    let plain = setup.path("plain.toml");
-    std::fs::write(
-        &plain,
-        &with_workflows[..with_workflows.find("[webhooks]").unwrap()],
-    )
-    .unwrap();
     let mut conn = redis.conn();
     let events_key = format!("{}events", setup.prefix);
-    let group_exists = |conn: &mut redis::Connection| {
-        let g: redis::RedisResult<Vec<HashMap<String, redis::Value>>> = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(&events_key)
-            .query(conn);
-        g.is_ok_and(|g| !g.is_empty())
-    };
-
     // A daemon with workflows creates the engine's group, then the fleet's workflow
     // daemons are gone; one without workflows delivers 200 jobs.
-    let mut engine = Daemon::spawn(&setup.config);
-    wait_until_daemon(
-        "the workflow group",
-        Duration::from_secs(30),
-        &engine,
-        || group_exists(&mut conn),
-    );
-    // Its SIGTERM handler is in place once it says it runs (a signal before that ends it
-    // by default, not by a drain).
-    wait_until_daemon(
-        "the engine running",
-        Duration::from_secs(30),
-        &engine,
-        || engine.log_text().contains("paloma running"),
-    );
-    engine.signal("TERM");
-    assert!(engine
-        .wait(Duration::from_secs(30))
-        .is_some_and(|s| s.success()));
+    let plain = workflow_engine_gone(&setup, &mut conn);
     let n = 200;
     enqueue_raw(&mut conn, &setup.prefix, &jobs(n, "bulk", "example.test"));
     let plain_daemon = Daemon::spawn(&plain);
@@ -485,38 +452,9 @@ webhook = "http://127.0.0.1:{}/hook"
             free_port()
         ),
     );
-    let with_workflows = std::fs::read_to_string(&setup.config).unwrap();
-    let plain = setup.path("plain.toml");
-    std::fs::write(
-        &plain,
-        &with_workflows[..with_workflows.find("[webhooks]").unwrap()],
-    )
-    .unwrap();
     let mut conn = redis.conn();
     let events_key = format!("{}events", setup.prefix);
-    let mut engine = Daemon::spawn(&setup.config);
-    wait_until_daemon(
-        "the workflow group",
-        Duration::from_secs(30),
-        &engine,
-        || {
-            let g: redis::RedisResult<Vec<HashMap<String, redis::Value>>> = redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(&events_key)
-                .query(&mut conn);
-            g.is_ok_and(|g| !g.is_empty())
-        },
-    );
-    wait_until_daemon(
-        "the engine running",
-        Duration::from_secs(30),
-        &engine,
-        || engine.log_text().contains("paloma running"),
-    );
-    engine.signal("TERM");
-    assert!(engine
-        .wait(Duration::from_secs(30))
-        .is_some_and(|s| s.success()));
+    let plain = workflow_engine_gone(&setup, &mut conn);
     let n = 200;
     enqueue_raw(&mut conn, &setup.prefix, &jobs(n, "bulk", "example.test"));
     let daemon = Daemon::spawn(&plain);
@@ -540,4 +478,44 @@ webhook = "http://127.0.0.1:{}/hook"
         "the hard bound kept at most about 40: {lost} lost"
     );
     assert!(daemon.log_text().contains("events.hard_max_len"));
+}
+
+/// Runs a daemon of `setup`'s config (with workflows) until the engine's consumer group
+/// exists, stops it with SIGTERM (a drain, exit 0), and returns a config without the
+/// `[webhooks]` section and what follows (no workflows) for the daemons that go on.
+fn workflow_engine_gone(setup: &Setup, conn: &mut redis::Connection) -> std::path::PathBuf {
+    let with_workflows = std::fs::read_to_string(&setup.config).unwrap();
+    let plain = setup.path("plain.toml");
+    std::fs::write(
+        &plain,
+        &with_workflows[..with_workflows.find("[webhooks]").unwrap()],
+    )
+    .unwrap();
+    let events_key = format!("{}events", setup.prefix);
+    let mut engine = Daemon::spawn(&setup.config);
+    wait_until_daemon(
+        "the workflow group",
+        Duration::from_secs(30),
+        &engine,
+        || {
+            let g: redis::RedisResult<Vec<HashMap<String, redis::Value>>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&events_key)
+                .query(conn);
+            g.is_ok_and(|g| !g.is_empty())
+        },
+    );
+    // Its SIGTERM handler is in place once it says it runs (a signal before that ends it
+    // by default, not by a drain).
+    wait_until_daemon(
+        "the engine running",
+        Duration::from_secs(30),
+        &engine,
+        || engine.log_text().contains("paloma running"),
+    );
+    engine.signal("TERM");
+    assert!(engine
+        .wait(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+    plain
 }

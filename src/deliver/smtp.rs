@@ -538,8 +538,8 @@ pub struct Site {
     /// The MX host names (the relay in relay mode), in preference order.
     pub hosts: Vec<String>,
     /// Swapped whole when a relay's name resolves to other addresses (`super::relay`); a
-    /// send works on the list it started with.
-    pools: std::sync::RwLock<Vec<Arc<Pool>>>,
+    /// send works on the list it started with (a shared slice: no copy per message).
+    pools: std::sync::RwLock<Arc<[Arc<Pool>]>>,
     permits: Semaphore,
     /// Sends that found every address unreachable: a relay's name is resolved again then.
     unreachable: std::sync::atomic::AtomicU64,
@@ -555,19 +555,19 @@ impl Site {
         Arc::new(Site {
             key,
             hosts,
-            pools: std::sync::RwLock::new(pools),
+            pools: std::sync::RwLock::new(pools.into()),
             permits: Semaphore::new(connections.max(1)),
             unreachable: Default::default(),
         })
     }
 
-    fn pools(&self) -> Vec<Arc<Pool>> {
+    fn pools(&self) -> Arc<[Arc<Pool>]> {
         self.pools.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Replaces the addresses (their pools) sessions go to; the cap on sessions stays.
     pub fn set_pools(&self, pools: Vec<Arc<Pool>>) {
-        *self.pools.write().unwrap_or_else(|e| e.into_inner()) = pools;
+        *self.pools.write().unwrap_or_else(|e| e.into_inner()) = pools.into();
     }
 
     /// How many sends so far found no address that would take a session.
@@ -588,7 +588,7 @@ impl Site {
             _ = stop.wait_for(|s| *s) => return None,
         };
         let mut last = String::from("no address to deliver to");
-        for pool in &self.pools() {
+        for pool in self.pools().iter() {
             match pool.attempt(envelope, message).await {
                 Attempt::Done(o) => return Some(o),
                 Attempt::Unreachable(reason) => {
@@ -602,13 +602,13 @@ impl Site {
     }
 
     pub async fn close_idle(&self) {
-        for p in &self.pools() {
+        for p in self.pools().iter() {
             p.close_idle().await;
         }
     }
 
     pub fn reap_idle(&self) {
-        for p in &self.pools() {
+        for p in self.pools().iter() {
             p.reap_idle();
         }
     }

@@ -279,14 +279,13 @@ impl Recorder {
             .arg(&ids)
             .query_async(&mut self.conn)
             .await?;
-        let held: Vec<bool> = held.into_iter().map(|h| h == 1).collect();
-        if held.iter().all(|h| *h) {
+        if held.iter().all(|&h| h == 1) {
             return Ok(());
         }
         let lost: std::collections::HashSet<String> = ids
             .iter()
             .zip(&held)
-            .filter(|(_, h)| !**h)
+            .filter(|(_, &h)| h != 1)
             .map(|(id, _)| id.to_string())
             .collect();
         records.retain(|r| r.ack.as_ref().is_none_or(|id| !lost.contains(id)));
