@@ -155,13 +155,16 @@ fn trickling_is_cut_at_the_data_and_session_deadlines() {
         "timeout = \"30s\"\ndata_timeout = \"2s\"\nsession_timeout = \"4s\"\n",
     );
     // DATA: a line every 200 ms, well within the per-line timeout, for ever.
+    // Each clock starts before the step that starts the daemon's: its DATA deadline runs
+    // from the DATA command, its session deadline from the accept, both of which come
+    // before this side sees their replies.
     let mut data = Client::connect(b.port);
-    data.start_data("", "postmaster@bounces.test");
     let t = Instant::now();
+    data.start_data("", "postmaster@bounces.test");
     let stop_data = trickle(&data, b"x\r\n", Duration::from_millis(200));
     // Commands: a NOOP every 200 ms.
-    let mut cmds = Client::connect(b.port);
     let t_session = Instant::now();
+    let mut cmds = Client::connect(b.port);
     let stop_cmds = trickle(&cmds, b"NOOP\r\n", Duration::from_millis(200));
     let r = data.reply();
     let in_data = t.elapsed();
