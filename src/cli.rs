@@ -42,13 +42,9 @@ fn open(input: &Input) -> anyhow::Result<Box<dyn BufRead>> {
 }
 
 /// What a CLI command's writes wait for (`redis.ack_replicas`), read from the primary.
-async fn acks(
-    client: &crate::store::RedisTarget,
-    conn: &mut crate::store::RedisConn,
-    settings: &Settings,
-) -> anyhow::Result<Acks> {
+async fn acks(conn: &mut crate::store::RedisConn, settings: &Settings) -> anyhow::Result<Acks> {
     Acks::start(
-        client,
+        None,
         conn,
         &settings.redis,
         std::sync::Arc::new(crate::metrics::Metrics::new()),
@@ -65,7 +61,7 @@ pub async fn enqueue(
 ) -> anyhow::Result<EnqueueReport> {
     let client = redis_client(settings).await?;
     let mut conn = manager(&client, std::time::Duration::from_secs(30)).await?;
-    let acks = acks(&client, &mut conn, settings).await?;
+    let acks = acks(&mut conn, settings).await?;
     let keys = Keys::new(&settings.redis.prefix);
     let mut reader = open(&input)?;
     // A byte-order mark (spreadsheet and Windows exports) is not part of the first line or
@@ -126,7 +122,7 @@ pub async fn enqueue(
     // Stops with what was enqueued and where the rest begins.
     let stopped = |e: anyhow::Error, enqueued: u64, from_line: usize| {
         e.context(format!(
-            "stopped: {enqueued} jobs were enqueued; the input from line {from_line} on was not (enqueue it once Redis has room)"
+            "stopped: {enqueued} jobs were enqueued; the input from line {from_line} on was not (enqueue it from there once Redis takes it again; a job id already enqueued is delivered once)"
         ))
     };
     let mut batch_line = 1usize;
@@ -401,7 +397,7 @@ pub async fn suppress(
     use crate::policy::suppression::{self, REASONS};
     let client = redis_client(settings).await?;
     let mut conn = manager(&client, std::time::Duration::from_secs(30)).await?;
-    let acks = acks(&client, &mut conn, settings).await?;
+    let acks = acks(&mut conn, settings).await?;
     let keys = Keys::new(&settings.redis.prefix);
     let check_reason = |r: &str| {
         if REASONS.contains(&r) {
@@ -544,7 +540,7 @@ pub async fn campaign(settings: &Settings, action: CampaignAction) -> anyhow::Re
     use crate::control;
     let client = redis_client(settings).await?;
     let mut conn = manager(&client, std::time::Duration::from_secs(30)).await?;
-    let acks = acks(&client, &mut conn, settings).await?;
+    let acks = acks(&mut conn, settings).await?;
     let keys = Keys::new(&settings.redis.prefix);
     let check = |c: &str| {
         crate::job::CampaignId::parse(c.to_string())

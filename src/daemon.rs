@@ -111,7 +111,7 @@ impl App {
         }
         let acks = Arc::new(
             Acks::start(
-                &client,
+                Some(&client),
                 &mut conn.clone(),
                 &settings.redis,
                 metrics.clone(),

@@ -40,7 +40,10 @@ pub async fn run(
         gone.clear();
         let mut reclaimed = 0;
         if intake.stream.reclaim_due() {
-            if let Err(e) = intake.reclaim(&mut entries, &mut gone).await {
+            if let Err(e) = intake
+                .reclaim(&stages.leases, &mut entries, &mut gone)
+                .await
+            {
                 tracing::warn!(error = %e, "reclaiming pending jobs failed");
             }
             reclaimed = entries.len();

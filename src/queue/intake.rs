@@ -75,9 +75,13 @@ impl Intake {
     /// Entries pending longer than `claim_idle` with any consumer, now ours.
     pub async fn reclaim(
         &mut self,
+        leases: &super::leases::Leases,
         out: &mut Vec<Entry>,
         gone: &mut Vec<String>,
     ) -> redis::RedisResult<()> {
+        // What this daemon still works on is renewed first, on the same connection: never
+        // reclaimed into itself and sent twice (see `Leases::renew_now`).
+        leases.renew_now(&mut self.conn).await?;
         self.stream.reclaim(&mut self.conn, out, gone).await
     }
 

@@ -57,6 +57,38 @@ impl Leases {
         self.release([id]);
     }
 
+    /// Renews every entry held now, on `conn`; an entry another daemon took meanwhile is let
+    /// go. The intake also calls it right before it reclaims: after an outage longer than
+    /// `claim_idle` (a Redis failover) this daemon's own leases have lapsed, and the
+    /// reclaim would take its in-flight entries back into this same consumer and send them
+    /// again while their first outcome is on its way (`reclaim.lua` fences other
+    /// consumers, not this one).
+    pub async fn renew_now(&self, conn: &mut RedisConn) -> redis::RedisResult<()> {
+        let ids = self.snapshot();
+        for chunk in ids.chunks(500) {
+            let flags = held(
+                conn,
+                &self.keys.sends,
+                &self.group,
+                &self.consumer,
+                chunk,
+                true,
+            )
+            .await?;
+            let lost: Vec<&str> = chunk
+                .iter()
+                .zip(&flags)
+                .filter(|(_, h)| !**h)
+                .map(|(id, _)| id.as_str())
+                .collect();
+            if !lost.is_empty() {
+                tracing::warn!(entries = lost.len(), "entries this daemon held were taken by another (it was stopped longer than intake.claim_idle); not renewed");
+                self.release(lost);
+            }
+        }
+        Ok(())
+    }
+
     fn snapshot(&self) -> Vec<String> {
         self.held
             .lock()
@@ -80,44 +112,14 @@ pub async fn renew(
             _ = stop.wait_for(|s| *s) => return,
         }
         wait = every;
-        let ids = leases.snapshot();
-        for chunk in ids.chunks(500) {
-            let r = held(
-                &mut conn,
-                &leases.keys.sends,
-                &leases.group,
-                &leases.consumer,
-                chunk,
-                true,
-            )
-            .await;
-            if let Ok(flags) = &r {
-                // Taken by another daemon while this one was frozen: renewing it would take
-                // it back from under that daemon. Its outcome here will be fenced.
-                let lost: Vec<&str> = chunk
-                    .iter()
-                    .zip(flags)
-                    .filter(|(_, h)| !**h)
-                    .map(|(id, _)| id.as_str())
-                    .collect();
-                if !lost.is_empty() {
-                    tracing::warn!(entries = lost.len(), "entries this daemon held were taken by another (it was stopped longer than intake.claim_idle); not renewed");
-                    leases.release(lost);
-                }
-            }
-            if let Err(e) = r {
-                metrics.redis_errors.inc();
-                tracing::warn!(error = %e, "renewing leases failed; trying again in a second");
-                // Two missed rounds would let another daemon reclaim (and send) what this
-                // one holds: try again soon (XCLAIM JUSTID may be repeated).
-                wait = every.min(Duration::from_secs(1));
-                break;
-            }
+        if let Err(e) = leases.renew_now(&mut conn).await {
+            metrics.redis_errors.inc();
+            tracing::warn!(error = %e, "renewing leases failed; trying again in a second");
+            wait = every.min(Duration::from_secs(1));
         }
     }
 }
 
-/// `held.lua`: which entries a consumer still holds, optionally renewing them.
 pub const HELD: &str = include_str!("scripts/held.lua");
 
 /// Which of `ids` (entries of `stream`) `consumer` of `group` still holds, one flag per id;

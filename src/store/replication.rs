@@ -196,10 +196,12 @@ async fn commit(
 impl Acks {
     /// `ack_replicas` as configured, or else 1 when the primary has a replica connected now
     /// (online or still syncing) and 0 when it has none (a deployment without replicas
-    /// waits for nothing). When it waits, the writes go through a connection of their own
-    /// to `target`, committed in groups by a task of their own.
+    /// waits for nothing). When it waits, the writes are committed in groups by a task of
+    /// their own, on a connection of their own to `target` (a daemon: a WAIT blocks the
+    /// connection it is on), or on `conn` when `target` is None (a CLI command, which does
+    /// nothing else meanwhile and need not pay for a second connection).
     pub async fn start(
-        target: &super::RedisTarget,
+        target: Option<&super::RedisTarget>,
         conn: &mut RedisConn,
         settings: &crate::config::RedisSettings,
         metrics: Arc<Metrics>,
@@ -220,7 +222,10 @@ impl Acks {
                 timeout = ?timeout,
                 "acknowledging writes once Redis replicas confirm them (redis.ack_replicas)"
             );
-            let own = super::connect(target, timeout + Duration::from_secs(10)).await?;
+            let own = match target {
+                Some(t) => super::connect(t, timeout + Duration::from_secs(10)).await?,
+                None => conn.clone(),
+            };
             let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
             tokio::spawn(commit(own, want, timeout, rx));
             Some(tx)
