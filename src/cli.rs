@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use crate::config::Settings;
 use crate::queue::Keys;
 pub use crate::stats::{CampaignStats, Overview};
+use crate::store::replication::{AckError, Acks};
 use crate::store::{connect as manager, redis_target as redis_client};
 
 const ENQUEUE_BATCH: usize = 1000;
@@ -40,6 +41,22 @@ fn open(input: &Input) -> anyhow::Result<Box<dyn BufRead>> {
     })
 }
 
+/// What a CLI command's writes wait for (`redis.ack_replicas`), read from the primary.
+async fn acks(
+    client: &crate::store::RedisTarget,
+    conn: &mut crate::store::RedisConn,
+    settings: &Settings,
+) -> anyhow::Result<Acks> {
+    Acks::start(
+        client,
+        conn,
+        &settings.redis,
+        std::sync::Arc::new(crate::metrics::Metrics::new()),
+        None,
+    )
+    .await
+}
+
 /// Reads jobs and XADDs them to `{prefix}sends`, pipelined per 1,000.
 pub async fn enqueue(
     settings: &Settings,
@@ -48,6 +65,7 @@ pub async fn enqueue(
 ) -> anyhow::Result<EnqueueReport> {
     let client = redis_client(settings).await?;
     let mut conn = manager(&client, std::time::Duration::from_secs(30)).await?;
+    let acks = acks(&client, &mut conn, settings).await?;
     let keys = Keys::new(&settings.redis.prefix);
     let mut reader = open(&input)?;
     // A byte-order mark (spreadsheet and Windows exports) is not part of the first line or
@@ -70,15 +88,10 @@ pub async fn enqueue(
     let high_water = settings.redis.high_water;
     let flush = |batch: &mut Vec<String>, conn: &mut crate::store::RedisConn| {
         let mut p = redis::pipe();
-        p.atomic();
         for job in batch.iter() {
-            p.cmd("XADD")
-                .arg(&keys.sends)
-                .arg("*")
-                .arg("job")
-                .arg(job)
-                .ignore();
+            p.cmd("XADD").arg(&keys.sends).arg("*").arg("job").arg(job);
         }
+        let acks = &acks;
         let jobs = batch.len() as u64;
         batch.clear();
         let mut c = conn.clone();
@@ -90,16 +103,23 @@ pub async fn enqueue(
             if let Some(why) = look.and_then(|m| m.refusal(high_water, 0)) {
                 return Err(anyhow::Error::msg(why));
             }
-            p.query_async::<()>(&mut c).await.map_err(|e| {
-                let full = crate::store::checks::is_full(&e);
-                let e = anyhow::Error::from(e);
-                match full {
-                    true => e.context(
-                        "Redis is full (maxmemory reached); nothing of this batch was written",
-                    ),
-                    false => e.context("XADD to Redis"),
-                }
-            })?;
+            acks.write::<redis::Value>(&mut c, &p, true, "enqueue")
+                .await
+                .map_err(|e| match e {
+                    AckError::Redis(e) => {
+                        let full = crate::store::checks::is_full(&e);
+                        let e = anyhow::Error::from(e);
+                        match full {
+                            true => e.context(
+                                "Redis is full (maxmemory reached); nothing of this batch was written",
+                            ),
+                            false => e.context("XADD to Redis"),
+                        }
+                    }
+                    // Written on the primary, perhaps not kept: enqueued again, the same
+                    // job ids are delivered once.
+                    unconfirmed => anyhow::Error::from(unconfirmed),
+                })?;
             anyhow::Ok(jobs)
         }
     };
@@ -381,6 +401,7 @@ pub async fn suppress(
     use crate::policy::suppression::{self, REASONS};
     let client = redis_client(settings).await?;
     let mut conn = manager(&client, std::time::Duration::from_secs(30)).await?;
+    let acks = acks(&client, &mut conn, settings).await?;
     let keys = Keys::new(&settings.redis.prefix);
     let check_reason = |r: &str| {
         if REASONS.contains(&r) {
@@ -403,11 +424,12 @@ pub async fn suppress(
         Suppress::Add(addrs, reason) => {
             check_reason(&reason)?;
             let addrs = valid(addrs)?;
-            suppression::add(&mut conn, &keys, &addrs, &reason).await?;
+            suppression::add(&mut conn, &keys, &acks, "suppress", &addrs, &reason).await?;
             eprintln!("suppressed {} addresses ({reason})", addrs.len());
         }
         Suppress::Remove(addrs) => {
-            let (n, kept) = suppression::remove(&mut conn, &keys, &addrs).await?;
+            let (n, kept) =
+                suppression::remove(&mut conn, &keys, &acks, "suppress", &addrs).await?;
             eprintln!("removed {n} of {} addresses", addrs.len());
             if kept > 0 {
                 eprintln!("kept {kept} as unsubscribed: those recipients opted out themselves (remove again to undo the opt-out)");
@@ -451,11 +473,11 @@ pub async fn suppress(
                     }
                 }
                 if good.len() >= ENQUEUE_BATCH {
-                    suppression::add(&mut conn, &keys, &good, &reason).await?;
+                    suppression::add(&mut conn, &keys, &acks, "suppress", &good, &reason).await?;
                     good.clear();
                 }
             }
-            suppression::add(&mut conn, &keys, &good, &reason).await?;
+            suppression::add(&mut conn, &keys, &acks, "suppress", &good, &reason).await?;
             eprintln!("imported {total} addresses ({reason}); {bad} lines skipped");
             if bad > 0 {
                 return Ok(std::process::ExitCode::from(1));
@@ -522,6 +544,7 @@ pub async fn campaign(settings: &Settings, action: CampaignAction) -> anyhow::Re
     use crate::control;
     let client = redis_client(settings).await?;
     let mut conn = manager(&client, std::time::Duration::from_secs(30)).await?;
+    let acks = acks(&client, &mut conn, settings).await?;
     let keys = Keys::new(&settings.redis.prefix);
     let check = |c: &str| {
         crate::job::CampaignId::parse(c.to_string())
@@ -566,7 +589,7 @@ pub async fn campaign(settings: &Settings, action: CampaignAction) -> anyhow::Re
         }
         CampaignAction::Pause(c) => {
             check(&c)?;
-            control::pause(&mut conn, &keys, &c).await?;
+            control::pause(&mut conn, &keys, &acks, "campaign", &c).await?;
             eprintln!(
                 "paused {c}: within about {} ms no daemon starts another message of it; its jobs wait (paloma campaign resume {c})",
                 control::REFRESH.as_millis() * 2
@@ -574,7 +597,9 @@ pub async fn campaign(settings: &Settings, action: CampaignAction) -> anyhow::Re
         }
         CampaignAction::Resume(c) => {
             check(&c)?;
-            let n = control::resume(&mut conn, &keys, &c).await?.released;
+            let n = control::resume(&mut conn, &keys, &acks, "campaign", &c)
+                .await?
+                .released;
             eprintln!("resumed {c}: {n} parked jobs go out now, paced by shaping as usual");
         }
         CampaignAction::Cancel { campaign: c, yes } => {
@@ -591,7 +616,7 @@ pub async fn campaign(settings: &Settings, action: CampaignAction) -> anyhow::Re
                     bail!("not confirmed; nothing changed");
                 }
             }
-            let done = control::cancel(&mut conn, &keys, &c).await?;
+            let done = control::cancel(&mut conn, &keys, &acks, "campaign", &c).await?;
             let (parked, delayed) = (done.released, done.brought_forward);
             eprintln!(
                 "cancelled {c}: its jobs end as suppressed (cancelled) as the daemons reach them ({parked} parked and {delayed} delayed brought forward); paloma campaign resume {c} undoes it for jobs not yet ended"

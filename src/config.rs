@@ -318,6 +318,19 @@ pub struct RedisSettings {
     /// answers 503, `paloma enqueue` stops), so that what is left still holds the outcomes
     /// of the jobs already accepted and recipients' opt-outs.
     pub high_water: f64,
+    /// Replicas that must confirm a write before paloma acknowledges it to the outside
+    /// (`WAIT`): an API 2xx, an unsubscribe, the bounce listener's 250, a CLI's exit 0.
+    /// Unset: 1 when the primary has a connected replica at start, else 0.
+    pub ack_replicas: Option<u32>,
+    /// How long such a write waits for them before the answer is a refusal (503, 451, a
+    /// non-zero exit).
+    pub ack_timeout: Dur,
+    /// Redis Sentinel addresses (`redis://host:port`); when set, the primary of
+    /// `service_name` is found through them and followed across failovers, and `url` gives
+    /// only the primary's credentials and database.
+    pub sentinels: Vec<String>,
+    /// The name the Sentinels monitor the primary under.
+    pub service_name: String,
 }
 
 /// By hand: the URLs may carry a password.
@@ -338,6 +351,17 @@ impl fmt::Debug for RedisSettings {
             .field("consumer", &self.consumer)
             .field("allow_eviction", &self.allow_eviction)
             .field("high_water", &self.high_water)
+            .field("ack_replicas", &self.ack_replicas)
+            .field("ack_timeout", &self.ack_timeout)
+            .field(
+                "sentinels",
+                &self
+                    .sentinels
+                    .iter()
+                    .map(|u| crate::store::redact(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("service_name", &self.service_name)
             .finish()
     }
 }
@@ -352,6 +376,10 @@ impl Default for RedisSettings {
             consumer: None,
             allow_eviction: false,
             high_water: 0.8,
+            ack_replicas: None,
+            ack_timeout: Dur(Duration::from_secs(1)),
+            sentinels: Vec::new(),
+            service_name: "mymaster".into(),
         }
     }
 }
@@ -1113,6 +1141,19 @@ impl Settings {
                 "redis.high_water = {hw} is not a share of maxmemory between 0 and 1 (exclusive): set e.g. 0.8 to refuse new jobs above 80% of maxmemory"
             ));
         }
+        let r = &self.redis;
+        if !r.sentinels.is_empty() && !r.cluster_nodes.is_empty() {
+            return bad("redis.sentinels and redis.cluster_nodes are both set: a Redis Cluster fails over on its own; keep one of them".into());
+        }
+        if !r.sentinels.is_empty() && r.service_name.trim().is_empty() {
+            return bad("redis.sentinels is set with an empty redis.service_name: set the name the Sentinels monitor (`sentinel monitor <name> …`)".into());
+        }
+        if r.ack_timeout.get().is_zero() || r.ack_timeout.get() > Duration::from_secs(5) {
+            return bad(format!(
+                "redis.ack_timeout = {:?} must be above zero and at most 5s (an answer waits for it; paloma's Redis connections give up after 10 s): set e.g. \"1s\"",
+                r.ack_timeout.get()
+            ));
+        }
         let d = &self.delivery;
         if d.username.is_some() && d.tls == TlsMode::Opportunistic {
             return bad("delivery.username is set with delivery.tls = \"opportunistic\", which does not verify the relay's certificate: an attacker on the path would get the password. Set delivery.tls = \"required\" (add delivery.tls_ca_file for a private CA), or tls = \"none\" for a trusted local relay".into());
@@ -1356,7 +1397,7 @@ fn collect_secrets(v: &toml::Value, under_secret: bool, out: &mut Vec<String>) {
     match v {
         toml::Value::Table(t) => {
             for (k, v) in t {
-                if k == "url" || k == "cluster_nodes" {
+                if k == "url" || k == "cluster_nodes" || k == "sentinels" {
                     // Only the password part of a Redis URL (`redis://:pass@host`).
                     let urls: Vec<&str> = match v {
                         toml::Value::String(u) => vec![u.as_str()],

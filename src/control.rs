@@ -26,6 +26,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::queue::{now_ms, Keys};
+use crate::store::replication::{AckError, Acks};
 use crate::store::RedisConn;
 
 /// How often each daemon re-reads the campaign states.
@@ -189,12 +190,16 @@ pub struct Changed {
 }
 
 /// Pauses `campaign`: within about two refreshes no daemon starts another message of it.
+/// Acknowledged as `acks` says (the state confirmed by the replicas).
 pub async fn pause(
     conn: &mut RedisConn,
     keys: &Keys,
+    acks: &Acks,
+    path: &'static str,
     campaign: &str,
-) -> redis::RedisResult<Changed> {
+) -> Result<Changed, AckError> {
     set(conn, keys, campaign, State::Paused).await?;
+    acks.barrier(conn, path).await?;
     Ok(Changed {
         campaign: campaign.to_string(),
         state: State::Paused,
@@ -208,11 +213,14 @@ pub async fn pause(
 pub async fn resume(
     conn: &mut RedisConn,
     keys: &Keys,
+    acks: &Acks,
+    path: &'static str,
     campaign: &str,
-) -> redis::RedisResult<Changed> {
+) -> Result<Changed, AckError> {
     rebase(conn, keys, campaign).await?;
     set(conn, keys, campaign, State::Active).await?;
     let released = release(conn, keys, campaign).await?;
+    acks.barrier(conn, path).await?;
     Ok(Changed {
         campaign: campaign.to_string(),
         state: State::Active,
@@ -226,11 +234,14 @@ pub async fn resume(
 pub async fn cancel(
     conn: &mut RedisConn,
     keys: &Keys,
+    acks: &Acks,
+    path: &'static str,
     campaign: &str,
-) -> redis::RedisResult<Changed> {
+) -> Result<Changed, AckError> {
     set(conn, keys, campaign, State::Cancelled).await?;
     let released = release(conn, keys, campaign).await?;
     let brought_forward = bring_forward(conn, keys, campaign).await?;
+    acks.barrier(conn, path).await?;
     Ok(Changed {
         campaign: campaign.to_string(),
         state: State::Cancelled,

@@ -28,6 +28,7 @@ use crate::queue::{scheduler, Keys};
 use crate::render::{DkimKeys, Renderer, Templates};
 use crate::shape::Shaper;
 use crate::store::checks::Health;
+use crate::store::replication::Acks;
 use crate::store::{connect, redis_target, RedisConn, RedisTarget};
 
 fn consumer_name(settings: &Settings) -> String {
@@ -52,6 +53,7 @@ pub struct App {
     client: RedisTarget,
     conn: RedisConn,
     health: Arc<Health>,
+    acks: Arc<Acks>,
     shaper: Arc<Shaper>,
     deliverer: Deliverer,
     sessions: Arc<AtomicI64>,
@@ -107,6 +109,16 @@ impl App {
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "could not check the Redis server (INFO)"),
         }
+        let acks = Arc::new(
+            Acks::start(
+                &client,
+                &mut conn.clone(),
+                &settings.redis,
+                metrics.clone(),
+                Some(health.clone()),
+            )
+            .await?,
+        );
         let shaper = Arc::new(Shaper::with_redis(&settings, Some(conn.clone())));
         let sessions = Arc::new(AtomicI64::new(0));
         let deliverer = Deliverer::new(
@@ -144,6 +156,7 @@ impl App {
             client,
             conn,
             health,
+            acks,
             shaper,
             deliverer,
             sessions,
@@ -190,6 +203,7 @@ impl App {
             client,
             conn,
             health,
+            acks,
             shaper,
             deliverer,
             sessions,
@@ -274,6 +288,13 @@ impl App {
         tokio::spawn(crate::store::clock::watch(
             conn.clone(),
             Duration::from_secs(5),
+            stop_rx.clone(),
+        ));
+        tokio::spawn(crate::store::replication::watch(
+            conn.clone(),
+            acks.clone(),
+            settings.redis.prefix.clone(),
+            Duration::from_secs(2),
             stop_rx.clone(),
         ));
         tokio::spawn(crate::store::checks::watch(
@@ -375,7 +396,8 @@ impl App {
         let api = settings.api.listen.map(|_| {
             Arc::new(
                 crate::api::Api::new(&settings, conn.clone(), keys.clone(), metrics.clone())
-                    .with_health(health.clone()),
+                    .with_health(health.clone())
+                    .with_acks(acks.clone()),
             )
         });
         let pages = api
@@ -446,6 +468,7 @@ impl App {
                     },
                     sendgrid,
                     ses,
+                    acks: acks.clone(),
                 };
                 Some(crate::track::server::serve(
                     listener,
@@ -471,6 +494,7 @@ impl App {
                     redis: conn.clone(),
                     keys: keys.clone(),
                     metrics: metrics.clone(),
+                    acks: acks.clone(),
                     max_connections: b.max_connections,
                     max_data_bytes: b.max_data_bytes,
                 };

@@ -90,6 +90,7 @@ pub struct Metrics {
     pub api_jobs: IntCounterVec,
     /// What Redis holds against what it may: stream lags, retention, memory.
     pub capacity: Capacity,
+    pub replication: Replication,
 }
 
 impl Metrics {
@@ -384,8 +385,10 @@ impl Metrics {
             &["result"],
         );
         let capacity = Capacity::new(&registry);
+        let replication = Replication::new(&registry);
         let m = Metrics {
             capacity,
+            replication,
             experiment_messages,
             experiment_decisions,
             campaigns_held,
@@ -567,6 +570,52 @@ impl Capacity {
                 )
                 .expect("valid metric"),
             ),
+        }
+    }
+}
+
+/// Whether what paloma acknowledges is on a replica too (`redis.ack_replicas`).
+pub struct Replication {
+    /// Acknowledgements refused because the replicas did not confirm the write in
+    /// `redis.ack_timeout`, by where the answer was due.
+    pub ack_timeouts: IntCounterVec,
+    /// Replicas the primary reports online (INFO replication), checked every few seconds.
+    pub replicas: IntGauge,
+    /// The largest replica lag the primary reports, in seconds since its last ack.
+    pub lag_seconds: IntGauge,
+}
+
+impl Replication {
+    fn new(registry: &Registry) -> Replication {
+        let ack_timeouts = IntCounterVec::new(
+            Opts::new(
+                "paloma_ack_timeouts_total",
+                "Writes paloma did not acknowledge (503, 451, a CLI error) because redis.ack_replicas replicas did not confirm them within redis.ack_timeout, by path.",
+            ),
+            &["path"],
+        )
+        .expect("valid metric");
+        let replicas = IntGauge::new(
+            "paloma_redis_replicas",
+            "Replicas the Redis primary reports online (INFO replication), checked every few seconds.",
+        )
+        .expect("valid metric");
+        let lag_seconds = IntGauge::new(
+            "paloma_redis_replica_lag_seconds",
+            "The largest lag the Redis primary reports for its replicas (seconds since a replica last confirmed), checked every few seconds.",
+        )
+        .expect("valid metric");
+        for m in [
+            Box::new(ack_timeouts.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(replicas.clone()),
+            Box::new(lag_seconds.clone()),
+        ] {
+            registry.register(m).expect("unique metric");
+        }
+        Replication {
+            ack_timeouts,
+            replicas,
+            lag_seconds,
         }
     }
 }

@@ -174,9 +174,9 @@ pub async fn pause(
 ) -> Result<Json<Changed>, ApiError> {
     let c = campaign_id(campaign)?;
     let mut conn = api.redis.clone();
-    let done = control::pause(&mut conn, &api.keys, &c)
+    let done = control::pause(&mut conn, &api.keys, &api.acks, "api_campaigns", &c)
         .await
-        .map_err(ApiError::redis)?;
+        .map_err(ApiError::ack)?;
     tracing::info!(campaign = %c, "paused through the API");
     Ok(Json(done))
 }
@@ -192,9 +192,9 @@ pub async fn resume(
 ) -> Result<Json<Changed>, ApiError> {
     let c = campaign_id(campaign)?;
     let mut conn = api.redis.clone();
-    let done = control::resume(&mut conn, &api.keys, &c)
+    let done = control::resume(&mut conn, &api.keys, &api.acks, "api_campaigns", &c)
         .await
-        .map_err(ApiError::redis)?;
+        .map_err(ApiError::ack)?;
     tracing::info!(campaign = %c, released = done.released, "resumed through the API");
     Ok(Json(done))
 }
@@ -210,9 +210,9 @@ pub async fn cancel(
 ) -> Result<Json<Changed>, ApiError> {
     let c = campaign_id(campaign)?;
     let mut conn = api.redis.clone();
-    let done = control::cancel(&mut conn, &api.keys, &c)
+    let done = control::cancel(&mut conn, &api.keys, &api.acks, "api_campaigns", &c)
         .await
-        .map_err(ApiError::redis)?;
+        .map_err(ApiError::ack)?;
     tracing::info!(campaign = %c, "cancelled through the API");
     Ok(Json(done))
 }
@@ -291,9 +291,16 @@ pub async fn suppress(
         )));
     }
     let mut conn = api.redis.clone();
-    suppression::add(&mut conn, &api.keys, std::slice::from_ref(&a), &reason)
-        .await
-        .map_err(ApiError::redis)?;
+    suppression::add(
+        &mut conn,
+        &api.keys,
+        &api.acks,
+        "api_suppressions",
+        std::slice::from_ref(&a),
+        &reason,
+    )
+    .await
+    .map_err(ApiError::ack)?;
     Ok(Json(Suppression {
         address: a,
         reason: Some(reason),
@@ -313,9 +320,15 @@ pub async fn unsuppress(
 ) -> Result<Json<Suppression>, ApiError> {
     let a = address(&addr)?;
     let mut conn = api.redis.clone();
-    let (removed, kept) = suppression::remove(&mut conn, &api.keys, std::slice::from_ref(&a))
-        .await
-        .map_err(ApiError::redis)?;
+    let (removed, kept) = suppression::remove(
+        &mut conn,
+        &api.keys,
+        &api.acks,
+        "api_suppressions",
+        std::slice::from_ref(&a),
+    )
+    .await
+    .map_err(ApiError::ack)?;
     Ok(Json(Suppression {
         address: a,
         reason: (kept > 0).then(|| "unsubscribed".to_string()),

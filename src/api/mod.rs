@@ -54,6 +54,8 @@ pub struct Api {
     /// The daemon's last look at Redis: new jobs are refused above the memory high-water
     /// mark.
     pub health: Arc<crate::store::checks::Health>,
+    /// What a write waits for before it is acknowledged (`redis.ack_replicas`).
+    pub acks: Arc<crate::store::replication::Acks>,
 }
 
 impl Api {
@@ -63,7 +65,6 @@ impl Api {
             redis,
             keys,
             group: settings.redis.group.clone(),
-            metrics,
             max_job_bytes: settings.intake.max_job_bytes,
             max_body_bytes: a.max_body_bytes,
             max_jobs: a.max_jobs,
@@ -71,7 +72,15 @@ impl Api {
             token_hash: Sha256::digest(a.token.expose().as_bytes()).into(),
             bodies: Semaphore::new(2),
             health: Arc::default(),
+            acks: Arc::new(crate::store::replication::Acks::none(metrics.clone())),
+            metrics,
         }
+    }
+
+    /// With what a write waits for before it is acknowledged.
+    pub fn with_acks(mut self, acks: Arc<crate::store::replication::Acks>) -> Api {
+        self.acks = acks;
+        self
     }
 
     /// With the daemon's checks of the Redis server (memory above the high-water mark).
@@ -117,6 +126,15 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
 
+    /// A write not acknowledged: Redis failed, or the replicas did not confirm it in time
+    /// (503 with `Retry-After`).
+    pub fn ack(e: crate::store::replication::AckError) -> ApiError {
+        match e {
+            crate::store::replication::AckError::Redis(e) => ApiError::redis(e),
+            unconfirmed => ApiError::retry_later(unconfirmed.to_string(), ACK_RETRY_AFTER),
+        }
+    }
+
     /// Redis failed: the request may be retried; the error itself stays in the log.
     pub fn redis(e: redis::RedisError) -> ApiError {
         tracing::warn!(error = %e, "API request: Redis failed");
@@ -137,6 +155,10 @@ impl ApiError {
 /// `Retry-After` (seconds) when Redis memory is above the high-water mark or full: about
 /// the time the daemons take to deliver a batch's worth.
 pub const MEMORY_RETRY_AFTER: u32 = 30;
+
+/// `Retry-After` when the replicas did not confirm a write: a lagging replica catches up,
+/// or a failover ends, within seconds.
+pub const ACK_RETRY_AFTER: u32 = 5;
 
 /// The body of every refusal.
 #[derive(serde::Serialize, utoipa::ToSchema)]

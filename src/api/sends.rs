@@ -8,7 +8,10 @@
 //! fails, none is and the answer is 503. With `?all_or_nothing=true` one refused job refuses
 //! the whole request (422, nothing written). Above the memory high-water mark
 //! ([`crate::store::checks`]) the request is refused with 503 and `Retry-After`, nothing
-//! written.
+//! written. With `redis.ack_replicas`, a 2xx also means the replicas confirmed the jobs; when
+//! they did not in time the answer is 503 with `Retry-After`, and the jobs may be in the
+//! stream all the same: a retry with the same job ids is delivered once (the ids are the
+//! intake's idempotency keys).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -138,8 +141,9 @@ pub async fn post_sends(State(api): State<Arc<Api>>, req: Request) -> Result<Res
         m.with_label_values(&["refused"]).inc_by(jobs.len() as u64);
         return Err(ApiError::retry_later(why, super::MEMORY_RETRY_AFTER));
     }
+    // One transaction, then WAIT for the replicas (`redis.ack_replicas`): a 2xx means the
+    // jobs survive the loss of the primary.
     let mut p = redis::pipe();
-    p.atomic();
     for &i in &valid {
         p.cmd("XADD")
             .arg(&api.keys.sends)
@@ -148,7 +152,13 @@ pub async fn post_sends(State(api): State<Arc<Api>>, req: Request) -> Result<Res
             .arg(jobs[i]);
     }
     let mut conn = api.redis.clone();
-    let entries: Vec<String> = p.query_async(&mut conn).await.map_err(ApiError::redis)?;
+    let entries: Vec<String> = match api.acks.write(&mut conn, &p, true, "api_sends").await {
+        Ok(e) => e,
+        Err(e) => {
+            m.with_label_values(&["refused"]).inc_by(jobs.len() as u64);
+            return Err(ApiError::ack(e));
+        }
+    };
     for (&i, entry) in valid.iter().zip(entries) {
         results[i].entry = Some(entry);
     }

@@ -6,12 +6,8 @@ use super::{fields, TokenJob};
 use crate::outcome::BounceClass;
 use crate::queue::events::{Event, EventKind};
 use crate::queue::Keys;
+use crate::store::replication::{eval, AckError, Acks};
 use crate::store::RedisConn;
-
-/// The script that records a report.
-pub fn script() -> redis::Script {
-    redis::Script::new(include_str!("scripts/report.lua"))
-}
 
 /// What one report says about one job.
 pub struct Finding {
@@ -109,17 +105,38 @@ impl Finding {
     }
 }
 
-/// Records what `f` says about `job` once per `marker` (kept `ttl` seconds): the event,
-/// the stats, the suppression. True when recorded, false when it already was.
+/// One report to record: what `finding` says about `job`, once per `marker`.
+pub struct Report<'a> {
+    pub marker: String,
+    pub job: &'a TokenJob,
+    pub finding: &'a Finding,
+}
+
+const REPORT: &str = include_str!("scripts/report.lua");
+
+/// Records `reports` (each once per its marker, kept `ttl` seconds: the event, the stats,
+/// the suppression) in one pipeline, acknowledged as `acks` says: Ok only once the
+/// replicas confirmed them. For each, true when recorded, false when it already was.
 pub async fn record(
     conn: &mut RedisConn,
     keys: &Keys,
-    script: &redis::Script,
-    marker: &str,
+    acks: &Acks,
+    path: &'static str,
     ttl: u64,
-    job: &TokenJob,
-    f: &Finding,
-) -> redis::RedisResult<bool> {
+    reports: &[Report<'_>],
+) -> Result<Vec<bool>, AckError> {
+    if reports.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut p = redis::pipe();
+    for r in reports {
+        p.add_command(report_cmd(keys, &r.marker, ttl, r.job, r.finding));
+    }
+    let recorded: Vec<i64> = acks.write(conn, &p, false, path).await?;
+    Ok(recorded.into_iter().map(|n| n == 1).collect())
+}
+
+fn report_cmd(keys: &Keys, marker: &str, ttl: u64, job: &TokenJob, f: &Finding) -> redis::Cmd {
     let mut ev = Event::new(f.kind, &job.id, &job.campaign, &job.to);
     ev.variant = job.variant.as_deref();
     let (fields, reason) = match f.kind {
@@ -149,15 +166,22 @@ pub async fn record(
             }
         }
     };
-    let recorded: i64 = script
-        .key(marker)
-        .key(&keys.events)
-        .key(keys.stats(&job.campaign))
-        .key(&keys.suppressed)
-        .key(&keys.campaigns)
-        .key(keys.variants(&job.campaign))
-        .key(keys.touches(&job.campaign))
-        .arg(ttl)
+    let stats = keys.stats(&job.campaign);
+    let variants = keys.variants(&job.campaign);
+    let touches = keys.touches(&job.campaign);
+    let mut c = eval(
+        REPORT,
+        &[
+            marker,
+            &keys.events,
+            &stats,
+            &keys.suppressed,
+            &keys.campaigns,
+            &variants,
+            &touches,
+        ],
+    );
+    c.arg(ttl)
         .arg(ev.to_json())
         .arg(keys.events_max_len)
         .arg(fields)
@@ -165,10 +189,8 @@ pub async fn record(
         .arg(reason)
         .arg(&job.campaign)
         .arg(job.variant.as_deref().unwrap_or(""))
-        .arg(job.touch.as_deref().unwrap_or(""))
-        .invoke_async(conn)
-        .await?;
-    Ok(recorded == 1)
+        .arg(job.touch.as_deref().unwrap_or(""));
+    c
 }
 
 #[cfg(test)]

@@ -30,11 +30,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::record::Finding;
+use super::record::{Finding, Report};
 use super::report::{self, Kind};
 use super::{ReturnPaths, TokenJob};
 use crate::metrics::Metrics;
 use crate::queue::Keys;
+use crate::store::replication::AckError;
 use crate::store::RedisConn;
 
 const MAX_LINE: usize = 4096;
@@ -66,6 +67,8 @@ pub struct BounceState {
     pub redis: RedisConn,
     pub keys: Keys,
     pub metrics: Arc<Metrics>,
+    /// What a recorded report waits for before its 250 (`redis.ack_replicas`).
+    pub acks: Arc<crate::store::replication::Acks>,
     pub max_connections: usize,
     /// Message data held across sessions beyond each one's [`DATA_FLOOR`].
     pub max_data_bytes: usize,
@@ -352,7 +355,6 @@ pub fn serve(
     let state = Arc::new(state);
     let sessions = Arc::new(Sessions::default());
     let budget = Arc::new(DataBudget::new(state.max_data_bytes));
-    let script = Arc::new(super::record::script());
     let closed = state.metrics.bounce_sessions_closed.clone();
     tokio::spawn(async move {
         let mut next_id = 0u64;
@@ -384,7 +386,6 @@ pub fn serve(
             let _ = sock.set_nodelay(true);
             let recorder = Recorder {
                 state: state.clone(),
-                script: script.clone(),
                 sessions: sessions.clone(),
                 id,
             };
@@ -469,7 +470,6 @@ impl Sessions {
 /// Records the messages of one session in Redis.
 struct Recorder {
     state: Arc<BounceState>,
-    script: Arc<redis::Script>,
     sessions: Arc<Sessions>,
     id: u64,
 }
@@ -477,7 +477,7 @@ struct Recorder {
 impl Intake for Recorder {
     async fn take(&self, raw: &[u8], envelope: &Envelope) -> bool {
         self.sessions.set_busy(self.id, true);
-        let r = take_in(&self.state, &self.script, raw, envelope).await;
+        let r = take_in(&self.state, raw, envelope).await;
         self.sessions.set_busy(self.id, false);
         if let Err(e) = &r {
             self.state.metrics.redis_errors.inc();
@@ -675,12 +675,7 @@ where
 /// A report sent to a forged token (and to no valid one) is a forgery, not acted on at all;
 /// a bad token quoted in the text (a stale one, another sender's) is passed over alone, so
 /// it does not void what the valid ones say.
-async fn take_in(
-    state: &BounceState,
-    script: &redis::Script,
-    raw: &[u8],
-    envelope: &Envelope,
-) -> redis::RedisResult<()> {
+async fn take_in(state: &BounceState, raw: &[u8], envelope: &Envelope) -> Result<(), AckError> {
     let m = &state.metrics;
     let paths = &state.rules.paths;
     let count = |kind: &str| m.reports.with_label_values(&[kind]).inc();
@@ -781,7 +776,9 @@ async fn take_in(
         get.cmd("GET").arg(state.keys.return_path(k));
     }
     let jobs: Vec<Option<String>> = get.query_async(&mut conn).await?;
-    let mut matched = false;
+    // Each job the report is about, with the finding that names it: recorded together,
+    // and answered 250 only once the replicas have them (`redis.ack_replicas`).
+    let mut about: Vec<(String, TokenJob, &Finding)> = Vec::new();
     for ((key, signed), job) in keys.iter().zip(jobs) {
         let Some(job) = job.and_then(|j| serde_json::from_str::<TokenJob>(&j).ok()) else {
             continue;
@@ -798,24 +795,33 @@ async fn take_in(
             if !signed && !names_it {
                 continue;
             }
-            matched = true;
-            let marker = state.keys.report_seen(key, f.what);
-            if super::record::record(
-                &mut conn,
-                &state.keys,
-                script,
-                &marker,
-                paths.ttl_secs,
-                &job,
-                f,
-            )
-            .await?
-            {
-                f.count(m, &job.campaign);
-            } else {
-                count("duplicate");
-            }
+            about.push((state.keys.report_seen(key, f.what), job, f));
             break;
+        }
+    }
+    let matched = !about.is_empty();
+    let reports: Vec<Report<'_>> = about
+        .iter()
+        .map(|(marker, job, finding)| Report {
+            marker: marker.clone(),
+            job,
+            finding,
+        })
+        .collect();
+    let recorded = super::record::record(
+        &mut conn,
+        &state.keys,
+        &state.acks,
+        "bounce_listener",
+        paths.ttl_secs,
+        &reports,
+    )
+    .await?;
+    for (r, new) in reports.iter().zip(recorded) {
+        if new {
+            r.finding.count(m, &r.job.campaign);
+        } else {
+            count("duplicate");
         }
     }
     if !matched {

@@ -5,6 +5,7 @@
 //! an operator's block.
 
 use crate::queue::Keys;
+use crate::store::replication::{eval, AckError, Acks};
 use crate::store::RedisConn;
 
 pub const REASONS: [&str; 4] = ["unsubscribed", "bounced", "complained", "manual"];
@@ -19,21 +20,25 @@ pub fn field(addr: &str) -> String {
     addr.trim().to_ascii_lowercase()
 }
 
+/// Adds `addrs` for `reason`, acknowledged as [`Acks`] says (`path` names the answer).
 pub async fn add(
     conn: &mut RedisConn,
     keys: &Keys,
+    acks: &Acks,
+    path: &'static str,
     addrs: &[String],
     reason: &str,
-) -> redis::RedisResult<u64> {
+) -> Result<u64, AckError> {
     if addrs.is_empty() {
         return Ok(0);
     }
-    let mut cmd = redis::cmd("HSET");
-    cmd.arg(keys.suppressed.as_str());
+    let mut p = redis::pipe();
+    let cmd = p.cmd("HSET").arg(keys.suppressed.as_str());
     for a in addrs {
         cmd.arg(field(a)).arg(reason);
     }
-    cmd.query_async(conn).await
+    let (added,): (u64,) = acks.write(conn, &p, false, path).await?;
+    Ok(added)
 }
 
 /// Removes addresses from the list. A recipient's own opt-out outlives the removal of another
@@ -47,18 +52,21 @@ const REMOVE: &str = include_str!("scripts/remove.lua");
 pub async fn remove(
     conn: &mut RedisConn,
     keys: &Keys,
+    acks: &Acks,
+    path: &'static str,
     addrs: &[String],
-) -> redis::RedisResult<(u64, u64)> {
+) -> Result<(u64, u64), AckError> {
     if addrs.is_empty() {
         return Ok((0, 0));
     }
-    let script = redis::Script::new(REMOVE);
-    let mut inv = script.key(keys.suppressed.as_str());
-    inv.key(keys.optouts.as_str());
+    let mut cmd = eval(REMOVE, &[&keys.suppressed, &keys.optouts]);
     for a in addrs {
-        inv.arg(field(a));
+        cmd.arg(field(a));
     }
-    inv.invoke_async(conn).await
+    let mut p = redis::pipe();
+    p.add_command(cmd);
+    let (done,): ((u64, u64),) = acks.write(conn, &p, false, path).await?;
+    Ok(done)
 }
 
 /// Every entry, via HSCAN (no blocking HGETALL on a large list).

@@ -214,13 +214,24 @@ pub struct Health {
     memory: std::sync::Mutex<Option<(Memory, f64)>>,
     /// Bytes (and reserves) this process has accepted since that look.
     accepted: std::sync::atomic::AtomicU64,
+    /// Why writes cannot be acknowledged for want of replicas (`store::replication`).
+    replication: std::sync::Mutex<Option<String>>,
 }
 
 impl Health {
     /// None when ready; else why not.
     pub fn not_ready(&self) -> Option<String> {
-        (self.state.load(Ordering::Relaxed) == 2)
-            .then(|| self.reason.lock().map(|r| r.clone()).unwrap_or_default())
+        if self.state.load(Ordering::Relaxed) == 2 {
+            return Some(self.reason.lock().map(|r| r.clone()).unwrap_or_default());
+        }
+        self.replication.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// Sets (or clears) why writes are not acknowledged.
+    pub fn set_replication(&self, why: Option<String>) {
+        if let Ok(mut r) = self.replication.lock() {
+            *r = why;
+        }
     }
 
     /// A warning to show beside "ready".

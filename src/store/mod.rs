@@ -1,6 +1,7 @@
 //! The Redis connection every part of paloma uses: one server (`redis.url`, through a
 //! reconnecting `ConnectionManager`) or a Redis Cluster (`redis.cluster_nodes`, through the
-//! cluster client, which follows slot moves and failovers).
+//! cluster client, which follows slot moves and failovers), or the primary that Redis
+//! Sentinel names (`redis.sentinels`, followed across failovers: `sentinel`).
 //!
 //! In a cluster, a job's outcome is one transaction over several keys (event stream, stream
 //! acknowledgement, idempotency, stats), and Lua scripts touch several keys: all of paloma's
@@ -10,7 +11,10 @@
 pub mod checks;
 pub mod clock;
 pub mod keys;
+pub mod replication;
+pub mod sentinel;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -29,17 +33,49 @@ pub fn is_refusal(e: &redis::RedisError) -> bool {
     matches!(e.code(), Some("WRONGTYPE" | "ERR" | "EXECABORT"))
 }
 
-/// Where Redis is: a server or a cluster.
+/// Where Redis is: a server, a cluster, or a primary found through Sentinel.
 pub enum RedisTarget {
     Single(redis::Client),
     Cluster(Box<ClusterClient>),
+    Sentinel(Arc<sentinel::SentinelTarget>),
 }
 
-/// A connection to either; cheap to clone (both multiplex one set of sockets).
+/// A connection to any of them; cheap to clone (each multiplexes one set of sockets).
 #[derive(Clone)]
 pub enum RedisConn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(sentinel::SentinelConn),
+}
+
+impl RedisConn {
+    /// Whether it talks to a Redis Cluster (server commands such as INFO then answer for
+    /// one node of several).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisConn::Cluster(_))
+    }
+
+    /// Sends a command that names no key to the primary that serves `key`'s slot (in a
+    /// cluster; elsewhere there is one primary).
+    pub async fn on_primary<T: redis::FromRedisValue>(
+        &mut self,
+        cmd: Cmd,
+        key: &str,
+    ) -> redis::RedisResult<T> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
+        let v = match self {
+            RedisConn::Cluster(c) => {
+                let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+                c.route_command(
+                    cmd,
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                )
+                .await?
+            }
+            other => cmd.query_async::<Value>(other).await?,
+        };
+        T::from_redis_value(v).map_err(Into::into)
+    }
 }
 
 impl From<ConnectionManager> for RedisConn {
@@ -53,6 +89,7 @@ impl ConnectionLike for RedisConn {
         match self {
             RedisConn::Single(c) => c.req_packed_command(cmd),
             RedisConn::Cluster(c) => c.req_packed_command(cmd),
+            RedisConn::Sentinel(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -65,6 +102,7 @@ impl ConnectionLike for RedisConn {
         match self {
             RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -72,6 +110,7 @@ impl ConnectionLike for RedisConn {
         match self {
             RedisConn::Single(c) => c.get_db(),
             RedisConn::Cluster(c) => c.get_db(),
+            RedisConn::Sentinel(c) => c.get_db(),
         }
     }
 }
@@ -87,6 +126,17 @@ pub fn has_hash_tag(prefix: &str) -> bool {
 
 pub async fn redis_target(settings: &Settings) -> anyhow::Result<RedisTarget> {
     let r = &settings.redis;
+    if !r.sentinels.is_empty() {
+        return sentinel::SentinelTarget::new(&r.sentinels, &r.service_name, &r.url)
+            .map(|t| RedisTarget::Sentinel(Arc::new(t)))
+            .with_context(|| {
+                format!(
+                    "redis.sentinels {:?} are not valid Redis URLs (or redis.url {:?} is not)",
+                    r.sentinels.iter().map(|u| redact(u)).collect::<Vec<_>>(),
+                    redact(&r.url)
+                )
+            });
+    }
     if r.cluster_nodes.is_empty() {
         return redis::Client::open(r.url.as_str())
             .map(RedisTarget::Single)
@@ -144,6 +194,17 @@ pub async fn connect(
                 .await
                 .map(RedisConn::Single)
                 .context("cannot connect to Redis (is it running at redis.url?)")
+        }
+        RedisTarget::Sentinel(target) => {
+            let cfg = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(response_timeout))
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_secs(1));
+            sentinel::SentinelConn::connect(target.clone(), cfg)
+                .await
+                .map(RedisConn::Sentinel)
+                .context("cannot reach the Redis primary through Sentinel (redis.sentinels, redis.service_name)")
         }
         RedisTarget::Cluster(client) => {
             let cfg = redis::cluster::ClusterConfig::new()

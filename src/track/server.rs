@@ -34,6 +34,7 @@ use super::token::{Claims, Kind, Signer, MAX_TOKEN_LEN};
 use crate::metrics::Metrics;
 use crate::queue::events::{Event, EventKind};
 use crate::queue::Keys;
+use crate::store::replication::{eval, AckError, Acks};
 use crate::store::RedisConn;
 
 /// What the tracking server needs from the daemon.
@@ -50,6 +51,9 @@ pub struct TrackState {
     pub sendgrid: Option<crate::bounces::providers::SendGrid>,
     /// Amazon SES through SNS (`[providers] ses_topics`), if configured.
     pub ses: Option<crate::bounces::ses::Ses>,
+    /// What an unsubscribe or a provider's report waits for before its success
+    /// (`redis.ack_replicas`).
+    pub acks: Arc<Acks>,
 }
 
 /// Tracking events waiting for the writer; beyond this, new ones are dropped.
@@ -121,11 +125,10 @@ struct Inner {
     metrics: Arc<Metrics>,
     tx: mpsc::Sender<Pending>,
     detector: Detector,
-    unsubscribe: redis::Script,
     repeats: Repeats,
     sendgrid: Option<crate::bounces::providers::SendGrid>,
     ses: Option<crate::bounces::ses::Ses>,
-    report: redis::Script,
+    acks: Arc<Acks>,
 }
 
 /// Which (message, pixel or link) hits were recorded lately, so that a repeat within the
@@ -218,11 +221,10 @@ pub fn serve(
         metrics: state.metrics,
         tx,
         detector: state.detector,
-        unsubscribe: redis::Script::new(UNSUBSCRIBE),
         repeats: Repeats::new(state.repeat_window),
         sendgrid: state.sendgrid,
         ses: state.ses,
-        report: crate::bounces::record::script(),
+        acks: state.acks,
     }));
     tokio::spawn(async move {
         crate::listener::serve(
@@ -297,38 +299,64 @@ async fn sendgrid(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Re
     (StatusCode::OK, "ok\n").into_response()
 }
 
-/// Records provider events (each once, by `{source}:{event id}`); Err(503) when Redis fails.
+/// Records provider events (each once, by `{source}:{event id}`) in one pipeline, confirmed
+/// by the replicas (`redis.ack_replicas`); Err(503 with `Retry-After`) when Redis fails or
+/// the replicas do not confirm in time (the provider retries).
 async fn record_items(
     app: &App,
     source: &str,
     items: &[crate::bounces::providers::Item],
 ) -> Result<(), Response> {
+    use crate::bounces::record::{record, Report};
     let mut redis = app.redis.clone();
-    for it in items {
-        let marker = app
-            .keys
-            .report_seen(&format!("{source}:{}", it.event_id), it.finding.what);
-        let written = crate::bounces::record::record(
-            &mut redis,
-            &app.keys,
-            &app.report,
-            &marker,
-            WEBHOOK_MARKER_TTL,
-            &it.job,
-            &it.finding,
-        )
-        .await;
-        match written {
-            Ok(true) => it.finding.count(&app.metrics, &it.job.campaign),
-            Ok(false) => app.metrics.reports.with_label_values(&["duplicate"]).inc(),
-            Err(e) => {
-                app.metrics.redis_errors.inc();
-                tracing::warn!(error = %e, source, "recording provider events failed; the provider will retry");
-                return Err((StatusCode::SERVICE_UNAVAILABLE, "try again later\n").into_response());
+    let reports: Vec<Report<'_>> = items
+        .iter()
+        .map(|it| Report {
+            marker: app
+                .keys
+                .report_seen(&format!("{source}:{}", it.event_id), it.finding.what),
+            job: &it.job,
+            finding: &it.finding,
+        })
+        .collect();
+    let written = record(
+        &mut redis,
+        &app.keys,
+        &app.acks,
+        "webhooks",
+        WEBHOOK_MARKER_TTL,
+        &reports,
+    )
+    .await;
+    match written {
+        Ok(recorded) => {
+            for (it, new) in items.iter().zip(recorded) {
+                match new {
+                    true => it.finding.count(&app.metrics, &it.job.campaign),
+                    false => app.metrics.reports.with_label_values(&["duplicate"]).inc(),
+                }
             }
+            Ok(())
+        }
+        Err(e) => {
+            if matches!(e, AckError::Redis(_)) {
+                app.metrics.redis_errors.inc();
+            }
+            tracing::warn!(error = %e, source, "recording provider events failed; the provider will retry");
+            Err(retry_later(
+                (StatusCode::SERVICE_UNAVAILABLE, "try again later\n").into_response(),
+            ))
         }
     }
-    Ok(())
+}
+
+/// Adds `Retry-After` to a 503 that passes by itself (a replica catching up, a failover).
+fn retry_later(mut r: Response) -> Response {
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        header::HeaderValue::from(crate::api::ACK_RETRY_AFTER),
+    );
+    r
 }
 
 /// Amazon SES notifications through SNS: verified (topic, certificate URL, signature),
@@ -708,20 +736,34 @@ async fn unsubscribe(
     event.variant = (!c.variant.is_empty()).then_some(c.variant.as_str());
     let event = event.to_json();
     let mut redis = app.redis.clone();
-    let mut inv = app.unsubscribe.key(&app.keys.suppressed);
-    inv.key(&app.keys.events)
-        .key(app.keys.stats(&c.campaign))
-        .key(&app.keys.optouts)
-        .key(app.keys.variants(&c.campaign))
-        .key(app.keys.touches(&c.campaign))
-        .arg(c.to.to_lowercase())
+    let stats = app.keys.stats(&c.campaign);
+    let variants = app.keys.variants(&c.campaign);
+    let touches = app.keys.touches(&c.campaign);
+    let mut cmd = eval(
+        UNSUBSCRIBE,
+        &[
+            &app.keys.suppressed,
+            &app.keys.events,
+            &stats,
+            &app.keys.optouts,
+            &variants,
+            &touches,
+        ],
+    );
+    cmd.arg(c.to.to_lowercase())
         .arg(event)
         .arg(crate::queue::now_ms())
         .arg(app.keys.events_max_len)
         .arg(&c.variant)
         .arg(&c.touch);
-    match tokio::time::timeout(UNSUBSCRIBE_TIMEOUT, inv.invoke_async::<i64>(&mut redis)).await {
-        Ok(Ok(first)) => {
+    let mut p = redis::pipe();
+    p.add_command(cmd);
+    // Confirmed by the replicas before the page says so (`redis.ack_replicas`).
+    let write = app
+        .acks
+        .write::<(i64,)>(&mut redis, &p, false, "unsubscribe");
+    match tokio::time::timeout(UNSUBSCRIBE_TIMEOUT + app.acks.timeout(), write).await {
+        Ok(Ok((first,))) => {
             app.count(
                 "unsubscribe",
                 if first == 1 { "unsubscribed" } else { "repeat" },
@@ -729,15 +771,27 @@ async fn unsubscribe(
             page(StatusCode::OK, lang, Page::Done, &c.to)
         }
         Ok(Err(e)) => {
-            app.metrics.redis_errors.inc();
+            if matches!(e, AckError::Redis(_)) {
+                app.metrics.redis_errors.inc();
+            }
             app.count("unsubscribe", "error");
             tracing::warn!(error = %e, "unsubscribe not written");
-            page(StatusCode::SERVICE_UNAVAILABLE, lang, Page::Failed, &c.to)
+            retry_later(page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                lang,
+                Page::Failed,
+                &c.to,
+            ))
         }
         Err(_) => {
             app.count("unsubscribe", "error");
             tracing::warn!("unsubscribe not written: Redis did not answer in time");
-            page(StatusCode::SERVICE_UNAVAILABLE, lang, Page::Failed, &c.to)
+            retry_later(page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                lang,
+                Page::Failed,
+                &c.to,
+            ))
         }
     }
 }
