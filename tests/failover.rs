@@ -39,20 +39,24 @@ struct Paloma {
     api: u16,
     track: u16,
     metrics: u16,
+    /// The bounce listener (SMTP).
+    bounce: u16,
 }
 
 impl Paloma {
     /// The test config with `redis` (TOML keys) in place of `[redis] url`, `prefix` if given,
-    /// and tracking, API and metrics each on a port of its own.
+    /// and tracking, API, metrics and the bounce listener each on a port of its own.
     fn config(redis: &str, prefix: Option<&str>, sink_port: u16) -> Paloma {
-        let (api, metrics) = (free_port(), free_port());
+        let (api, metrics, bounce) = (free_port(), free_port(), free_port());
         let (mut setup, track, _) = common::track::tracking_setup(
             "redis://127.0.0.1:1/",
             sink_port,
             "",
             &format!(
                 "[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
-                 [api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{TOKEN}\"\n"
+                 [api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{TOKEN}\"\n\
+                 [bounces]\ndomain = \"bounces.test\"\nlisten = \"127.0.0.1:{bounce}\"\n\
+                 accept = [\"fbl@bounces.test\"]\n"
             ),
         );
         let mut toml = std::fs::read_to_string(&setup.config)
@@ -71,6 +75,7 @@ impl Paloma {
             api,
             track,
             metrics,
+            bounce,
         }
     }
 
@@ -111,6 +116,17 @@ impl Paloma {
                 ("User-Agent", "Mozilla/5.0 (compatible; Google-Unsubscribe)"),
             ],
             b"List-Unsubscribe=One-Click",
+        )
+    }
+
+    /// A feedback-loop complaint about job `id` (sent to `rcpt` with `return_path`) to the
+    /// bounce listener; the reply to the final dot.
+    fn complain(&self, id: &str, rcpt: &str, return_path: &str) -> String {
+        let mut c = common::bounce::Client::connect(self.bounce);
+        c.send(
+            "",
+            "fbl@bounces.test",
+            common::bounce::arf(id, rcpt, return_path).as_bytes(),
         )
     }
 
@@ -385,11 +401,26 @@ fn nothing_acknowledged_is_lost(dep: &mut dyn Replicated, redis: &str, prefix: O
     let mut jobs_kept: Vec<String> = Vec::new();
     let mut optouts_kept: Vec<String> = Vec::new();
     let mut suppressed_kept: Vec<String> = Vec::new();
+    let mut complained_kept: Vec<String> = Vec::new();
 
-    // Phase A: replicas healthy, everything acknowledged. The campaign is paused first, so
-    // that its jobs wait (parked) on the primary until after the failover; the probe job
-    // parked shows the daemon has seen the pause.
+    // Phase A: replicas healthy, everything acknowledged. Two jobs go out at once, for
+    // complaints to the bounce listener about them (one now, one in phase B).
     let d = &daemon;
+    let sent = jobs(2, "sent", "sent.test");
+    acknowledged("API sends", p.post_jobs(&sent), d);
+    jobs_kept.extend(["sent-0".to_string(), "sent-1".to_string()]);
+    let return_paths = wait_for_daemon("both sent", Duration::from_secs(30), d, || {
+        let rp = common::bounce::return_paths(&sink);
+        (rp.contains_key("sent-0") && rp.contains_key("sent-1")).then_some(rp)
+    });
+    let r = p.complain("sent-0", "u0@sent.test", &return_paths["sent-0"]);
+    assert!(
+        r.starts_with("250"),
+        "a complaint with replicas healthy: {r}"
+    );
+    complained_kept.push("u0@sent.test".to_string());
+    // The held campaign is paused, so that its jobs wait (parked) on the primary until
+    // after the failover.
     acknowledged(
         "pausing the campaign",
         p.api("POST", &format!("/api/v1/campaigns/{HELD}/pause"), b""),
@@ -469,19 +500,27 @@ fn nothing_acknowledged_is_lost(dep: &mut dyn Replicated, redis: &str, prefix: O
     );
 
     // Phase B: every replica stopped. Nothing can be confirmed: nothing is acknowledged.
+    // The first write comes right away, before the daemon can know (its WAIT runs out);
+    // the others once /readyz says it knows.
     for r in &replicas {
         dep.stop(*r);
     }
     let d = &daemon;
+    let mut took: Vec<(&str, f64)> = Vec::new();
+    let mut step = |what: &'static str, t: Instant| took.push((what, t.elapsed().as_secs_f64()));
+    let t = Instant::now();
+    let b_jobs: Vec<String> = (0..10).map(|i| held_job(&format!("fo-b-{i}"))).collect();
+    refused("API sends", p.post_jobs(&b_jobs), d);
+    step("API sends", t);
+    let t = Instant::now();
     wait_until_daemon(
         "/readyz unready with no replica confirming",
         Duration::from_secs(30),
         d,
         || p.readyz() == 503,
     );
-    let t_b = Instant::now();
-    let b_jobs: Vec<String> = (0..10).map(|i| held_job(&format!("fo-b-{i}"))).collect();
-    refused("API sends", p.post_jobs(&b_jobs), d);
+    step("/readyz unready", t);
+    let t = Instant::now();
     refused(
         "one-click unsubscribe",
         p.one_click(&unsub("fo-b-out", "out-b@fo.test")),
@@ -497,6 +536,13 @@ fn nothing_acknowledged_is_lost(dep: &mut dyn Replicated, redis: &str, prefix: O
         p.api("POST", "/api/v1/campaigns/other/pause", b""),
         d,
     );
+    let r = p.complain("sent-1", "u1@sent.test", &return_paths["sent-1"]);
+    assert!(
+        r.starts_with("451"),
+        "a complaint with every replica stopped: {r}"
+    );
+    step("unsubscribe, suppression, pause, complaint", t);
+    let t = Instant::now();
     let (st, _, err) = paloma(
         &["enqueue", "--config", p.cfg(), "-"],
         Some(&held_job("fo-b-cli")),
@@ -509,6 +555,9 @@ fn nothing_acknowledged_is_lost(dep: &mut dyn Replicated, redis: &str, prefix: O
         err.to_lowercase().contains("replica"),
         "paloma enqueue's reason names the replicas: {err}"
     );
+    step("paloma enqueue", t);
+    eprintln!("paloma enqueue with every replica stopped: {}", err.trim());
+    let t = Instant::now();
     let (st, _, err) = paloma(
         &[
             "suppress",
@@ -527,18 +576,18 @@ fn nothing_acknowledged_is_lost(dep: &mut dyn Replicated, redis: &str, prefix: O
         err.to_lowercase().contains("replica"),
         "paloma suppress's reason names the replicas: {err}"
     );
+    step("paloma suppress", t);
     let (timeouts, samples) = p.ack_timeouts();
-    assert!(timeouts >= 4.0, "ack timeouts counted: {samples:?}");
+    assert!(timeouts >= 5.0, "ack timeouts counted: {samples:?}");
+    let t = Instant::now();
     wait_until_daemon(
         "paloma_redis_check{check=\"replication\"} 0",
         Duration::from_secs(30),
         d,
         || p.replication_check() == 0.0,
     );
-    eprintln!(
-        "phase B: refusals in {:.1} s; {samples:?}",
-        t_b.elapsed().as_secs_f64()
-    );
+    step("replication check 0", t);
+    eprintln!("phase B (seconds): {took:?}; {samples:?}");
 
     // Phase C: the replicas back and caught up, then the primary killed.
     for r in &replicas {
@@ -641,6 +690,18 @@ fn nothing_acknowledged_is_lost(dep: &mut dyn Replicated, redis: &str, prefix: O
             .unwrap();
         assert!(reason.is_some(), "acknowledged suppression of {a} lost");
     }
+    for a in &complained_kept {
+        let reason: Option<String> = redis::cmd("HGET")
+            .arg(format!("{prefix}suppressed"))
+            .arg(a)
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(
+            reason.as_deref(),
+            Some("complained"),
+            "acknowledged complaint about {a} lost"
+        );
+    }
     let by_id = wait_for_daemon(
         "a terminal event for every acknowledged job on the promoted primary",
         Duration::from_secs(60),
@@ -666,12 +727,23 @@ fn nothing_acknowledged_is_lost(dep: &mut dyn Replicated, redis: &str, prefix: O
         optouts_kept.len()
     );
     assert_running(&mut daemon);
+    let ids = sink.ids();
+    let kept: HashSet<&String> = jobs_kept.iter().collect();
+    let mut seen = HashSet::new();
+    let twice: Vec<&String> = ids.iter().filter(|i| !seen.insert(*i)).collect();
+    let others: Vec<&String> = seen
+        .iter()
+        .filter(|i| !kept.contains(*i))
+        .copied()
+        .collect();
     eprintln!(
-        "all {} jobs, {} opt-outs and {} suppressions acknowledged are kept; {} messages at the sink; {:.1} s in all",
+        "all {} jobs, {} opt-outs and {} suppressions acknowledged are kept; {} messages at \
+         the sink, sent twice: {twice:?}, not acknowledged (refused, then written): \
+         {others:?}; {:.1} s in all",
         jobs_kept.len(),
         optouts_kept.len(),
         suppressed_kept.len(),
-        sink.count(),
+        ids.len(),
         t_start.elapsed().as_secs_f64()
     );
 }
