@@ -639,6 +639,19 @@ fn nothing_acknowledged_is_lost(dep: &mut dyn Replicated, redis: &str, prefix: O
     acknowledged_eventually("resuming the campaign", d, || {
         p.api("POST", &format!("/api/v1/campaigns/{HELD}/resume"), b"")
     });
+    // A CLI started now finds the new primary too.
+    let (st, _, err) = paloma(
+        &[
+            "suppress",
+            "--config",
+            p.cfg(),
+            "add",
+            "blocked-after@fo.test",
+        ],
+        None,
+    );
+    assert!(st.success(), "paloma suppress after the promotion: {err}");
+    suppressed_kept.push("blocked-after@fo.test".into());
     assert_running(&mut daemon);
 
     // Everything acknowledged is on the promoted primary, and every job is delivered.
@@ -788,15 +801,34 @@ fn in_a_cluster_nothing_acknowledged_is_lost() {
     nothing_acknowledged_is_lost(&mut dep, &redis, Some(prefix));
 }
 
-/// The primary killed mid-send: no job lost, each ended exactly once on the promoted
-/// primary, duplicates at the sink counted (a lost outcome means a resend, never a loss).
+/// The primary killed mid-send, the failover over well within `intake.claim_idle` (20 s,
+/// the default): no job lost, each ended exactly once on the promoted primary, duplicates
+/// at the sink counted (a lost outcome means a resend, never a loss).
 #[test]
 fn a_failover_during_a_send_loses_no_job_and_ends_each_once() {
+    failover_during_a_send("20s");
+}
+
+/// The same, with the failover (2–3 s here) outlasting `intake.claim_idle` (1 s): as with
+/// Sentinel's default `down-after-milliseconds` (30 s) against paloma's default claim_idle
+/// (20 s). No lease is renewed while no primary answers, so the entries the daemon is
+/// working on are idle longer than claim_idle when it reaches the new primary.
+#[test]
+fn a_failover_longer_than_claim_idle_loses_no_job_and_ends_each_once() {
+    failover_during_a_send("1s");
+}
+
+fn failover_during_a_send(claim_idle: &str) {
     let t_start = Instant::now();
     let mut set = SentinelSet::start(SERVICE, 1);
     let (primary, replica) = (set.nodes[0].port, set.nodes[1].port);
     let sink = Sink::start(&[]);
     let p = Paloma::config(&sentinel_redis_toml(&set), None, sink.port);
+    let toml = std::fs::read_to_string(&p.setup.config).unwrap().replace(
+        "claim_idle = \"3s\"",
+        &format!("claim_idle = \"{claim_idle}\""),
+    );
+    std::fs::write(&p.setup.config, toml).unwrap();
     let prefix = p.setup.prefix.clone();
     let n = 2000;
     let file = p.setup.path("jobs.jsonl");
@@ -853,9 +885,12 @@ fn a_failover_during_a_send_loses_no_job_and_ends_each_once() {
     let twice: Vec<(&String, &Vec<Value>)> = by_id.iter().filter(|(_, t)| t.len() > 1).collect();
     assert!(
         twice.is_empty(),
-        "{} jobs ended more than once on the promoted primary, e.g. {:?}",
+        "{} jobs ended more than once on the promoted primary (primary killed at {}), e.g. \
+         {:?}\ndaemon log:\n{}",
         twice.len(),
-        &twice[..twice.len().min(3)]
+        chrono::Utc::now() - chrono::Duration::from_std(t_kill.elapsed()).unwrap(),
+        &twice[..twice.len().min(3)],
+        daemon.log_text()
     );
     let not_delivered: Vec<&Value> = by_id
         .values()
@@ -883,7 +918,7 @@ fn a_failover_during_a_send_loses_no_job_and_ends_each_once() {
     );
     assert_running(&mut daemon);
     eprintln!(
-        "failover mid-send: {n} jobs, {before} delivered when the primary died, promoted in \
+        "failover mid-send, claim_idle {claim_idle}: {n} jobs, {before} delivered when the primary died, promoted in \
          {:.1} s, all ended {:.1} s after the kill, each once; {} messages at the sink, {} \
          duplicates; {:.1} s in all",
         promoted_in.as_secs_f64(),
