@@ -4,17 +4,20 @@
 //! and replicas, three Sentinels (`redis-server <conf> --sentinel`), a Redis Cluster with
 //! replicas, smtp-sink, and the daemon.
 //!
-//! - With the replicas healthy every API send, one-click unsubscribe, suppression and CLI
-//!   write is answered 2xx / exit 0. With them stopped (SIGSTOP) the answers are 503 with
-//!   `Retry-After` and a non-zero exit naming the replicas, `/readyz` is not ready and
-//!   `paloma_ack_timeouts_total` counts the refusals. With them back, the primary is killed;
-//!   the same daemon follows the promotion (Sentinel, Cluster), and everything it answered
-//!   2xx for is on the promoted primary and delivered. A second replica is there from the
-//!   start so that after the promotion a replica is left to confirm, and new answers are
-//!   2xx again (with none left they would rightly be 503).
-//! - The primary killed in the middle of a send: every job is delivered (duplicates are
-//!   allowed and counted: a lost outcome means a resend) and ends in exactly one terminal
-//!   event on the promoted primary.
+//! - With the replicas healthy every API send, one-click unsubscribe, suppression, campaign
+//!   pause, complaint to the bounce listener and CLI write is answered 2xx / 250 / exit 0.
+//!   With them stopped (SIGSTOP) the answers are 503 with `Retry-After`, 451 and a non-zero
+//!   exit naming the replicas, `/readyz` is not ready, `paloma_redis_check{check=
+//!   "replication"}` is 0 and `paloma_ack_timeouts_total` counts the refusals. With them
+//!   back and caught up, the primary is killed; the same daemon follows the promotion
+//!   (Sentinel, Cluster), and everything it acknowledged is on the promoted primary and
+//!   every acknowledged job is delivered. A second replica is there from the start so that
+//!   after the promotion a replica is left to confirm, and new answers are 2xx again (with
+//!   none left they would rightly be 503).
+//! - The primary killed in the middle of a send, its replica in sync: every job is
+//!   delivered (duplicates are allowed and counted: a lost outcome means a resend) and ends
+//!   in exactly one terminal event on the promoted primary; with the failover shorter and
+//!   longer than `intake.claim_idle`.
 
 mod common;
 
