@@ -1547,6 +1547,31 @@ secret = "0123456789abcdef0123"
     }
 
     #[test]
+    fn replicas_and_sentinels_are_checked_and_their_urls_hidden() {
+        let with = |extra: &str| {
+            let text = format!("{MIN}[redis]\n{extra}\n");
+            Settings::from_toml(&text, Vec::<(String, String)>::new()).map_err(|e| e.to_string())
+        };
+        let s = with("sentinels = [\"redis://:pw-5f0c2e9a7d41@10.0.0.1:26379\"]\nservice_name = \"paloma\"\nack_replicas = 2\nack_timeout = \"250ms\"").unwrap();
+        assert_eq!(s.redis.ack_replicas, Some(2));
+        assert_eq!(s.redis.ack_timeout.get(), Duration::from_millis(250));
+        assert!(!format!("{:?}", s.redis).contains("pw-5f0c2e9a7d41"));
+        assert_eq!(with("").unwrap().redis.ack_replicas, None, "found at start");
+        let e = with("sentinels = [\"redis://a:26379\"]\ncluster_nodes = [\"redis://b:7000\"]")
+            .unwrap_err();
+        assert!(
+            e.contains("redis.sentinels") && e.contains("cluster_nodes"),
+            "{e}"
+        );
+        let e = with("sentinels = [\"redis://a:26379\"]\nservice_name = \" \"").unwrap_err();
+        assert!(e.contains("redis.service_name"), "{e}");
+        for bad in ["0s", "6s"] {
+            let e = with(&format!("ack_timeout = \"{bad}\"")).unwrap_err();
+            assert!(e.contains("redis.ack_timeout"), "{e}");
+        }
+    }
+
+    #[test]
     fn weak_and_example_secrets_are_refused_with_advice() {
         for weak in [
             "change-me-to-a-long-random-string",

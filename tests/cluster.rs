@@ -21,9 +21,13 @@ impl Cluster {
         let mut dirs = Vec::new();
         for _ in 0..3 {
             let port = free_port();
+            // The bus port is given too: by default it is port + 10,000, which may land in
+            // the ephemeral range and be taken by some outgoing connection.
+            let bus = free_port();
             let dir = tempfile::tempdir().unwrap();
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-port", &bus.to_string()])
                 .args([
                     "--cluster-enabled",
                     "yes",
