@@ -143,26 +143,7 @@ impl Bounces {
 
     /// The envelope sender (VERP return path) of each message at the sink, by job id.
     pub fn return_paths(&self) -> HashMap<String, String> {
-        self.sink
-            .dumps()
-            .iter()
-            .filter_map(|d| {
-                let d = String::from_utf8_lossy(d);
-                let id = d
-                    .lines()
-                    .find_map(|l| l.strip_prefix("X-Paloma-Id: "))?
-                    .trim()
-                    .to_string();
-                // smtp-sink records MAIL's arguments as `X-Mail-Args: FROM:<…>`.
-                let rp = d
-                    .lines()
-                    .find_map(|l| l.strip_prefix("X-Mail-Args: "))?
-                    .split(['<', '>'])
-                    .nth(1)?
-                    .to_string();
-                Some((id, rp))
-            })
-            .collect()
+        return_paths(&self.sink)
     }
 
     pub fn events_of(&self, kind: &str) -> Vec<Value> {
@@ -184,6 +165,29 @@ impl Bounces {
     pub fn metric(&self, series: &str) -> f64 {
         metric(self.metrics_port, series)
     }
+}
+
+/// The envelope sender (VERP return path) of each message at `sink`, by job id.
+pub fn return_paths(sink: &Sink) -> HashMap<String, String> {
+    sink.dumps()
+        .iter()
+        .filter_map(|d| {
+            let d = String::from_utf8_lossy(d);
+            let id = d
+                .lines()
+                .find_map(|l| l.strip_prefix("X-Paloma-Id: "))?
+                .trim()
+                .to_string();
+            // smtp-sink records MAIL's arguments as `X-Mail-Args: FROM:<…>`.
+            let rp = d
+                .lines()
+                .find_map(|l| l.strip_prefix("X-Mail-Args: "))?
+                .split(['<', '>'])
+                .nth(1)?
+                .to_string();
+            Some((id, rp))
+        })
+        .collect()
 }
 
 /// An RFC 3464 DSN for one recipient; `text` goes in its human-readable part.

@@ -7,6 +7,7 @@
 pub mod bounce;
 pub mod mx;
 pub mod postfix;
+pub mod replicas;
 pub mod track;
 
 use std::collections::HashMap;
