@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::values::{valid_variant_name, webhook_url, CampaignId, Networks, RedisUrl, SendGridKey};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -298,13 +300,14 @@ impl Default for EventSettings {
     }
 }
 
-#[derive(Clone, Deserialize)]
+/// `Debug` shows the URLs without their passwords ([`RedisUrl`]).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
     /// `redis://host:port/db`.
-    pub url: String,
+    pub url: RedisUrl,
     /// Redis Cluster seed nodes; when set, `url` is ignored.
-    pub cluster_nodes: Vec<String>,
+    pub cluster_nodes: Vec<RedisUrl>,
     /// Every key and stream lives under this prefix.
     pub prefix: String,
     /// Consumer group shared by every daemon reading `{prefix}sends`.
@@ -328,48 +331,15 @@ pub struct RedisSettings {
     /// Redis Sentinel addresses (`redis://host:port`); when set, the primary of
     /// `service_name` is found through them and followed across failovers, and `url` gives
     /// only the primary's credentials and database.
-    pub sentinels: Vec<String>,
+    pub sentinels: Vec<RedisUrl>,
     /// The name the Sentinels monitor the primary under.
     pub service_name: String,
-}
-
-/// By hand: the URLs may carry a password.
-impl fmt::Debug for RedisSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisSettings")
-            .field("url", &crate::store::redact(&self.url))
-            .field(
-                "cluster_nodes",
-                &self
-                    .cluster_nodes
-                    .iter()
-                    .map(|u| crate::store::redact(u))
-                    .collect::<Vec<_>>(),
-            )
-            .field("prefix", &self.prefix)
-            .field("group", &self.group)
-            .field("consumer", &self.consumer)
-            .field("allow_eviction", &self.allow_eviction)
-            .field("high_water", &self.high_water)
-            .field("ack_replicas", &self.ack_replicas)
-            .field("ack_timeout", &self.ack_timeout)
-            .field(
-                "sentinels",
-                &self
-                    .sentinels
-                    .iter()
-                    .map(|u| crate::store::redact(u))
-                    .collect::<Vec<_>>(),
-            )
-            .field("service_name", &self.service_name)
-            .finish()
-    }
 }
 
 impl Default for RedisSettings {
     fn default() -> Self {
         Self {
-            url: "redis://127.0.0.1:6379/".into(),
+            url: RedisUrl::from("redis://127.0.0.1:6379/"),
             cluster_nodes: Vec::new(),
             prefix: "paloma:".into(),
             group: "paloma".into(),
@@ -1015,7 +985,7 @@ impl Settings {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         for (i, g) in self.guards.iter().enumerate() {
             if g.campaign != "*" {
-                crate::job::CampaignId::parse(g.campaign.clone())
+                CampaignId::parse(g.campaign.clone())
                     .map_err(|e| ConfigError::Invalid(format!("guards[{i}].campaign: {e}")))?;
             }
             if g.bounce_rate.is_none() && g.complaint_rate.is_none() {
@@ -1057,8 +1027,7 @@ impl Settings {
             return bad("api.max_body_bytes must be at least 1024, and api.max_jobs, max_connections and timeout above zero".into());
         }
         if let Some(k) = &self.providers.sendgrid_public_key {
-            crate::bounces::providers::SendGrid::new(k, self.providers.max_skew.get())
-                .map_err(ConfigError::Invalid)?;
+            SendGridKey::parse(k).map_err(ConfigError::Invalid)?;
         }
         let b = &self.bounces;
         if let Some(d) = &b.domain {
@@ -1169,7 +1138,7 @@ impl Settings {
             ("allowed_hosts", &d.allowed_hosts),
         ] {
             for n in list {
-                if let Err(e) = crate::track::machine::Networks::parse_cidr(n) {
+                if let Err(e) = Networks::parse_cidr(n) {
                     return bad(format!("delivery.{key}: {e}"));
                 }
             }
@@ -1204,7 +1173,7 @@ impl Settings {
             ));
         }
         for n in self.tracking.scanner_networks.iter().flatten() {
-            if let Err(e) = crate::track::machine::Networks::parse_cidr(n) {
+            if let Err(e) = Networks::parse_cidr(n) {
                 return bad(format!("tracking.scanner_networks: {e}"));
             }
         }
@@ -1280,7 +1249,7 @@ impl Settings {
 /// The checks of one `[[workflows]]` rule beyond `on` and the send/webhook choice; `earlier`
 /// are the rules before it (names must be unique: they key timers, metrics and follow-up ids).
 fn validate_experiment(x: &ExperimentRule, earlier: &[ExperimentRule]) -> Result<(), String> {
-    crate::job::CampaignId::parse(x.campaign.clone()).map_err(|e| format!("campaign: {e}"))?;
+    CampaignId::parse(x.campaign.clone()).map_err(|e| format!("campaign: {e}"))?;
     if earlier.iter().any(|e| e.campaign == x.campaign) {
         return Err("a campaign has one experiment at a time".into());
     }
@@ -1288,7 +1257,7 @@ fn validate_experiment(x: &ExperimentRule, earlier: &[ExperimentRule]) -> Result
         return Err("an experiment has 2 to 8 variants".into());
     }
     for (i, v) in x.variants.iter().enumerate() {
-        if !crate::experiment::valid_variant_name(&v.name) {
+        if !valid_variant_name(&v.name) {
             return Err(format!(
                 "variant name {:?}: 1-32 of A-Z a-z 0-9 - _",
                 v.name
@@ -1340,7 +1309,7 @@ fn validate_workflow(w: &WorkflowRule, earlier: &[WorkflowRule]) -> Result<(), S
         return Err("another rule has the same name".into());
     }
     if let Some(c) = &w.campaign {
-        crate::job::CampaignId::parse(c.clone()).map_err(|e| format!("campaign: {e}"))?;
+        CampaignId::parse(c.clone()).map_err(|e| format!("campaign: {e}"))?;
     }
     if w.link.is_some() && !matches!(w.on.as_str(), "clicked" | "not_clicked") {
         return Err(format!(
@@ -1373,11 +1342,11 @@ fn validate_workflow(w: &WorkflowRule, earlier: &[WorkflowRule]) -> Result<(), S
             ));
         }
         if let Some(c) = &send.campaign {
-            crate::job::CampaignId::parse(c.clone()).map_err(|e| format!("send.campaign: {e}"))?;
+            CampaignId::parse(c.clone()).map_err(|e| format!("send.campaign: {e}"))?;
         }
     }
     if let Some(url) = &w.webhook {
-        crate::workflow::client::check_url(url).map_err(|e| format!("webhook: {e}"))?;
+        webhook_url(url).map_err(|e| format!("webhook: {e}"))?;
     }
     Ok(())
 }

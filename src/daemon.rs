@@ -400,23 +400,33 @@ impl App {
                     .with_acks(acks.clone()),
             )
         });
-        let pages = api
-            .as_ref()
-            .map(|a| Arc::new(crate::pages::Pages::new(a.clone(), &settings)));
-        let api_task = match (api_listener, &api, &pages) {
-            (Some(listener), Some(api), Some(pages)) => Some(crate::api::serve(
-                listener,
-                api.clone(),
-                pages.clone(),
-                settings.api.max_connections,
-                exit_rx.clone(),
-            )),
-            _ => None,
-        };
-        // On the metrics listener when both are configured on one address.
-        let shared_api = match (api, pages) {
-            (Some(a), Some(p)) if api_task.is_none() => Some(crate::api::router(a, p)),
-            _ => None,
+        // The API listener's site: the API's routes and the report pages, each with its own
+        // state, under the API's refusals and request counts.
+        let site = api.as_ref().map(|a| {
+            let pages = Arc::new(crate::pages::Pages::new(
+                conn.clone(),
+                keys.clone(),
+                &settings,
+            ));
+            crate::api::finish(
+                crate::api::routes(a.clone()).merge(crate::pages::router(pages)),
+                a.clone(),
+            )
+        });
+        let (api_task, shared_api) = match (api_listener, &api, site) {
+            (Some(listener), Some(api), Some(site)) => (
+                Some(crate::api::serve(
+                    listener,
+                    site,
+                    api,
+                    settings.api.max_connections,
+                    exit_rx.clone(),
+                )),
+                None,
+            ),
+            // On the metrics listener when both are configured on one address.
+            (None, _, site) => (None, site),
+            _ => (None, None),
         };
         let http_task = metrics_listener.map(|listener| {
             let ops = crate::http::Ops {
@@ -466,8 +476,15 @@ impl App {
                         header_timeout: t.header_timeout.get(),
                         request_timeout: t.request_timeout.get(),
                     },
-                    sendgrid,
-                    ses,
+                    webhooks: crate::bounces::webhooks::Webhooks {
+                        redis: conn.clone(),
+                        keys: keys.clone(),
+                        metrics: metrics.clone(),
+                        acks: acks.clone(),
+                        sendgrid,
+                        ses,
+                    }
+                    .routes(),
                     acks: acks.clone(),
                 };
                 Some(crate::track::server::serve(

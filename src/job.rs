@@ -9,6 +9,8 @@ use std::fmt;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+pub use crate::values::{CampaignId, NameError, CAMPAIGN_RULE};
+
 /// Why a job cannot be processed. The text goes to `{prefix}dead` as `error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JobError {
@@ -31,6 +33,15 @@ pub enum JobError {
     /// Redis refused the job's own records (a key of the wrong type, a script error).
     #[error("{0}")]
     Store(String),
+}
+
+impl From<NameError> for JobError {
+    fn from(e: NameError) -> Self {
+        match e {
+            NameError::Control => JobError::HeaderInjection("campaign".into()),
+            NameError::Invalid(reason) => invalid("campaign", reason),
+        }
+    }
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> JobError {
@@ -273,63 +284,6 @@ impl IdempotencyKey {
     }
     pub fn as_str(&self) -> &str {
         &self.0
-    }
-}
-
-/// A campaign code: it reaches events, stats, metric labels, Redis keys, the Feedback-ID
-/// header and the report's URLs (`/campaigns/{campaign}`), so it is held to what all of them
-/// carry as they are: 1-64 of `A-Z a-z 0-9 . _ -`, not starting with `.` (no `..` path
-/// segment, no markup, no separator of keys or headers).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CampaignId(String);
-
-/// The allowed campaign names, as error messages and the docs say it.
-pub const CAMPAIGN_RULE: &str =
-    "a campaign name is 1-64 of A-Z a-z 0-9 . _ - and does not start with `.`";
-
-impl CampaignId {
-    pub const MAX_LEN: usize = 64;
-
-    pub fn parse(s: String) -> Result<Self, JobError> {
-        if s.chars().any(char::is_control) {
-            return Err(JobError::HeaderInjection("campaign".into()));
-        }
-        if !Self::allowed(&s) {
-            let shown: String = s.chars().take(80).collect();
-            return Err(invalid("campaign", format!("{shown:?}: {CAMPAIGN_RULE}")));
-        }
-        Ok(Self(s))
-    }
-
-    /// Whether `s` is a campaign name paloma accepts.
-    pub fn allowed(s: &str) -> bool {
-        !s.is_empty()
-            && s.len() <= Self::MAX_LEN
-            && !s.starts_with('.')
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    }
-
-    /// A name that may be in Redis from before the names were narrowed (printable ASCII
-    /// without spaces, colons, quotes or backslashes, at most 100), or a counter of dead
-    /// jobs (`(none)`, `(invalid)`): readable in the report and the API, never accepted in
-    /// a new job.
-    pub fn readable(s: &str) -> bool {
-        Self::allowed(s)
-            || (!s.is_empty()
-                && s.len() <= 100
-                && s.bytes().all(|b| b.is_ascii_graphic())
-                && !s.contains([':', '"', '\\']))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for CampaignId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
     }
 }
 

@@ -37,8 +37,16 @@
 //! - [`cli`]: `enqueue`, `stats`, `suppress`, `campaign`, and [`demo`].
 //! - [`panics`]: a panic is one log line, with no backtrace to symbolize.
 //!
-//! Dependencies point one way: `pipeline` uses `shape`, `deliver` and `render`; `shape`
-//! uses `deliver`'s types (never the reverse); everything speaks `outcome`.
+//! - [`escape`]: HTML escaping, one function for templates and every page.
+//! - [`values`]: value types config parses and the rest consumes (campaign and variant
+//!   names, address ranges, Redis and webhook URLs, the SendGrid key): a leaf.
+//!
+//! Dependencies point one way, and a unit test (`layering`) reads the source to keep them
+//! so: no cycle among these modules, `values` depends on nothing, `config` only on `values`.
+//! `pipeline` uses `shape`, `deliver` and `render`; `shape` uses `deliver`'s types (never
+//! the reverse); `store` (connections, keys) sits under `policy`, `policy` under `queue`;
+//! the API's routes and the report pages each keep their own state and are composed where
+//! the daemon is wired; everything speaks `outcome`.
 
 pub mod api;
 pub mod archive;
@@ -49,6 +57,7 @@ pub mod control;
 pub mod daemon;
 pub mod deliver;
 pub mod demo;
+pub mod escape;
 pub mod experiment;
 pub mod http;
 pub mod job;
@@ -66,4 +75,8 @@ pub mod shape;
 pub mod stats;
 pub mod store;
 pub mod track;
+pub mod values;
 pub mod workflow;
+
+#[cfg(test)]
+mod layering;

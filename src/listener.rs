@@ -57,6 +57,16 @@ impl Limits {
     }
 }
 
+/// Adds `Retry-After` to a 503 that passes by itself: Redis replicas catching up, or a
+/// failover ending ([`crate::store::replication::RETRY_AFTER`] seconds).
+pub fn retry_later(mut r: axum::response::Response) -> axum::response::Response {
+    r.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from(crate::store::replication::RETRY_AFTER),
+    );
+    r
+}
+
 /// The soft RLIMIT_NOFILE of this process.
 pub fn descriptor_limit() -> Option<u64> {
     let mut lim = libc::rlimit {

@@ -156,9 +156,7 @@ impl ApiError {
 /// the time the daemons take to deliver a batch's worth.
 pub const MEMORY_RETRY_AFTER: u32 = 30;
 
-/// `Retry-After` when the replicas did not confirm a write: a lagging replica catches up,
-/// or a failover ends, within seconds.
-pub const ACK_RETRY_AFTER: u32 = 5;
+pub use crate::store::replication::RETRY_AFTER as ACK_RETRY_AFTER;
 
 /// The body of every refusal.
 #[derive(serde::Serialize, utoipa::ToSchema)]
@@ -189,9 +187,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The API's routes and the report pages, to serve on their own listener or beside
-/// `/metrics`.
-pub fn router(api: Arc<Api>, pages: Arc<crate::pages::Pages>) -> Router {
+/// The API's own routes (`/api/v1/…`), with their state; the daemon composes them with the
+/// report pages and [`finish`]es the site.
+pub fn routes(api: Arc<Api>) -> Router {
     let guarded = Router::new()
         .route("/api/v1/sends", post(sends::post_sends))
         .route("/api/v1/campaigns", get(manage::list_campaigns))
@@ -205,12 +203,16 @@ pub fn router(api: Arc<Api>, pages: Arc<crate::pages::Pages>) -> Router {
             put(manage::suppress).delete(manage::unsuppress),
         )
         .route_layer(axum::middleware::from_fn_with_state(api.clone(), auth));
-    let api_routes: Router = Router::new()
+    Router::new()
         .route("/api/v1/openapi.json", get(doc::openapi))
         .merge(guarded)
-        .with_state(api.clone());
-    api_routes
-        .merge(crate::pages::router(pages))
+        .with_state(api)
+}
+
+/// The API listener's site around `routes` (the API's and the report pages'): JSON refusals
+/// for unknown routes and methods, and every request counted by route pattern and status.
+pub fn finish(routes: Router, api: Arc<Api>) -> Router {
+    routes
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -276,11 +278,11 @@ pub fn request_timeout(timeout: Duration) -> Duration {
     HEADER_TIMEOUT + timeout
 }
 
-/// Serves the API alone on `listener` until `stop` turns true.
+/// Serves `site` (see [`finish`]) on the API's own `listener` until `stop` turns true.
 pub fn serve(
     listener: tokio::net::TcpListener,
-    api: Arc<Api>,
-    pages: Arc<crate::pages::Pages>,
+    site: Router,
+    api: &Api,
     max_connections: usize,
     stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
@@ -296,7 +298,7 @@ pub fn serve(
     };
     tokio::spawn(crate::listener::serve(
         listener,
-        router(api, pages),
+        site,
         limits,
         registry,
         stop,

@@ -21,6 +21,7 @@ pub mod record;
 pub mod report;
 pub mod server;
 pub mod ses;
+pub mod webhooks;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -215,7 +216,7 @@ impl TokenJob {
     /// args, headers). A variant or touch that paloma could not have written is dropped, so
     /// that the counters' fields stay the bounded set the config and the buckets make.
     pub fn named(id: &str, campaign: &str, to: &str, variant: &str, touch: &str) -> Self {
-        let variant_ok = crate::experiment::valid_variant_name(variant);
+        let variant_ok = crate::values::valid_variant_name(variant);
         TokenJob {
             id: id.to_string(),
             campaign: campaign.to_string(),

@@ -16,12 +16,7 @@ use base64::Engine as _;
 
 use super::record::Finding;
 use super::TokenJob;
-
-/// The DER header of a P-256 SubjectPublicKeyInfo; the uncompressed point follows.
-const P256_SPKI: [u8; 26] = [
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
-    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-];
+use crate::values::SendGridKey;
 
 pub const SIGNATURE: &str = "x-twilio-email-event-webhook-signature";
 pub const TIMESTAMP: &str = "x-twilio-email-event-webhook-timestamp";
@@ -43,14 +38,8 @@ pub enum Refused {
 impl SendGrid {
     /// `key`: base64 of the DER public key (SubjectPublicKeyInfo), as SendGrid shows it.
     pub fn new(key: &str, max_skew: Duration) -> Result<SendGrid, String> {
-        let der = base64::engine::general_purpose::STANDARD
-            .decode(key.trim())
-            .map_err(|e| format!("providers.sendgrid_public_key is not base64: {e}"))?;
-        if der.len() != P256_SPKI.len() + 65 || der[..P256_SPKI.len()] != P256_SPKI {
-            return Err("providers.sendgrid_public_key is not a P-256 public key (copy the verification key from SendGrid's Event Webhook settings)".into());
-        }
         Ok(SendGrid {
-            point: der[P256_SPKI.len()..].to_vec(),
+            point: SendGridKey::parse(key)?.point,
             max_skew,
         })
     }

@@ -19,7 +19,7 @@ use hickory_resolver::TokioResolver;
 use super::smtp::{Pool, SessionConfig, Site};
 use super::{session_config, DeliverError, Limits, Outcome, Route};
 use crate::config::DeliverySettings;
-use crate::track::machine::Networks;
+use crate::values::Networks;
 
 /// How long a negative answer (NXDOMAIN, null MX) is cached.
 const NEGATIVE_TTL: Duration = Duration::from_secs(300);

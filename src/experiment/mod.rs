@@ -84,15 +84,6 @@ pub struct Experiments {
     decided: RwLock<HashMap<String, String>>,
 }
 
-/// A variant name the config accepts: 1-32 of A-Z a-z 0-9 - _ (so that it is safe as a
-/// counter field, a metric label and a token part).
-pub fn valid_variant_name(name: &str) -> bool {
-    (1..=32).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 /// The template name of a variant's subject in the plain registry.
 pub fn subject_key(campaign: &str, variant: &str) -> String {
     format!("experiment/{campaign}/{variant}/subject")

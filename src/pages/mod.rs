@@ -25,7 +25,6 @@ use axum::Router;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::api::Api;
 use crate::queue::Keys;
 use crate::store::RedisConn;
 
@@ -33,7 +32,10 @@ const COOKIE: &str = "paloma_report";
 
 /// What the pages read with.
 pub struct Pages {
-    pub api: Arc<Api>,
+    redis: RedisConn,
+    keys: Keys,
+    /// The intake's consumer group (its lag is shown).
+    group: String,
     /// SHA-256 of each session cookie value that opens the pages (one per accepted token).
     sessions: Vec<[u8; 32]>,
     /// SHA-256 of each token that opens the pages (API token, report token).
@@ -80,13 +82,15 @@ fn any_equal(hashes: &[[u8; 32]], value: &str) -> bool {
 }
 
 impl Pages {
-    pub fn new(api: Arc<Api>, settings: &crate::config::Settings) -> Pages {
+    pub fn new(redis: RedisConn, keys: Keys, settings: &crate::config::Settings) -> Pages {
         let mut tokens = vec![settings.api.token.expose().to_string()];
         if let Some(t) = &settings.api.report_token {
             tokens.push(t.expose().to_string());
         }
         Pages {
-            api,
+            redis,
+            keys,
+            group: settings.redis.group.clone(),
             sessions: tokens
                 .iter()
                 .map(|t| hash(session_of(t).as_bytes()))
@@ -251,14 +255,13 @@ async fn list(
     if !pages.allowed(&headers) {
         return to_login("/campaigns");
     }
-    let api = &pages.api;
-    let mut conn = api.redis.clone();
+    let mut conn = pages.redis.clone();
     let after = q.get("after").map(String::as_str);
     let rows = async {
         let (o, next) =
-            crate::stats::overview_page(&mut conn, &api.keys, &api.group, after, PAGE).await?;
+            crate::stats::overview_page(&mut conn, &pages.keys, &pages.group, after, PAGE).await?;
         Ok::<_, redis::RedisError>((
-            crate::stats::campaign_rows(&mut conn, &api.keys, o).await?,
+            crate::stats::campaign_rows(&mut conn, &pages.keys, o).await?,
             next,
         ))
     }
@@ -379,9 +382,8 @@ async fn campaign(
     if !pages.allowed(&headers) {
         return to_login(&view::campaign_href(&c));
     }
-    let api = &pages.api;
-    let mut conn = api.redis.clone();
-    match report(&mut conn, &api.keys, &api.group, &c).await {
+    let mut conn = pages.redis.clone();
+    match report(&mut conn, &pages.keys, &pages.group, &c).await {
         Ok(Some(r)) => html(StatusCode::OK, view::campaign(&r)),
         Ok(None) => html(
             StatusCode::NOT_FOUND,

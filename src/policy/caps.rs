@@ -8,7 +8,7 @@
 //! job that comes back (a retry, a rate put-back).
 
 use crate::config::CapRule;
-use crate::queue::Keys;
+use crate::store::keys::Keys;
 use crate::store::RedisConn;
 
 /// KEYS[1]: the recipient hash. ARGV[1]: now (s), ARGV[2]: longest window (s), ARGV[3]: job
@@ -51,7 +51,7 @@ impl Caps {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let now = crate::queue::now_ms() / 1000;
+        let now = crate::store::clock::now_ms() / 1000;
         let build = || {
             let mut p = redis::pipe();
             p.ignore_errors();

@@ -4,7 +4,7 @@
 //! opt-out is also kept in `{prefix}optouts`, so that it survives the removal of a bounce or
 //! an operator's block.
 
-use crate::queue::Keys;
+use crate::store::keys::Keys;
 use crate::store::replication::{eval, AckError, Acks};
 use crate::store::RedisConn;
 

@@ -24,6 +24,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::config::Settings;
+use crate::values::RedisUrl;
 
 /// True when Redis answered with an error that comes again however often the same
 /// command is sent (WRONGTYPE: another tool wrote a key of another type; a script's own
@@ -132,15 +133,14 @@ pub async fn redis_target(settings: &Settings) -> anyhow::Result<RedisTarget> {
             .with_context(|| {
                 format!(
                     "redis.sentinels {:?} are not valid Redis URLs (or redis.url {:?} is not)",
-                    r.sentinels.iter().map(|u| redact(u)).collect::<Vec<_>>(),
-                    redact(&r.url)
+                    r.sentinels, r.url
                 )
             });
     }
     if r.cluster_nodes.is_empty() {
-        return redis::Client::open(r.url.as_str())
+        return redis::Client::open(r.url.expose())
             .map(RedisTarget::Single)
-            .with_context(|| format!("redis.url {:?} is not a valid Redis URL", redact(&r.url)));
+            .with_context(|| format!("redis.url {:?} is not a valid Redis URL", r.url));
     }
     if !has_hash_tag(&r.prefix) {
         anyhow::bail!(
@@ -148,7 +148,7 @@ pub async fn redis_target(settings: &Settings) -> anyhow::Result<RedisTarget> {
             r.prefix
         );
     }
-    ClusterClient::builder(r.cluster_nodes.iter().map(String::as_str))
+    ClusterClient::builder(r.cluster_nodes.iter().map(RedisUrl::expose))
         .connection_timeout(Duration::from_secs(5))
         // No resending: a transaction whose reply was lost or late would run twice (events
         // and stats doubled). As with one server, a failed request is an error, and each
@@ -161,19 +161,8 @@ pub async fn redis_target(settings: &Settings) -> anyhow::Result<RedisTarget> {
             format!(
                 "redis.cluster_nodes {:?} are not valid Redis URLs",
                 r.cluster_nodes
-                    .iter()
-                    .map(|u| redact(u))
-                    .collect::<Vec<_>>()
             )
         })
-}
-
-/// A Redis URL without its password, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
 }
 
 /// A connection whose commands time out after `response_timeout` (blocking reads need more

@@ -36,6 +36,10 @@ use crate::metrics::Metrics;
 use super::checks::Health;
 use super::RedisConn;
 
+/// `Retry-After` (seconds) of a refusal for want of confirmations (API, tracking, webhooks):
+/// a lagging replica catches up, or a failover ends, within seconds.
+pub const RETRY_AFTER: u32 = 5;
+
 /// Why an acknowledgement was refused.
 #[derive(Debug)]
 pub enum AckError {

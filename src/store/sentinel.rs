@@ -18,6 +18,8 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{Cmd, ConnectionAddr, IntoConnectionInfo, Pipeline, RedisFuture, RedisResult, Value};
 
+use crate::values::RedisUrl;
+
 /// Where to ask: the Sentinels, the name they monitor, and the primary's credentials.
 pub struct SentinelTarget {
     client: tokio::sync::Mutex<SentinelClient>,
@@ -25,13 +27,13 @@ pub struct SentinelTarget {
 
 impl SentinelTarget {
     /// `url` gives the primary's username, password and database (its host is not used).
-    pub fn new(sentinels: &[String], service_name: &str, url: &str) -> RedisResult<Self> {
-        let primary = url.into_connection_info()?;
+    pub fn new(sentinels: &[RedisUrl], service_name: &str, url: &RedisUrl) -> RedisResult<Self> {
+        let primary = url.expose().into_connection_info()?;
         let node = SentinelNodeConnectionInfo::default()
             .set_redis_connection_info(primary.redis_settings().clone());
         let infos = sentinels
             .iter()
-            .map(|s| s.as_str().into_connection_info())
+            .map(|s| s.expose().into_connection_info())
             .collect::<RedisResult<Vec<_>>>()?;
         let client = SentinelClient::build(
             infos,

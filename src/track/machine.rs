@@ -25,6 +25,8 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Mutex;
+
+pub use crate::values::Networks;
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
@@ -63,103 +65,6 @@ impl Reason {
             Reason::Window => "window",
             Reason::Burst => "burst",
         }
-    }
-}
-
-/// A set of address ranges, looked up by binary search (a published egress list has tens
-/// of thousands of ranges). IPv4 is kept as IPv4-mapped IPv6.
-#[derive(Debug, Default, Clone)]
-pub struct Networks {
-    /// Sorted, non-overlapping inclusive ranges.
-    ranges: Vec<(u128, u128)>,
-}
-
-impl Networks {
-    /// Parses `a.b.c.d/n`, `x:y::/n` or a bare address.
-    pub fn parse_cidr(s: &str) -> Result<(u128, u128), String> {
-        let s = s.trim();
-        let (addr, len) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let ip: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{s:?} is not an address range (a.b.c.d/n or x::/n)"))?;
-        let (bits, max) = match ip {
-            IpAddr::V4(v4) => (u128::from(v4.to_ipv6_mapped()), 32),
-            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() && len.is_some() => {
-                return Err(format!(
-                    "{s:?}: write IPv4 ranges as a.b.c.d/n (an IPv4-mapped IPv6 prefix is easy to get wrong)"
-                ))
-            }
-            IpAddr::V6(v6) => (u128::from(v6), 128),
-        };
-        let len: u32 = match len {
-            Some(l) => l
-                .parse()
-                .ok()
-                .filter(|&n| n <= max)
-                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
-            None => max,
-        };
-        let host_bits = max - len;
-        let mask = if host_bits == 128 {
-            u128::MAX
-        } else {
-            (1u128 << host_bits) - 1
-        };
-        Ok((bits & !mask, bits | mask))
-    }
-
-    pub fn new(ranges: impl IntoIterator<Item = (u128, u128)>) -> Self {
-        let mut v: Vec<(u128, u128)> = ranges.into_iter().collect();
-        v.sort_unstable();
-        let mut merged: Vec<(u128, u128)> = Vec::with_capacity(v.len());
-        for (lo, hi) in v {
-            match merged.last_mut() {
-                Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
-                _ => merged.push((lo, hi)),
-            }
-        }
-        Networks { ranges: merged }
-    }
-
-    /// Ranges from a file: one per line, or CSV whose first column is the range (the format
-    /// of Apple's egress list); blank lines and `#` comments are skipped.
-    pub fn read_file(path: &Path) -> Result<Vec<(u128, u128)>, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut out = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let first = line.split(',').next().unwrap_or("").trim();
-            if first.is_empty() || first.starts_with('#') {
-                continue;
-            }
-            out.push(
-                Self::parse_cidr(first)
-                    .map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?,
-            );
-        }
-        Ok(out)
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let x = match ip {
-            IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => u128::from(v4.to_ipv6_mapped()),
-                None => u128::from(v6),
-            },
-        };
-        let i = self.ranges.partition_point(|&(lo, _)| lo <= x);
-        i > 0 && self.ranges[i - 1].1 >= x
-    }
-
-    pub fn len(&self) -> usize {
-        self.ranges.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
     }
 }
 

@@ -160,7 +160,7 @@ impl Worker {
             Ok(w) => w,
             Err(e) => return Attempt::Malformed(format!("unreadable webhook entry: {e}")),
         };
-        let target = match client::check_url(&w.url) {
+        let target = match crate::values::webhook_url(&w.url) {
             Ok(t) => t,
             Err(e) => return Attempt::Malformed(e),
         };
