@@ -70,9 +70,9 @@ pub async fn enqueue(
     if head.starts_with(b"\xEF\xBB\xBF") {
         reader.consume(3);
     }
-    let progress = std::io::stderr().is_terminal();
+    let checker = Checker::new(settings);
+    let bar = progress_bar(&input);
     let started = Instant::now();
-    let mut last_report = Instant::now();
     let mut report = EnqueueReport {
         enqueued: 0,
         rejected: 0,
@@ -130,18 +130,22 @@ pub async fn enqueue(
     let push = |line_no: usize,
                 job: Result<String, String>,
                 batch: &mut Vec<String>,
-                report: &mut EnqueueReport| match job {
-        Ok(j) => batch.push(j),
-        Err(e) => {
-            report.rejected += 1;
-            eprintln!("line {line_no}: {e}; not enqueued");
+                report: &mut EnqueueReport| {
+        match job.and_then(|j| checker.check(&j).map(|()| j)) {
+            Ok(j) => batch.push(j),
+            Err(e) => {
+                report.rejected += 1;
+                bar.suspend(|| eprintln!("line {line_no}: {e}; not enqueued"));
+            }
         }
     };
 
     match csv {
         None => {
+            let mut read = 0u64;
             for (i, line) in reader.lines().enumerate() {
                 let line = line.with_context(|| format!("reading line {}", i + 1))?;
+                read += line.len() as u64 + 1;
                 let line = line.trim();
                 if line.is_empty() {
                     continue;
@@ -165,7 +169,7 @@ pub async fn enqueue(
                     report.enqueued += flush(&mut batch, &mut conn)
                         .await
                         .map_err(|e| stopped(e, report.enqueued, batch_line))?;
-                    show(progress, &mut last_report, started, report.enqueued);
+                    show(&bar, read, &report, started);
                 }
             }
         }
@@ -192,33 +196,41 @@ pub async fn enqueue(
             else {
                 bail!("the CSV has no `email` column (header row: {:?})", headers);
             };
+            let mut read = 0u64;
             for (i, rec) in rdr.records().enumerate() {
-                let line_no = i + 2;
-                let job = rec.map_err(|e| e.to_string()).map(|rec| {
-                    let email = rec.get(email_col).unwrap_or_default().trim().to_string();
-                    let mut data = Map::new();
-                    let mut id = None;
-                    for (h, v) in headers.iter().zip(rec.iter()) {
-                        if h.eq_ignore_ascii_case("email") {
-                            continue;
+                let at = match &rec {
+                    Ok(r) => r.position(),
+                    Err(e) => e.position(),
+                };
+                let line_no = at.map_or(i + 2, |p| p.line() as usize);
+                read = at.map_or(read, |p| p.byte());
+                let job = rec
+                    .map_err(|e| csv_row_error(&e, headers.len()))
+                    .map(|rec| {
+                        let email = rec.get(email_col).unwrap_or_default().trim().to_string();
+                        let mut data = Map::new();
+                        let mut id = None;
+                        for (h, v) in headers.iter().zip(rec.iter()) {
+                            if h.eq_ignore_ascii_case("email") {
+                                continue;
+                            }
+                            if h == "id" {
+                                id = Some(v.to_string());
+                                continue;
+                            }
+                            data.insert(h.to_string(), Value::String(v.to_string()));
                         }
-                        if h == "id" {
-                            id = Some(v.to_string());
-                            continue;
-                        }
-                        data.insert(h.to_string(), Value::String(v.to_string()));
-                    }
-                    // Deterministic id: enqueueing the same list twice sends once.
-                    let id = id.unwrap_or_else(|| csv_job_id(&opts.campaign, &email));
-                    serde_json::json!({
-                        "id": id,
-                        "campaign": opts.campaign,
-                        "template": opts.template,
-                        "to": email,
-                        "data": data,
-                    })
-                    .to_string()
-                });
+                        // Deterministic id: enqueueing the same list twice sends once.
+                        let id = id.unwrap_or_else(|| csv_job_id(&opts.campaign, &email));
+                        serde_json::json!({
+                            "id": id,
+                            "campaign": opts.campaign,
+                            "template": opts.template,
+                            "to": email,
+                            "data": data,
+                        })
+                        .to_string()
+                    });
                 if batch.is_empty() {
                     batch_line = line_no;
                 }
@@ -227,7 +239,7 @@ pub async fn enqueue(
                     report.enqueued += flush(&mut batch, &mut conn)
                         .await
                         .map_err(|e| stopped(e, report.enqueued, batch_line))?;
-                    show(progress, &mut last_report, started, report.enqueued);
+                    show(&bar, read, &report, started);
                 }
             }
         }
@@ -237,10 +249,19 @@ pub async fn enqueue(
             .await
             .map_err(|e| stopped(e, report.enqueued, batch_line))?;
     }
-    if progress {
-        eprint!("\r\x1b[K");
-    }
+    bar.finish_and_clear();
     Ok(report)
+}
+
+/// A CSV row that could not be read, said in terms of the file: a row with another number
+/// of cells than the header row (a missing or extra column), or what the reader found.
+fn csv_row_error(e: &csv::Error, columns: usize) -> String {
+    match e.kind() {
+        csv::ErrorKind::UnequalLengths { len, .. } => format!(
+            "{len} column(s), the header row has {columns} (a missing or extra column; quote a value that holds a comma)"
+        ),
+        _ => e.to_string(),
+    }
 }
 
 /// `campaign:address` (lowercased), or, where that would pass the 200 characters a job id
@@ -261,13 +282,81 @@ fn csv_job_id(campaign: &str, email: &str) -> String {
     id
 }
 
-fn show(progress: bool, last: &mut Instant, started: Instant, n: u64) {
-    if progress && last.elapsed().as_millis() >= 100 {
-        *last = Instant::now();
-        let rate = n as f64 / started.elapsed().as_secs_f64().max(0.001);
-        eprint!("\r\x1b[Kenqueued {n} jobs ({rate:.0}/s)");
-        let _ = std::io::stderr().flush();
+/// What `enqueue` checks of each job before it is sent: what the intake would refuse (the
+/// intake's own parse: fields, address, sizes, header injection) and a template the
+/// templates directory does not have, so that a bad row is reported with its line at once
+/// instead of becoming a dead letter later.
+struct Checker {
+    max_job_bytes: usize,
+    /// None when the templates directory cannot be read here (the CLI may run on another
+    /// machine than the daemons): template names are then left to the daemon.
+    templates: Option<crate::render::Templates>,
+}
+
+impl Checker {
+    fn new(settings: &Settings) -> Checker {
+        let dir = &settings.templates.dir;
+        let templates = match crate::render::Templates::load(dir, false) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("paloma: template names are not checked here ({e})");
+                None
+            }
+        };
+        Checker {
+            max_job_bytes: settings.intake.max_job_bytes,
+            templates,
+        }
     }
+
+    fn check(&self, job: &str) -> Result<(), String> {
+        let parsed = crate::job::Job::parse(job.as_bytes(), self.max_job_bytes)
+            .map_err(|(e, _)| e.to_string())?;
+        match &self.templates {
+            Some(t) if !t.contains(&parsed.template) => {
+                let mut names: Vec<&str> = t.names().collect();
+                names.sort_unstable();
+                Err(format!(
+                    "unknown template {:?} (templates: {})",
+                    parsed.template,
+                    names.join(", ")
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Progress on a terminal (hidden when stderr is not one): bytes of a file read so far,
+/// or a count for standard input, with what was enqueued and rejected.
+fn progress_bar(input: &Input) -> indicatif::ProgressBar {
+    let size = match input {
+        Input::File(p) => std::fs::metadata(p).ok().map(|m| m.len()),
+        Input::Stdin => None,
+    };
+    let (bar, template) = match size {
+        Some(n) => (
+            indicatif::ProgressBar::new(n),
+            "{bar:30} {bytes}/{total_bytes} {elapsed} · {msg}",
+        ),
+        None => (
+            indicatif::ProgressBar::new_spinner(),
+            "{spinner} {elapsed} · {msg}",
+        ),
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn show(bar: &indicatif::ProgressBar, read: u64, report: &EnqueueReport, started: Instant) {
+    bar.set_position(read);
+    let rate = report.enqueued as f64 / started.elapsed().as_secs_f64().max(0.001);
+    bar.set_message(format!(
+        "enqueued {} ({rate:.0}/s), rejected {}",
+        report.enqueued, report.rejected
+    ));
 }
 
 pub async fn stats(settings: &Settings, campaign: Option<&str>) -> anyhow::Result<Overview> {

@@ -123,23 +123,24 @@ pub struct ThrowawayRedis {
 }
 
 impl ThrowawayRedis {
+    /// Starts `redis-server`; when there is none, installs it first where that is this
+    /// process's to do (root on Debian or Ubuntu, as the tests' peers are installed), or
+    /// says in one line what to run.
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot start redis-server ({e}). Install it (Debian/Ubuntu: apt-get install redis-server) or pass --redis-url"
-                )
-            })?;
-        let url = format!("redis://127.0.0.1:{port}/");
+        let (child, port) = match Self::spawn(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                install_redis()?;
+                Self::spawn(dir).map_err(|e| {
+                    anyhow::anyhow!("redis-server was installed but does not start ({e}); pass --redis-url redis://HOST:PORT/ to use another Redis")
+                })?
+            }
+            r => r.map_err(|e| anyhow::anyhow!("cannot start redis-server ({e}); pass --redis-url redis://HOST:PORT/ to use another Redis"))?,
+        };
+        // Killed on drop from here on, also when it never listens.
+        let redis = ThrowawayRedis {
+            child,
+            url: format!("redis://127.0.0.1:{port}/"),
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
@@ -147,8 +148,64 @@ impl ThrowawayRedis {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(ThrowawayRedis { child, url })
+        Ok(redis)
     }
+
+    fn spawn(dir: &Path) -> std::io::Result<(std::process::Child, u16)> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok((child, port))
+    }
+}
+
+/// What to run to get redis-server, for the one line the demo stops with.
+const INSTALL_HINT: &str = "install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis) or pass --redis-url redis://HOST:PORT/";
+
+/// Installs redis-server with apt-get when this process is root on a system that has it;
+/// otherwise the error says what to run.
+fn install_redis() -> anyhow::Result<()> {
+    let have_apt = std::process::Command::new("apt-get")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !(have_apt && root) {
+        bail!("redis-server is not installed: {INSTALL_HINT}");
+    }
+    eprintln!("redis-server is not installed: installing it (apt-get install redis-server) …");
+    let ok = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server >/dev/null",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        bail!("installing redis-server with apt-get failed: {INSTALL_HINT}");
+    }
+    Ok(())
 }
 
 impl Drop for ThrowawayRedis {

@@ -170,6 +170,115 @@ fn enqueue_stats_and_metrics() {
 }
 
 #[test]
+fn enqueue_reports_each_bad_row_with_its_line_and_enqueues_the_good_ones() {
+    let redis = Redis::start();
+    let setup = Setup::new(&redis.url(), free_port(), "", "", "");
+    let cfg = setup.config.to_str().unwrap();
+    let csv = setup.path("bad-rows.csv");
+    std::fs::write(
+        &csv,
+        "email,name,order_id\nok1@x.test,A,1\nnot-an-address,B,2\nok2@x.test,C\nok3@x.test,D,4\n",
+    )
+    .unwrap();
+    let (st, _, err) = paloma(
+        &[
+            "enqueue",
+            "--config",
+            cfg,
+            "--csv",
+            "--campaign",
+            "rows",
+            "--template",
+            "receipt",
+            csv.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(st.code(), Some(1), "{err}");
+    let line = |n: usize| {
+        err.lines()
+            .find(|l| l.starts_with(&format!("line {n}:")))
+            .unwrap_or_else(|| panic!("no report of line {n}: {err}"))
+            .to_string()
+    };
+    assert!(line(3).contains("`to`"), "the invalid address: {err}");
+    assert!(
+        line(4).contains("2 column(s), the header row has 3"),
+        "the missing column: {err}"
+    );
+    assert!(
+        !err.contains("line 2:") && !err.contains("line 5:"),
+        "{err}"
+    );
+    assert!(err.contains("enqueued 2 jobs, rejected 2"), "{err}");
+
+    // JSON lines: a template the templates directory lacks, and an address the intake
+    // would refuse, are reported with their lines; the good job is enqueued.
+    let lines = [
+        job(
+            "t1",
+            "rows",
+            "no-such-template",
+            "a@x.test",
+            serde_json::json!({}),
+        ),
+        job(
+            "t2",
+            "rows",
+            "receipt",
+            "b@x.test",
+            serde_json::json!({"name": "B"}),
+        ),
+        job("t3", "rows", "receipt", "c@@x", serde_json::json!({})),
+    ]
+    .join("\n");
+    let (st, _, err) = paloma(&["enqueue", "--config", cfg, "-"], Some(&lines));
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(
+        err.contains("line 1: unknown template \"no-such-template\"") && err.contains("receipt"),
+        "{err}"
+    );
+    assert!(err.contains("line 3:") && err.contains("`to`"), "{err}");
+    assert!(err.contains("enqueued 1 jobs, rejected 2"), "{err}");
+
+    let mut conn = redis.conn();
+    let ids: Vec<String> = redis::cmd("XRANGE")
+        .arg(format!("{}sends", setup.prefix))
+        .arg("-")
+        .arg("+")
+        .query::<Vec<(String, Vec<(String, String)>)>>(&mut conn)
+        .unwrap()
+        .into_iter()
+        .map(|(_, f)| {
+            let v: serde_json::Value = serde_json::from_str(&f[0].1).unwrap();
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids, ["rows:ok1@x.test", "rows:ok3@x.test", "t2"]);
+}
+
+/// With no redis-server to be found and no way to install one, `paloma demo` stops at once
+/// with one line that says what to run.
+#[test]
+fn the_demo_says_how_to_get_redis_when_it_cannot_install_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_paloma"))
+        .args(["demo", "--dir"])
+        .arg(dir.path().join("demo"))
+        .env("PATH", dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("redis-server is not installed")
+            && err.contains("apt-get install redis-server")
+            && err.contains("--redis-url"),
+        "{err}"
+    );
+}
+
+#[test]
 fn tls_required_defers_when_the_relay_offers_no_starttls() {
     let redis = Redis::start();
     let sink = Sink::start(&[]);
