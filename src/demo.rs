@@ -305,16 +305,35 @@ secret = "{secret}"
         jobs.push_str(&job.to_string());
         jobs.push('\n');
     }
-    // One bad job, to show a dead letter next to the good ones.
-    jobs.push_str(r#"{"id":"demo-bad","campaign":"demo-spring","template":"newsletter","to":"not-an-address"}"#);
+    // One bad job: `paloma enqueue` refuses its line (and says why); the same job put on
+    // the stream directly, as a campaign system may, becomes a dead letter.
+    const BAD: &str = r#"{"id":"demo-bad","campaign":"demo-spring","template":"newsletter","to":"not-an-address"}"#;
+    jobs.push_str(BAD);
     jobs.push('\n');
     let list = opts.dir.join("jobs.jsonl");
     std::fs::write(&list, &jobs)?;
     let report = enqueue(&settings, Input::File(list.clone()), None).await?;
-    println!("enqueued {} jobs from {}", report.enqueued, list.display());
+    println!(
+        "enqueued {} jobs from {} ({} refused, above)",
+        report.enqueued,
+        list.display(),
+        report.rejected
+    );
+    let mut conn = redis::Client::open(redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await
+        .context("connecting to the demo's Redis")?;
+    redis::cmd("XADD")
+        .arg(format!("{prefix}sends"))
+        .arg("*")
+        .arg("job")
+        .arg(BAD)
+        .query_async::<()>(&mut conn)
+        .await
+        .context("adding the bad job to the stream")?;
 
     let started = Instant::now();
-    let expected = report.enqueued as i64;
+    let expected = report.enqueued as i64 + 1;
     let watcher_settings = settings.clone();
     let done = async move {
         loop {
@@ -344,7 +363,7 @@ secret = "{secret}"
         mail_dir.display()
     );
     println!("open one: {}", mail_dir.join("00001.eml").display());
-    println!("the bad job's reason is in the dead-letter stream {prefix}dead");
+    println!("the bad job put straight on the stream is in the dead-letter stream {prefix}dead, with its reason");
     drop(redis);
     Ok(())
 }
