@@ -3,6 +3,8 @@
 use serde_json::{json, Map, Value};
 
 use super::*;
+use crate::config::Settings;
+use crate::queue::events::EventKind;
 
 const BASE: &str = r#"
 [sender]
