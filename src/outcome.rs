@@ -121,6 +121,27 @@ impl BounceClass {
     }
 }
 
+/// Replies that mean "you are sending too fast" (Gmail 4.7.28, Yahoo TS01/TS02, Microsoft
+/// "try again later", generic 421).
+const THROTTLE_WORDS: &[&str] = &[
+    "try again later",
+    "too many",
+    "rate limit",
+    "throttl",
+    "temporarily deferred",
+    "4.7.28",
+    "ts01",
+    "ts02",
+    "ts03",
+];
+
+/// Whether a deferral's reply means "you are sending too fast": a 421, or one of the
+/// providers' throttling phrases and codes.
+pub fn is_throttling(response: &str) -> bool {
+    let text = response.to_ascii_lowercase();
+    response.starts_with("421") || THROTTLE_WORDS.iter().any(|w| text.contains(w))
+}
+
 /// The first `d.ddd.ddd` token of a reply text.
 pub fn enhanced_status(text: &str) -> String {
     text.split(|c: char| c.is_whitespace() || c == ',' || c == ';')
