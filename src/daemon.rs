@@ -18,12 +18,12 @@ use tokio::sync::{watch, Semaphore};
 use crate::config::Settings;
 use crate::deliver::Deliverer;
 use crate::metrics::Metrics;
-use crate::pipeline::outcome::Retry;
+use crate::pipeline::next::Retry;
+use crate::pipeline::recorder::Recorder;
 use crate::pipeline::Stages;
 use crate::policy::caps::Caps;
-use crate::queue::intake::Intake;
 use crate::queue::leases::{self, Leases};
-use crate::queue::recorder::Recorder;
+use crate::queue::sends::SendsReader;
 use crate::queue::{scheduler, Keys};
 use crate::render::{DkimKeys, Renderer, Templates};
 use crate::shape::Shaper;
@@ -57,7 +57,7 @@ pub struct App {
     shaper: Arc<Shaper>,
     deliverer: Deliverer,
     sessions: Arc<AtomicI64>,
-    intake: Intake,
+    intake: SendsReader,
     consumer: String,
     metrics_listener: Option<TcpListener>,
     tracking_listener: Option<TcpListener>,
@@ -129,7 +129,7 @@ impl App {
         )
         .await?;
         let consumer = consumer_name(&settings);
-        let mut intake = Intake::new(
+        let mut intake = SendsReader::new(
             reader,
             conn.clone(),
             keys.clone(),
@@ -222,7 +222,7 @@ impl App {
             consumer.clone(),
             i.claim_idle.get(),
         ));
-        // Its own connection: the fenced write WATCHes a key (see queue::recorder).
+        // Its own connection: the fenced write WATCHes a key (see pipeline::recorder).
         let recorder_conn = connect(&client, Duration::from_secs(10)).await?;
         let (recorder, handle) = Recorder::new(
             recorder_conn,

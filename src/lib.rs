@@ -8,7 +8,7 @@
 //!   its own section.
 //! - [`job`]: the job contract and its validation (newtypes parsed at the edge).
 //! - [`pipeline`]: a job's life — [`pipeline::intake`] → [`pipeline::worker`] →
-//!   [`pipeline::outcome`] (the one place that decides a job's next state).
+//!   [`pipeline::next`] (the one place that decides a job's next state).
 //! - [`queue`]: Redis streams and sets the pipeline runs on: one stream consumer type
 //!   ([`queue::consumer`]) for the intake and the workflow engine, the delayed set, events,
 //!   idempotency records ([`queue::idem`]) and the recorder that writes outcomes and acks
@@ -34,7 +34,8 @@
 //! - [`api`]: the HTTP API for campaign systems (`/api/v1/…`, bearer token, OpenAPI).
 //! - [`pages`]: the campaign report (HTML with SVG charts) on the API listener.
 //! - [`stats`]: what is read back of campaigns and recipients, for the CLI and the API.
-//! - [`cli`]: `enqueue`, `stats`, `suppress`, `campaign`, and [`demo`].
+//! - [`cli`]: the command line, one file per command (`enqueue`, `stats`, `suppress`,
+//!   `campaign`, `experiment`, `demo`: the quick start).
 //! - [`panics`]: a panic is one log line, with no backtrace to symbolize.
 //!
 //! - [`escape`]: HTML escaping, one function for templates and every page.
@@ -56,7 +57,6 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod deliver;
-pub mod demo;
 pub mod escape;
 pub mod experiment;
 pub mod http;

@@ -1,4 +1,4 @@
-//! The campaign report's per-domain counters (src/queue/scripts/domains.lua) stay a bounded
+//! The campaign report's per-domain counters (src/pipeline/scripts/domains.lua) stay a bounded
 //! hash: once it holds its most fields, a domain not yet in it is counted under "(other)",
 //! while the domains already in it keep counting — checked against a real Redis, with a
 //! bound of 3 instead of the daemon's 600.
@@ -8,7 +8,7 @@ mod common;
 use common::*;
 
 fn count(conn: &mut redis::Connection, max: usize, triples: &[(&str, &str, i64)]) {
-    let script = redis::Script::new(include_str!("../src/queue/scripts/domains.lua"));
+    let script = redis::Script::new(include_str!("../src/pipeline/scripts/domains.lua"));
     let mut inv = script.key("domains:c");
     inv.arg(max);
     for (domain, outcome, n) in triples {

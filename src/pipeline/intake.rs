@@ -12,17 +12,17 @@ use super::Stages;
 use crate::control::State;
 use crate::experiment::Assign;
 use crate::job::{Job, JobError};
+use crate::pipeline::recorder::Record;
 use crate::policy::caps::Reserved;
 use crate::policy::suppression;
 use crate::queue::consumer::Backoff;
-use crate::queue::intake::{Claim, Claimed, Intake};
-use crate::queue::recorder::Record;
+use crate::queue::sends::{Claim, Claimed, SendsReader};
 use crate::queue::{now_ms, Entry};
 
 /// Runs until `stop` turns true (or the future is dropped: an entry read but not handed to a
 /// worker stays pending in Redis and is reclaimed, never lost).
 pub async fn run(
-    intake: &mut Intake,
+    intake: &mut SendsReader,
     stages: Arc<Stages>,
     permits: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
@@ -147,7 +147,7 @@ where
 
 /// Validates and claims a batch, then hands each job that may go now to a worker.
 async fn dispatch(
-    intake: &mut Intake,
+    intake: &mut SendsReader,
     stages: &Arc<Stages>,
     permits: &Arc<Semaphore>,
     entries: Vec<Entry>,

@@ -6,24 +6,40 @@
 //!    `intake.workers` permits, so memory stays flat however long the stream is).
 //! 2. [`worker`]: route (relay, or the domain's MX hosts) → shape (rate, suspension) →
 //!    render → send → react (a throttling reply slows or suspends the site).
-//! 3. [`outcome`]: the one place that decides what the attempt means for the job — ended
-//!    (delivered, bounced, failed, suppressed, dead) or back to the delayed set — as the
-//!    record the recorder writes (`queue::recorder`: event, idempotency state, stats and the
-//!    stream ack in one transaction per batch).
+//! 3. [`next`]: the one place that decides what the attempt means for the job — ended
+//!    (delivered, bounced, failed, suppressed, dead) or back to wait — as the [`next::Record`]
+//!    that [`recorder`] writes (event, idempotency state, stats and the stream ack in one
+//!    fenced transaction per batch).
+//!
+//! How a job comes back, and where it waits meanwhile:
+//!
+//! - **Delayed set** (`{prefix}scheduled`, a sorted set scored by due time): a `send_at` in
+//!   the future, a retry after a deferral, a job over its destination's rate or whose site is
+//!   suspended. `queue::scheduler` moves each due member back to the sends stream.
+//! - **Parked** (`{prefix}parked:{campaign}`): a paused campaign's jobs; resuming (or
+//!   cancelling) moves them to the delayed set, due now (`control`).
+//! - **Held** (`{prefix}held:{campaign}`): the jobs of an A/B test outside its test share,
+//!   until the decision; then released to the delayed set with the winner (`experiment`).
+//! - **Follow-up**: a new job (`wf:{rule}:{id}`) added to the sends stream by a workflow rule
+//!   after this job's event (`workflow`); it is a job of its own, with its own id.
+//! - **Reclaimed**: a job whose daemon died or froze past `intake.claim_idle` is read again
+//!   from the stream's pending entries by another daemon (`queue::sends`); the stopped one's
+//!   outcomes are fenced off.
 
 pub mod intake;
-pub mod outcome;
+pub mod next;
+pub mod recorder;
 pub mod worker;
 
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use self::recorder::RecorderHandle;
 use crate::deliver::Deliverer;
 use crate::metrics::Metrics;
 use crate::policy::caps::Caps;
 use crate::queue::leases::Leases;
-use crate::queue::recorder::RecorderHandle;
 use crate::queue::Keys;
 use crate::render::Renderer;
 use crate::shape::Shaper;
@@ -44,7 +60,7 @@ pub struct Stages {
     pub keys: Keys,
     /// Which finished jobs are kept for workflow follow-ups.
     pub keep: KeepJobs,
-    pub retry: outcome::Retry,
+    pub retry: next::Retry,
     /// The longest one job may hold a worker (`delivery.attempt_timeout`).
     pub attempt_timeout: std::time::Duration,
     /// `intake.max_job_bytes`.

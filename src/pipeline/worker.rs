@@ -1,5 +1,5 @@
 //! Stage 2: one job's attempt, in order: route → shape → render → send → react, then the
-//! record [`super::outcome`] decides, to the recorder.
+//! record [`super::next`] decides, to the recorder.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use crate::control::State;
 use crate::deliver::{AttemptFlags, Route};
 use crate::job::{Job, JobError, JobIdentity};
 use crate::outcome::Outcome;
-use crate::queue::recorder::Record;
+use crate::pipeline::recorder::Record;
 use crate::queue::{now_ms, Entry};
 use crate::shape::{Gate, Reaction};
 
@@ -189,7 +189,7 @@ async fn attempt(
     Some(record(stages, entry, ident, &rule.name, outcome))
 }
 
-/// Counts the attempt's outcome for its rule and asks [`super::outcome`] for the record.
+/// Counts the attempt's outcome for its rule and asks [`super::next`] for the record.
 fn record(
     stages: &Stages,
     entry: &Entry,

@@ -6,10 +6,9 @@
 pub mod consumer;
 pub mod events;
 pub mod idem;
-pub mod intake;
 pub mod leases;
-pub mod recorder;
 pub mod scheduler;
+pub mod sends;
 
 use redis::Value;
 

@@ -89,7 +89,7 @@ pub(super) struct Inner {
     acks: Arc<Acks>,
 }
 
-pub(super) type App = Arc<Inner>;
+pub(super) type Tracker = Arc<Inner>;
 
 /// Binds `addr` and serves until `stop` turns true; the returned task ends once open
 /// connections are done and queued events are written (or a short grace period passes).
@@ -140,7 +140,7 @@ pub fn serve(
 /// The tracking routes, and `extra` beside them (the providers' webhooks, which set their
 /// own body limit): anything else is the fallback's 404, answered without reading (or
 /// waiting for) the body.
-fn router(app: App, extra: Option<Router>) -> Router {
+fn router(app: Tracker, extra: Option<Router>) -> Router {
     let r: Router = Router::new()
         .route("/o/{token}", get(open))
         .route("/c/{token}", get(click))
@@ -238,7 +238,7 @@ impl Inner {
 }
 
 async fn open(
-    State(app): State<App>,
+    State(app): State<Tracker>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     headers: HeaderMap,
@@ -285,7 +285,7 @@ fn pixel() -> Response {
 }
 
 async fn click(
-    State(app): State<App>,
+    State(app): State<Tracker>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     headers: HeaderMap,

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
-use super::{not_found, App, Kind};
+use super::{not_found, Kind, Tracker};
 use crate::escape::escape_html;
 use crate::queue::events::{Event, EventKind};
 use crate::store::replication::{eval, AckError};
@@ -28,7 +28,7 @@ const UNSUBSCRIBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 const UNSUBSCRIBE: &str = include_str!("../scripts/unsubscribe.lua");
 
 pub(super) async fn unsubscribe_page(
-    State(app): State<App>,
+    State(app): State<Tracker>,
     uri: Uri,
     headers: HeaderMap,
     token: Result<Path<String>, PathRejection>,
@@ -43,7 +43,7 @@ pub(super) async fn unsubscribe_page(
 }
 
 pub(super) async fn unsubscribe(
-    State(app): State<App>,
+    State(app): State<Tracker>,
     uri: Uri,
     headers: HeaderMap,
     token: Result<Path<String>, PathRejection>,

@@ -23,71 +23,11 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::events::EventKind;
-use super::idem::Idem;
-use super::leases::Leases;
-use super::Keys;
+pub use super::next::{Park, Record, Schedule};
 use crate::metrics::Metrics;
+use crate::queue::leases::Leases;
+use crate::queue::Keys;
 use crate::store::RedisConn;
-
-/// A job going back to the delayed set.
-#[derive(Debug)]
-pub struct Schedule {
-    /// When it is due (unix ms).
-    pub due: i64,
-    /// The member of the delayed set (see [`super::scheduler::member`]).
-    pub member: String,
-    /// The campaign it is counted under, should it die there.
-    pub campaign: String,
-}
-
-/// Everything one job's outcome writes.
-#[derive(Debug, Default)]
-pub struct Record {
-    /// Stream entry to acknowledge and delete.
-    pub ack: Option<String>,
-    /// Event JSON for `{prefix}events`.
-    pub event: Option<String>,
-    /// Job id whose idempotency record is set to this state (`Done` or `Scheduled`), or
-    /// deleted (None).
-    pub idem: Option<(String, Option<Idem<'static>>)>,
-    /// For the delayed set.
-    pub schedule: Option<Schedule>,
-    /// `(job as received, error)` for `{prefix}dead`.
-    pub dead: Option<(Vec<u8>, String)>,
-    /// `(address, reason)` to add to the suppression list (kept if already there).
-    pub suppress: Option<(String, &'static str)>,
-    /// `(campaign, outcome)` for stats and metrics; `first` counts the job as accepted.
-    pub stat: Option<(String, EventKind)>,
-    pub first: bool,
-    /// One more counter of `stat`'s campaign (`bounced_hard`, which guards read).
-    pub stat_extra: Option<&'static str>,
-    /// A job kept aside: a paused campaign's (see [`crate::control`]) or one held until
-    /// its experiment's decision (see [`crate::experiment`]).
-    pub park: Option<Park>,
-    /// The experiment variant of `stat`'s job: its outcome is counted for the variant too.
-    pub variant: Option<String>,
-    /// The touch bucket of `stat`'s job (a marketing job): its outcome is counted for the
-    /// bucket too.
-    pub touch: Option<&'static str>,
-    /// A marketing message delivered to this address: one more for this month's counter.
-    pub touched: Option<String>,
-    /// The recipient's domain, for `stat`'s outcome per domain (the campaign report).
-    pub domain: Option<String>,
-    /// `(key, value, ttl secs)` to SET with the outcome (a delivered job's JSON, kept for
-    /// workflow follow-ups).
-    pub store: Option<(String, Vec<u8>, u64)>,
-}
-
-/// A job kept aside in a sorted set (score: when), as a delayed-set member.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Park {
-    pub campaign: String,
-    pub at: i64,
-    pub member: String,
-    /// Held for an experiment (`held:{c}`), not parked for a pause (`parked:{c}`).
-    pub held: bool,
-}
 
 #[derive(Clone)]
 pub struct RecorderHandle {
@@ -270,7 +210,7 @@ impl Recorder {
             .arg(&self.fence)
             .ignore()
             .cmd("EVAL")
-            .arg(super::leases::HELD)
+            .arg(crate::queue::leases::HELD)
             .arg(1)
             .arg(&self.keys.sends)
             .arg(&self.group)
@@ -331,7 +271,7 @@ impl Recorder {
             p.cmd("DEL").arg(last).ignore();
             ops.push((0, Op::Other));
         }
-        let now_at = super::events::rfc3339_ms(super::now_ms());
+        let now_at = crate::queue::events::rfc3339_ms(crate::queue::now_ms());
         let mut acks: Vec<&str> = Vec::with_capacity(records.len());
         let mut value = String::new();
         let mut stats: HashMap<(&str, &str), i64> = HashMap::new();
@@ -375,7 +315,7 @@ impl Recorder {
                         let until_due = r
                             .schedule
                             .as_ref()
-                            .map_or(0, |s| (s.due - super::now_ms()).max(0) as u64 / 1000);
+                            .map_or(0, |s| (s.due - crate::queue::now_ms()).max(0) as u64 / 1000);
                         state.encode(&mut value);
                         p.cmd("SET")
                             .arg(k.idem(id))
@@ -535,7 +475,7 @@ impl Recorder {
             p.cmd("SADD").arg(&k.campaigns).arg(&campaigns).ignore();
             ops.push((0, Op::Other));
             // When each last had an outcome: the guards read only recent ones.
-            let now = super::now_ms();
+            let now = crate::queue::now_ms();
             p.cmd("ZADD").arg(&k.campaigns_active);
             for c in &campaigns {
                 p.arg(now).arg(*c);

@@ -11,9 +11,67 @@ use crate::job::{Job, JobError, JobIdentity};
 use crate::outcome::Outcome;
 use crate::queue::events::{rfc3339_ms, Event, EventKind};
 use crate::queue::idem::Idem;
-use crate::queue::recorder::{Park, Record, Schedule};
 use crate::queue::{scheduler, Entry};
 use crate::workflow::KeepJobs;
+
+/// A job going back to the delayed set.
+#[derive(Debug)]
+pub struct Schedule {
+    /// When it is due (unix ms).
+    pub due: i64,
+    /// The member of the delayed set (see [`crate::queue::scheduler::member`]).
+    pub member: String,
+    /// The campaign it is counted under, should it die there.
+    pub campaign: String,
+}
+
+/// Everything one job's outcome writes.
+#[derive(Debug, Default)]
+pub struct Record {
+    /// Stream entry to acknowledge and delete.
+    pub ack: Option<String>,
+    /// Event JSON for `{prefix}events`.
+    pub event: Option<String>,
+    /// Job id whose idempotency record is set to this state (`Done` or `Scheduled`), or
+    /// deleted (None).
+    pub idem: Option<(String, Option<Idem<'static>>)>,
+    /// For the delayed set.
+    pub schedule: Option<Schedule>,
+    /// `(job as received, error)` for `{prefix}dead`.
+    pub dead: Option<(Vec<u8>, String)>,
+    /// `(address, reason)` to add to the suppression list (kept if already there).
+    pub suppress: Option<(String, &'static str)>,
+    /// `(campaign, outcome)` for stats and metrics; `first` counts the job as accepted.
+    pub stat: Option<(String, EventKind)>,
+    pub first: bool,
+    /// One more counter of `stat`'s campaign (`bounced_hard`, which guards read).
+    pub stat_extra: Option<&'static str>,
+    /// A job kept aside: a paused campaign's (see [`crate::control`]) or one held until
+    /// its experiment's decision (see [`crate::experiment`]).
+    pub park: Option<Park>,
+    /// The experiment variant of `stat`'s job: its outcome is counted for the variant too.
+    pub variant: Option<String>,
+    /// The touch bucket of `stat`'s job (a marketing job): its outcome is counted for the
+    /// bucket too.
+    pub touch: Option<&'static str>,
+    /// A marketing message delivered to this address: one more for this month's counter.
+    pub touched: Option<String>,
+    /// The recipient's domain, for `stat`'s outcome per domain (the campaign report).
+    pub domain: Option<String>,
+    /// `(key, value, ttl secs)` to SET with the outcome (a delivered job's JSON, kept for
+    /// workflow follow-ups).
+    pub store: Option<(String, Vec<u8>, u64)>,
+}
+
+/// A job kept aside in a sorted set (score: when), as a delayed-set member.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Park {
+    pub campaign: String,
+    pub at: i64,
+    pub member: String,
+    /// Held for an experiment (`held:{c}`), not parked for a pause (`parked:{c}`).
+    pub held: bool,
+}
 
 /// When a deferred job is tried again, and when it gives up (`[delivery]`).
 #[derive(Debug, Clone)]

@@ -1,4 +1,4 @@
-//! Intake from `{prefix}sends` through a consumer group: batched XREADGROUP on a connection
+//! SendsReader from `{prefix}sends` through a consumer group: batched XREADGROUP on a connection
 //! of its own (a blocking read holds up whatever else shares a connection), a reclaim (fencing the old owner) of
 //! entries a stopped consumer left pending, and the idempotency claim of each job id.
 
@@ -20,7 +20,7 @@ pub enum Claim {
     Duplicate,
 }
 
-pub struct Intake {
+pub struct SendsReader {
     pub stream: StreamConsumer,
     reader: RedisConn,
     conn: RedisConn,
@@ -28,7 +28,7 @@ pub struct Intake {
     idem_ttl: u64,
 }
 
-impl Intake {
+impl SendsReader {
     /// From `[intake]`: the consumer `consumer` of `group` on the sends stream, reading on
     /// `reader` (its own connection), claiming on `conn`.
     pub fn new(
@@ -39,7 +39,7 @@ impl Intake {
         consumer: &str,
         settings: &IntakeSettings,
     ) -> Self {
-        Intake {
+        SendsReader {
             stream: StreamConsumer::new(
                 keys.sends.clone(),
                 group.to_string(),
