@@ -152,20 +152,15 @@ pub async fn run(
     keys: Keys,
     retention: Duration,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     if let Err(e) = adopt(&mut conn, &keys).await {
         metrics.redis_errors.inc();
         tracing::debug!(error = %e, "adopting campaigns for retention failed; they wait for an outcome");
     }
     let every = (retention / 4).clamp(Duration::from_millis(250), Duration::from_secs(60));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
-        }
+    let mut ticker = crate::ticker::Ticker::new(every, stop);
+    while ticker.tick().await {
         match round(&mut conn, &keys, retention).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(campaigns = n, "finished campaigns archived"),

@@ -381,15 +381,10 @@ impl App {
         // then lets go of `stages`, whose recorder handle the drain waits for).
         {
             let stages = stages.clone();
-            let mut stop = stop_rx.clone();
+            let mut ticker = crate::ticker::Ticker::new(Duration::from_secs(5), stop_rx.clone());
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(5));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => stages.deliverer.reap(),
-                        _ = stop.wait_for(|s| *s) => break,
-                    }
+                while ticker.tick().await {
+                    stages.deliverer.reap();
                 }
             });
         }

@@ -160,7 +160,8 @@ impl Job {
                 "a template name is 1-100 of A-Z a-z 0-9 - _",
             ));
         }
-        let to = Recipient::parse(&required_str(rj.to, "to")?).map_err(|r| invalid("to", r))?;
+        let to = Recipient::parse(&required_str(rj.to, "to")?)
+            .map_err(|r| invalid("to", r.to_string()))?;
         let to_name = rj.to_name.map(|n| header_text("to_name", n)).transpose()?;
         let data = match rj.data {
             None | Some(Value::Null) => Map::new(),
@@ -169,11 +170,11 @@ impl Job {
         };
         let from = rj
             .from
-            .map(|f| Mailbox::parse(&f).map_err(|r| invalid("from", r)))
+            .map(|f| Mailbox::parse(&f).map_err(|r| invalid("from", r.to_string())))
             .transpose()?;
         let reply_to = rj
             .reply_to
-            .map(|f| Mailbox::parse(&f).map_err(|r| invalid("reply_to", r)))
+            .map(|f| Mailbox::parse(&f).map_err(|r| invalid("reply_to", r.to_string())))
             .transpose()?;
         let mut headers = Vec::new();
         for (name, value) in rj.headers.unwrap_or_default() {
@@ -287,6 +288,43 @@ impl IdempotencyKey {
     }
 }
 
+/// Why an address (a recipient, From, Reply-To) was refused; its text quotes the address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    #[error("contains control characters")]
+    Control,
+    #[error("contains CR, LF or control characters (header injection)")]
+    HeaderInjection,
+    #[error("longer than 254 characters")]
+    TooLong,
+    #[error("{0:?} is not an address (no @)")]
+    NoAt(String),
+    #[error("{0:?}: local part must be 1-64 characters")]
+    LocalLength(String),
+    #[error("{0:?}: local part is not a valid dot-atom")]
+    LocalPart(String),
+    #[error("{address:?}: {reason}")]
+    Domain {
+        address: String,
+        reason: DomainError,
+    },
+    #[error("{0:?}: unbalanced <>")]
+    Unbalanced(String),
+}
+
+/// Why a domain name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    #[error("domain must be 1-253 characters")]
+    Length,
+    #[error("domain must have at least two labels")]
+    OneLabel,
+    #[error("domain label must be 1-63 characters")]
+    LabelLength,
+    #[error("domain label {0:?} is not letters, digits and -")]
+    LabelChars(String),
+}
+
 /// A recipient address (RFC 5321 addr-spec, ASCII dot-atom local part, lower-cased domain).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Recipient {
@@ -295,20 +333,18 @@ pub struct Recipient {
 }
 
 impl Recipient {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, AddressError> {
         let s = s.trim();
         if s.chars().any(char::is_control) {
-            return Err("contains control characters".into());
+            return Err(AddressError::Control);
         }
         if s.len() > 254 {
-            return Err("longer than 254 characters".into());
+            return Err(AddressError::TooLong);
         }
-        let at = s
-            .rfind('@')
-            .ok_or_else(|| format!("{s:?} is not an address (no @)"))?;
+        let at = s.rfind('@').ok_or_else(|| AddressError::NoAt(s.into()))?;
         let (local, domain) = (&s[..at], &s[at + 1..]);
         if local.is_empty() || local.len() > 64 {
-            return Err(format!("{s:?}: local part must be 1-64 characters"));
+            return Err(AddressError::LocalLength(s.into()));
         }
         const SPECIAL: &[u8] = b"!#$%&'*+/=?^_`{|}~-.";
         if !local
@@ -318,9 +354,12 @@ impl Recipient {
             || local.ends_with('.')
             || local.contains("..")
         {
-            return Err(format!("{s:?}: local part is not a valid dot-atom"));
+            return Err(AddressError::LocalPart(s.into()));
         }
-        Domain::check(domain).map_err(|r| format!("{s:?}: {r}"))?;
+        Domain::check(domain).map_err(|reason| AddressError::Domain {
+            address: s.into(),
+            reason,
+        })?;
         let mut addr = String::with_capacity(s.len());
         addr.push_str(local);
         addr.push('@');
@@ -348,16 +387,16 @@ impl fmt::Display for Recipient {
 pub struct Domain;
 
 impl Domain {
-    pub fn check(d: &str) -> Result<(), String> {
+    pub fn check(d: &str) -> Result<(), DomainError> {
         if d.is_empty() || d.len() > 253 {
-            return Err("domain must be 1-253 characters".into());
+            return Err(DomainError::Length);
         }
         if !d.contains('.') {
-            return Err("domain must have at least two labels".into());
+            return Err(DomainError::OneLabel);
         }
         for label in d.split('.') {
             if label.is_empty() || label.len() > 63 {
-                return Err("domain label must be 1-63 characters".into());
+                return Err(DomainError::LabelLength);
             }
             if !label
                 .bytes()
@@ -365,9 +404,7 @@ impl Domain {
                 || label.starts_with('-')
                 || label.ends_with('-')
             {
-                return Err(format!(
-                    "domain label {label:?} is not letters, digits and -"
-                ));
+                return Err(DomainError::LabelChars(label.into()));
             }
         }
         Ok(())
@@ -382,16 +419,16 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, AddressError> {
         if s.chars().any(char::is_control) {
-            return Err("contains CR, LF or control characters (header injection)".into());
+            return Err(AddressError::HeaderInjection);
         }
         let s = s.trim();
         if let Some(open) = s.rfind('<') {
             let close = s
                 .rfind('>')
                 .filter(|&c| c > open && c == s.len() - 1)
-                .ok_or_else(|| format!("{s:?}: unbalanced <>"))?;
+                .ok_or_else(|| AddressError::Unbalanced(s.into()))?;
             let name = s[..open].trim().trim_matches('"').trim();
             let addr = Recipient::parse(&s[open + 1..close])?;
             Ok(Mailbox {

@@ -106,20 +106,14 @@ impl Reaper {
 }
 
 /// Sweeps every `idle / 4` (at least every minute, at most every 250 ms) until `stop`.
-pub async fn reap(metrics: Arc<Metrics>, idle: Duration, mut stop: watch::Receiver<bool>) {
+pub async fn reap(metrics: Arc<Metrics>, idle: Duration, stop: watch::Receiver<bool>) {
     let every = (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(60));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = crate::ticker::Ticker::new(every, stop);
     let mut reaper = Reaper::default();
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let n = reaper.sweep(&metrics, idle, Instant::now());
-                if n > 0 {
-                    tracing::debug!(campaigns = n, "metric series of idle campaigns removed");
-                }
-            }
-            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+    while ticker.tick().await {
+        let n = reaper.sweep(&metrics, idle, Instant::now());
+        if n > 0 {
+            tracing::debug!(campaigns = n, "metric series of idle campaigns removed");
         }
     }
 }

@@ -39,6 +39,8 @@
 //! - [`panics`]: a panic is one log line, with no backtrace to symbolize.
 //!
 //! - [`escape`]: HTML escaping, one function for templates and every page.
+//! - [`retry`]: waiting between tries while Redis does not answer; [`ticker`]: the loop of
+//!   every periodic task.
 //! - [`values`]: value types config parses and the rest consumes (campaign and variant
 //!   names, address ranges, Redis and webhook URLs, the SendGrid key): a leaf.
 //!
@@ -71,9 +73,11 @@ pub mod pipeline;
 pub mod policy;
 pub mod queue;
 pub mod render;
+pub mod retry;
 pub mod shape;
 pub mod stats;
 pub mod store;
+pub mod ticker;
 pub mod track;
 pub mod values;
 pub mod workflow;

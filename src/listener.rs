@@ -57,6 +57,19 @@ impl Limits {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header, trimmed. The scheme's name is
+/// matched without regard to case (RFC 7235 §2.1), as every client may write it.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
 /// Adds `Retry-After` to a 503 that passes by itself: Redis replicas catching up, or a
 /// failover ending ([`crate::store::replication::RETRY_AFTER`] seconds).
 pub fn retry_later(mut r: axum::response::Response) -> axum::response::Response {
@@ -349,6 +362,21 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_tokens_are_read_whatever_the_scheme_case() {
+        let h = |v: &str| {
+            let mut m = axum::http::HeaderMap::new();
+            m.insert(axum::http::header::AUTHORIZATION, v.parse().unwrap());
+            m
+        };
+        assert_eq!(bearer(&h("Bearer t0k")), Some("t0k"));
+        assert_eq!(bearer(&h("bearer  t0k ")), Some("t0k"));
+        assert_eq!(bearer(&h("BEARER t0k")), Some("t0k"));
+        assert_eq!(bearer(&h("Basic dTpw")), None);
+        assert_eq!(bearer(&h("Bearer")), None);
+        assert_eq!(bearer(&axum::http::HeaderMap::new()), None);
+    }
 
     #[test]
     fn at_the_cap_the_oldest_unfinished_request_makes_room_head_or_body() {

@@ -230,15 +230,7 @@ pub fn finish(routes: Router, api: Arc<Api>) -> Router {
 
 /// Refuses a request without the right bearer token.
 async fn auth(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
+    let presented = crate::listener::bearer(req.headers());
     match presented {
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,

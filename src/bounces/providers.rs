@@ -39,7 +39,7 @@ impl SendGrid {
     /// `key`: base64 of the DER public key (SubjectPublicKeyInfo), as SendGrid shows it.
     pub fn new(key: &str, max_skew: Duration) -> Result<SendGrid, String> {
         Ok(SendGrid {
-            point: SendGridKey::parse(key)?.point,
+            point: SendGridKey::parse(key).map_err(|e| e.to_string())?.point,
             max_skew,
         })
     }

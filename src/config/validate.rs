@@ -155,7 +155,7 @@ impl ProviderSettings {
     fn validate(&self) -> Checked {
         if let Some(k) = &self.sendgrid_public_key {
             if let Err(e) = SendGridKey::parse(k) {
-                return bad("providers.sendgrid_public_key", e);
+                return bad("providers.sendgrid_public_key", e.to_string());
             }
         }
         Ok(())

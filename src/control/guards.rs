@@ -79,23 +79,18 @@ pub async fn guard(
     mut conn: RedisConn,
     keys: Keys,
     metrics: Arc<crate::metrics::Metrics>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     if rules.is_empty() {
         return;
     }
     let trip_script = redis::Script::new(include_str!("scripts/trip.lua"));
-    let mut tick = tokio::time::interval(GUARD_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = crate::ticker::Ticker::new(GUARD_EVERY, stop);
     // Campaigns with an outcome since `from` are judged: at start those of the last
     // ACTIVE_WINDOW, then those since the last round (less a slack for batches written
     // late). A campaign whose counters did not move keeps its verdict.
     let mut from = now_ms() - ACTIVE_WINDOW.as_millis() as i64;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
-        }
+    while ticker.tick().await {
         let round = now_ms();
         match check_guards(
             &rules,

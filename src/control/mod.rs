@@ -147,38 +147,32 @@ impl Campaigns {
         mut conn: RedisConn,
         keys: Keys,
         metrics: Arc<crate::metrics::Metrics>,
-        mut stop: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
     ) {
-        let mut tick = tokio::time::interval(REFRESH);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    match self.refresh(&mut conn, &keys).await {
-                        // Jobs this daemon parked while its copy still said paused (the
-                        // resume or cancel came between two refreshes) are released by this
-                        // daemon itself, once it knows: none stays parked for ever.
-                        Ok(unpaused) => {
-                            for st in [State::Paused, State::Cancelled] {
-                                metrics
-                                    .campaigns_held
-                                    .with_label_values(&[st.as_str()])
-                                    .set(self.count(st) as i64);
-                            }
-                            for c in unpaused {
-                                if let Err(e) = release(&mut conn, &keys, &c).await {
-                                    metrics.redis_errors.inc();
-                                    tracing::warn!(error = %e, campaign = %c, "releasing parked jobs failed");
-                                }
-                            }
-                        }
-                        Err(e) => {
+        let mut ticker = crate::ticker::Ticker::new(REFRESH, stop);
+        while ticker.tick().await {
+            match self.refresh(&mut conn, &keys).await {
+                // Jobs this daemon parked while its copy still said paused (the resume or
+                // cancel came between two refreshes) are released by this daemon itself,
+                // once it knows: none stays parked for ever.
+                Ok(unpaused) => {
+                    for st in [State::Paused, State::Cancelled] {
+                        metrics
+                            .campaigns_held
+                            .with_label_values(&[st.as_str()])
+                            .set(self.count(st) as i64);
+                    }
+                    for c in unpaused {
+                        if let Err(e) = release(&mut conn, &keys, &c).await {
                             metrics.redis_errors.inc();
-                            tracing::debug!(error = %e, "reading campaign states failed; keeping the last ones");
+                            tracing::warn!(error = %e, campaign = %c, "releasing parked jobs failed");
                         }
                     }
                 }
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+                Err(e) => {
+                    metrics.redis_errors.inc();
+                    tracing::debug!(error = %e, "reading campaign states failed; keeping the last ones");
+                }
             }
         }
     }

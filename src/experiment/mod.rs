@@ -94,7 +94,7 @@ fn draws(campaign: &str, to: &str) -> (u64, u64) {
     let mut h = Sha256::new();
     h.update(campaign.as_bytes());
     h.update([0]);
-    h.update(to.trim().to_ascii_lowercase().as_bytes());
+    h.update(crate::values::address_key(to).as_bytes());
     let d = h.finalize();
     let a = u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as u64;
     let b = u32::from_be_bytes([d[4], d[5], d[6], d[7]]) as u64;
@@ -202,18 +202,13 @@ impl Experiments {
         mut conn: RedisConn,
         keys: Keys,
         metrics: Arc<crate::metrics::Metrics>,
-        mut stop: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
     ) {
         if self.is_empty() {
             return;
         }
-        let mut tick = tokio::time::interval(EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
-            }
+        let mut ticker = crate::ticker::Ticker::new(EVERY, stop);
+        while ticker.tick().await {
             for (campaign, rule) in &self.rules {
                 if self.winner(campaign).is_some() {
                     continue;

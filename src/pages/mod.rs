@@ -114,12 +114,8 @@ impl Pages {
     }
 
     fn allowed(&self, headers: &HeaderMap) -> bool {
-        let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if let Some(t) = bearer {
-            return self.token_ok(t.trim());
+        if let Some(t) = crate::listener::bearer(headers) {
+            return self.token_ok(t);
         }
         headers
             .get_all(header::COOKIE)

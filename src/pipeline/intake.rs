@@ -4,7 +4,6 @@
 //! here, `send_at` jobs wait in the delayed set, the rest go to a worker.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{watch, Semaphore};
 
@@ -15,9 +14,9 @@ use crate::job::{Job, JobError};
 use crate::pipeline::recorder::Record;
 use crate::policy::caps::Reserved;
 use crate::policy::suppression;
-use crate::queue::consumer::Backoff;
 use crate::queue::sends::{Claim, Claimed, SendsReader};
 use crate::queue::{now_ms, Entry};
+use crate::retry::Backoff;
 
 /// Runs until `stop` turns true (or the future is dropped: an entry read but not handed to a
 /// worker stays pending in Redis and is reclaimed, never lost).
@@ -29,7 +28,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut entries = Vec::with_capacity(intake.stream.batch());
     let mut gone = Vec::new();
-    let mut backoff = Backoff::default();
+    let mut backoff = Backoff::reads();
     let also: Vec<(&str, &str)> = stages
         .also_prune
         .iter()
@@ -101,13 +100,14 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = redis::RedisResult<T>>,
 {
+    let mut backoff = Backoff::writes();
     loop {
         match f().await {
             Ok(v) => return v,
             Err(e) => {
                 stages.metrics.redis_errors.inc();
                 tracing::warn!(error = %e, "{what} failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(backoff.fail()).await;
             }
         }
     }
@@ -126,6 +126,7 @@ where
     Fut: std::future::Future<Output = redis::RedisResult<T>>,
 {
     let mut refusals = 0;
+    let mut backoff = Backoff::writes();
     loop {
         match f().await {
             Ok(v) => return Ok(v),
@@ -139,7 +140,7 @@ where
                     }
                 }
                 tracing::warn!(error = %e, "{what} failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(backoff.fail()).await;
             }
         }
     }
@@ -168,13 +169,14 @@ async fn dispatch(
         .iter()
         .map(|(e, j)| (j.id.as_str(), e.id.as_str(), j.to.as_str()))
         .collect();
+    let mut backoff = Backoff::writes();
     let claims = loop {
         match intake.claim(&ids).await {
             Ok(c) => break c,
             Err(e) => {
                 stages.metrics.redis_errors.inc();
                 tracing::warn!(error = %e, "claiming job ids failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(backoff.fail()).await;
             }
         }
     };

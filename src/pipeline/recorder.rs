@@ -123,13 +123,12 @@ impl Recorder {
             self.metrics.event_batch.observe(buf.len() as f64);
             self.seq += 1;
             let marker = format!("{}{}", self.marker_base, self.seq);
-            let mut delay = Duration::from_millis(50);
+            let mut backoff = crate::retry::Backoff::writes();
             loop {
                 if let Err(e) = self.fence(&mut buf).await {
                     self.metrics.redis_errors.inc();
                     tracing::warn!(error = %e, records = buf.len(), "checking which entries this daemon holds failed; trying again");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    tokio::time::sleep(backoff.fail()).await;
                     continue;
                 }
                 let (result, ops) = self.flush(&buf, &marker).await;
@@ -154,8 +153,7 @@ impl Recorder {
                 tracing::warn!(error = %e, records = buf.len(), "writing outcomes failed; checking whether they were written");
                 // Written or not: asked until Redis answers.
                 let written = loop {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    tokio::time::sleep(backoff.fail()).await;
                     match self.written(&marker).await {
                         Ok(w) => break w,
                         Err(e) => {

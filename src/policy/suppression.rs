@@ -16,8 +16,9 @@ pub fn blocks(reason: &str, transactional: bool) -> bool {
     !transactional || matches!(reason, "bounced" | "manual")
 }
 
+/// The field of `addr` in the suppression list ([`crate::values::address_key`]).
 pub fn field(addr: &str) -> String {
-    addr.trim().to_ascii_lowercase()
+    crate::values::address_key(addr)
 }
 
 /// Adds `addrs` for `reason`, acknowledged as [`Acks`] says (`path` names the answer).

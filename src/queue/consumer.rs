@@ -240,29 +240,6 @@ impl StreamConsumer {
     }
 }
 
-/// Exponential backoff after failed reads: 100 ms doubling up to 5 s, back to 100 ms after a
-/// success.
-pub struct Backoff(Duration);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff(Duration::from_millis(100))
-    }
-}
-
-impl Backoff {
-    /// The wait after one more failure.
-    pub fn fail(&mut self) -> Duration {
-        let wait = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(5));
-        wait
-    }
-
-    pub fn reset(&mut self) {
-        self.0 = Duration::from_millis(100);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,14 +273,5 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].0.as_str(), out[0].1), ("1-0", 2));
         assert_eq!(gone, ["2-0", "3-0"]);
-    }
-
-    #[test]
-    fn backoff_doubles_to_five_seconds_and_resets() {
-        let mut b = Backoff::default();
-        let waits: Vec<u128> = (0..8).map(|_| b.fail().as_millis()).collect();
-        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        b.reset();
-        assert_eq!(b.fail(), Duration::from_millis(100));
     }
 }

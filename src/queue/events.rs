@@ -176,15 +176,14 @@ pub async fn retain(
     settings: crate::config::EventSettings,
     workflow_group: String,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     use std::time::{Duration, Instant};
     let max_age = settings.max_age.get();
     let every = (max_age / 4).clamp(Duration::from_millis(200), Duration::from_secs(2));
     let script = redis::Script::new(include_str!("scripts/trim_events.lua"));
     let group = workflow_group;
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = crate::ticker::Ticker::new(every, stop);
     let mut last_warned: Option<Instant> = None;
     // Unread entries gone in the current gap (reset once the group is past it), so that
     // each is counted once by this daemon.
@@ -193,9 +192,8 @@ pub async fn retain(
     let mut more = false;
     loop {
         if !more {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.wait_for(|s| *s) => return,
+            if !ticker.tick().await {
+                return;
             }
             lags.refresh(&mut conn, &keys, &metrics).await;
         }

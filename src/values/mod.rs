@@ -11,7 +11,7 @@ pub mod net;
 pub mod sendgrid;
 pub mod url;
 
-pub use names::{valid_variant_name, CampaignId, NameError, CAMPAIGN_RULE};
+pub use names::{address_key, valid_variant_name, CampaignId, NameError, CAMPAIGN_RULE};
 pub use net::Networks;
-pub use sendgrid::SendGridKey;
-pub use url::{redact, webhook_url, RedisUrl};
+pub use sendgrid::{SendGridKey, SendGridKeyError};
+pub use url::{redact, webhook_url, RedisUrl, WebhookUrlError};

@@ -78,3 +78,10 @@ pub fn valid_variant_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
+
+/// The key an address is known by in the suppression list, the opt-outs, the recipient's
+/// hash (caps, contact pressure) and the tracking writes: trimmed and lower-cased (ASCII:
+/// a recipient's local part is ASCII, its domain lower-cased when the job is read).
+pub fn address_key(addr: &str) -> String {
+    addr.trim().to_ascii_lowercase()
+}

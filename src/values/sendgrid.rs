@@ -9,6 +9,15 @@ const P256_SPKI: [u8; 26] = [
     0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 
+/// Why `[providers] sendgrid_public_key` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendGridKeyError {
+    #[error("providers.sendgrid_public_key is not base64: {0}")]
+    NotBase64(String),
+    #[error("providers.sendgrid_public_key is not a P-256 public key (copy the verification key from SendGrid's Event Webhook settings)")]
+    NotP256,
+}
+
 /// A P-256 public key: the uncompressed point of the SubjectPublicKeyInfo.
 #[derive(Clone)]
 pub struct SendGridKey {
@@ -17,12 +26,12 @@ pub struct SendGridKey {
 
 impl SendGridKey {
     /// `key`: base64 of the DER public key (SubjectPublicKeyInfo), as SendGrid shows it.
-    pub fn parse(key: &str) -> Result<SendGridKey, String> {
+    pub fn parse(key: &str) -> Result<SendGridKey, SendGridKeyError> {
         let der = base64::engine::general_purpose::STANDARD
             .decode(key.trim())
-            .map_err(|e| format!("providers.sendgrid_public_key is not base64: {e}"))?;
+            .map_err(|e| SendGridKeyError::NotBase64(e.to_string()))?;
         if der.len() != P256_SPKI.len() + 65 || der[..P256_SPKI.len()] != P256_SPKI {
-            return Err("providers.sendgrid_public_key is not a P-256 public key (copy the verification key from SendGrid's Event Webhook settings)".into());
+            return Err(SendGridKeyError::NotP256);
         }
         Ok(SendGridKey {
             point: der[P256_SPKI.len()..].to_vec(),

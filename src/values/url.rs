@@ -48,30 +48,49 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Why a webhook URL was refused; its text quotes the URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WebhookUrlError {
+    #[error("{0:?} holds spaces or control characters")]
+    Spaces(String),
+    #[error("{0:?} is not a URL: {1}")]
+    NotUrl(String, String),
+    #[error("{0:?} must start with http:// or https://")]
+    Scheme(String),
+    #[error("{0:?} has no host")]
+    NoHost(String),
+    #[error("{0:?}: no user or password in the URL (use a token in the path or query)")]
+    Credentials(String),
+    #[error("{0:?}: no #fragment")]
+    Fragment(String),
+    #[error("{0:?}: port 0")]
+    PortZero(String),
+}
+
 /// A webhook target: http(s), a host, no credentials (a token goes in the path or query,
 /// where the operator put it on purpose), no fragment, no port 0, no spaces or control
 /// characters.
-pub fn webhook_url(url: &str) -> Result<reqwest::Url, String> {
+pub fn webhook_url(url: &str) -> Result<reqwest::Url, WebhookUrlError> {
+    use WebhookUrlError as E;
+    let owned = || url.to_string();
     if url.chars().any(|c| c.is_control() || c == ' ') {
-        return Err(format!("{url:?} holds spaces or control characters"));
+        return Err(E::Spaces(owned()));
     }
-    let u = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let u = reqwest::Url::parse(url).map_err(|e| E::NotUrl(owned(), e.to_string()))?;
     if !matches!(u.scheme(), "http" | "https") {
-        return Err(format!("{url:?} must start with http:// or https://"));
+        return Err(E::Scheme(owned()));
     }
     if u.host_str().is_none_or(str::is_empty) {
-        return Err(format!("{url:?} has no host"));
+        return Err(E::NoHost(owned()));
     }
     if !u.username().is_empty() || u.password().is_some() {
-        return Err(format!(
-            "{url:?}: no user or password in the URL (use a token in the path or query)"
-        ));
+        return Err(E::Credentials(owned()));
     }
     if u.fragment().is_some() {
-        return Err(format!("{url:?}: no #fragment"));
+        return Err(E::Fragment(owned()));
     }
     if u.port() == Some(0) {
-        return Err(format!("{url:?}: port 0"));
+        return Err(E::PortZero(owned()));
     }
     Ok(u)
 }

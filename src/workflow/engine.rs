@@ -13,9 +13,10 @@ use tokio::sync::watch;
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::queue::consumer::{bytes, Backoff, StreamConsumer, StreamEntry};
+use crate::queue::consumer::{bytes, StreamConsumer, StreamEntry};
 use crate::queue::{now_ms, Keys};
 use crate::render::Templates;
+use crate::retry::Backoff;
 use crate::store::RedisConn;
 
 use super::rules::*;
@@ -130,7 +131,7 @@ impl Engine {
         mut conn: RedisConn,
         mut stop: watch::Receiver<bool>,
     ) {
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::reads();
         let mut batch = Vec::with_capacity(stream.batch());
         let mut gone = Vec::new();
         while !*stop.borrow() {
@@ -210,7 +211,7 @@ impl Engine {
         }
         let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
         let mut done = Done::default();
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::writes();
         loop {
             match self.apply(conn, &plan, &mut done, &ids).await {
                 Ok(()) => return true,
@@ -220,10 +221,9 @@ impl Engine {
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(backoff.fail()) => {}
                 _ = stop.changed() => return false,
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 

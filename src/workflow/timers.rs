@@ -101,7 +101,7 @@ async fn fire_due(
             .filter_map(|m| firing(engine, m, now))
             .collect();
         let mut done = Done::default();
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = crate::retry::Backoff::writes();
         loop {
             match engine.act(conn, &firings, &mut done).await {
                 Ok(()) => break,
@@ -113,9 +113,8 @@ async fn fire_due(
             tokio::select! {
                 // Leased, not removed: they fire again once the lease ends.
                 _ = stop.changed() => return false,
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(backoff.fail()) => {}
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
         for f in &firings {
             engine.count(&engine.rules.0[f.rule].name, "timer", "fired");

@@ -162,7 +162,7 @@ impl Worker {
         };
         let target = match crate::values::webhook_url(&w.url) {
             Ok(t) => t,
-            Err(e) => return Attempt::Malformed(e),
+            Err(e) => return Attempt::Malformed(e.to_string()),
         };
         let ts = chrono::Utc::now().timestamp();
         let sig = signature(&self.secret, ts, w.body.as_bytes());

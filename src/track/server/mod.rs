@@ -170,7 +170,7 @@ impl Inner {
     /// only past that is an event dropped (and counted).
     async fn record(&self, c: &Claims, kind: &'static str, machine: bool, event: String) {
         let p = Pending {
-            to: c.to.to_lowercase(),
+            to: crate::values::address_key(&c.to),
             event,
             kind,
             id: c.id.clone(),

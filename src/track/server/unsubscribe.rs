@@ -74,7 +74,7 @@ pub(super) async fn unsubscribe(
             &touches,
         ],
     );
-    cmd.arg(c.to.to_lowercase())
+    cmd.arg(crate::values::address_key(&c.to))
         .arg(event)
         .arg(crate::queue::now_ms())
         .arg(app.keys.events_max_len)

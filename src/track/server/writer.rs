@@ -3,7 +3,6 @@
 //! batch Redis keeps refusing to the dead letters.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 
@@ -76,7 +75,7 @@ pub(super) async fn write_events(
                 .arg(&p.variant)
                 .arg(&p.touch);
         }
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = crate::retry::Backoff::writes();
         let mut refusals = 0;
         let codes = loop {
             match inv.invoke_async::<Vec<i64>>(&mut redis).await {
@@ -92,8 +91,7 @@ pub(super) async fn write_events(
                         }
                     }
                     tracing::warn!(error = %e, events = buf.len(), "writing tracking events failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    tokio::time::sleep(backoff.fail()).await;
                 }
             }
         };
