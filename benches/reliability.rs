@@ -89,6 +89,7 @@ fn crash(f: &mut Figures, n: usize) {
             delivered(&mut conn) >= n * share / 100
         });
         let held = pending(&mut conn, &setup.prefix);
+        let done_at_kill = delivered(&mut conn);
         let dead: Vec<String> = consumers(&mut conn, &setup.prefix)
             .into_iter()
             .map(|(c, _)| c)
@@ -105,8 +106,7 @@ fn crash(f: &mut Figures, n: usize) {
             !now.is_empty() && now.iter().all(|(c, p)| !dead.contains(c) || *p == 0)
         });
         recoveries.push(format!(
-            "{} held, picked up after {}",
-            held,
+            "{held} held ({done_at_kill} of {n} delivered at the kill), picked up after {}",
             secs(t.elapsed())
         ));
     }
@@ -130,9 +130,12 @@ fn crash(f: &mut Figures, n: usize) {
     std::thread::sleep(Duration::from_millis(500));
     let ids = sink_ids(&sink);
     let unique: HashSet<&String> = ids.iter().collect();
+    let removal = Instant::now();
     wait_until("stale consumers removed", Duration::from_secs(60), || {
         consumers(&mut conn, &setup.prefix).len() == 1
     });
+    let removed_after = removal.elapsed();
+    let left = consumers(&mut conn, &setup.prefix);
     let s = "crash";
     f.add(
         s,
@@ -157,7 +160,12 @@ fn crash(f: &mut Figures, n: usize) {
     f.add(
         s,
         "consumers left in the group",
-        "1 (the live daemon)".into(),
+        format!(
+            "{} ({} pending), the dead ones gone {} after the last delivery",
+            left.len(),
+            left.iter().map(|(_, p)| p).sum::<i64>(),
+            secs(removed_after)
+        ),
     );
 }
 

@@ -75,6 +75,11 @@ fn main() {
         .arg(&url)
         .output()
         .expect("wrk");
+    assert!(
+        out.status.success(),
+        "wrk failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     std::thread::sleep(Duration::from_secs(1));
     let mut conn = redis.conn();
