@@ -179,7 +179,18 @@ fn jobs_flow_through_a_redis_cluster() {
     assert_eq!(sink.count(), n);
     let (st, out, err) = paloma(&["stats", "--config", cfg, "--campaign", "cluster"], None);
     assert!(st.success(), "{err}");
-    assert!(out.contains("cluster"), "{out}");
+    let row: Vec<&str> = out
+        .lines()
+        .find(|l| l.starts_with("cluster "))
+        .unwrap_or_else(|| panic!("no cluster row: {out}"))
+        .split_whitespace()
+        .collect();
+    let n = n.to_string();
+    assert_eq!(
+        row,
+        ["cluster", "0", n.as_str(), "0", "0", "0", "0", "0"],
+        "queued, delivered, deferred, bounced, failed, suppressed, dead: {out}"
+    );
 }
 
 #[test]
