@@ -1,4 +1,5 @@
-//! Idle SMTP sessions to an MX are closed after `idle_timeout` with no more mail to send.
+//! Idle SMTP sessions to an MX are kept open after their last message, for the next one, and
+//! closed after `idle_timeout` with no more mail to send.
 
 mod common;
 
@@ -16,7 +17,7 @@ fn idle_sessions_are_closed_after_their_timeout_without_more_mail() {
             "host-record=mx.idle.test,127.0.0.3",
         ],
         &[("127.0.0.3", &[])],
-        "idle_timeout = \"1s\"",
+        "idle_timeout = \"2s\"",
         &format!("[metrics]\nlisten = \"127.0.0.1:{mport}\""),
     );
     let mut conn = e.redis.conn();
@@ -33,7 +34,13 @@ fn idle_sessions_are_closed_after_their_timeout_without_more_mail() {
         Duration::from_secs(30),
         Some(&daemon),
     );
-    // Nothing else is sent: the housekeeping closes the idle sessions on its own.
+    // The session outlives its last message (kept for the next one, up to idle_timeout)…
+    let open = metric_in(&metrics_text(mport), "paloma_smtp_sessions_open");
+    assert!(
+        open.is_some_and(|n| n >= 1.0),
+        "no session was kept open after the mail: {open:?}"
+    );
+    // …and with nothing else to send, the housekeeping closes it on its own.
     wait_until_daemon(
         "no SMTP session open",
         Duration::from_secs(15),
