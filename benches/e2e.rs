@@ -17,7 +17,7 @@
 //! daemon and of Redis, and (unless `--quick` or `--no-postfix`) the rate of a throwaway Postfix relaying
 //! smtp-source's messages into the same sink: what many senders run today.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
 
@@ -153,7 +153,7 @@ fn smtp_source(port: u16, size: usize, count: usize) {
     assert!(st.success());
 }
 
-/// A throwaway Postfix (tests/common/postfix.rs) relaying everything to the sink, as many
+/// A throwaway Postfix (tests/it/common/postfix.rs) relaying everything to the sink, as many
 /// senders run it today, tuned for load.
 fn postfix(sink_port: u16) -> Postfix {
     Postfix::start(

@@ -5,7 +5,7 @@
 //!
 //! `cargo bench --bench tracking` (installs wrk with apt-get when missing)
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
 
