@@ -656,7 +656,7 @@ fn report(label: &str, o: &Opts, r: &Run, ceiling: f64) {
 
 fn main() {
     let o = opts();
-    ensure_tools();
+    require_tools();
     let redis = Redis::start();
     let port = free_port();
     let mut sinks = vec![sink_on("127.0.0.1", port)];

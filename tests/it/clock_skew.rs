@@ -1,49 +1,20 @@
 //! A daemon whose clock is off: due times follow the Redis server's clock, not the host's.
-//! The daemon runs under libfaketime (Debian package faketime, installed when missing) ten
+//! The daemon runs under libfaketime (Debian package faketime, which `scripts/install-test-peers` installs) ten
 //! minutes ahead of or behind the Redis server (which the test's own clock matches), and a
 //! `send_at` job still goes out at its time, not ten minutes early or late, and a retry's
 //! `retry_at` and every event's `at` are on the server's clock.
 
 use crate::common;
 
-use std::process::{Command, Stdio};
-use std::sync::Once;
 use std::time::Duration;
 
 use common::*;
 use serde_json::json;
 
-const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
-
-fn ensure_faketime() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        if std::path::Path::new(LIBFAKETIME).exists() {
-            return;
-        }
-        let st = Command::new("flock")
-            .args([
-                "/tmp/paloma-test-apt.lock",
-                "sh",
-                "-c",
-                "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && \
-                 apt-get install -y -qq --no-install-recommends faketime >/dev/null",
-            ])
-            .stdout(Stdio::null())
-            .status()
-            .expect("running apt-get");
-        assert!(st.success(), "installing faketime failed");
-    });
-    assert!(
-        std::path::Path::new(LIBFAKETIME).exists(),
-        "no {LIBFAKETIME}"
-    );
-}
-
 /// The daemon with its clock `skew` seconds off (only the wall clock: timers and sleeps run
 /// on the monotonic one, as on a host whose NTP is wrong).
 fn skewed_daemon(setup: &Setup, skew: &str) -> Daemon {
-    ensure_faketime();
+    require(FAKETIME);
     Daemon::spawn_env(
         &setup.config,
         &[

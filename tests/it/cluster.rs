@@ -16,7 +16,7 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
-        ensure_tools();
+        require_tools();
         let mut nodes = Vec::new();
         let mut dirs = Vec::new();
         for _ in 0..3 {

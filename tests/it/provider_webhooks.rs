@@ -18,7 +18,7 @@ struct Key {
 
 impl Key {
     fn new() -> Key {
-        ensure_tools();
+        require_tools();
         let dir = tempfile::tempdir().unwrap();
         let pem = dir.path().join("k.pem");
         assert!(Command::new("openssl")
@@ -237,7 +237,7 @@ impl Drop for CertServer {
 
 #[test]
 fn ses_notifications_through_sns_are_verified_by_the_signing_certificate() {
-    ensure_tools();
+    require_tools();
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("sns.key");
     assert!(Command::new("openssl")

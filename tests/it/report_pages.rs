@@ -1,5 +1,5 @@
 //! The campaign report in a real browser: headless Chromium, driven over WebDriver by
-//! chromedriver (Debian's chromium and chromium-driver, installed when missing), loads the
+//! chromedriver (Debian's chromium and chromium-driver, which `scripts/install-test-peers` installs), loads the
 //! pages of a campaign this test has just sent (smtp-sink), clicked and opened (the
 //! tracking server), and decided (an experiment picked by hand). It signs in through the
 //! form with the read-only report token, checks what each page shows, and keeps a
@@ -19,27 +19,6 @@ use fantoccini::{ClientBuilder, Locator};
 const TOKEN: &str = "report-api-token-61d0f3b2a9c4e857";
 const REPORT: &str = "report-read-only-9e2b7c41d8a6f053";
 
-fn ensure_browser() {
-    let have = |p: &str| std::path::Path::new(p).exists();
-    if have("/usr/bin/chromium") && have("/usr/bin/chromedriver") {
-        return;
-    }
-    let st = Command::new("flock")
-        .args([
-            "/tmp/paloma-test-apt.lock",
-            "sh",
-            "-c",
-            "test -x /usr/bin/chromium && test -x /usr/bin/chromedriver && exit 0; export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null",
-        ])
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        .status()
-        .expect("running apt-get");
-    assert!(
-        st.success(),
-        "installing chromium and chromium-driver failed"
-    );
-}
-
 struct Driver(Child);
 
 impl Drop for Driver {
@@ -57,7 +36,7 @@ fn shots_dir() -> std::path::PathBuf {
 
 #[test]
 fn a_person_reads_the_campaign_report_in_a_browser() {
-    ensure_browser();
+    require(BROWSER);
     let redis = Redis::start();
     let sink = Sink::start(&[]);
     let (track, api) = (free_port(), free_port());

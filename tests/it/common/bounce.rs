@@ -292,7 +292,7 @@ pub fn loopback_drained(port: u16) -> bool {
 /// reporting MTA would): Ok once the server answered 250 to the final dot, else its error.
 pub fn smtplib_send(port: u16, from: &str, to: &str, message: &[u8]) -> Result<(), String> {
     use std::process::{Command, Stdio};
-    ensure_tools();
+    require_tools();
     let script = "import smtplib, sys\n\
 s = smtplib.SMTP('127.0.0.1', int(sys.argv[1]), timeout=20)\n\
 s.sendmail(sys.argv[2], [sys.argv[3]], sys.stdin.buffer.read())\n\

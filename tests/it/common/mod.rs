@@ -1,6 +1,8 @@
 //! Test harness: real peers on free loopback ports. redis-server, Postfix's smtp-sink
 //! (dumping every message), dnsmasq, and the paloma binary itself, all started and killed
-//! by the tests. Missing tools are installed (apt-get, as root) on first use.
+//! by the tests. Nothing is installed from here: `scripts/install-test-peers` installs the
+//! peers (`scripts/test` runs it before `cargo test`), and a test whose peer is missing
+//! fails with one line per missing tool saying what to install.
 
 #![allow(dead_code)]
 
@@ -15,48 +17,107 @@ use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Once;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 pub const SECRET: &str = "test-secret-0123456789abcdef";
 
-static TOOLS: Once = Once::new();
+/// A program (or module, or library) a test runs, how to tell it is there, and the Debian
+/// package that brings it (what `scripts/install-test-peers` installs).
+pub struct Tool {
+    pub name: &'static str,
+    /// A shell test that succeeds when the tool is there.
+    pub probe: &'static str,
+    pub package: &'static str,
+}
 
-/// Installs redis-server, postfix (smtp-sink, smtp-source) and dnsmasq-base when missing.
-/// A file lock keeps parallel test binaries from running apt-get at once.
-pub fn ensure_tools() {
-    TOOLS.call_once(|| {
-        let have = |bin: &str| {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {bin} || test -x /usr/sbin/{bin}")])
+const fn bin(name: &'static str, probe: &'static str, package: &'static str) -> Tool {
+    Tool {
+        name,
+        probe,
+        package,
+    }
+}
+
+/// The peers of most scenarios and of the benches.
+pub const PEERS: &[Tool] = &[
+    bin("redis-server", "command -v redis-server", "redis-server"),
+    bin("redis-cli", "command -v redis-cli", "redis-tools"),
+    bin("smtp-sink", "test -x /usr/sbin/smtp-sink", "postfix"),
+    bin("smtp-source", "test -x /usr/sbin/smtp-source", "postfix"),
+    bin("postfix", "test -x /usr/sbin/postfix", "postfix"),
+    bin(
+        "dnsmasq",
+        "command -v dnsmasq || test -x /usr/sbin/dnsmasq",
+        "dnsmasq-base",
+    ),
+    bin("openssl", "command -v openssl", "openssl"),
+    bin(
+        "python3 with aiosmtpd",
+        "/usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null",
+        "python3-aiosmtpd",
+    ),
+];
+
+/// Headless Chromium and its WebDriver (the report pages' test).
+pub const BROWSER: &[Tool] = &[
+    bin("chromium", "test -x /usr/bin/chromium", "chromium"),
+    bin(
+        "chromedriver",
+        "test -x /usr/bin/chromedriver",
+        "chromium-driver",
+    ),
+];
+
+/// libfaketime, for a daemon whose wall clock is off.
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+pub const FAKETIME: &[Tool] = &[bin(
+    "libfaketime",
+    "test -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+    "faketime",
+)];
+
+/// The HTTP load generator of the tracking bench.
+pub const WRK: &[Tool] = &[bin("wrk", "command -v wrk", "wrk")];
+
+/// One line per tool of `tools` that is not there, saying what to install.
+pub fn missing(tools: &[Tool]) -> Vec<String> {
+    tools
+        .iter()
+        .filter(|t| {
+            !Command::new("sh")
+                .args(["-c", t.probe])
+                .env(
+                    "PATH",
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                )
                 .stdout(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        };
-        let aiosmtpd = || {
-            Command::new("/usr/bin/python3")
-                .args(["-c", "import aiosmtpd"])
                 .stderr(Stdio::null())
                 .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        };
-        if have("redis-server") && have("smtp-sink") && have("smtp-source") && have("dnsmasq") && have("openssl") && aiosmtpd() {
-            return;
-        }
-        let script = "command -v smtp-sink >/dev/null && command -v dnsmasq >/dev/null && command -v redis-server >/dev/null && command -v openssl >/dev/null && /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null && exit 0; \
-            export DEBIAN_FRONTEND=noninteractive; \
-            apt-get update -qq && apt-get install -y -qq --no-install-recommends postfix dnsmasq-base redis-server openssl python3 python3-aiosmtpd >/dev/null";
-        let st = Command::new("flock")
-            .args(["/tmp/paloma-test-apt.lock", "sh", "-c", script])
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-            .status()
-            .expect("running apt-get");
-        assert!(st.success(), "installing test tools (postfix, dnsmasq-base, redis-server, openssl, python3-aiosmtpd) failed");
-    });
+                .is_ok_and(|s| s.success())
+        })
+        .map(|t| {
+            format!(
+                "{} missing: run scripts/install-test-peers (or apt-get install {})",
+                t.name, t.package
+            )
+        })
+        .collect()
+}
+
+/// Fails, one line per missing tool, unless every tool of `tools` is there.
+pub fn require(tools: &[Tool]) {
+    let lines = missing(tools);
+    assert!(lines.is_empty(), "\n{}", lines.join("\n"));
+}
+
+/// [`require`] for [`PEERS`], looked up once per process.
+pub fn require_tools() {
+    static MISSING: OnceLock<Vec<String>> = OnceLock::new();
+    let lines = MISSING.get_or_init(|| missing(PEERS));
+    assert!(lines.is_empty(), "\n{}", lines.join("\n"));
 }
 
 /// The lowest port of the kernel's ephemeral range (outgoing connections' local ports).
@@ -142,7 +203,7 @@ impl Redis {
 
     /// With other server options than AOF on (e.g. an eviction policy, no persistence).
     pub fn start_with(args: &[&str]) -> Redis {
-        ensure_tools();
+        require_tools();
         let mut r = Redis {
             child: None,
             port: free_port(),
@@ -218,7 +279,7 @@ impl Sink {
     }
 
     pub fn start_on(host: &str, port: u16, args: &[&str]) -> Sink {
-        ensure_tools();
+        require_tools();
         let dir = tempfile::tempdir().unwrap();
         // smtp-sink drops to `nobody` when run as root; it must be able to write dumps.
         std::fs::set_permissions(
@@ -342,7 +403,7 @@ impl Dns {
 
     /// On a given port: a restart with other records, at the address a daemon already uses.
     pub fn start_on(port: u16, records: &[String]) -> Dns {
-        ensure_tools();
+        require_tools();
         let mut cmd = Command::new(sbin("dnsmasq"));
         cmd.args([
             "--no-daemon",
@@ -872,7 +933,7 @@ pub fn assert_paced(at: &[i64], burst: usize, interval_ms: i64, slack: usize) {
 /// A private CA and a server certificate it signed for 127.0.0.1 (openssl), in `dir`:
 /// returns (ca.pem, server.pem, server.key).
 pub fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    ensure_tools();
+    require_tools();
     let run = |args: &[&str]| {
         let st = Command::new("openssl")
             .args(args)
@@ -938,7 +999,7 @@ pub fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 /// Starts `tests/peers/{script}` (an aiosmtpd peer) on `port` with `args`, and waits until
 /// it prints "ready" and listens.
 fn python_peer(script: &str, port: u16, args: &[&std::ffi::OsStr]) -> Child {
-    ensure_tools();
+    require_tools();
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/peers")
         .join(script);

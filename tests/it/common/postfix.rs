@@ -16,7 +16,7 @@ pub struct Postfix {
 impl Postfix {
     /// `extra`: more main.cf lines (delay_warning_time, backoff times…).
     pub fn start(relayhost: u16, transports: &[(&str, u16)], extra: &str) -> Postfix {
-        super::ensure_tools();
+        super::require_tools();
         let dir = tempfile::Builder::new()
             .prefix("paloma-postfix")
             .tempdir()

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{ensure_tools, free_port, wait_for, wait_port, wait_until};
+use super::{free_port, require_tools, wait_for, wait_port, wait_until};
 
 /// How long a question to one server may take: a stopped server answers nothing.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -24,7 +24,7 @@ pub struct Server {
 impl Server {
     /// A data node: persistence on (AOF, fsync every second), `extra` appended.
     pub fn start(extra: &[&str]) -> Server {
-        ensure_tools();
+        require_tools();
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let child = Command::new("redis-server")
@@ -62,7 +62,7 @@ impl Server {
     /// primary down after 1 s, and a failover timeout of 5 s. Sentinel rewrites its config
     /// file, so each has its own, in its own directory.
     pub fn sentinel(service: &str, primary: u16) -> Server {
-        ensure_tools();
+        require_tools();
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("sentinel.conf");
