@@ -20,6 +20,7 @@ const TOKEN: &str = "api-token-0123456789abcdef";
 
 #[test]
 fn two_50000_job_requests_leave_healthz_answering() {
+    let _machine = exclusive();
     let redis = Redis::start();
     let sink = Sink::start(&[]);
     let port = free_port();
@@ -126,7 +127,9 @@ fn openssl(args: &[&str]) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // the machine is held for the whole test
 async fn a_large_message_is_signed_on_a_blocking_thread_and_small_ones_flow() {
+    let _machine = exclusive();
     use base64::Engine;
     let redis = Redis::start();
     let sink = Sink::start(&[]);

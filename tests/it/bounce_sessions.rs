@@ -85,6 +85,7 @@ fn trickler(port: u16) -> Client {
 
 #[test]
 fn at_the_cap_the_oldest_trickling_session_makes_room_for_a_real_dsn() {
+    let _machine = exclusive();
     let b = Bounces::start(1, "cap", "max_connections = 256\n");
     let rp = b.return_paths()["cap-0"].clone();
     let mut held: Vec<Client> = (0..256).map(|_| trickler(b.port)).collect();
@@ -148,6 +149,7 @@ fn trickle(
 
 #[test]
 fn trickling_is_cut_at_the_data_and_session_deadlines() {
+    let _machine = exclusive();
     use std::sync::atomic::Ordering;
     let b = Bounces::start(
         1,
@@ -192,6 +194,7 @@ fn trickling_is_cut_at_the_data_and_session_deadlines() {
 
 #[test]
 fn forty_sessions_of_unfinished_10mb_data_hold_less_than_100mb() {
+    let _machine = exclusive();
     // Each session may wait long for its next line: only memory bounds them here.
     let b = Bounces::start(1, "mem", "timeout = \"5m\"\n");
     let rp = b.return_paths()["mem-0"].clone();

@@ -43,6 +43,7 @@ fn xlen(conn: &mut redis::Connection, key: &str) -> usize {
 
 #[test]
 fn ten_thousand_campaigns_keep_a_daemons_work_and_metrics_bounded() {
+    let _machine = exclusive();
     let redis = Redis::start();
     let sink = Sink::start(&[]);
     let (api, metrics) = (free_port(), free_port());
@@ -223,6 +224,7 @@ fn ten_thousand_campaigns_keep_a_daemons_work_and_metrics_bounded() {
 
 #[test]
 fn a_finished_campaign_is_archived_after_the_retention_and_still_read_back() {
+    let _machine = exclusive();
     let redis = Redis::start();
     let sink = Sink::start(&[]);
     let (api, metrics) = (free_port(), free_port());

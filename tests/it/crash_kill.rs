@@ -35,6 +35,7 @@ fn wait_sessions_open(mport: u16, daemon: &Daemon) {
 
 #[test]
 fn sigterm_drains_in_flight_jobs_and_exits_zero() {
+    let _machine = exclusive();
     let redis = Redis::start();
     // Each DATA answer waits 1 s, so sessions are in flight when SIGTERM arrives.
     let mut sink = Sink::start(&["-w", "1"]);
@@ -111,6 +112,7 @@ fn sigterm_drains_in_flight_jobs_and_exits_zero() {
 
 #[test]
 fn a_killed_daemons_pending_jobs_are_picked_up_by_a_restarted_one() {
+    let _machine = exclusive();
     let redis = Redis::start();
     let mut sink = Sink::start(&["-w", "1"]);
     let setup = Setup::new(&redis.url(), sink.port, "", "", "");
@@ -154,6 +156,7 @@ fn a_killed_daemons_pending_jobs_are_picked_up_by_a_restarted_one() {
 
 #[test]
 fn a_redis_restart_mid_campaign_loses_nothing() {
+    let _machine = exclusive();
     let mut redis = Redis::start();
     let sink = Sink::start(&[]);
     let setup = Setup::new(&redis.url(), sink.port, "", "", "");
@@ -206,6 +209,7 @@ fn a_redis_restart_mid_campaign_loses_nothing() {
 /// are dropped and counted. Every job ends exactly once.
 #[test]
 fn a_frozen_daemon_does_not_end_a_reclaimed_job_twice() {
+    let _machine = exclusive();
     let redis = Redis::start();
     // Each DATA answer waits 1 s: the frozen daemon holds sessions and entries in flight.
     let sink = Sink::start(&["-w", "1"]);

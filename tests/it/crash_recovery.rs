@@ -15,6 +15,7 @@ use serde_json::json;
 
 #[test]
 fn two_kills_a_redis_restart_and_a_sink_outage_lose_nothing_and_recover_within_30s() {
+    let _machine = exclusive();
     let mut redis = Redis::start();
     let mut sink = Sink::start(&[]);
     // The test config's claim_idle = "3s" is removed: this runs with the default.

@@ -775,6 +775,7 @@ fn sentinel_redis_toml(set: &SentinelSet) -> String {
 /// A primary, two replicas and three Sentinels: the scenario, survived.
 #[test]
 fn under_sentinel_nothing_acknowledged_is_lost() {
+    let _machine = exclusive();
     let set = SentinelSet::start(SERVICE, 2);
     let redis = sentinel_redis_toml(&set);
     let primary = set.nodes[0].port;
@@ -786,6 +787,7 @@ fn under_sentinel_nothing_acknowledged_is_lost() {
 /// paloma's slot: the scenario on a Cluster.
 #[test]
 fn in_a_cluster_nothing_acknowledged_is_lost() {
+    let _machine = exclusive();
     let mut cluster = ReplicatedCluster::start(3, 1);
     let prefix = "{paloma}:";
     let key = format!("{prefix}sends");
@@ -809,6 +811,7 @@ fn in_a_cluster_nothing_acknowledged_is_lost() {
 /// at the sink counted (a lost outcome means a resend, never a loss).
 #[test]
 fn a_failover_during_a_send_loses_no_job_and_ends_each_once() {
+    let _machine = exclusive();
     failover_during_a_send("20s");
 }
 
@@ -818,6 +821,7 @@ fn a_failover_during_a_send_loses_no_job_and_ends_each_once() {
 /// working on are idle longer than claim_idle when it reaches the new primary.
 #[test]
 fn a_failover_longer_than_claim_idle_loses_no_job_and_ends_each_once() {
+    let _machine = exclusive();
     failover_during_a_send("1s");
 }
 

@@ -19,6 +19,7 @@ fn delivered_by(port: u16) -> u64 {
 
 #[test]
 fn two_daemons_share_one_domain_rate() {
+    let _machine = exclusive();
     let redis = Redis::start();
     let sink = Sink::start(&[]);
     let setup = Setup::new(
@@ -99,7 +100,9 @@ fn two_daemons_share_one_domain_rate() {
 /// burst is spent for both; reservations come within a second and are waited for in
 /// memory; later ones are sent back, paced one interval apart across both daemons.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // the machine is held for the whole test
 async fn the_shared_rate_reserves_within_a_second_and_sends_the_rest_back_paced() {
+    let _machine = exclusive();
     let redis = Redis::start();
     let client = redis::Client::open(redis.url()).unwrap();
     let conn: paloma::store::RedisConn = client.get_connection_manager().await.unwrap().into();

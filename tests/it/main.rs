@@ -1,7 +1,11 @@
 //! The integration tests: one binary, one module per scenario, against real peers (see
-//! `common`). One binary links the library once and builds `common` once, where a crate
-//! per scenario file linked it and built `common` again for each. The scenarios run side
-//! by side on the test threads. Run one scenario with a filter: `cargo test --test it fuzz::`.
+//! `common`). One binary links the library once and builds `common` once; the scenarios
+//! run side by side on the test threads, so a scenario that needs the machine to itself
+//! (a timing bound, a throughput or memory figure) takes `common::exclusive()` first.
+//!
+//! The peers (redis-server, Postfix, dnsmasq, aiosmtpd, Chromium…) are not installed from
+//! here: `scripts/install-test-peers` does it, and `scripts/test` runs it before this.
+//! Run one scenario with a filter: `cargo test --test it fuzz::`.
 
 mod common;
 

@@ -145,6 +145,7 @@ fn tarpit(ip: &str, port: u16, hits: Arc<AtomicUsize>) {
 
 #[test]
 fn a_tarpit_domain_holds_a_worker_only_so_long_and_only_so_many_hosts_are_tried() {
+    let _machine = exclusive();
     let mut records = Vec::new();
     for i in 0..6 {
         records.push(format!("mx-host=tar.test,mx{i}.tar.test,{}", 10 + i));

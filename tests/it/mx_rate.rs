@@ -10,6 +10,7 @@ use common::*;
 
 #[test]
 fn a_rate_limited_domain_is_paced() {
+    let _machine = exclusive();
     let e = env(
         &[
             "mx-host=rate.test,mx.rate.test,10",

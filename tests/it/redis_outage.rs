@@ -16,6 +16,7 @@ fn try_get(port: u16, path: &str) -> Option<u16> {
 
 #[test]
 fn ten_seconds_without_redis_lose_nothing() {
+    let _machine = exclusive();
     let mut redis = Redis::start();
     let sink = Sink::start(&[]);
     let mport = free_port();

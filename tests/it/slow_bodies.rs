@@ -72,6 +72,7 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
 
 #[test]
 fn trickling_bodies_neither_hold_the_slots_nor_block_a_click_or_an_unsubscribe() {
+    let _machine = exclusive();
     let redis = Redis::start();
     let sink = Sink::start(&[]);
     let mport = free_port();
@@ -266,6 +267,7 @@ fn wait_closed(s: &mut TcpStream, since: Instant, limit: Duration) -> Duration {
 
 #[test]
 fn the_api_listener_bounds_a_whole_request_yet_a_slow_sends_body_still_gets_its_408() {
+    let _machine = exclusive();
     let redis = Redis::start();
     let sink = Sink::start(&[]);
     let port = free_port();

@@ -21,6 +21,7 @@ fn open_fds(pid: u32) -> usize {
 
 #[test]
 fn slow_loris_clients_neither_starve_delivery_nor_block_a_real_click() {
+    let _machine = exclusive();
     let redis = Redis::start();
     let sink = Sink::start(&[]);
     let (setup, port, base) =

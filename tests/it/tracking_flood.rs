@@ -14,6 +14,7 @@ use serde_json::json;
 
 #[test]
 fn replayed_and_flooded_links_are_answered_but_recorded_once() {
+    let _machine = exclusive();
     let redis = Redis::start();
     let sink = Sink::start(&[]);
     let (setup, port, base) = tracking_setup(&redis.url(), sink.port, "", "");
@@ -101,6 +102,7 @@ fn replayed_and_flooded_links_are_answered_but_recorded_once() {
 
 #[test]
 fn the_events_stream_keeps_its_length_and_age_bounds_and_counters_stay_exact() {
+    let _machine = exclusive();
     let redis = Redis::start();
     let sink = Sink::start(&[]);
     let setup = Setup::new(

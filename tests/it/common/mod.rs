@@ -17,7 +17,7 @@ use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -118,6 +118,16 @@ pub fn require_tools() {
     static MISSING: OnceLock<Vec<String>> = OnceLock::new();
     let lines = MISSING.get_or_init(|| missing(PEERS));
     assert!(lines.is_empty(), "\n{}", lines.join("\n"));
+}
+
+/// Holds the machine for one scenario among those that take it: what it measures (a
+/// timing bound, throughput, memory, a failover's pace) must not share the CPU with
+/// another such scenario. All scenarios run in one test binary, side by side on the test
+/// threads; the ones that take this run one at a time. A failed holder does not block the
+/// rest.
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    static MACHINE: Mutex<()> = Mutex::new(());
+    MACHINE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The lowest port of the kernel's ephemeral range (outgoing connections' local ports).
