@@ -10,32 +10,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::track::{request, stat};
+use common::track::{api_call, json_array, request, stat, Answer};
 use common::*;
-use serde_json::Value;
 
 const TOKEN: &str = "api-token-5f0c2e9a7d41b3867c";
-
-struct Answer {
-    status: u16,
-    body: Value,
-    raw: String,
-}
-
-fn call(port: u16, method: &str, target: &str, token: Option<&str>, body: &[u8]) -> Answer {
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let mut headers = vec![("Content-Type", "application/json")];
-    if let Some(a) = &auth {
-        headers.push(("Authorization", a.as_str()));
-    }
-    let r = request(port, method, target, &headers, body);
-    let raw = r.text();
-    Answer {
-        status: r.status,
-        body: serde_json::from_str(&raw).unwrap_or(Value::Null),
-        raw,
-    }
-}
 
 /// A JSON error answer: the status, and an `error` sentence.
 fn refused(a: &Answer, status: u16) -> String {
@@ -50,17 +28,6 @@ fn refused(a: &Answer, status: u16) -> String {
         a.raw
     );
     e.to_string()
-}
-
-fn xlen(conn: &mut redis::Connection, prefix: &str) -> i64 {
-    redis::cmd("XLEN")
-        .arg(format!("{prefix}sends"))
-        .query(conn)
-        .unwrap()
-}
-
-fn array(jobs: &[String]) -> Vec<u8> {
-    format!("[{}]", jobs.join(",")).into_bytes()
 }
 
 #[test]
@@ -84,18 +51,18 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
     let mut conn = redis.conn();
 
     // The document needs no token and describes every route.
-    let doc = call(port, "GET", "/api/v1/openapi.json", None, b"");
+    let doc = api_call(port, "GET", "/api/v1/openapi.json", None, b"");
     assert_eq!(doc.status, 200, "{}", doc.raw);
     assert!(doc.body["openapi"].as_str().unwrap().starts_with("3."));
     assert!(doc.body["paths"]["/api/v1/sends"]["post"].is_object());
     assert!(doc.body["paths"]["/api/v1/suppressions/{address}"]["put"].is_object());
 
     // The door: no token, a wrong one, another scheme.
-    let one = array(&jobs(1, "door", "door.test"));
-    let e = refused(&call(port, "POST", "/api/v1/sends", None, &one), 401);
+    let one = json_array(&jobs(1, "door", "door.test"));
+    let e = refused(&api_call(port, "POST", "/api/v1/sends", None, &one), 401);
     assert!(e.contains("Bearer"), "{e}");
     refused(
-        &call(
+        &api_call(
             port,
             "POST",
             "/api/v1/sends",
@@ -104,7 +71,10 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         ),
         401,
     );
-    refused(&call(port, "POST", "/api/v1/sends", Some(""), &one), 401);
+    refused(
+        &api_call(port, "POST", "/api/v1/sends", Some(""), &one),
+        401,
+    );
     let basic = request(
         port,
         "GET",
@@ -117,12 +87,19 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         .header("www-authenticate")
         .unwrap()
         .starts_with("Bearer"));
-    refused(&call(port, "GET", "/api/v1/campaigns", Some("x"), b""), 401);
-    assert_eq!(xlen(&mut conn, &p), 0, "nothing written without the token");
+    refused(
+        &api_call(port, "GET", "/api/v1/campaigns", Some("x"), b""),
+        401,
+    );
+    assert_eq!(
+        stream_len(&mut conn, &format!("{p}sends")),
+        0,
+        "nothing written without the token"
+    );
 
     // Bad bodies.
     let e = refused(
-        &call(
+        &api_call(
             port,
             "POST",
             "/api/v1/sends",
@@ -133,14 +110,17 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
     );
     assert!(e.contains("malformed JSON"), "{e}");
     refused(
-        &call(port, "POST", "/api/v1/sends", Some(TOKEN), b"hello"),
+        &api_call(port, "POST", "/api/v1/sends", Some(TOKEN), b"hello"),
         400,
     );
     refused(
-        &call(port, "POST", "/api/v1/sends", Some(TOKEN), b"[]"),
+        &api_call(port, "POST", "/api/v1/sends", Some(TOKEN), b"[]"),
         400,
     );
-    refused(&call(port, "POST", "/api/v1/sends", Some(TOKEN), b""), 400);
+    refused(
+        &api_call(port, "POST", "/api/v1/sends", Some(TOKEN), b""),
+        400,
+    );
     // Over the limit by its Content-Length: refused before any of the body is read (the
     // client sends only the head, so the refusal is read back whole).
     let head = |s: &mut TcpStream| {
@@ -181,17 +161,27 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
     mixed.push(r#"{"id":"mixed-x","campaign":"mixed","template":"receipt"}"#.into());
     mixed.push(mixed[0].clone());
     mixed.push(r#"{"id":"mixed-y","campaign":"mixed","template":"receipt","to":"a@b.test","headers":{"X-A":"1\r\nBcc: x@y.test"}}"#.into());
-    let all = call(
+    let all = api_call(
         port,
         "POST",
         "/api/v1/sends?all_or_nothing=true",
         Some(TOKEN),
-        &array(&mixed),
+        &json_array(&mixed),
     );
     assert_eq!(all.status, 422, "{}", all.raw);
     assert_eq!(all.body["accepted"], 0);
-    assert_eq!(xlen(&mut conn, &p), 0, "all_or_nothing wrote nothing");
-    let a = call(port, "POST", "/api/v1/sends", Some(TOKEN), &array(&mixed));
+    assert_eq!(
+        stream_len(&mut conn, &format!("{p}sends")),
+        0,
+        "all_or_nothing wrote nothing"
+    );
+    let a = api_call(
+        port,
+        "POST",
+        "/api/v1/sends",
+        Some(TOKEN),
+        &json_array(&mixed),
+    );
     assert_eq!(a.status, 200, "{}", a.raw);
     assert_eq!(
         (a.body["accepted"].as_u64(), a.body["refused"].as_u64()),
@@ -209,12 +199,18 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
     );
     // JSON lines go in too.
     let lines = jobs(2, "lines", "lines.test").join("\n");
-    let a = call(port, "POST", "/api/v1/sends", Some(TOKEN), lines.as_bytes());
+    let a = api_call(port, "POST", "/api/v1/sends", Some(TOKEN), lines.as_bytes());
     assert_eq!(a.body["accepted"], 2, "{}", a.raw);
 
     // 10,000 jobs in one request, each delivered exactly once.
     let bulk = jobs(10_000, "bulk", "bulk.test");
-    let a = call(port, "POST", "/api/v1/sends", Some(TOKEN), &array(&bulk));
+    let a = api_call(
+        port,
+        "POST",
+        "/api/v1/sends",
+        Some(TOKEN),
+        &json_array(&bulk),
+    );
     assert_eq!(a.status, 200, "{}", &a.raw[..a.raw.len().min(300)]);
     assert_eq!(a.body["accepted"], 10_000);
     wait_until_daemon(
@@ -233,7 +229,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
     assert!(sink.count() >= 10_000 + 5);
 
     // Campaign figures, as `paloma stats --json` shows them, with states.
-    let l = call(port, "GET", "/api/v1/campaigns", Some(TOKEN), b"");
+    let l = api_call(port, "GET", "/api/v1/campaigns", Some(TOKEN), b"");
     assert_eq!(l.status, 200, "{}", l.raw);
     let row = l.body["campaigns"]
         .as_array()
@@ -246,14 +242,14 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         (row["delivered"].as_i64(), row["state"].as_str()),
         (Some(10_000), Some("active"))
     );
-    let one = call(port, "GET", "/api/v1/campaigns/mixed", Some(TOKEN), b"");
+    let one = api_call(port, "GET", "/api/v1/campaigns/mixed", Some(TOKEN), b"");
     assert_eq!(one.body["accepted"], 3, "{}", one.raw);
     refused(
-        &call(port, "GET", "/api/v1/campaigns/nobody", Some(TOKEN), b""),
+        &api_call(port, "GET", "/api/v1/campaigns/nobody", Some(TOKEN), b""),
         404,
     );
     refused(
-        &call(
+        &api_call(
             port,
             "GET",
             "/api/v1/campaigns/bad%20name",
@@ -264,7 +260,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
     );
 
     // Pause: new jobs wait; resume: they go out. Cancel: they end suppressed/cancelled.
-    let a = call(
+    let a = api_call(
         port,
         "POST",
         "/api/v1/campaigns/later/pause",
@@ -277,7 +273,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         "{}",
         a.raw
     );
-    call(
+    api_call(
         port,
         "POST",
         "/api/v1/campaigns/gone/pause",
@@ -285,7 +281,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         b"",
     );
     // The campaign's figure shows it at once; the daemon knows at its next refresh.
-    let g = call(port, "GET", "/api/v1/campaigns/later", Some(TOKEN), b"");
+    let g = api_call(port, "GET", "/api/v1/campaigns/later", Some(TOKEN), b"");
     assert_eq!(g.body["state"], "paused", "{}", g.raw);
     wait_until_daemon(
         "the daemon sees both paused",
@@ -293,27 +289,27 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         &daemon,
         || metric(metrics, "paloma_campaigns_held{state=\"paused\"}") == 2.0,
     );
-    call(
+    api_call(
         port,
         "POST",
         "/api/v1/sends",
         Some(TOKEN),
-        &array(&jobs(20, "later", "later.test")),
+        &json_array(&jobs(20, "later", "later.test")),
     );
-    call(
+    api_call(
         port,
         "POST",
         "/api/v1/sends",
         Some(TOKEN),
-        &array(&jobs(20, "gone", "gone.test")),
+        &json_array(&jobs(20, "gone", "gone.test")),
     );
     wait_until_daemon("40 parked jobs", Duration::from_secs(30), &daemon, || {
-        let g = call(port, "GET", "/api/v1/campaigns/later", Some(TOKEN), b"");
-        let h = call(port, "GET", "/api/v1/campaigns/gone", Some(TOKEN), b"");
+        let g = api_call(port, "GET", "/api/v1/campaigns/later", Some(TOKEN), b"");
+        let h = api_call(port, "GET", "/api/v1/campaigns/gone", Some(TOKEN), b"");
         g.body["parked"] == 20 && h.body["parked"] == 20
     });
     assert_eq!(stat(&mut conn, &p, "later", "delivered"), 0);
-    let a = call(
+    let a = api_call(
         port,
         "POST",
         "/api/v1/campaigns/later/resume",
@@ -321,7 +317,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         b"",
     );
     assert_eq!(a.body["released"], 20, "{}", a.raw);
-    let a = call(
+    let a = api_call(
         port,
         "POST",
         "/api/v1/campaigns/gone/cancel",
@@ -350,7 +346,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         .all(|e| e["type"] == "suppressed" && e["reason"] == "cancelled"));
 
     // Recipients and suppressions.
-    let r = call(
+    let r = api_call(
         port,
         "GET",
         "/api/v1/recipients/u7@bulk.test",
@@ -364,7 +360,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         r.raw
     );
     refused(
-        &call(
+        &api_call(
             port,
             "GET",
             "/api/v1/recipients/not-an-address",
@@ -373,7 +369,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         ),
         400,
     );
-    let s = call(
+    let s = api_call(
         port,
         "PUT",
         "/api/v1/suppressions/U7@Bulk.test",
@@ -381,7 +377,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         b"",
     );
     assert_eq!(s.body["reason"], "manual", "{}", s.raw);
-    let s = call(
+    let s = api_call(
         port,
         "PUT",
         "/api/v1/suppressions/u8@bulk.test",
@@ -390,7 +386,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
     );
     assert_eq!(s.body["reason"], "complained", "{}", s.raw);
     refused(
-        &call(
+        &api_call(
             port,
             "PUT",
             "/api/v1/suppressions/u9@bulk.test",
@@ -400,7 +396,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         400,
     );
     refused(
-        &call(
+        &api_call(
             port,
             "PUT",
             "/api/v1/suppressions/u9@bulk.test",
@@ -409,7 +405,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         ),
         400,
     );
-    let r = call(
+    let r = api_call(
         port,
         "GET",
         "/api/v1/recipients/u7@bulk.test",
@@ -417,7 +413,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         b"",
     );
     assert_eq!(r.body["suppressed"], "manual", "{}", r.raw);
-    let d = call(
+    let d = api_call(
         port,
         "DELETE",
         "/api/v1/suppressions/u7@bulk.test",
@@ -425,7 +421,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         b"",
     );
     assert_eq!(d.body["removed"], true, "{}", d.raw);
-    let r = call(
+    let r = api_call(
         port,
         "GET",
         "/api/v1/recipients/u7@bulk.test",
@@ -441,7 +437,7 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
         "u8@bulk.test",
         serde_json::json!({"name": "R", "order_id": 1}),
     );
-    call(
+    api_call(
         port,
         "POST",
         "/api/v1/sends",
@@ -453,9 +449,12 @@ fn the_api_guards_its_door_and_takes_a_10000_job_batch() {
     });
 
     // Unknown routes and methods answer JSON too.
-    refused(&call(port, "GET", "/api/v1/nothing", Some(TOKEN), b""), 404);
     refused(
-        &call(port, "DELETE", "/api/v1/campaigns", Some(TOKEN), b""),
+        &api_call(port, "GET", "/api/v1/nothing", Some(TOKEN), b""),
+        404,
+    );
+    refused(
+        &api_call(port, "DELETE", "/api/v1/campaigns", Some(TOKEN), b""),
         405,
     );
 
@@ -488,17 +487,17 @@ fn the_api_can_share_the_metrics_listener() {
     let daemon = Daemon::spawn(&setup.config);
     wait_port("127.0.0.1", port, Duration::from_secs(30));
     let mut conn = redis.conn();
-    let a = call(
+    let a = api_call(
         port,
         "POST",
         "/api/v1/sends",
         Some(TOKEN),
-        &array(&jobs(5, "shared", "shared.test")),
+        &json_array(&jobs(5, "shared", "shared.test")),
     );
     assert_eq!(a.body["accepted"], 5, "{}", a.raw);
     wait_until_daemon("5 deliveries", Duration::from_secs(30), &daemon, || {
         stat(&mut conn, &setup.prefix, "shared", "delivered") == 5
     });
     assert!(metrics_text(port).starts_with("HTTP/1.1 200"));
-    refused(&call(port, "GET", "/api/v1/campaigns", None, b""), 401);
+    refused(&api_call(port, "GET", "/api/v1/campaigns", None, b""), 401);
 }

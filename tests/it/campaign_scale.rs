@@ -37,10 +37,6 @@ fn reply_rate(conn: &mut redis::Connection, window: Duration) -> f64 {
     (b1 - b0) as f64 / t0.elapsed().as_secs_f64()
 }
 
-fn xlen(conn: &mut redis::Connection, key: &str) -> usize {
-    redis::cmd("XLEN").arg(key).query(conn).unwrap()
-}
-
 #[test]
 fn ten_thousand_campaigns_keep_a_daemons_work_and_metrics_bounded() {
     let _machine = exclusive();
@@ -100,7 +96,7 @@ fn ten_thousand_campaigns_keep_a_daemons_work_and_metrics_bounded() {
                         .count(),
                 );
             }
-            xlen(&mut conn, &format!("{p}events")) >= CAMPAIGNS
+            stream_len(&mut conn, &format!("{p}events")) >= CAMPAIGNS
         },
     );
     let sent_in = started.elapsed();

@@ -10,16 +10,6 @@ use common::track::*;
 use common::*;
 use serde_json::json;
 
-fn news(id: &str, campaign: &str, to: &str) -> String {
-    job(
-        id,
-        campaign,
-        "newsletter",
-        to,
-        json!({"first_name": "F", "products": [{"name": "X", "price": "1", "url": "https://shop.example/x"}]}),
-    )
-}
-
 #[test]
 fn a_frequency_cap_holds_across_campaigns() {
     let redis = Redis::start();

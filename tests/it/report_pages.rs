@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::track::{captured, request, MAIL_UA};
 use common::*;
-use fantoccini::{ClientBuilder, Locator};
+use fantoccini::{Client, ClientBuilder, Locator};
 
 const TOKEN: &str = "report-api-token-61d0f3b2a9c4e857";
 const REPORT: &str = "report-read-only-9e2b7c41d8a6f053";
@@ -32,6 +32,40 @@ fn shots_dir() -> std::path::PathBuf {
     let d = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/report-screenshots");
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// Types `token` into the sign-in form and submits it; returns the text of `next`, an element
+/// only the page it leads to has (each navigation is waited for by such an element).
+async fn sign_in(c: &Client, token: &str, next: &str) -> String {
+    c.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(token)
+        .await
+        .unwrap();
+    c.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .for_element(Locator::Css(next))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The text of the element `css` on the page shown now.
+async fn text_of(c: &Client, css: impl AsRef<str>) -> String {
+    c.find(Locator::Css(css.as_ref()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 #[test]
@@ -207,48 +241,9 @@ fallback = "a"
         c.goto(&format!("{base}/campaigns")).await.unwrap();
         c.wait().for_element(Locator::Css("#token")).await.unwrap();
         assert!(c.current_url().await.unwrap().path().starts_with("/login"));
-        c.find(Locator::Css("#token"))
-            .await
-            .unwrap()
-            .send_keys("not-the-token")
-            .await
-            .unwrap();
-        c.find(Locator::Css("button[type=submit]"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        // Each navigation is waited for by an element only the next page has.
-        let alert = c
-            .wait()
-            .for_element(Locator::Css("[role=alert]"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let alert = sign_in(&c, "not-the-token", "[role=alert]").await;
         assert!(alert.contains("does not open"), "{alert}");
-        c.find(Locator::Css("#token"))
-            .await
-            .unwrap()
-            .send_keys(REPORT)
-            .await
-            .unwrap();
-        c.find(Locator::Css("button[type=submit]"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        let table = c
-            .wait()
-            .for_element(Locator::Css("#campaigns"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let table = sign_in(&c, REPORT, "#campaigns").await;
         assert!(table.contains("spring") && table.contains("60"), "{table}");
         // tracking.base_url is https here: the browser holds the session as Secure (and
         // would never send it over plain HTTP to another host).
@@ -272,17 +267,7 @@ fallback = "a"
             .unwrap();
         c.wait().for_element(Locator::Css("#funnel")).await.unwrap();
         assert_eq!(c.current_url().await.unwrap().path(), "/campaigns/spring");
-        let step = |name: &'static str| {
-            let c = c.clone();
-            async move {
-                c.find(Locator::Css(&format!("#funnel [data-step={name}] .n")))
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap()
-            }
-        };
+        let step = |name: &str| text_of(&c, format!("#funnel [data-step={name}] .n"));
         assert_eq!(step("enqueued").await, "60");
         assert!(step("delivered").await.starts_with("60"));
         assert!(
@@ -297,37 +282,13 @@ fallback = "a"
         );
         let timeline = c.find(Locator::Css("#timeline svg")).await.unwrap();
         assert!(timeline.html(false).await.unwrap().contains("opens"));
-        let links = c
-            .find(Locator::Css("#links"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let links = text_of(&c, "#links").await;
         assert!(links.contains("12") || links.lines().count() > 1, "{links}");
-        let variants = c
-            .find(Locator::Css("#variants"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let variants = text_of(&c, "#variants").await;
         assert!(variants.contains("b ★ winner"), "{variants}");
-        let decision = c
-            .find(Locator::Css("#decision"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let decision = text_of(&c, "#decision").await;
         assert!(decision.contains("Decided: b (manual)"), "{decision}");
-        let domains = c
-            .find(Locator::Css("#domains"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let domains = text_of(&c, "#domains").await;
         for d in ["north.test", "south.test", "east.test"] {
             assert!(domains.contains(&format!("{d} 20")), "{domains}");
         }

@@ -345,18 +345,17 @@ fn links_pixel_and_unsubscribe_work_and_only_for_signed_tokens() {
     );
 
     let m = get(mport, "/metrics", "curl/8").text();
-    for line in [
-        "paloma_tracking_requests_total{kind=\"click\",result=\"human\"}",
-        "paloma_tracking_requests_total{kind=\"click\",result=\"invalid\"}",
-        "paloma_tracking_requests_total{kind=\"open\",result=\"machine\"}",
-        "paloma_tracking_requests_total{kind=\"unsubscribe\",result=\"repeat\"} 1",
-    ] {
-        assert!(m.contains(line), "{line} not in:\n{m}");
-    }
+    assert_metrics(
+        &m,
+        &[
+            "paloma_tracking_requests_total{kind=\"click\",result=\"human\"}",
+            "paloma_tracking_requests_total{kind=\"click\",result=\"invalid\"}",
+            "paloma_tracking_requests_total{kind=\"open\",result=\"machine\"}",
+            "paloma_tracking_requests_total{kind=\"unsubscribe\",result=\"repeat\"} 1",
+        ],
+    );
 
     // SIGTERM stops the tracking server with the rest.
-    daemon.signal("TERM");
-    let st = daemon.wait(Duration::from_secs(20)).expect("daemon exits");
-    assert!(st.success(), "{}", daemon.log_text());
+    daemon.term();
     assert!(!daemon.log_text().contains("panicked"));
 }

@@ -293,7 +293,7 @@ webhook = "http://127.0.0.1:{never}/x"
         Duration::from_secs(20),
         || {
             let left: i64 = redis::cmd("ZCARD").arg(&waiting).query(&mut conn).unwrap();
-            left == 0 && events_consumed(&mut conn, &setup.prefix, "paloma-workflows")
+            left == 0 && events_consumed(&mut conn, &setup.prefix, WORKFLOWS)
         },
     );
     assert_eq!(crm_got.lock().unwrap().len(), 3);
@@ -310,11 +310,7 @@ webhook = "http://127.0.0.1:{never}/x"
         "{log}"
     );
     assert!(!log.contains("panicked"));
-    daemon.signal("TERM");
-    assert!(daemon
-        .wait(Duration::from_secs(20))
-        .expect("exits")
-        .success());
+    daemon.term();
 }
 
 /// Issue 21, point 5: a workflow outage at volume must not lose the events the engine has

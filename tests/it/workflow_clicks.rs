@@ -10,22 +10,6 @@ use common::track::*;
 use common::*;
 use serde_json::Value;
 
-/// The consumer group of the workflow engine on the events stream.
-const WORKFLOWS: &str = "paloma-workflows";
-
-/// Appends raw events to `{prefix}events`, as another daemon's tracking server would.
-fn enqueue_events(conn: &mut redis::Connection, prefix: &str, evs: &[String]) {
-    for e in evs {
-        redis::cmd("XADD")
-            .arg(format!("{prefix}events"))
-            .arg("*")
-            .arg("event")
-            .arg(e)
-            .query::<String>(conn)
-            .unwrap();
-    }
-}
-
 #[test]
 fn a_click_on_the_named_link_sends_one_follow_up_with_the_original_data() {
     let redis = Redis::start();
@@ -103,7 +87,7 @@ send = {{ template = "followup", campaign = "spring-followup" }}
         assert!(ann.len() <= 1, "{ann:?}");
         ann.first().map(|e| e.to_string())
     });
-    enqueue_events(&mut conn, &setup.prefix, &[clicked.clone(), clicked]);
+    add_events(&mut conn, &setup.prefix, &[clicked.clone(), clicked]);
 
     let evs = wait_terminal(
         &mut conn,
@@ -126,10 +110,7 @@ send = {{ template = "followup", campaign = "spring-followup" }}
     wait_until(
         "the rules done with every event",
         Duration::from_secs(20),
-        || {
-            events_consumed(&mut conn, &setup.prefix, WORKFLOWS)
-                && sends_drained(&mut conn, &setup.prefix)
-        },
+        || rules_done(&mut conn, &setup.prefix),
     );
     let ends = terminal_events(&mut conn, &setup.prefix);
     assert_eq!(ends.len(), 3, "{ends:?}");
@@ -145,15 +126,14 @@ send = {{ template = "followup", campaign = "spring-followup" }}
     // The follow-up is a mail like any other: its own clicks do not fire the rule again
     // (another campaign), and the clicks were counted.
     let m = metrics_text(mport);
-    for line in [
-        r#"paloma_workflow_actions_total{action="send",result="enqueued",rule="pricing-followup"} 1"#,
-        r#"paloma_workflow_actions_total{action="send",result="duplicate",rule="pricing-followup"} 2"#,
-    ] {
-        assert!(m.contains(line), "{line} not in:\n{m}");
-    }
+    assert_metrics(
+        &m,
+        &[
+            r#"paloma_workflow_actions_total{action="send",result="enqueued",rule="pricing-followup"} 1"#,
+            r#"paloma_workflow_actions_total{action="send",result="duplicate",rule="pricing-followup"} 2"#,
+        ],
+    );
 
-    daemon.signal("TERM");
-    let st = daemon.wait(Duration::from_secs(20)).expect("daemon exits");
-    assert!(st.success(), "{}", daemon.log_text());
+    daemon.term();
     assert!(!daemon.log_text().contains("panicked"));
 }

@@ -12,9 +12,6 @@ use common::track::*;
 use common::*;
 use serde_json::Value;
 
-/// The consumer group of the workflow engine on the events stream.
-const WORKFLOWS: &str = "paloma-workflows";
-
 #[test]
 fn not_opened_reminds_only_the_silent_recipient_after_the_window() {
     let redis = Redis::start();
@@ -106,9 +103,7 @@ send = {{ template = "followup", campaign = "launch-reminder" }}
     let timers = format!("{}timers", setup.prefix);
     wait_until("every timer resolved", Duration::from_secs(20), || {
         let n: i64 = redis::cmd("ZCARD").arg(&timers).query(&mut conn).unwrap();
-        n == 0
-            && events_consumed(&mut conn, &setup.prefix, WORKFLOWS)
-            && sends_drained(&mut conn, &setup.prefix)
+        n == 0 && rules_done(&mut conn, &setup.prefix)
     });
     let ends = terminal_events(&mut conn, &setup.prefix);
     assert_eq!(ends.len(), 5, "exactly one reminder: {ends:?}");
@@ -120,21 +115,18 @@ send = {{ template = "followup", campaign = "launch-reminder" }}
     assert_eq!(left, 0, "fired and cancelled timers are gone");
 
     let m = metrics_text(mport);
-    for line in [
-        r#"paloma_workflow_actions_total{action="timer",result="armed",rule="reminder"} 4"#,
-        r#"paloma_workflow_actions_total{action="timer",result="cancelled",rule="reminder"} 2"#,
-        r#"paloma_workflow_actions_total{action="timer",result="fired",rule="reminder"} 2"#,
-        r#"paloma_workflow_actions_total{action="send",result="enqueued",rule="reminder"} 1"#,
-        r#"paloma_workflow_actions_total{action="send",result="suppressed",rule="reminder"} 1"#,
-    ] {
-        assert!(m.contains(line), "{line} not in:\n{m}");
-    }
+    assert_metrics(
+        &m,
+        &[
+            r#"paloma_workflow_actions_total{action="timer",result="armed",rule="reminder"} 4"#,
+            r#"paloma_workflow_actions_total{action="timer",result="cancelled",rule="reminder"} 2"#,
+            r#"paloma_workflow_actions_total{action="timer",result="fired",rule="reminder"} 2"#,
+            r#"paloma_workflow_actions_total{action="send",result="enqueued",rule="reminder"} 1"#,
+            r#"paloma_workflow_actions_total{action="send",result="suppressed",rule="reminder"} 1"#,
+        ],
+    );
     assert!(!daemon.log_text().contains("panicked"));
-    daemon.signal("TERM");
-    assert!(daemon
-        .wait(Duration::from_secs(20))
-        .expect("exits")
-        .success());
+    daemon.term();
 }
 
 #[test]
@@ -210,18 +202,11 @@ send = { template = "followup" }
     wait_until(
         "the rules done with every event",
         Duration::from_secs(20),
-        || {
-            events_consumed(&mut conn, &setup.prefix, WORKFLOWS)
-                && sends_drained(&mut conn, &setup.prefix)
-        },
+        || rules_done(&mut conn, &setup.prefix),
     );
     assert_eq!(terminal_events(&mut conn, &setup.prefix).len(), 2);
     // The follow-up is of the same campaign, but a rule never arms for its own follow-ups.
     let n: i64 = redis::cmd("ZCARD").arg(&timers).query(&mut conn).unwrap();
     assert_eq!(n, 0);
-    daemon.signal("TERM");
-    assert!(daemon
-        .wait(Duration::from_secs(20))
-        .expect("exits")
-        .success());
+    daemon.term();
 }

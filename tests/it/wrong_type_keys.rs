@@ -10,17 +10,6 @@ use std::time::Duration;
 
 use common::track::*;
 use common::*;
-use serde_json::json;
-
-fn news(id: &str, campaign: &str, to: &str) -> String {
-    job(
-        id,
-        campaign,
-        "newsletter",
-        to,
-        json!({"first_name": "F", "products": [{"name": "X", "price": "1", "url": "https://shop.example/x"}]}),
-    )
-}
 
 fn set_string(conn: &mut redis::Connection, key: &str) {
     redis::cmd("SET")

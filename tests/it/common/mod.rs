@@ -519,6 +519,13 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM, and an exit with status 0 within 20 s (the log shown if not).
+    pub fn term(&mut self) {
+        self.signal("TERM");
+        let st = self.wait(Duration::from_secs(20)).expect("daemon exits");
+        assert!(st.success(), "{}", self.log_text());
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -666,6 +673,17 @@ pub fn newsletter_data(name: &str) -> Value {
         "first_name": name,
         "products": [{"name": "Linen shirt", "price": "49", "url": "https://shop.example/linen"}],
     })
+}
+
+/// A newsletter job `id` of `campaign` to `to`, with a first name "F" and one product.
+pub fn news(id: &str, campaign: &str, to: &str) -> String {
+    job(
+        id,
+        campaign,
+        "newsletter",
+        to,
+        serde_json::json!({"first_name": "F", "products": [{"name": "X", "price": "1", "url": "https://shop.example/x"}]}),
+    )
 }
 
 /// The terminal events so far.
@@ -853,6 +871,13 @@ pub fn metrics_text(port: u16) -> String {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
+}
+
+/// Asserts that each of `lines` (a sample, or the start of one) is in the /metrics `text`.
+pub fn assert_metrics(text: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(text.contains(line), "{line} not in:\n{text}");
+    }
 }
 
 /// The value of the sample whose name and labels are exactly `series` (e.g.
@@ -1178,6 +1203,11 @@ impl WireTap {
     pub fn sent(&self) -> Vec<Vec<u8>> {
         self.sent.lock().unwrap().clone()
     }
+}
+
+/// Entries in the stream `key`.
+pub fn stream_len(conn: &mut redis::Connection, key: &str) -> usize {
+    redis::cmd("XLEN").arg(key).query(conn).unwrap()
 }
 
 /// Entries pending in the sends group (`paloma`).

@@ -237,11 +237,59 @@ pub fn used_memory(conn: &mut redis::Connection) -> i64 {
         .unwrap()
 }
 
+/// Entries in `{prefix}events`.
 pub fn xlen(conn: &mut redis::Connection, prefix: &str) -> usize {
-    redis::cmd("XLEN")
-        .arg(format!("{prefix}events"))
-        .query(conn)
-        .unwrap()
+    super::stream_len(conn, &format!("{prefix}events"))
+}
+
+/// The consumer group of the workflow engine on the events stream.
+pub const WORKFLOWS: &str = "paloma-workflows";
+
+/// Appends raw events to `{prefix}events`, as another daemon's tracking server would.
+pub fn add_events(conn: &mut redis::Connection, prefix: &str, evs: &[String]) {
+    for e in evs {
+        redis::cmd("XADD")
+            .arg(format!("{prefix}events"))
+            .arg("*")
+            .arg("event")
+            .arg(e)
+            .query::<String>(conn)
+            .unwrap();
+    }
+}
+
+/// True once the workflow rules have taken in every event now in `{prefix}events` and every
+/// job in `{prefix}sends` is done: nothing more can come of the rules.
+pub fn rules_done(conn: &mut redis::Connection, prefix: &str) -> bool {
+    super::events_consumed(conn, prefix, WORKFLOWS) && super::sends_drained(conn, prefix)
+}
+
+/// An answer of the HTTP API: the status, the body as JSON (Null when it is not) and as text.
+pub struct Answer {
+    pub status: u16,
+    pub body: serde_json::Value,
+    pub raw: String,
+}
+
+/// One call to the HTTP API on `port`, with a JSON body and the bearer `token` if any.
+pub fn api_call(port: u16, method: &str, target: &str, token: Option<&str>, body: &[u8]) -> Answer {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a.as_str()));
+    }
+    let r = request(port, method, target, &headers, body);
+    let raw = r.text();
+    Answer {
+        status: r.status,
+        body: serde_json::from_str(&raw).unwrap_or(serde_json::Value::Null),
+        raw,
+    }
+}
+
+/// Jobs (JSON objects) as one JSON array, the body of `POST /api/v1/sends`.
+pub fn json_array(jobs: &[String]) -> Vec<u8> {
+    format!("[{}]", jobs.join(",")).into_bytes()
 }
 
 /// `n` keep-alive GETs over one connection, cycling through `paths` (as a flooding client
