@@ -17,7 +17,7 @@
 //! work on the same cores and nothing is delivered. The primary and its replica both write an
 //! AOF (fsync every second), as a deployment with replicas would.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
 

@@ -11,7 +11,7 @@
 //! instead of delivering it: the daemon does its share of the work on the same two cores,
 //! and nothing else does.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
 

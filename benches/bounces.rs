@@ -9,7 +9,7 @@
 //! Each DSN is a Postfix-style RFC 3464 report of a permanent failure for a job whose token
 //! was written as the intake writes it; every one must end as one `returned` event.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
 

@@ -17,7 +17,7 @@
 //! daemon and of Redis, and (unless `--quick` or `--no-postfix`) the rate of a throwaway Postfix relaying
 //! smtp-source's messages into the same sink: what many senders run today.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
 
@@ -180,7 +180,7 @@ fn source_command(target: &str, size: usize, count: usize, sessions: usize) -> C
     c
 }
 
-/// A throwaway Postfix (tests/common/postfix.rs) relaying everything to the sink, as many
+/// A throwaway Postfix (tests/it/common/postfix.rs) relaying everything to the sink, as many
 /// senders run it today, tuned for load.
 fn postfix(sink_port: u16) -> Postfix {
     Postfix::start(
@@ -683,7 +683,7 @@ fn report(label: &str, o: &Opts, r: &Run, ceiling: f64) {
 
 fn main() {
     let o = opts();
-    ensure_tools();
+    require_tools();
     let redis = Redis::start();
     let port = free_port();
     let mut sinks = vec![sink_on("127.0.0.1", port)];

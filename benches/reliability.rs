@@ -9,7 +9,7 @@
 //! The suite (`cargo test`) runs the same scenarios smaller, as pass/fail tests; this
 //! measures them.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
 

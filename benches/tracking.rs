@@ -3,9 +3,9 @@
 //! event that is written to Redis. Prints requests/s, latency percentiles and how many
 //! events reached the stream.
 //!
-//! `cargo bench --bench tracking` (installs wrk with apt-get when missing)
+//! `cargo bench --bench tracking` (wrk and the peers: `scripts/install-test-peers`)
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
 
@@ -17,22 +17,8 @@ use common::*;
 use paloma::track::token::{Kind, Signer};
 
 fn main() {
-    ensure_tools();
-    if Command::new("sh")
-        .args(["-c", "command -v wrk"])
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        let st = Command::new("sh")
-            .args([
-                "-c",
-                "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null",
-            ])
-            .status()
-            .expect("apt-get");
-        assert!(st.success(), "installing wrk failed");
-    }
+    require_tools();
+    require(WRK);
     let seconds: u64 = std::env::args()
         .skip_while(|a| a != "--seconds")
         .nth(1)
