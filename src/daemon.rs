@@ -82,7 +82,7 @@ impl App {
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         let templates = Templates::load(&settings.templates.dir, settings.templates.strict)?;
         let dkim = DkimKeys::load(&settings.dkim)?;
-        let renderer = Renderer::new(&settings, templates, dkim).map_err(anyhow::Error::msg)?;
+        let renderer = Renderer::new(&settings, templates, dkim)?;
         let metrics = Arc::new(Metrics::new());
         metrics.prime_rules(settings.domains.iter().map(|d| d.pattern.as_str()));
         let keys = Keys::new(&settings.redis.prefix).retaining(&settings.events);
@@ -442,12 +442,11 @@ impl App {
             .sendgrid_public_key
             .as_deref()
             .map(|k| crate::bounces::providers::SendGrid::new(k, p.max_skew.get()))
-            .transpose()
-            .map_err(anyhow::Error::msg)?;
+            .transpose()?;
         let ses = (!p.ses_topics.is_empty())
             .then(|| crate::bounces::ses::Ses::new(p.ses_topics.clone(), p.sns_cert_prefix.clone()))
             .transpose()
-            .map_err(anyhow::Error::msg)?;
+            .context("building the SES certificate client")?;
         let track_task = match tracking_listener {
             Some(listener) => {
                 let t = &settings.tracking;

@@ -16,7 +16,7 @@ use base64::Engine as _;
 
 use super::record::Finding;
 use super::TokenJob;
-use crate::values::SendGridKey;
+use crate::values::{SendGridKey, SendGridKeyError};
 
 pub const SIGNATURE: &str = "x-twilio-email-event-webhook-signature";
 pub const TIMESTAMP: &str = "x-twilio-email-event-webhook-timestamp";
@@ -37,9 +37,9 @@ pub enum Refused {
 
 impl SendGrid {
     /// `key`: base64 of the DER public key (SubjectPublicKeyInfo), as SendGrid shows it.
-    pub fn new(key: &str, max_skew: Duration) -> Result<SendGrid, String> {
+    pub fn new(key: &str, max_skew: Duration) -> Result<SendGrid, SendGridKeyError> {
         Ok(SendGrid {
-            point: SendGridKey::parse(key).map_err(|e| e.to_string())?.point,
+            point: SendGridKey::parse(key)?.point,
             max_skew,
         })
     }
@@ -79,10 +79,14 @@ pub struct Item {
     pub event_id: String,
 }
 
+/// A verified SendGrid body that is not a JSON array of events (answered 400).
+#[derive(Debug, thiserror::Error)]
+#[error("not a JSON array of events: {0}")]
+pub struct MalformedEvents(#[from] serde_json::Error);
+
 /// The events paloma acts on, from a verified body; Err when it is not a JSON array.
-pub fn sendgrid_events(body: &[u8]) -> Result<Vec<Item>, String> {
-    let events: Vec<serde_json::Value> =
-        serde_json::from_slice(body).map_err(|e| format!("not a JSON array of events: {e}"))?;
+pub fn sendgrid_events(body: &[u8]) -> Result<Vec<Item>, MalformedEvents> {
+    let events: Vec<serde_json::Value> = serde_json::from_slice(body)?;
     let mut out = Vec::new();
     for e in events {
         let s = |k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or_default();

@@ -98,12 +98,11 @@ pub struct Ses {
 }
 
 impl Ses {
-    pub fn new(topics: Vec<String>, cert_prefix: Option<String>) -> Result<Ses, String> {
+    pub fn new(topics: Vec<String>, cert_prefix: Option<String>) -> Result<Ses, reqwest::Error> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(std::time::Duration::from_secs(10))
-            .build()
-            .map_err(|e| e.to_string())?;
+            .build()?;
         Ok(Ses {
             topics,
             cert_prefix,

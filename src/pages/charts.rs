@@ -12,11 +12,22 @@ const UNSUBS: RGBColor = RGBColor(190, 18, 60);
 /// One named line of a chart: its legend, its colour, its points.
 type Series<X, Y> = (&'static str, RGBColor, Vec<(X, Y)>);
 
+/// Why a chart could not be drawn (the page shows "chart unavailable" with it).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ChartError(String);
+
+impl ChartError {
+    fn of(e: impl std::fmt::Display) -> ChartError {
+        ChartError(e.to_string())
+    }
+}
+
 /// Draws each named series as a line with its points, and the legend.
 fn lines<'a, X, Y>(
     chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
     series: Vec<Series<X::ValueType, Y::ValueType>>,
-) -> Result<(), String>
+) -> Result<(), ChartError>
 where
     X: Ranged,
     Y: Ranged,
@@ -29,7 +40,7 @@ where
                 points.iter().cloned(),
                 color.stroke_width(2),
             ))
-            .map_err(|e| e.to_string())?
+            .map_err(ChartError::of)?
             .label(name)
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
@@ -40,23 +51,23 @@ where
                     .into_iter()
                     .map(|p| Circle::new(p, 3, color.filled())),
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(ChartError::of)?;
     }
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.9))
         .border_style(RGBColor(200, 200, 200))
         .draw()
-        .map_err(|e| e.to_string())
+        .map_err(ChartError::of)
 }
 
 /// Opens and clicks (people's) per hour: `points` are (hour since the epoch, opens,
 /// clicks), in order.
-pub fn timeline(points: &[(i64, i64, i64)]) -> Result<String, String> {
+pub fn timeline(points: &[(i64, i64, i64)]) -> Result<String, ChartError> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        root.fill(&WHITE).map_err(ChartError::of)?;
         let (first, last) = match (points.first(), points.last()) {
             (Some(f), Some(l)) => (f.0, l.0.max(f.0 + 1)),
             _ => (0, 1),
@@ -72,7 +83,7 @@ pub fn timeline(points: &[(i64, i64, i64)]) -> Result<String, String> {
             .x_label_area_size(36)
             .y_label_area_size(48)
             .build_cartesian_2d(first..last, 0i64..top + top / 10 + 1)
-            .map_err(|e| e.to_string())?;
+            .map_err(ChartError::of)?;
         chart
             .configure_mesh()
             .x_desc("hour (UTC)")
@@ -85,25 +96,25 @@ pub fn timeline(points: &[(i64, i64, i64)]) -> Result<String, String> {
             })
             .light_line_style(RGBColor(235, 235, 235))
             .draw()
-            .map_err(|e| e.to_string())?;
+            .map_err(ChartError::of)?;
         let opens = points.iter().map(|p| (p.0, p.1)).collect();
         let clicks = points.iter().map(|p| (p.0, p.2)).collect();
         lines(
             &mut chart,
             vec![("opens", OPENS, opens), ("clicks", CLICKS, clicks)],
         )?;
-        root.present().map_err(|e| e.to_string())?;
+        root.present().map_err(ChartError::of)?;
     }
     Ok(svg)
 }
 
 /// The contact-pressure curve: people's unique click rate and unsubscribe rate (in %) per
 /// touch bucket.
-pub fn touches(rows: &[(String, f64, f64)]) -> Result<String, String> {
+pub fn touches(rows: &[(String, f64, f64)]) -> Result<String, ChartError> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        root.fill(&WHITE).map_err(ChartError::of)?;
         let top = rows
             .iter()
             .map(|r| r.1.max(r.2))
@@ -116,7 +127,7 @@ pub fn touches(rows: &[(String, f64, f64)]) -> Result<String, String> {
             .x_label_area_size(36)
             .y_label_area_size(48)
             .build_cartesian_2d(-1i32..n, 0f64..top * 1.15)
-            .map_err(|e| e.to_string())?;
+            .map_err(ChartError::of)?;
         chart
             .configure_mesh()
             .x_desc("marketing messages to the person in the last year (this one included)")
@@ -130,7 +141,7 @@ pub fn touches(rows: &[(String, f64, f64)]) -> Result<String, String> {
             })
             .light_line_style(RGBColor(235, 235, 235))
             .draw()
-            .map_err(|e| e.to_string())?;
+            .map_err(ChartError::of)?;
         let at = |pick: fn(&(String, f64, f64)) -> f64| {
             rows.iter()
                 .enumerate()
@@ -144,7 +155,7 @@ pub fn touches(rows: &[(String, f64, f64)]) -> Result<String, String> {
                 ("unsubscribe rate", UNSUBS, at(|r| r.2)),
             ],
         )?;
-        root.present().map_err(|e| e.to_string())?;
+        root.present().map_err(ChartError::of)?;
     }
     Ok(svg)
 }

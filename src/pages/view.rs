@@ -186,13 +186,16 @@ fn funnel(s: &CampaignStats) -> String {
     f
 }
 
-fn svg(chart: Result<String, String>, w: u32, h: u32) -> String {
+fn svg(chart: Result<String, charts::ChartError>, w: u32, h: u32) -> String {
     match chart {
         Ok(s) if !s.contains("viewBox") => {
             s.replacen("<svg ", &format!("<svg viewBox=\"0 0 {w} {h}\" "), 1)
         }
         Ok(s) => s,
-        Err(e) => format!("<p class=\"muted\">chart unavailable: {}</p>", esc(&e)),
+        Err(e) => format!(
+            "<p class=\"muted\">chart unavailable: {}</p>",
+            esc(&e.to_string())
+        ),
     }
 }
 

@@ -176,26 +176,47 @@ pub struct Renderer {
     return_paths: Option<crate::bounces::ReturnPaths>,
 }
 
+/// Why the renderer could not be built from the config and the templates.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("sender.from: {0}")]
+    From(crate::job::AddressError),
+    #[error("sender.reply_to: {0}")]
+    ReplyTo(crate::job::AddressError),
+    #[error("experiments ({campaign}): variant {variant:?} names template {template:?}, which is not in templates.dir")]
+    MissingTemplate {
+        campaign: String,
+        variant: String,
+        template: String,
+    },
+    #[error("experiments: the subject of {key}: {reason}")]
+    Subject { key: String, reason: String },
+}
+
 impl Renderer {
-    pub fn new(settings: &Settings, templates: Templates, dkim: DkimKeys) -> Result<Self, String> {
-        let from =
-            Mailbox::parse(&settings.sender.from).map_err(|e| format!("sender.from: {e}"))?;
+    pub fn new(
+        settings: &Settings,
+        templates: Templates,
+        dkim: DkimKeys,
+    ) -> Result<Self, SetupError> {
+        let from = Mailbox::parse(&settings.sender.from).map_err(SetupError::From)?;
         let reply_to = settings
             .sender
             .reply_to
             .as_deref()
             .map(Mailbox::parse)
             .transpose()
-            .map_err(|e| format!("sender.reply_to: {e}"))?;
+            .map_err(SetupError::ReplyTo)?;
         let mut templates = templates;
         for x in &settings.experiments {
             for v in &x.variants {
                 if let Some(t) = &v.template {
                     if !templates.contains(t) {
-                        return Err(format!(
-                            "experiments ({}): variant {:?} names template {t:?}, which is not in templates.dir",
-                            x.campaign, v.name
-                        ));
+                        return Err(SetupError::MissingTemplate {
+                            campaign: x.campaign.clone(),
+                            variant: v.name.clone(),
+                            template: t.clone(),
+                        });
                     }
                 }
             }
@@ -204,7 +225,10 @@ impl Renderer {
             templates
                 .plain
                 .register_template_string(&key, source)
-                .map_err(|e| format!("experiments: the subject of {key}: {e}"))?;
+                .map_err(|e| SetupError::Subject {
+                    key: key.clone(),
+                    reason: e.to_string(),
+                })?;
         }
         let t = &settings.tracking;
         Ok(Renderer {

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 /// The client every webhook POST of a daemon shares.
-pub fn client(timeout: Duration) -> Result<reqwest::Client, String> {
+pub fn client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout)
@@ -16,7 +16,6 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client, String> {
         .pool_idle_timeout(Duration::from_secs(30))
         .user_agent(concat!("paloma/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| format!("building the webhook client: {e}"))
 }
 
 /// POSTs `body` with `headers` and returns the response status. Errors are readable

@@ -80,7 +80,7 @@ impl Engine {
         consumer: String,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<(Engine, StreamConsumer)> {
-        let rules = Rules::from_settings(settings).map_err(anyhow::Error::msg)?;
+        let rules = Rules::from_settings(settings)?;
         for r in &rules.0 {
             if let Action::Send { template, .. } = &r.action {
                 if !templates.contains(template) {
@@ -397,7 +397,7 @@ pub async fn start(
     let worker = match &settings.webhooks.secret {
         Some(_) => Some(
             webhook::Worker::new(&settings.webhooks, engine.keys.clone(), metrics)
-                .map_err(anyhow::Error::msg)?,
+                .context("building the webhook client")?,
         ),
         None => None,
     };

@@ -91,16 +91,33 @@ pub struct Rule {
     pub action: Action,
 }
 
+/// Why a `[[workflows]]` rule could not become a [`Rule`] (config validation refuses these
+/// first; this is the engine's own check).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("workflow {rule}: unknown on = {on:?}")]
+    UnknownTrigger { rule: String, on: String },
+    #[error("workflow {rule}: set exactly one of send or webhook")]
+    Action { rule: String },
+}
+
 impl Rule {
-    pub fn from_config(w: &WorkflowRule) -> Result<Rule, String> {
-        let trigger = Trigger::parse(&w.on).ok_or_else(|| format!("unknown on = {:?}", w.on))?;
+    pub fn from_config(w: &WorkflowRule) -> Result<Rule, RuleError> {
+        let trigger = Trigger::parse(&w.on).ok_or_else(|| RuleError::UnknownTrigger {
+            rule: w.name.clone(),
+            on: w.on.clone(),
+        })?;
         let action = match (&w.send, &w.webhook) {
             (Some(s), None) => Action::Send {
                 template: s.template.clone(),
                 campaign: s.campaign.clone(),
             },
             (None, Some(url)) => Action::Webhook(url.clone()),
-            _ => return Err("set exactly one of send or webhook".into()),
+            _ => {
+                return Err(RuleError::Action {
+                    rule: w.name.clone(),
+                })
+            }
         };
         Ok(Rule {
             name: w.name.clone(),
@@ -248,11 +265,11 @@ pub struct Plan {
 pub struct Rules(pub Vec<Rule>);
 
 impl Rules {
-    pub fn from_settings(settings: &Settings) -> Result<Rules, String> {
+    pub fn from_settings(settings: &Settings) -> Result<Rules, RuleError> {
         settings
             .workflows
             .iter()
-            .map(|w| Rule::from_config(w).map_err(|e| format!("workflow {}: {e}", w.name)))
+            .map(Rule::from_config)
             .collect::<Result<_, _>>()
             .map(Rules)
     }

@@ -92,7 +92,7 @@ impl Worker {
         settings: &WebhookSettings,
         keys: Keys,
         metrics: Arc<Metrics>,
-    ) -> Result<Worker, String> {
+    ) -> Result<Worker, reqwest::Error> {
         Ok(Worker {
             keys,
             secret: settings

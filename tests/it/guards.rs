@@ -1,7 +1,9 @@
 //! Guards: a storm of 550 5.1.1 from one destination (smtp-sink `-f RCPT`) trips the bounce
-//! guard of the campaign sending there, which pauses by itself with a `campaign_paused`
-//! event (and a webhook to ops through a workflow rule); a campaign to a healthy destination
-//! sending at the same time is not paused. Resuming takes a new baseline.
+//! guard of the campaign sending there, which pauses by itself once, with a
+//! `campaign_paused` event naming the reason and the rate; its remaining jobs park; a
+//! campaign to a healthy destination sending at the same time is not paused and ends.
+//! (That a resume takes a new baseline is `control::guards`' unit test; that a
+//! `campaign_paused` event can tell the CRM is the workflow webhook tests'.)
 
 use crate::common;
 

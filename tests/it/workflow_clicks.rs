@@ -125,6 +125,27 @@ send = {{ template = "followup", campaign = "spring-followup" }}
 
     // The follow-up is a mail like any other: its own clicks do not fire the rule again
     // (another campaign), and the clicks were counted.
+    assert!(!f.clicks.is_empty(), "the follow-up has tracked links");
+    for link in &f.clicks {
+        assert_eq!(get(port, link, MAIL_UA).status, 302, "{link}");
+    }
+    wait_until(
+        "the follow-up's clicks recorded",
+        Duration::from_secs(10),
+        || {
+            events(&mut conn, &setup.prefix)
+                .iter()
+                .filter(|e| e["type"] == "clicked" && e["id"] == "wf:pricing-followup:ann")
+                .count()
+                == f.clicks.len()
+        },
+    );
+    wait_until(
+        "the rules done with the follow-up's clicks",
+        Duration::from_secs(20),
+        || rules_done(&mut conn, &setup.prefix),
+    );
+    assert_eq!(terminal_events(&mut conn, &setup.prefix).len(), 3);
     let m = metrics_text(mport);
     assert_metrics(
         &m,
