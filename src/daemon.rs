@@ -455,8 +455,7 @@ impl App {
                     t.scanner_networks_file.as_deref(),
                     t.machine_window.get(),
                     t.trust_forwarded,
-                )
-                .map_err(|e| anyhow::anyhow!(e))?;
+                )?;
                 let state = crate::track::server::TrackState {
                     detector,
                     signer,

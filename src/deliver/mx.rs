@@ -104,13 +104,17 @@ impl MxRouter {
             prohibited: Networks::new(
                 d.prohibited_hosts
                     .iter()
-                    .map(|n| Networks::parse_cidr(n).map_err(DeliverError::Resolver))
+                    .map(|n| {
+                        Networks::parse_cidr(n).map_err(|e| DeliverError::Resolver(e.to_string()))
+                    })
                     .collect::<Result<Vec<_>, _>>()?,
             ),
             allowed: Networks::new(
                 d.allowed_hosts
                     .iter()
-                    .map(|n| Networks::parse_cidr(n).map_err(DeliverError::Resolver))
+                    .map(|n| {
+                        Networks::parse_cidr(n).map_err(|e| DeliverError::Resolver(e.to_string()))
+                    })
                     .collect::<Result<Vec<_>, _>>()?,
             ),
             max_hosts: d.mx_max_hosts,

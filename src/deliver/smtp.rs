@@ -624,12 +624,25 @@ fn reply_text(code: Option<u16>, err: &str) -> String {
     }
 }
 
+/// Why an envelope could not be made: an address lettre does not take, quoted.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("{address:?}: {reason}")]
+    Address { address: String, reason: String },
+    #[error("{0}")]
+    Envelope(String),
+}
+
 /// The SMTP envelope of one message.
-pub fn envelope(mail_from: &str, rcpt: &str) -> Result<Envelope, String> {
-    let parse = |s: &str| -> Result<Address, String> {
-        s.parse::<Address>().map_err(|e| format!("{s:?}: {e}"))
+pub fn envelope(mail_from: &str, rcpt: &str) -> Result<Envelope, EnvelopeError> {
+    let parse = |s: &str| -> Result<Address, EnvelopeError> {
+        s.parse::<Address>().map_err(|e| EnvelopeError::Address {
+            address: s.into(),
+            reason: e.to_string(),
+        })
     };
-    Envelope::new(Some(parse(mail_from)?), vec![parse(rcpt)?]).map_err(|e| e.to_string())
+    Envelope::new(Some(parse(mail_from)?), vec![parse(rcpt)?])
+        .map_err(|e| EnvelopeError::Envelope(e.to_string()))
 }
 
 #[cfg(test)]

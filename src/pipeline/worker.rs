@@ -159,10 +159,10 @@ async fn attempt(
         .unwrap_or_else(|| stages.renderer.mail_from(job));
     let envelope = match crate::deliver::smtp::envelope(mail_from, job.to.as_str()) {
         Ok(e) => e,
-        Err(reason) => {
+        Err(e) => {
             let err = JobError::Invalid {
                 field: "to",
-                reason,
+                reason: e.to_string(),
             };
             return Some(Record::dead(entry, &err, ident, true));
         }

@@ -95,6 +95,15 @@ pub struct Hit<'a> {
     pub click: Option<(&'a str, u64)>,
 }
 
+/// Why the machine-hit judge could not be built from `[tracking]`.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectorError {
+    #[error("tracking.scanner_networks: {0}")]
+    Networks(crate::values::RangeError),
+    #[error("tracking.scanner_networks_file: {0}")]
+    File(crate::values::RangeFileError),
+}
+
 impl Detector {
     /// From `[tracking]`: `scanner_networks` (None: [`SCANNER_NETWORKS`]),
     /// `scanner_networks_file`, `machine_window`, `trust_forwarded`.
@@ -103,28 +112,22 @@ impl Detector {
         file: Option<&Path>,
         window: Duration,
         trust_forwarded: bool,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, DetectorError> {
         let mut ranges = Vec::new();
         match networks {
             Some(list) => {
                 for n in list {
-                    ranges.push(
-                        Networks::parse_cidr(n)
-                            .map_err(|e| format!("tracking.scanner_networks: {e}"))?,
-                    );
+                    ranges.push(Networks::parse_cidr(n).map_err(DetectorError::Networks)?);
                 }
             }
             None => {
                 for n in SCANNER_NETWORKS {
-                    ranges.push(Networks::parse_cidr(n)?);
+                    ranges.push(Networks::parse_cidr(n).map_err(DetectorError::Networks)?);
                 }
             }
         }
         if let Some(f) = file {
-            ranges.extend(
-                Networks::read_file(f)
-                    .map_err(|e| format!("tracking.scanner_networks_file: {e}"))?,
-            );
+            ranges.extend(Networks::read_file(f).map_err(DetectorError::File)?);
         }
         Ok(Detector {
             networks: Networks::new(ranges),
@@ -403,7 +406,7 @@ mod tests {
         let v = Networks::read_file(&f).unwrap();
         assert_eq!(v.len(), 2);
         std::fs::write(&f, "10.0.0.0/8\nnot-a-range\n").unwrap();
-        let e = Networks::read_file(&f).unwrap_err();
+        let e = Networks::read_file(&f).unwrap_err().to_string();
         assert!(e.contains(":2:"), "{e}");
     }
 

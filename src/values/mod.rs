@@ -12,6 +12,6 @@ pub mod sendgrid;
 pub mod url;
 
 pub use names::{address_key, valid_variant_name, CampaignId, NameError, CAMPAIGN_RULE};
-pub use net::Networks;
+pub use net::{Networks, RangeError, RangeFileError};
 pub use sendgrid::{SendGridKey, SendGridKeyError};
 pub use url::{redact, webhook_url, RedisUrl, WebhookUrlError};

@@ -4,6 +4,35 @@
 use std::net::IpAddr;
 use std::path::Path;
 
+/// Why an address range was refused; its text quotes the range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    #[error("{0:?} is not an address range (a.b.c.d/n or x::/n)")]
+    NotARange(String),
+    #[error(
+        "{0:?}: write IPv4 ranges as a.b.c.d/n (an IPv4-mapped IPv6 prefix is easy to get wrong)"
+    )]
+    MappedPrefix(String),
+    #[error("{range:?}: prefix length must be 0..={max}")]
+    PrefixLength { range: String, max: u32 },
+}
+
+/// Why a file of ranges could not be read: the file, and the line that is not a range.
+#[derive(Debug, thiserror::Error)]
+pub enum RangeFileError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {source}")]
+    Line {
+        path: String,
+        line: usize,
+        source: RangeError,
+    },
+}
+
 /// A set of address ranges, looked up by binary search (a published egress list has tens
 /// of thousands of ranges). IPv4 is kept as IPv4-mapped IPv6.
 #[derive(Debug, Default, Clone)]
@@ -14,32 +43,30 @@ pub struct Networks {
 
 impl Networks {
     /// Parses `a.b.c.d/n`, `x:y::/n` or a bare address.
-    pub fn parse_cidr(s: &str) -> Result<(u128, u128), String> {
+    pub fn parse_cidr(s: &str) -> Result<(u128, u128), RangeError> {
         let s = s.trim();
         let (addr, len) = match s.split_once('/') {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        let ip: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{s:?} is not an address range (a.b.c.d/n or x::/n)"))?;
+        let ip: IpAddr = addr.parse().map_err(|_| RangeError::NotARange(s.into()))?;
         let (bits, max) = match ip {
             IpAddr::V4(v4) => (u128::from(v4.to_ipv6_mapped()), 32),
             IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() && len.is_some() => {
-                return Err(format!(
-                    "{s:?}: write IPv4 ranges as a.b.c.d/n (an IPv4-mapped IPv6 prefix is easy to get wrong)"
-                ))
+                return Err(RangeError::MappedPrefix(s.into()))
             }
             IpAddr::V6(v6) => (u128::from(v6), 128),
         };
-        let len: u32 = match len {
-            Some(l) => l
-                .parse()
-                .ok()
-                .filter(|&n| n <= max)
-                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
-            None => max,
-        };
+        let len: u32 =
+            match len {
+                Some(l) => l.parse().ok().filter(|&n| n <= max).ok_or_else(|| {
+                    RangeError::PrefixLength {
+                        range: s.into(),
+                        max,
+                    }
+                })?,
+                None => max,
+            };
         let host_bits = max - len;
         let mask = if host_bits == 128 {
             u128::MAX
@@ -64,8 +91,12 @@ impl Networks {
 
     /// Ranges from a file: one per line, or CSV whose first column is the range (the format
     /// of Apple's egress list); blank lines and `#` comments are skipped.
-    pub fn read_file(path: &Path) -> Result<Vec<(u128, u128)>, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn read_file(path: &Path) -> Result<Vec<(u128, u128)>, RangeFileError> {
+        let shown = || path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| RangeFileError::Read {
+            path: shown(),
+            source,
+        })?;
         let mut out = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let first = line.split(',').next().unwrap_or("").trim();
@@ -73,8 +104,11 @@ impl Networks {
                 continue;
             }
             out.push(
-                Self::parse_cidr(first)
-                    .map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?,
+                Self::parse_cidr(first).map_err(|source| RangeFileError::Line {
+                    path: shown(),
+                    line: n + 1,
+                    source,
+                })?,
             );
         }
         Ok(out)
