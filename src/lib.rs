@@ -8,11 +8,11 @@
 //!   its own section.
 //! - [`job`]: the job contract and its validation (newtypes parsed at the edge).
 //! - [`pipeline`]: a job's life — [`pipeline::intake`] → [`pipeline::worker`] →
-//!   [`pipeline::next`] (the one place that decides a job's next state).
+//!   [`pipeline::next`] (the one place that decides a job's next state) →
+//!   [`pipeline::recorder`] (outcomes and acks written per batch).
 //! - [`queue`]: Redis streams and sets the pipeline runs on: one stream consumer type
-//!   ([`queue::consumer`]) for the intake and the workflow engine, the delayed set, events,
-//!   idempotency records ([`queue::idem`]) and the recorder that writes outcomes and acks
-//!   per batch.
+//!   ([`queue::consumer`]) for the intake and the workflow engine, the sends stream
+//!   ([`queue::sends`]), the delayed set, events and idempotency records ([`queue::idem`]).
 //! - [`store`]: Redis connections, server checks, and the one key schema ([`store::keys`]).
 //! - [`render`]: templates → personalized parts → tracked links → MIME → DKIM.
 //! - [`shape`]: per-domain rules, rates (shared in Redis) and throttling state per site.
@@ -37,7 +37,6 @@
 //! - [`cli`]: the command line, one file per command (`enqueue`, `stats`, `suppress`,
 //!   `campaign`, `experiment`, `demo`: the quick start).
 //! - [`panics`]: a panic is one log line, with no backtrace to symbolize.
-//!
 //! - [`escape`]: HTML escaping, one function for templates and every page.
 //! - [`retry`]: waiting between tries while Redis does not answer; [`ticker`]: the loop of
 //!   every periodic task.
