@@ -357,6 +357,7 @@ impl App {
         let ready = Arc::new(AtomicBool::new(false));
         let signer = renderer.signer().clone();
         let templates = renderer.templates().names().count();
+        tokio::spawn(shaper.clone().follow_shared(stop_rx.clone()));
         let stages = Arc::new(Stages {
             renderer,
             deliverer,

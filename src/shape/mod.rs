@@ -56,7 +56,13 @@ pub struct Shaper {
     builtin_suspend: Option<Duration>,
     /// What throttling replies did to each site.
     pub throttles: Throttles,
+    /// Where suspensions are shared with the fleet (`delivery.shared_rates`): a connection
+    /// and `{prefix}suspended_sites`.
+    shared: Option<(RedisConn, String)>,
 }
+
+/// How often each daemon reads the suspensions the fleet shares.
+pub const SHARED_SUSPENSIONS_EVERY: Duration = Duration::from_millis(500);
 
 /// Whether a job may be sent now.
 #[derive(Debug, PartialEq, Eq)]
@@ -130,6 +136,7 @@ impl Shaper {
             backoff: settings.backoff.clone(),
             builtin_suspend: (d.mode == DeliveryMode::Mx).then(|| d.throttle_suspend.get()),
             throttles: Throttles::default(),
+            shared: redis.map(|c| (c, keys.suspended_sites.clone())),
         }
     }
 
@@ -164,6 +171,7 @@ impl Shaper {
             Reaction::Suspend(pause) => {
                 let fresh = self.throttles.suspended_for(site, now).is_none();
                 self.throttles.suspend(site, now + *pause);
+                self.share_suspension(site, *pause);
                 fresh
             }
             Reaction::Slow(rate, period) => {
@@ -173,6 +181,66 @@ impl Shaper {
             }
         };
         fresh.then_some(reaction)
+    }
+
+    /// Tells the fleet: `{prefix}suspended_sites` gets the site until now + `pause` on the
+    /// server's clock (a later suspension already there is kept). Written by a task of its
+    /// own, so the worker that heard the reply does not wait on Redis; a throttling reply is
+    /// rare, this is no per-message write.
+    fn share_suspension(&self, site: &str, pause: Duration) {
+        let Some((conn, key)) = &self.shared else {
+            return;
+        };
+        let until = crate::queue::now_ms() + pause.as_millis() as i64;
+        let (mut conn, key, site) = (conn.clone(), key.clone(), site.to_string());
+        tokio::spawn(async move {
+            let r: redis::RedisResult<()> = redis::cmd("ZADD")
+                .arg(&key)
+                .arg("GT")
+                .arg(until)
+                .arg(&site)
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, site, "sharing a site's suspension failed; the other daemons learn it from their own replies");
+            }
+        });
+    }
+
+    /// Applies the suspensions the fleet shares, every [`SHARED_SUSPENSIONS_EVERY`] until
+    /// `stop`: one round trip that drops the ended ones and reads the rest, so every daemon
+    /// sending to a site stops within about a second of the first one's throttling reply.
+    pub async fn follow_shared(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
+        let Some((mut conn, key)) = self.shared.clone() else {
+            return;
+        };
+        let mut ticker = crate::ticker::Ticker::new(SHARED_SUSPENSIONS_EVERY, stop);
+        while ticker.tick().await {
+            let now = crate::queue::now_ms();
+            let mut p = redis::pipe();
+            p.cmd("ZREMRANGEBYSCORE")
+                .arg(&key)
+                .arg("-inf")
+                .arg(now)
+                .ignore();
+            p.cmd("ZRANGEBYSCORE")
+                .arg(&key)
+                .arg(format!("({now}"))
+                .arg("+inf")
+                .arg("WITHSCORES");
+            match p.query_async::<(Vec<(String, i64)>,)>(&mut conn).await {
+                Ok((sites,)) => {
+                    let at = Instant::now();
+                    for (site, until) in sites {
+                        let left = Duration::from_millis((until - now).max(0) as u64);
+                        self.throttles.suspend(&site, at + left);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the fleet's suspensions failed; next round")
+                }
+            }
+        }
     }
 
     /// The rule for a domain whose MX hosts are `mx_hosts`. `example.com` matches that

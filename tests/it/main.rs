@@ -52,6 +52,7 @@ mod refused_writes;
 mod relay_dns;
 mod relay_tls;
 mod report_pages;
+mod shared_backoff;
 mod sink_faults;
 mod slow_bodies;
 mod slow_clients;
