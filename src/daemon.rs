@@ -358,10 +358,13 @@ impl App {
         let signer = renderer.signer().clone();
         let templates = renderer.templates().names().count();
         tokio::spawn(shaper.clone().follow_shared(stop_rx.clone()));
+        let egress = Arc::new(crate::egress::Egress::new(&settings, Some(conn.clone())));
+        let egress_task = tokio::spawn(egress.clone().flush_sent(metrics.clone(), stop_rx.clone()));
         let stages = Arc::new(Stages {
             renderer,
             deliverer,
             shaper: shaper.clone(),
+            egress,
             caps: Caps::new(&settings.caps),
             recorder: handle,
             leases,
@@ -561,6 +564,8 @@ impl App {
         drop(intake);
         drop(stages);
         let _ = tokio::time::timeout(Duration::from_secs(1), recorder_task).await;
+        // Sent counts and unused warm-up claims go back to the fleet.
+        let _ = tokio::time::timeout(Duration::from_secs(2), egress_task).await;
         let _ = exit_tx.send(true);
         let _ = scheduler_task.await;
         if let Some(t) = workflow_task {

@@ -69,6 +69,7 @@ struct RawJob {
     send_at: Option<String>,
     #[serde(default)]
     transactional: Option<bool>,
+    pool: Option<Value>,
 }
 
 /// A validated job.
@@ -93,6 +94,8 @@ pub struct Job {
     /// A marketing job: which marketing message of the year it is for its recipient (1: the
     /// first), read at the intake (see [`crate::policy::touches`]).
     pub touch: Option<u32>,
+    /// The egress pool it leaves from (mx mode with `[[sources]]`); None: the default pool.
+    pub pool: Option<String>,
 }
 
 /// What can be learnt from a job even when it is invalid, for the `dead` event.
@@ -223,6 +226,11 @@ impl Job {
                     .map_err(|e| invalid("send_at", format!("{s:?} is not RFC 3339: {e}")))
             })
             .transpose()?;
+        let pool = match rj.pool {
+            None | Some(Value::Null) => None,
+            Some(Value::String(p)) if crate::values::valid_egress_name(&p) => Some(p),
+            Some(_) => return Err(invalid("pool", "a pool name is 1-64 of A-Z a-z 0-9 . _ -")),
+        };
         Ok(Job {
             id,
             campaign,
@@ -238,6 +246,7 @@ impl Job {
             variant: None,
             subject: None,
             touch: None,
+            pool,
         })
     }
 }

@@ -58,6 +58,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod deliver;
+pub mod egress;
 pub mod escape;
 pub mod experiment;
 pub mod http;

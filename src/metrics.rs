@@ -31,6 +31,12 @@ pub struct Metrics {
     pub suspended_delays: IntCounterVec,
     /// Sites suspended after a throttling reply.
     pub suspensions: IntCounterVec,
+    /// Attempts by egress source and outcome (`-`: the implicit source).
+    pub source_messages: IntCounterVec,
+    /// Jobs put back until the next UTC day: every source of their pool at its warm-up cap.
+    pub warmup_delays: IntCounterVec,
+    /// Today's warm-up cap of each warming source (absent once the plan is over).
+    pub source_cap: IntGaugeVec,
     pub sessions_open: IntGauge,
     /// Messages sent whole whose final reply never came (connection closed or
     /// `data_done_timeout`): deferred, and the receiver may have them.
@@ -217,6 +223,27 @@ impl Metrics {
             "Destinations suspended after a throttling reply.",
             &["rule"],
         );
+        let source_messages = vec(
+            "paloma_source_messages_total",
+            "Delivery attempts by egress source ([[sources]]; - without sources) and outcome.",
+            &["source", "outcome"],
+        );
+        let warmup_delays = vec(
+            "paloma_warmup_delays_total",
+            "Jobs put back until the next UTC day because every source of their pool was at its warm-up cap.",
+            &["pool"],
+        );
+        let source_cap = IntGaugeVec::new(
+            prometheus::Opts::new(
+                "paloma_source_warmup_cap",
+                "Today's warm-up cap of each warming egress source (0 before its start; absent once its plan is over).",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(source_cap.clone()))
+            .expect("unique metric");
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
             registry
@@ -421,6 +448,9 @@ impl Metrics {
             shaping_delays,
             suspended_delays,
             suspensions,
+            source_messages,
+            warmup_delays,
+            source_cap,
             sessions_open,
             replies_lost,
             outcomes_fenced,

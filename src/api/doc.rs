@@ -6,7 +6,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{manage, sends};
+use super::{egress, manage, sends};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,6 +24,7 @@ use super::{manage, sends};
         manage::recipient,
         manage::suppress,
         manage::unsuppress,
+        egress::list_sources,
     ),
     modifiers(&Bearer)
 )]
@@ -58,6 +59,7 @@ mod tests {
             serde_json::from_str(&Doc::openapi().to_json().unwrap()).unwrap();
         for path in [
             "/api/v1/sends",
+            "/api/v1/sources",
             "/api/v1/campaigns",
             "/api/v1/campaigns/{campaign}",
             "/api/v1/campaigns/{campaign}/pause",

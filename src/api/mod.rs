@@ -5,6 +5,7 @@
 //! - `GET /api/v1/campaigns[/{c}]`, `POST /api/v1/campaigns/{c}/pause|resume|cancel`,
 //!   `GET /api/v1/recipients/{address}`, `PUT|DELETE /api/v1/suppressions/{address}`
 //!   ([`manage`]): what `paloma stats`, `paloma campaign` and `paloma suppress` do;
+//! - `GET /api/v1/sources` ([`egress`]): what `paloma sources` shows;
 //! - `GET /api/v1/openapi.json`: the OpenAPI document, derived from the handlers ([`doc`]);
 //! - the report pages, `/campaigns` ([`crate::pages`]).
 //!
@@ -16,6 +17,7 @@
 //! the clients send.
 
 pub mod doc;
+pub mod egress;
 pub mod manage;
 pub mod sends;
 
@@ -56,6 +58,8 @@ pub struct Api {
     pub health: Arc<crate::store::checks::Health>,
     /// What a write waits for before it is acknowledged (`redis.ack_replicas`).
     pub acks: Arc<crate::store::replication::Acks>,
+    /// The egress sources, for `GET /api/v1/sources`.
+    pub sources: crate::egress::status::Catalog,
 }
 
 impl Api {
@@ -73,6 +77,7 @@ impl Api {
             bodies: Semaphore::new(2),
             health: Arc::default(),
             acks: Arc::new(crate::store::replication::Acks::none(metrics.clone())),
+            sources: crate::egress::status::Catalog::new(settings),
             metrics,
         }
     }
@@ -198,6 +203,7 @@ pub fn routes(api: Arc<Api>) -> Router {
         .route("/api/v1/campaigns/{campaign}/resume", post(manage::resume))
         .route("/api/v1/campaigns/{campaign}/cancel", post(manage::cancel))
         .route("/api/v1/recipients/{address}", get(manage::recipient))
+        .route("/api/v1/sources", get(egress::list_sources))
         .route(
             "/api/v1/suppressions/{address}",
             put(manage::suppress).delete(manage::unsuppress),

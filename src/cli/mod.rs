@@ -7,6 +7,7 @@ pub mod campaign;
 pub mod demo;
 pub mod enqueue;
 pub mod experiment;
+pub mod sources;
 pub mod stats;
 pub mod suppress;
 
@@ -52,6 +53,8 @@ enum Command {
         #[command(subcommand)]
         action: experiment::Cmd,
     },
+    /// Egress sources: address, EHLO name, pools, warm-up day and cap, sent today, suspensions.
+    Sources(sources::Args),
     /// The quick start: a throwaway Redis, a local mail capture, a sample campaign.
     Demo(demo::Args),
 }
@@ -69,6 +72,7 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> anyhow::Result
         Command::Campaign { action } => campaign::run(action).await,
         Command::Experiment { action } => experiment::run(action).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Sources(args) => sources::run(args).await,
     }
 }
 

@@ -9,6 +9,7 @@
 //! type, the weak-secret policy, scrubbing secrets from messages), [`env`] (the environment
 //! overlay) and [`validate`] (one check per section, each error naming its key).
 
+mod egress;
 mod env;
 mod secrets;
 mod sections;
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use egress::{PoolMember, PoolRule, SourceRule, WarmupRule, IMPLICIT_POOL};
 pub use secrets::{weak_secret, Secret, MAKE_SECRET};
 pub use sections::*;
 pub use units::{Dur, Percent, Rate};
@@ -112,6 +114,12 @@ pub struct Settings {
     /// A/B tests of a campaign's template or subject, with a winner picked automatically.
     #[serde(default)]
     pub experiments: Vec<ExperimentRule>,
+    /// Egress sources (`[[sources]]`, mx mode): a bound address and EHLO name each.
+    #[serde(default)]
+    pub sources: Vec<SourceRule>,
+    /// Weighted sets of sources (`[[pools]]`).
+    #[serde(default)]
+    pub pools: Vec<PoolRule>,
 }
 
 impl Settings {

@@ -384,6 +384,9 @@ pub struct DeliverySettings {
     /// `[[domains]]` rates are held in Redis (GCRA under `{prefix}rate:`), so they bound the
     /// whole fleet of daemons sharing the prefix; false: each daemon keeps its own.
     pub shared_rates: bool,
+    /// mx mode with `[[sources]]`: the pool a job leaves from unless its `pool` field names
+    /// another (default: the only pool, or every source when no `[[pools]]` is given).
+    pub pool: Option<String>,
 }
 
 impl Default for DeliverySettings {
@@ -437,6 +440,7 @@ impl Default for DeliverySettings {
             max_message_bytes: 10 * 1024 * 1024,
             throttle_suspend: "5m".parse().expect("valid default"),
             shared_rates: true,
+            pool: None,
         }
     }
 }

@@ -31,6 +31,7 @@ impl Settings {
         self.events.validate()?;
         self.redis.validate()?;
         self.delivery.validate()?;
+        egress(self)?;
         backoff(&self.backoff)?;
         caps(&self.caps)?;
         workflows(&self.workflows)?;
@@ -514,4 +515,172 @@ impl WebhookSettings {
         }
         Ok(())
     }
+}
+
+/// `[[sources]]`, `[[pools]]` and `[delivery] pool`: every name is usable in keys, every
+/// address is an IP address, every pool names known sources with some weight, warm-up plans
+/// only ramp up.
+fn egress(s: &Settings) -> Checked {
+    use crate::values::valid_egress_name;
+    if !s.sources.is_empty() && s.delivery.mode != DeliveryMode::Mx {
+        return bad(
+            "sources",
+            "[[sources]] are for delivery.mode = \"mx\" (in relay mode the relay sends from its own addresses): remove them or set mode = \"mx\"",
+        );
+    }
+    if s.sources.is_empty() && (!s.pools.is_empty() || s.delivery.pool.is_some()) {
+        return bad(
+            "pools",
+            "[[pools]] and delivery.pool need [[sources]] to pick from: add [[sources]] (name, address, helo)",
+        );
+    }
+    for (i, src) in s.sources.iter().enumerate() {
+        let key = format!("sources[{i}]");
+        if !valid_egress_name(&src.name) {
+            return bad(
+                format!("{key}.name"),
+                format!("{key}.name {:?}: 1-64 of A-Z a-z 0-9 . _ -", src.name),
+            );
+        }
+        if s.sources[..i].iter().any(|o| o.name == src.name) {
+            return bad(
+                format!("{key}.name"),
+                format!(
+                    "{key}.name {:?} is given twice: each source has a name of its own",
+                    src.name
+                ),
+            );
+        }
+        match src.address.parse::<std::net::IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => {}
+            _ => {
+                return bad(
+                    format!("{key}.address"),
+                    format!(
+                        "{key}.address {:?} ({}): give one IPv4 or IPv6 address of this host, such as \"203.0.113.10\"",
+                        src.address, src.name
+                    ),
+                )
+            }
+        }
+        let helo_ok = !src.helo.is_empty()
+            && src.helo.len() <= 253
+            && src
+                .helo
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
+        if !helo_ok {
+            return bad(
+                format!("{key}.helo"),
+                format!(
+                    "{key}.helo {:?} ({}): the host name the address's PTR gives, such as \"mta1.shop.example\"",
+                    src.helo, src.name
+                ),
+            );
+        }
+        if let Some(w) = &src.warmup {
+            let wkey = format!("{key}.warmup");
+            if let Err(e) = w.start_day() {
+                return bad(format!("{wkey}.start"), format!("{wkey}.start: {e}"));
+            }
+            if w.daily.is_empty() {
+                return bad(
+                    format!("{wkey}.daily"),
+                    format!("{wkey}.daily is empty: give the messages allowed on day 1, 2, …"),
+                );
+            }
+            if w.daily[0] == 0 {
+                return bad(
+                    format!("{wkey}.daily"),
+                    format!("{wkey}.daily starts at 0: day 1 must allow some messages"),
+                );
+            }
+            if let Some(d) = w.daily.windows(2).position(|p| p[1] < p[0]) {
+                return bad(
+                    format!("{wkey}.daily"),
+                    format!(
+                        "{wkey}.daily is out of order: day {} allows {} after {} on day {}; a warm-up only ramps up",
+                        d + 2,
+                        w.daily[d + 1],
+                        w.daily[d],
+                        d + 1
+                    ),
+                );
+            }
+        }
+    }
+    for (i, p) in s.pools.iter().enumerate() {
+        let key = format!("pools[{i}]");
+        if !valid_egress_name(&p.name) {
+            return bad(
+                format!("{key}.name"),
+                format!("{key}.name {:?}: 1-64 of A-Z a-z 0-9 . _ -", p.name),
+            );
+        }
+        if s.pools[..i].iter().any(|o| o.name == p.name) {
+            return bad(
+                format!("{key}.name"),
+                format!("{key}.name {:?} is given twice", p.name),
+            );
+        }
+        if p.sources.is_empty() {
+            return bad(
+                format!("{key}.sources"),
+                format!(
+                    "{key}.sources ({}) is empty: list {{ source = \"…\", weight = 1 }}",
+                    p.name
+                ),
+            );
+        }
+        for (j, m) in p.sources.iter().enumerate() {
+            if !s.sources.iter().any(|src| src.name == m.source) {
+                let known: Vec<&str> = s.sources.iter().map(|s| s.name.as_str()).collect();
+                return bad(
+                    format!("{key}.sources[{j}].source"),
+                    format!(
+                        "{key}.sources[{j}] ({}) names no source {:?}: the [[sources]] are {}",
+                        p.name,
+                        m.source,
+                        known.join(", ")
+                    ),
+                );
+            }
+            if p.sources[..j].iter().any(|o| o.source == m.source) {
+                return bad(
+                    format!("{key}.sources[{j}].source"),
+                    format!(
+                        "{key}.sources ({}) lists {:?} twice: give it one weight",
+                        p.name, m.source
+                    ),
+                );
+            }
+        }
+        if p.sources.iter().all(|m| m.weight == 0) {
+            return bad(
+                format!("{key}.sources"),
+                format!("{key}.sources ({}): every weight is 0, so the pool could send nothing; give one source a weight above 0", p.name),
+            );
+        }
+    }
+    if let Some(pool) = &s.delivery.pool {
+        if !s.pool_names().any(|n| n == pool) {
+            return bad(
+                "delivery.pool",
+                format!(
+                    "delivery.pool {pool:?} names no pool: the pools are {}",
+                    s.pool_names().collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+    } else if s.pools.len() > 1 {
+        return bad(
+            "delivery.pool",
+            format!(
+                "delivery.pool is not set and there are {} pools: name the default one ({})",
+                s.pools.len(),
+                s.pool_names().collect::<Vec<_>>().join(", ")
+            ),
+        );
+    }
+    Ok(())
 }

@@ -84,7 +84,7 @@ pub enum Deliverer {
 
 /// Where one recipient domain's mail goes right now.
 pub enum Route {
-    Site(Arc<Site>),
+    Dest(Dest),
     /// Decided without a session: null MX or NXDOMAIN (bounce), DNS failure (defer).
     Final(Outcome),
 }
@@ -132,6 +132,7 @@ pub fn session_config(
         timeouts: timeouts(d),
         idle_timeout: d.idle_timeout.get(),
         messages_per_connection: messages_per_connection.max(1),
+        bind: None,
     })
 }
 
@@ -149,6 +150,30 @@ pub fn timeouts(d: &DeliverySettings) -> smtp::Timeouts {
         data: cap(d.data_timeout),
         data_block: d.data_block_timeout.get(),
         data_done: d.data_done_timeout.get(),
+    }
+}
+
+/// A destination: the relay, or a domain's MX site (per egress source, see
+/// [`Deliverer::site`]).
+pub enum Dest {
+    Relay(Arc<Site>),
+    Mx(Arc<mx::MxDest>),
+}
+
+impl Dest {
+    /// The site's key (MX host names, or the relay's): what shaping and suspensions key by.
+    pub fn key(&self) -> &str {
+        match self {
+            Dest::Relay(s) => &s.key,
+            Dest::Mx(d) => &d.key,
+        }
+    }
+
+    pub fn hosts(&self) -> &[String] {
+        match self {
+            Dest::Relay(s) => &s.hosts,
+            Dest::Mx(d) => &d.hosts,
+        }
     }
 }
 
@@ -195,8 +220,17 @@ impl Deliverer {
     /// The route for a recipient domain.
     pub async fn route(&self, domain: &str) -> Route {
         match self {
-            Deliverer::Relay(relay) => Route::Site(relay.site().await),
+            Deliverer::Relay(relay) => Route::Dest(Dest::Relay(relay.site().await)),
             Deliverer::Mx(router) => router.route(domain).await,
+        }
+    }
+
+    /// The site `source` sends to `dest` through (relay mode has only the implicit source).
+    pub fn site(&self, dest: &Dest, source: &crate::egress::Source) -> Result<Arc<Site>, Outcome> {
+        match (self, dest) {
+            (Deliverer::Mx(router), Dest::Mx(d)) => router.site_for(d, source),
+            (_, Dest::Relay(site)) => Ok(site.clone()),
+            (Deliverer::Relay(_), Dest::Mx(d)) => router_mismatch(d),
         }
     }
 
@@ -215,4 +249,13 @@ impl Deliverer {
             Deliverer::Mx(router) => router.reap(),
         }
     }
+}
+
+fn router_mismatch(d: &mx::MxDest) -> Result<Arc<Site>, Outcome> {
+    Err(Outcome::Deferred {
+        response: format!(
+            "{}: an MX destination reached the relay (a paloma bug)",
+            d.key
+        ),
+    })
 }

@@ -17,9 +17,11 @@ use hickory_resolver::proto::rr::RData;
 use hickory_resolver::TokioResolver;
 
 use super::smtp::{Pool, SessionConfig, Site};
-use super::{session_config, DeliverError, Limits, Outcome, Route};
+use super::{session_config, DeliverError, Limits, Outcome, Route, SiteLimits};
 use crate::config::DeliverySettings;
+use crate::egress::Source;
 use crate::values::Networks;
+use lettre::transport::smtp::extension::ClientId;
 
 /// How long a negative answer (NXDOMAIN, null MX) is cached.
 const NEGATIVE_TTL: Duration = Duration::from_secs(300);
@@ -27,8 +29,28 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(300);
 const MAX_ROUTES: usize = 100_000;
 
 enum Cached {
-    Site(Arc<Site>),
+    Dest(Arc<MxDest>),
     Bounce(Outcome),
+}
+
+/// A destination site: the MX hosts (by preference) and addresses a set of domains share,
+/// with one [`Site`] (session cap, pools) per egress source that sent to it.
+pub struct MxDest {
+    /// The MX host names joined by `,`: what shaping keys the site by.
+    pub key: String,
+    pub hosts: Vec<String>,
+    addrs: Vec<(String, IpAddr)>,
+    limits: SiteLimits,
+    sites: Mutex<Vec<(String, Arc<Site>)>>,
+}
+
+impl MxDest {
+    fn sites(&self) -> Vec<Arc<Site>> {
+        self.sites
+            .lock()
+            .map(|s| s.iter().map(|(_, s)| s.clone()).collect())
+            .unwrap_or_default()
+    }
 }
 
 pub struct MxRouter {
@@ -38,10 +60,11 @@ pub struct MxRouter {
     limits: Arc<dyn Limits>,
     open: Arc<AtomicI64>,
     routes: Mutex<HashMap<String, (Cached, Instant)>>,
-    sites: Mutex<HashMap<String, Arc<Site>>>,
-    /// Keyed by address and TLS name: two MX names on one address get two pools, so one
-    /// domain's certificate name is never checked for another's session.
-    pools: Mutex<HashMap<(SocketAddr, String), Arc<Pool>>>,
+    dests: Mutex<HashMap<String, Arc<MxDest>>>,
+    /// Keyed by address, TLS name and source: two MX names on one address get two pools, so
+    /// one domain's certificate name is never checked for another's session, and each
+    /// source has sessions of its own (its address, its EHLO name).
+    pools: Mutex<HashMap<(SocketAddr, String, String), Arc<Pool>>>,
     /// Addresses never connected to (`delivery.prohibited_hosts`)…
     prohibited: Networks,
     /// …unless they are here (`delivery.allowed_hosts`).
@@ -99,7 +122,7 @@ impl MxRouter {
             limits,
             open,
             routes: Mutex::new(HashMap::new()),
-            sites: Mutex::new(HashMap::new()),
+            dests: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
             prohibited: Networks::new(
                 d.prohibited_hosts
@@ -134,7 +157,7 @@ impl MxRouter {
         match self.resolve(domain).await {
             Ok((cached, until)) => {
                 let route = match &cached {
-                    Cached::Site(s) => Route::Site(s.clone()),
+                    Cached::Dest(d) => Route::Dest(super::Dest::Mx(d.clone())),
                     Cached::Bounce(o) => Route::Final(o.clone()),
                 };
                 if let Ok(mut routes) = self.routes.lock() {
@@ -160,7 +183,7 @@ impl MxRouter {
             return None;
         }
         Some(match c {
-            Cached::Site(s) => Route::Site(s.clone()),
+            Cached::Dest(d) => Route::Dest(super::Dest::Mx(d.clone())),
             Cached::Bounce(o) => Route::Final(o.clone()),
         })
     }
@@ -262,45 +285,85 @@ impl MxRouter {
         }
         let names: Vec<&str> = hosts.iter().map(|(_, h)| h.as_str()).collect();
         let key = names.join(",");
-        let site = self.site(&key, domain, &names, &addrs);
+        let dest = self.dest(&key, domain, &names, addrs);
         Ok((
-            Cached::Site(site),
+            Cached::Dest(dest),
             until.max(Instant::now() + Duration::from_secs(5)),
         ))
     }
 
-    fn site(
+    /// The destination of MX hosts `names` (shared by every domain they serve).
+    fn dest(
         &self,
         key: &str,
         domain: &str,
         names: &[&str],
-        addrs: &[(String, IpAddr)],
-    ) -> Arc<Site> {
-        let mut sites = self.sites.lock().expect("sites lock");
-        if let Some(s) = sites.get(key) {
-            return s.clone();
+        addrs: Vec<(String, IpAddr)>,
+    ) -> Arc<MxDest> {
+        let mut dests = self.dests.lock().expect("dests lock");
+        if let Some(d) = dests.get(key) {
+            return d.clone();
         }
-        let limits = self.limits.limits(domain, names);
-        let mut pools = self.pools.lock().expect("pools lock");
-        let list = addrs
+        let dest = Arc::new(MxDest {
+            key: key.to_string(),
+            hosts: names.iter().map(|n| n.to_string()).collect(),
+            addrs,
+            limits: self.limits.limits(domain, names),
+            sites: Mutex::new(Vec::new()),
+        });
+        dests.insert(key.to_string(), dest.clone());
+        dest
+    }
+
+    /// The site through which `source` sends to `dest`: its own session cap and pools,
+    /// from its address with its EHLO name. Err when the source cannot reach any of the
+    /// destination's addresses (an IPv4 source and only IPv6 MX addresses, say).
+    pub fn site_for(&self, dest: &MxDest, source: &Source) -> Result<Arc<Site>, Outcome> {
+        let mut sites = dest.sites.lock().expect("site list lock");
+        if let Some((_, s)) = sites.iter().find(|(n, _)| *n == source.name) {
+            return Ok(s.clone());
+        }
+        let reachable: Vec<&(String, IpAddr)> = dest
+            .addrs
             .iter()
+            .filter(|(_, ip)| source.bind.is_none_or(|b| b.is_ipv4() == ip.is_ipv4()))
+            .collect();
+        if reachable.is_empty() {
+            return Err(Outcome::Deferred {
+                response: format!(
+                    "source {} ({}) cannot reach any address of {} (address family)",
+                    source.name,
+                    source.bind.map(|b| b.to_string()).unwrap_or_default(),
+                    dest.key
+                ),
+            });
+        }
+        let mut pools = self.pools.lock().expect("pools lock");
+        let list = reachable
+            .into_iter()
             .map(|(host, ip)| {
                 let addr = SocketAddr::new(*ip, self.port);
                 pools
-                    .entry((addr, host.clone()))
+                    .entry((addr, host.clone(), source.name.clone()))
                     .or_insert_with(|| {
                         let mut cfg = self.base.clone();
                         cfg.tls_name = host.clone();
-                        cfg.messages_per_connection = limits.messages_per_connection;
+                        cfg.messages_per_connection = dest.limits.messages_per_connection;
+                        cfg.helo = ClientId::Domain(source.helo.clone());
+                        cfg.bind = source.bind;
                         Pool::new(addr, cfg, self.open.clone())
                     })
                     .clone()
             })
             .collect();
-        let hosts = names.iter().map(|n| n.to_string()).collect();
-        let site = Site::new(key.to_string(), hosts, list, limits.connections);
-        sites.insert(key.to_string(), site.clone());
-        site
+        let site = Site::new(
+            dest.key.clone(),
+            dest.hosts.clone(),
+            list,
+            dest.limits.connections,
+        );
+        sites.push((source.name.clone(), site.clone()));
+        Ok(site)
     }
 
     /// Housekeeping, every few seconds: expired routes go, idle sessions past their
@@ -312,16 +375,18 @@ impl MxRouter {
         if let Ok(mut routes) = self.routes.lock() {
             routes.retain(|_, (_, until)| *until > now);
         }
-        let Ok(mut sites) = self.sites.lock() else {
+        let Ok(mut dests) = self.dests.lock() else {
             return;
         };
-        for s in sites.values() {
-            s.reap_idle();
+        for d in dests.values() {
+            for s in d.sites() {
+                s.reap_idle();
+            }
         }
         // Only this map holds it: no cached route, no job in flight. (A suspension is kept
         // by the shaper under the site's key, so it outlives the site.)
-        sites.retain(|_, s| Arc::strong_count(s) > 1);
-        drop(sites);
+        dests.retain(|_, d| Arc::strong_count(d) > 1);
+        drop(dests);
         if let Ok(mut pools) = self.pools.lock() {
             pools.retain(|_, p| Arc::strong_count(p) > 1);
         }
@@ -329,9 +394,9 @@ impl MxRouter {
 
     pub async fn close_idle(&self) {
         let sites: Vec<Arc<Site>> = self
-            .sites
+            .dests
             .lock()
-            .map(|s| s.values().cloned().collect())
+            .map(|d| d.values().flat_map(|d| d.sites()).collect())
             .unwrap_or_default();
         for s in sites {
             s.close_idle().await;
@@ -423,22 +488,26 @@ mod tests {
         )
         .unwrap();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let a = router.site(
+        let egress = crate::egress::Egress::new(&settings, None);
+        let source = &egress.sources()[0];
+        let a = router.dest(
             "mx.a.test",
             "a.test",
             &["mx.a.test"],
-            &[("mx.a.test".into(), ip)],
+            vec![("mx.a.test".into(), ip)],
         );
-        let b = router.site(
+        let b = router.dest(
             "mx.b.test",
             "b.test",
             &["mx.b.test"],
-            &[("mx.b.test".into(), ip)],
+            vec![("mx.b.test".into(), ip)],
         );
+        let a = router.site_for(&a, source).unwrap();
+        let b = router.site_for(&b, source).unwrap();
         assert!(!Arc::ptr_eq(&a, &b));
         let pools = router.pools.lock().unwrap();
         assert_eq!(pools.len(), 2);
-        let names: Vec<&str> = pools.keys().map(|(_, n)| n.as_str()).collect();
+        let names: Vec<&str> = pools.keys().map(|(_, n, _)| n.as_str()).collect();
         assert!(names.contains(&"mx.a.test") && names.contains(&"mx.b.test"));
     }
 }

@@ -31,6 +31,8 @@ pub struct SessionConfig {
     pub timeouts: Timeouts,
     pub idle_timeout: Duration,
     pub messages_per_connection: u32,
+    /// The local address bound before connect (an egress source's); None: the kernel picks.
+    pub bind: Option<std::net::IpAddr>,
 }
 
 /// The limits of each stage of a session (`delivery.*_timeout`), after RFC 5321 §4.5.3.2 and
@@ -225,13 +227,27 @@ impl Pool {
         }
     }
 
+    /// A TCP connection to the address, from the source's address when one is bound.
+    async fn open_socket(&self) -> std::io::Result<tokio::net::TcpStream> {
+        let Some(local) = self.cfg.bind else {
+            return tokio::net::TcpStream::connect(self.addr).await;
+        };
+        let socket = if local.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(local, 0)).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("binding source address {local}: {e}"))
+        })?;
+        socket.connect(self.addr).await
+    }
+
     /// A new session, the extensions it offers, and the limits of its socket.
     async fn connect(&self) -> Result<(AsyncSmtpConnection, Caps, Arc<Limits>), String> {
         let deferred = |what: &str, e: &dyn std::fmt::Display| format!("{what} {}: {e}", self.addr);
         let t = &self.cfg.timeouts;
-        let tcp = match tokio::time::timeout(t.connect, tokio::net::TcpStream::connect(self.addr))
-            .await
-        {
+        let tcp = match tokio::time::timeout(t.connect, self.open_socket()).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(deferred("connect to", &e)),
             Err(_) => return Err(deferred("connect to", &"timed out")),

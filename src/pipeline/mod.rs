@@ -51,6 +51,8 @@ pub struct Stages {
     pub renderer: Renderer,
     pub deliverer: Deliverer,
     pub shaper: Arc<Shaper>,
+    /// Egress sources and pools: where each message leaves from.
+    pub egress: Arc<crate::egress::Egress>,
     /// Frequency caps (`[caps]`), if any.
     pub caps: Option<Caps>,
     pub recorder: RecorderHandle,

@@ -179,7 +179,12 @@ impl Record {
             ack: Some(entry.id.clone()),
             schedule: Some(Schedule {
                 due,
-                member: scheduler::member(entry.attempt, first_at, &entry.job),
+                member: scheduler::member(
+                    entry.attempt,
+                    entry.source.as_deref(),
+                    first_at,
+                    &entry.job,
+                ),
                 campaign: stat_campaign(&ident.campaign),
             }),
             idem: Some((ident.id.clone(), Some(Idem::Scheduled))),
@@ -205,7 +210,12 @@ impl Record {
             park: Some(Park {
                 campaign: ident.campaign.clone(),
                 at: now,
-                member: scheduler::member(entry.attempt, entry.first_at, &entry.job),
+                member: scheduler::member(
+                    entry.attempt,
+                    entry.source.as_deref(),
+                    entry.first_at,
+                    &entry.job,
+                ),
                 held,
             }),
             idem: Some((ident.id.clone(), Some(Idem::Scheduled))),
@@ -216,9 +226,12 @@ impl Record {
     /// The record of a delivery attempt: delivered or bounced (ends the job; a hard bounce
     /// suppresses the address), deferred (back to the delayed set for the next retry) or,
     /// past `max_age`, failed. `keep`: whether the job is kept for workflow follow-ups.
+    /// `source`: the egress source it went out through (a retry prefers it).
+    #[allow(clippy::too_many_arguments)]
     pub fn attempted(
         entry: &Entry,
         ident: &JobIdentity,
+        source: Option<&str>,
         outcome: Outcome,
         retry: &Retry,
         keep: &KeepJobs,
@@ -271,7 +284,7 @@ impl Record {
                     idem: Some((id.to_string(), Some(Idem::Scheduled))),
                     schedule: Some(Schedule {
                         due: retry_at,
-                        member: scheduler::member(attempt, entry.first_at, &entry.job),
+                        member: scheduler::member(attempt, source, entry.first_at, &entry.job),
                         campaign: stat_campaign(campaign),
                     }),
                     stat: Some((campaign.to_string(), EventKind::Deferred)),
@@ -296,6 +309,7 @@ mod tests {
             job: br#"{"id":"j"}"#.to_vec(),
             attempt,
             first_at,
+            source: None,
         }
     }
 
@@ -326,14 +340,32 @@ mod tests {
     #[test]
     fn a_deferral_goes_back_for_the_next_interval_and_the_last_interval_repeats() {
         let keep = KeepJobs::default();
-        let r = Record::attempted(&entry(0, 0), &ident(), deferred(), &retry(), &keep, 0, 1.0);
+        let r = Record::attempted(
+            &entry(0, 0),
+            &ident(),
+            None,
+            deferred(),
+            &retry(),
+            &keep,
+            0,
+            1.0,
+        );
         let s = r.schedule.expect("scheduled");
         assert_eq!(s.due, 60_000);
         assert!(s.member.starts_with("1|0|"), "attempt counted, age kept");
         assert_eq!(r.stat, Some(("spring".into(), EventKind::Deferred)));
         assert_eq!(r.idem, Some(("j".into(), Some(Idem::Scheduled))));
         assert!(r.first);
-        let r = Record::attempted(&entry(5, 0), &ident(), deferred(), &retry(), &keep, 0, 1.0);
+        let r = Record::attempted(
+            &entry(5, 0),
+            &ident(),
+            None,
+            deferred(),
+            &retry(),
+            &keep,
+            0,
+            1.0,
+        );
         assert_eq!(r.schedule.expect("scheduled").due, 600_000);
         assert!(!r.first, "a retry is not counted as accepted again");
     }
@@ -345,6 +377,7 @@ mod tests {
         let r = Record::attempted(
             &entry(3, 0),
             &ident(),
+            None,
             deferred(),
             &retry(),
             &keep,
@@ -361,10 +394,10 @@ mod tests {
     fn only_a_hard_bounce_suppresses() {
         let keep = KeepJobs::default();
         let hard = Outcome::bounce(550, "550 5.1.1 no such user".into());
-        let r = Record::attempted(&entry(0, 0), &ident(), hard, &retry(), &keep, 0, 1.0);
+        let r = Record::attempted(&entry(0, 0), &ident(), None, hard, &retry(), &keep, 0, 1.0);
         assert_eq!(r.suppress, Some(("a@b.test".into(), "bounced")));
         let soft = Outcome::bounce(552, "552 5.2.2 mailbox full".into());
-        let r = Record::attempted(&entry(0, 0), &ident(), soft, &retry(), &keep, 0, 1.0);
+        let r = Record::attempted(&entry(0, 0), &ident(), None, soft, &retry(), &keep, 0, 1.0);
         assert_eq!(r.suppress, None);
         assert_eq!(r.stat, Some(("spring".into(), EventKind::Bounced)));
     }

@@ -12,6 +12,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::Stages;
 use crate::control::State;
 use crate::deliver::{AttemptFlags, Route};
+use crate::egress::{Pick, Source, Wait};
 use crate::job::{Job, JobError, JobIdentity};
 use crate::outcome::Outcome;
 use crate::pipeline::recorder::Record;
@@ -47,7 +48,7 @@ pub async fn work(stages: Arc<Stages>, entry: Entry, mut job: Job, _permit: Owne
             let outcome = Outcome::Deferred {
                 response: format!("attempt took longer than delivery.attempt_timeout ({limit:?})"),
             };
-            Ok(Some(record(&stages, &entry, &ident, "*", outcome)))
+            Ok(Some(record(&stages, &entry, &ident, "*", None, outcome)))
         },
     };
     if flags.reply_lost() {
@@ -82,13 +83,67 @@ async fn attempt(
     let m = &stages.metrics;
     // Route: null MX, NXDOMAIN (bounce) or a DNS failure (defer) need no session.
     let domain = job.to.domain().to_string();
-    let site = match stages.deliverer.route(&domain).await {
-        Route::Site(site) => site,
-        Route::Final(outcome) => return Some(record(stages, entry, ident, "*", outcome)),
+    let dest = match stages.deliverer.route(&domain).await {
+        Route::Dest(dest) => dest,
+        Route::Final(outcome) => return Some(record(stages, entry, ident, "*", None, outcome)),
+    };
+    let key = dest.key();
+    let hosts: Vec<&str> = dest.hosts().iter().map(String::as_str).collect();
+    // Egress: the source of the job's pool it leaves from (sticky for a retry), skipping
+    // sources suspended for this site or at their warm-up cap.
+    let now = now_ms();
+    let picked = stages
+        .egress
+        .pick(
+            job.pool.as_deref(),
+            key,
+            entry.source.as_deref(),
+            now,
+            |src| {
+                stages
+                    .shaper
+                    .throttles
+                    .suspended_for(&src.qualify(key), Instant::now())
+            },
+        )
+        .await;
+    let source = match picked {
+        Pick::Go(source) => source,
+        Pick::NoPool(pool) => {
+            let err = JobError::Invalid {
+                field: "pool",
+                reason: format!(
+                    "names no pool {pool:?}: the pools are {}",
+                    stages.egress.pool_names().join(", ")
+                ),
+            };
+            return Some(Record::dead(entry, &err, ident, true));
+        }
+        Pick::Wait(Wait::Warmup(until)) => {
+            // Not an attempt, and the wait does not count towards max_age.
+            m.warmup_delays
+                .with_label_values(&[stages.egress.pool_label(job.pool.as_deref())])
+                .inc();
+            let first_at = entry.first_at + (until - now).max(0);
+            return Some(Record::later(entry, ident, until, first_at));
+        }
+        Pick::Wait(Wait::Suspended(wait) | Wait::Unknown(wait)) => {
+            let rule = stages.shaper.rule_for(&domain, &hosts);
+            m.suspended_delays
+                .with_label_values(&[rule.name.as_str()])
+                .inc();
+            let due = now + wait.as_millis() as i64;
+            return Some(Record::later(entry, ident, due, entry.first_at));
+        }
+    };
+    let site = match stages.deliverer.site(&dest, &source) {
+        Ok(site) => site,
+        Err(outcome) => {
+            return Some(record(stages, entry, ident, "*", Some(&source), outcome));
+        }
     };
     // Shape.
-    let hosts: Vec<&str> = site.hosts.iter().map(String::as_str).collect();
-    let (rule, gate) = stages.shaper.gate(&domain, &site.key, &hosts).await;
+    let (rule, gate) = stages.shaper.gate(&domain, key, &hosts, &source).await;
     let wait = match gate {
         Gate::Go => None,
         Gate::Suspended(wait) => {
@@ -105,6 +160,7 @@ async fn attempt(
         }
     };
     if let Some(wait) = wait {
+        stages.egress.unspend(&source);
         let due = now_ms() + wait.as_millis() as i64;
         return Some(Record::later(entry, ident, due, entry.first_at));
     }
@@ -112,10 +168,14 @@ async fn attempt(
     match stages.campaigns.state(&ident.campaign) {
         State::Active => {}
         State::Paused => {
+            stages.egress.unspend(&source);
             m.jobs_parked.inc();
             return Some(Record::parked(entry, ident, now_ms()));
         }
-        State::Cancelled => return Some(Record::suppressed(entry, job, "cancelled")),
+        State::Cancelled => {
+            stages.egress.unspend(&source);
+            return Some(Record::suppressed(entry, job, "cancelled"));
+        }
     }
     // Render.
     let t0 = Instant::now();
@@ -146,6 +206,7 @@ async fn attempt(
         (message, r)
     };
     if let Err(e) = rendered {
+        stages.egress.unspend(&source);
         return Some(Record::dead(entry, &e, ident, true));
     }
     m.render_seconds.observe(t0.elapsed().as_secs_f64());
@@ -164,29 +225,44 @@ async fn attempt(
                 field: "to",
                 reason: e.to_string(),
             };
+            stages.egress.unspend(&source);
             return Some(Record::dead(entry, &err, ident, true));
         }
     };
     // Send.
     let t1 = Instant::now();
     let mut stop = stages.stop.clone();
-    let outcome = site.send(&envelope, &message, &mut stop).await?;
+    let Some(outcome) = site.send(&envelope, &message, &mut stop).await else {
+        stages.egress.unspend(&source);
+        return None;
+    };
+    source.count_sent();
+    m.source_messages
+        .with_label_values(&[source.label(), outcome.label()])
+        .inc();
     m.smtp_seconds
         .with_label_values(&[outcome.label()])
         .observe(t1.elapsed().as_secs_f64());
     // React.
-    match stages.shaper.react(&site.key, &outcome) {
+    match stages.shaper.react(&source.qualify(&site.key), &outcome) {
         Some(Reaction::Suspend(pause)) => {
             m.suspensions.with_label_values(&[rule.name.as_str()]).inc();
-            tracing::info!(site = %site.key, pause = ?pause, reply = %outcome.text(), "throttled: suspending the destination");
+            tracing::info!(site = %site.key, source = source.label(), pause = ?pause, reply = %outcome.text(), "throttled: suspending the destination");
         }
         Some(Reaction::Slow(rate, period)) => {
             m.suspensions.with_label_values(&[rule.name.as_str()]).inc();
-            tracing::info!(site = %site.key, rate = ?rate, period = ?period, reply = %outcome.text(), "throttled: lowering the destination's rate");
+            tracing::info!(site = %site.key, source = source.label(), rate = ?rate, period = ?period, reply = %outcome.text(), "throttled: lowering the destination's rate");
         }
         None => {}
     }
-    Some(record(stages, entry, ident, &rule.name, outcome))
+    Some(record(
+        stages,
+        entry,
+        ident,
+        &rule.name,
+        Some(&source),
+        outcome,
+    ))
 }
 
 /// Counts the attempt's outcome for its rule and asks [`super::next`] for the record.
@@ -195,6 +271,7 @@ fn record(
     entry: &Entry,
     ident: &JobIdentity,
     rule: &str,
+    source: Option<&Source>,
     outcome: Outcome,
 ) -> Record {
     let m = &stages.metrics;
@@ -208,6 +285,7 @@ fn record(
     Record::attempted(
         entry,
         ident,
+        source.map(|s| s.name.as_str()),
         outcome,
         &stages.retry,
         &stages.keep,

@@ -24,6 +24,9 @@ pub struct Entry {
     pub attempt: u32,
     /// When the job first entered the system (ms); from the entry id for fresh jobs.
     pub first_at: i64,
+    /// The egress source of its previous attempt (a retry keeps it when it can); carried
+    /// in the `attempt` field as `{attempt}@{source}`.
+    pub source: Option<String>,
 }
 
 impl Entry {
@@ -43,6 +46,7 @@ impl consumer::StreamEntry for Entry {
             id,
             job: Vec::new(),
             attempt: 0,
+            source: None,
         };
         for kv in fields.chunks(2) {
             let (Some(k), Some(v)) = (kv.first().and_then(bytes), kv.get(1).and_then(bytes)) else {
@@ -51,10 +55,15 @@ impl consumer::StreamEntry for Entry {
             match k {
                 b"job" => entry.job = v.to_vec(),
                 b"attempt" => {
-                    entry.attempt = std::str::from_utf8(v)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0)
+                    let text = std::str::from_utf8(v).unwrap_or("");
+                    let (n, source) = match text.split_once('@') {
+                        Some((n, s)) => (n, Some(s)),
+                        None => (text, None),
+                    };
+                    entry.attempt = n.parse().unwrap_or(0);
+                    entry.source = source
+                        .filter(|s| crate::values::valid_egress_name(s))
+                        .map(str::to_string);
                 }
                 b"first_at" => {
                     // Never later than the entry itself (a forged future first_at would

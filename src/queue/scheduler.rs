@@ -2,7 +2,8 @@
 //! time in ms) and are moved back into the sends stream when due, by a Lua script, so the
 //! move is atomic and any number of daemons can run it.
 //!
-//! A member is `{attempt}|{first_at ms}|{job JSON}`.
+//! A member is `{attempt}|{first_at ms}|{job JSON}`; the attempt may carry the egress source
+//! of the last attempt, `{attempt}@{source}`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,8 +67,13 @@ fn job_id(member: &[u8]) -> Option<String> {
     serde_json::from_slice::<Id>(job).ok()?.id
 }
 
-pub fn member(attempt: u32, first_at: i64, job: &[u8]) -> String {
-    let mut m = format!("{attempt}|{first_at}|");
+/// A delayed-set member; `source`: the egress source of the attempt (named sources only),
+/// kept with the attempt count as `{attempt}@{source}`.
+pub fn member(attempt: u32, source: Option<&str>, first_at: i64, job: &[u8]) -> String {
+    let mut m = match source.filter(|s| !s.is_empty()) {
+        Some(s) => format!("{attempt}@{s}|{first_at}|"),
+        None => format!("{attempt}|{first_at}|"),
+    };
     m.push_str(&String::from_utf8_lossy(job));
     m
 }

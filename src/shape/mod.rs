@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{BackoffRule, DeliveryMode, DomainRule, Rate, Settings};
 use crate::deliver::{Limits, SiteLimits};
+use crate::egress::Source;
 use crate::outcome::{enhanced_status, Outcome};
 use crate::store::keys::Keys;
 use crate::store::RedisConn;
@@ -144,19 +145,30 @@ impl Shaper {
     /// rule it falls under. Checked in this order: the site's suspension; a rate the site was
     /// slowed to (this daemon's own, so a job it sends back takes no slot of a shared rate);
     /// the rule's rate, counted per site when the rule matched by MX host, else per domain.
-    pub async fn gate(&self, domain: &str, site: &str, hosts: &[&str]) -> (Arc<RuleState>, Gate) {
+    ///
+    /// Every key is the source's (see [`Source::qualify`]): a receiver counts, slows and
+    /// suspends per sending address, so each source has its own rate, suspension and slowed
+    /// rate at each destination.
+    pub async fn gate(
+        &self,
+        domain: &str,
+        site: &str,
+        hosts: &[&str],
+        source: &Source,
+    ) -> (Arc<RuleState>, Gate) {
         let (rule, by_mx) = self.rule_and_key(domain, hosts);
         let now = Instant::now();
-        if let Some(wait) = self.throttles.suspended_for(site, now) {
+        let site = source.qualify(site);
+        if let Some(wait) = self.throttles.suspended_for(&site, now) {
             return (rule, Gate::Suspended(wait));
         }
-        if let Some(slowed) = self.throttles.slowed(site, now) {
-            if let Admission::Later(wait) = slowed.admit(site).await {
+        if let Some(slowed) = self.throttles.slowed(&site, now) {
+            if let Admission::Later(wait) = slowed.admit(&site).await {
                 return (rule, Gate::Paced(wait));
             }
         }
-        let key = if by_mx { site } else { domain };
-        match rule.admit(key).await {
+        let key = if by_mx { site } else { source.qualify(domain) };
+        match rule.admit(&key).await {
             Admission::Later(wait) => (rule, Gate::Paced(wait)),
             Admission::Go => (rule, Gate::Go),
         }
@@ -164,6 +176,7 @@ impl Shaper {
 
     /// Applies what a reply says about the site (a suspension or a lowered rate); returns
     /// the reaction when it newly throttles the site (for the metric and the log line).
+    /// `site` is the source's key for the site ([`Source::qualify`]).
     pub fn react(&self, site: &str, outcome: &Outcome) -> Option<Reaction> {
         let reaction = self.backoff_for(outcome)?;
         let now = Instant::now();

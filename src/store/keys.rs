@@ -21,6 +21,8 @@
 //! | `rate:{rule}:{key}`, `rate-back:{rule}:{key}` | string | a shared rate's GCRA state |
 //! | `timers`, `timers:cancelled` | sorted set | workflow not_opened / not_clicked timers |
 //! | `suspended_sites` | sorted set | sites suspended after a throttling reply, shared by the fleet (score: until, ms) |
+//! | `warmup:{source}:{day}` | string | messages of a warming source's UTC day (days since the epoch) claimed by the fleet |
+//! | `sent:{source}:{day}` | string | messages sent through a source on that UTC day |
 //! | `webhooks` | sorted set | workflow webhooks waiting for their next attempt |
 //! | `wfjob:{id}` | string | a sent job kept for follow-ups |
 //! | `wf:{rule}:{id}` | string | a fired rule's once-only marker |
@@ -206,6 +208,17 @@ impl Keys {
     }
 
     /// The base of one recorder's batch markers.
+    /// Messages of source `source`'s warm-up day `day` (days since the epoch) the fleet has
+    /// claimed.
+    pub fn warmup(&self, source: &str, day: i64) -> String {
+        format!("{}warmup:{source}:{day}", self.prefix)
+    }
+
+    /// Messages sent through `source` on UTC day `day`.
+    pub fn source_sent(&self, source: &str, day: i64) -> String {
+        format!("{}sent:{source}:{day}", self.prefix)
+    }
+
     pub fn written(&self, recorder: u64) -> String {
         format!("{}written:{recorder:016x}:", self.prefix)
     }

@@ -11,7 +11,9 @@ pub mod net;
 pub mod sendgrid;
 pub mod url;
 
-pub use names::{address_key, valid_variant_name, CampaignId, NameError, CAMPAIGN_RULE};
+pub use names::{
+    address_key, valid_egress_name, valid_variant_name, CampaignId, NameError, CAMPAIGN_RULE,
+};
 pub use net::{Networks, RangeError, RangeFileError};
 pub use sendgrid::{SendGridKey, SendGridKeyError};
 pub use url::{redact, webhook_url, RedisUrl, WebhookUrlError};

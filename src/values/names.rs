@@ -79,6 +79,15 @@ pub fn valid_variant_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// An egress source's or pool's name (`[[sources]]`, `[[pools]]`, a job's `pool`): 1-64 of
+/// A-Z a-z 0-9 . _ - (safe in Redis keys, metric labels and a delayed-set member).
+pub fn valid_egress_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// The key an address is known by in the suppression list, the opt-outs, the recipient's
 /// hash (caps, contact pressure) and the tracking writes: trimmed and lower-cased (ASCII:
 /// a recipient's local part is ASCII, its domain lower-cased when the job is read).

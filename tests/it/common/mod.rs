@@ -1042,6 +1042,11 @@ pub fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 /// Starts `tests/peers/{script}` (an aiosmtpd peer) on `port` with `args`, and waits until
 /// it prints "ready" and listens.
 fn python_peer(script: &str, port: u16, args: &[&std::ffi::OsStr]) -> Child {
+    python_peer_on("127.0.0.1", script, port, args)
+}
+
+/// A Python peer whose first argument after the port is the address it listens on, `host`.
+pub fn python_peer_on(host: &str, script: &str, port: u16, args: &[&std::ffi::OsStr]) -> Child {
     require_tools();
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/peers")
@@ -1058,7 +1063,7 @@ fn python_peer(script: &str, port: u16, args: &[&std::ffi::OsStr]) -> Child {
     let mut r = std::io::BufReader::new(child.stdout.take().unwrap());
     std::io::BufRead::read_line(&mut r, &mut line).unwrap();
     assert_eq!(line.trim(), "ready", "aiosmtpd did not start");
-    wait_port("127.0.0.1", port, Duration::from_secs(10));
+    wait_port(host, port, Duration::from_secs(10));
     child
 }
 

@@ -12,6 +12,8 @@ pub struct MxEnv {
     _dns: Dns,
     pub sinks: HashMap<&'static str, Sink>,
     pub setup: Setup,
+    /// The port every MX host listens on (`mx_port`).
+    pub port: u16,
 }
 
 /// dnsmasq answering for `.test` only (unknown names: NXDOMAIN), sinks on the given
@@ -50,6 +52,7 @@ pub fn env(
         _dns: dns,
         sinks,
         setup,
+        port,
     }
 }
 
@@ -58,4 +61,56 @@ pub fn terminal(evs: &[Value], id: &str) -> Value {
     let t = terminal_by_id(evs);
     assert_eq!(t.get(id).map(Vec::len), Some(1), "{id}: {evs:?}");
     t[id][0].clone()
+}
+
+/// Python's aiosmtpd on `host:port` recording each message's client address and EHLO name
+/// (tests/peers/recording_smtpd.py); `mode`: "ok" or "throttle-once".
+pub struct Recorder {
+    child: std::process::Child,
+    pub out: tempfile::TempDir,
+}
+
+/// One kept message: who sent it.
+#[derive(Debug, Clone)]
+pub struct Kept {
+    pub client: String,
+    pub ehlo: String,
+    pub rcpt: String,
+    pub at: f64,
+}
+
+impl Recorder {
+    pub fn start(host: &str, port: u16, mode: &str) -> Recorder {
+        let out = tempfile::tempdir().unwrap();
+        let args = [
+            std::ffi::OsStr::new(host),
+            out.path().as_os_str(),
+            std::ffi::OsStr::new(mode),
+        ];
+        let child = super::python_peer_on(host, "recording_smtpd.py", port, &args);
+        Recorder { child, out }
+    }
+
+    pub fn kept(&self) -> Vec<Kept> {
+        std::fs::read_to_string(self.out.path().join("log.tsv"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                Some(Kept {
+                    client: f.first()?.to_string(),
+                    ehlo: f.get(1)?.to_string(),
+                    rcpt: f.get(2)?.to_string(),
+                    at: f.get(3)?.parse().ok()?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

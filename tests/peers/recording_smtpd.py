@@ -1,0 +1,51 @@
+"""A receiving MTA that records who sent each message: aiosmtpd, no TLS, no AUTH.
+
+Usage: recording_smtpd.py PORT HOST OUTDIR [throttle-once]
+Each kept message appends one line to OUTDIR/log.tsv before its reply:
+  client address <TAB> EHLO name <TAB> recipient(s, comma-separated) <TAB> arrival (Unix s)
+so a test sees which source address and name each message came from. With throttle-once,
+the first RCPT the receiver ever sees is answered 421 4.7.28 (a provider's "sending too
+fast") and every later one accepted. Prints "ready" once listening.
+"""
+import asyncio
+import os
+import sys
+import time
+
+from aiosmtpd.controller import Controller
+
+port, host, outdir = sys.argv[1:4]
+mode = sys.argv[4] if len(sys.argv) > 4 else "ok"
+throttled = False
+
+
+class Handler:
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        global throttled
+        if mode == "throttle-once" and not throttled:
+            throttled = True
+            return "421 4.7.28 Our system has detected an unusual rate of unsolicited mail"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        line = "%s\t%s\t%s\t%.3f\n" % (
+            session.peer[0],
+            session.host_name,
+            ",".join(envelope.rcpt_tos),
+            time.time(),
+        )
+        with open(os.path.join(outdir, "log.tsv"), "a") as f:
+            f.write(line)
+        return "250 2.0.0 queued"
+
+
+controller = Controller(Handler(), hostname=host, port=int(port))
+controller.start()
+print("ready", flush=True)
+try:
+    asyncio.get_event_loop().run_until_complete(asyncio.Event().wait())
+except KeyboardInterrupt:
+    pass
+finally:
+    controller.stop()
