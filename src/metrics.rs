@@ -32,6 +32,8 @@ pub struct Metrics {
     /// Sites suspended after a throttling reply.
     pub suspensions: IntCounterVec,
     pub sessions_open: IntGauge,
+    /// MTA-STS results in mx mode (see `deliver::mta_sts::RESULTS`).
+    pub mta_sts: IntCounterVec,
     /// Messages sent whole whose final reply never came (connection closed or
     /// `data_done_timeout`): deferred, and the receiver may have them.
     pub replies_lost: IntCounter,
@@ -216,6 +218,11 @@ impl Metrics {
             "paloma_suspensions_total",
             "Destinations suspended after a throttling reply.",
             &["rule"],
+        );
+        let mta_sts = vec(
+            "paloma_mta_sts_total",
+            "MTA-STS in mx mode, by result: per route resolution none (no policy, or mode none), enforce, testing, mx_mismatch (enforce, no MX host listed: deferred), testing_mx_mismatch (testing, no MX host listed: delivered), fetch_failed (a TXT record but no policy fetched); per session tls_failed (enforce: no STARTTLS or a certificate not valid for the MX host: deferred).",
+            &["result"],
         );
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
@@ -421,6 +428,7 @@ impl Metrics {
             shaping_delays,
             suspended_delays,
             suspensions,
+            mta_sts,
             sessions_open,
             replies_lost,
             outcomes_fenced,
@@ -463,6 +471,9 @@ impl Metrics {
         }
         for r in ["agent", "network", "window", "burst"] {
             self.machine_hits.with_label_values(&[r]);
+        }
+        for r in crate::deliver::mta_sts::RESULTS {
+            self.mta_sts.with_label_values(&[r]);
         }
         for r in ["accepted", "refused"] {
             self.api_jobs.with_label_values(&[r]);

@@ -16,9 +16,10 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::TokioResolver;
 
+use super::mta_sts::{self, Applied, MtaSts};
 use super::smtp::{Pool, SessionConfig, Site};
-use super::{session_config, DeliverError, Limits, Outcome, Route};
-use crate::config::DeliverySettings;
+use super::{session_config, DeliverError, Limits, Outcome, Route, TlsPolicy};
+use crate::config::{DeliverySettings, TlsMode};
 use crate::values::Networks;
 
 /// How long a negative answer (NXDOMAIN, null MX) is cached.
@@ -38,10 +39,15 @@ pub struct MxRouter {
     limits: Arc<dyn Limits>,
     open: Arc<AtomicI64>,
     routes: Mutex<HashMap<String, (Cached, Instant)>>,
-    sites: Mutex<HashMap<String, Arc<Site>>>,
-    /// Keyed by address and TLS name: two MX names on one address get two pools, so one
-    /// domain's certificate name is never checked for another's session.
-    pools: Mutex<HashMap<(SocketAddr, String), Arc<Pool>>>,
+    /// By MX set and TLS policy: domains with one MX set but different policies get
+    /// different sites (sharing the site key, so their shaping and suspension are shared).
+    sites: Mutex<HashMap<(String, TlsPolicy), Arc<Site>>>,
+    /// Keyed by address, TLS name and TLS policy: two MX names on one address get two
+    /// pools, so one domain's certificate name is never checked for another's session, and
+    /// an enforced session never serves an opportunistic route or the reverse.
+    pools: Mutex<HashMap<(SocketAddr, String, TlsPolicy), Arc<Pool>>>,
+    /// MTA-STS (`delivery.mta_sts`), when on.
+    sts: Option<MtaSts>,
     /// Addresses never connected to (`delivery.prohibited_hosts`)…
     prohibited: Networks,
     /// …unless they are here (`delivery.allowed_hosts`).
@@ -119,7 +125,18 @@ impl MxRouter {
             ),
             max_hosts: d.mx_max_hosts,
             max_addresses: d.mx_max_addresses,
+            sts: None,
         })
+    }
+
+    /// With MTA-STS policies applied to every route, over the same resolver.
+    pub fn with_mta_sts(
+        mut self,
+        d: &DeliverySettings,
+        shared: mta_sts::Shared,
+    ) -> Result<Self, DeliverError> {
+        self.sts = Some(MtaSts::new(d, self.resolver.clone(), shared)?);
+        Ok(self)
     }
 
     /// Whether an MX address may be connected to (`prohibited_hosts`, `allowed_hosts`).
@@ -170,7 +187,14 @@ impl MxRouter {
         let fqdn = format!("{domain}.");
         let mut hosts: Vec<(u16, String)> = Vec::new();
         let mut until = Instant::now() + Duration::from_secs(3600);
-        match self.resolver.mx_lookup(fqdn.as_str()).await {
+        // The MTA-STS policy is looked up beside the MX records.
+        let (mx, policy) = tokio::join!(self.resolver.mx_lookup(fqdn.as_str()), async {
+            match &self.sts {
+                Some(sts) => sts.policy(domain).await,
+                None => None,
+            }
+        });
+        match mx {
             Ok(lookup) => {
                 until = until.min(lookup.valid_until());
                 for r in lookup.answers() {
@@ -216,6 +240,19 @@ impl MxRouter {
         // key (which names the site's shared rate in Redis) must not depend on that order.
         hosts.sort();
         hosts.dedup();
+        // Enforce: only the MX hosts the policy names, before the most preferred are kept.
+        let tls = match &self.sts {
+            Some(sts) => match sts.apply(domain, policy.as_deref(), &mut hosts) {
+                Applied::Hosts(tls) => tls,
+                Applied::Refused(deferred) => {
+                    return Ok((
+                        Cached::Bounce(deferred),
+                        until.min(Instant::now() + NEGATIVE_TTL),
+                    ))
+                }
+            },
+            None => TlsPolicy::Configured,
+        };
         // A domain can list any number of MX hosts (a tarpit lists many slow ones): only the
         // most preferred few are tried.
         hosts.truncate(self.max_hosts);
@@ -262,7 +299,7 @@ impl MxRouter {
         }
         let names: Vec<&str> = hosts.iter().map(|(_, h)| h.as_str()).collect();
         let key = names.join(",");
-        let site = self.site(&key, domain, &names, &addrs);
+        let site = self.site(&key, domain, &names, &addrs, tls);
         Ok((
             Cached::Site(site),
             until.max(Instant::now() + Duration::from_secs(5)),
@@ -275,9 +312,10 @@ impl MxRouter {
         domain: &str,
         names: &[&str],
         addrs: &[(String, IpAddr)],
+        tls: TlsPolicy,
     ) -> Arc<Site> {
         let mut sites = self.sites.lock().expect("sites lock");
-        if let Some(s) = sites.get(key) {
+        if let Some(s) = sites.get(&(key.to_string(), tls)) {
             return s.clone();
         }
         let limits = self.limits.limits(domain, names);
@@ -287,11 +325,16 @@ impl MxRouter {
             .map(|(host, ip)| {
                 let addr = SocketAddr::new(*ip, self.port);
                 pools
-                    .entry((addr, host.clone()))
+                    .entry((addr, host.clone(), tls))
                     .or_insert_with(|| {
                         let mut cfg = self.base.clone();
                         cfg.tls_name = host.clone();
                         cfg.messages_per_connection = limits.messages_per_connection;
+                        if tls == TlsPolicy::MtaSts {
+                            cfg.tls = TlsMode::Required;
+                            cfg.policy = tls;
+                            cfg.policy_failures = self.sts.as_ref().map(MtaSts::tls_failures);
+                        }
                         Pool::new(addr, cfg, self.open.clone())
                     })
                     .clone()
@@ -299,7 +342,7 @@ impl MxRouter {
             .collect();
         let hosts = names.iter().map(|n| n.to_string()).collect();
         let site = Site::new(key.to_string(), hosts, list, limits.connections);
-        sites.insert(key.to_string(), site.clone());
+        sites.insert((key.to_string(), tls), site.clone());
         site
     }
 
@@ -428,17 +471,19 @@ mod tests {
             "a.test",
             &["mx.a.test"],
             &[("mx.a.test".into(), ip)],
+            TlsPolicy::Configured,
         );
         let b = router.site(
             "mx.b.test",
             "b.test",
             &["mx.b.test"],
             &[("mx.b.test".into(), ip)],
+            TlsPolicy::Configured,
         );
         assert!(!Arc::ptr_eq(&a, &b));
         let pools = router.pools.lock().unwrap();
         assert_eq!(pools.len(), 2);
-        let names: Vec<&str> = pools.keys().map(|(_, n)| n.as_str()).collect();
+        let names: Vec<&str> = pools.keys().map(|(_, n, _)| n.as_str()).collect();
         assert!(names.contains(&"mx.a.test") && names.contains(&"mx.b.test"));
     }
 }
