@@ -105,7 +105,14 @@ impl Mode {
 /// with `v=STSv1` are ignored; anything but exactly one left, or one that does not parse,
 /// means no policy. Each record is given with its strings joined.
 pub fn parse_txt(records: &[String]) -> Option<String> {
-    let mut sts = records.iter().filter(|r| {
+    // Zone-file quoting published literally (`"v=STSv1; id=1;"`, as some DNS consoles and
+    // dnsmasq's command line leave it) is read as meant: the domain does publish a policy.
+    let unquoted = records.iter().map(|r| {
+        r.strip_prefix('"')
+            .and_then(|r| r.strip_suffix('"'))
+            .unwrap_or(r)
+    });
+    let mut sts = unquoted.filter(|r| {
         r.strip_prefix("v=STSv1")
             .is_some_and(|rest| rest.is_empty() || rest.starts_with([';', ' ', '\t']))
     });
@@ -659,6 +666,7 @@ mod tests {
             Some("20160831085700Z")
         );
         assert_eq!(txt(&["v=STSv1;id=abc"]).as_deref(), Some("abc"));
+        assert_eq!(txt(&["\"v=STSv1; id=q1;\""]).as_deref(), Some("q1"));
         assert_eq!(txt(&["v=STSv1; id=1; ext-x=yes"]).as_deref(), Some("1"));
         // Other TXT records beside it are ignored.
         assert_eq!(
