@@ -32,7 +32,7 @@ pub struct Metrics {
     /// Sites suspended after a throttling reply.
     pub suspensions: IntCounterVec,
     pub sessions_open: IntGauge,
-    /// MTA-STS results in mx mode (see `deliver::mta_sts::RESULTS`).
+    /// MTA-STS results in mx mode (see `deliver::mta_sts::RESULTS`; primed there, when on).
     pub mta_sts: IntCounterVec,
     /// Messages sent whole whose final reply never came (connection closed or
     /// `data_done_timeout`): deferred, and the receiver may have them.
@@ -471,9 +471,6 @@ impl Metrics {
         }
         for r in ["agent", "network", "window", "burst"] {
             self.machine_hits.with_label_values(&[r]);
-        }
-        for r in crate::deliver::mta_sts::RESULTS {
-            self.mta_sts.with_label_values(&[r]);
         }
         for r in ["accepted", "refused"] {
             self.api_jobs.with_label_values(&[r]);
