@@ -292,6 +292,38 @@ pub struct MtaSts {
     fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// A domain's place in the queue for fetching its policy; the last one out (or a route
+/// dropped at `attempt_timeout`) removes the domain's entry.
+struct Gate<'a> {
+    map: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    domain: &'a str,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<'a> Gate<'a> {
+    fn enter(
+        map: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+        domain: &'a str,
+    ) -> Self {
+        let gate = map
+            .lock()
+            .map(|mut m| m.entry(domain.to_string()).or_default().clone())
+            .unwrap_or_default();
+        Gate { map, domain, gate }
+    }
+}
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock() {
+            // Only the map and this one hold it: nobody else waits.
+            if Arc::strong_count(&self.gate) <= 2 {
+                m.remove(self.domain);
+            }
+        }
+    }
+}
+
 /// What [`MtaSts::apply`] decided for one route.
 pub enum Applied {
     /// Deliver to these MX hosts with this TLS requirement.
@@ -390,21 +422,12 @@ impl MtaSts {
             _ => return best,
         };
         // One fetch per domain: whoever waited finds the policy remembered.
-        let gate = {
-            let mut f = self.fetching.lock().expect("fetching lock");
-            f.entry(domain.to_string()).or_default().clone()
-        };
-        let _turn = gate.lock().await;
+        let gate = Gate::enter(&self.fetching, domain);
+        let _turn = gate.gate.lock().await;
         if let Some(c) = self.remembered(domain).filter(|c| c.id == id) {
             return Some(c);
         }
-        let fetched = self.fetch(domain).await;
-        if let Ok(mut f) = self.fetching.lock() {
-            if Arc::strong_count(&gate) <= 2 {
-                f.remove(domain);
-            }
-        }
-        match fetched {
+        match self.fetch(domain).await {
             Ok((text, policy)) => {
                 let c = Arc::new(Cached {
                     id,
