@@ -126,6 +126,11 @@ impl App {
             &settings.sender.helo,
             shaper.clone(),
             sessions.clone(),
+            crate::deliver::mta_sts::Shared {
+                redis: Some(conn.clone()),
+                key_prefix: keys.mta_sts.clone(),
+                results: metrics.mta_sts.clone(),
+            },
         )
         .await?;
         let consumer = consumer_name(&settings);

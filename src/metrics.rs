@@ -38,6 +38,8 @@ pub struct Metrics {
     /// Today's warm-up cap of each warming source (absent once the plan is over).
     pub source_cap: IntGaugeVec,
     pub sessions_open: IntGauge,
+    /// MTA-STS results in mx mode (see `deliver::mta_sts::RESULTS`; primed there, when on).
+    pub mta_sts: IntCounterVec,
     /// Messages sent whole whose final reply never came (connection closed or
     /// `data_done_timeout`): deferred, and the receiver may have them.
     pub replies_lost: IntCounter,
@@ -244,6 +246,11 @@ impl Metrics {
         registry
             .register(Box::new(source_cap.clone()))
             .expect("unique metric");
+        let mta_sts = vec(
+            "paloma_mta_sts_total",
+            "MTA-STS in mx mode, by result: per route resolution none (no policy, or mode none), enforce, testing, mx_mismatch (enforce, no MX host listed: deferred), testing_mx_mismatch (testing, no MX host listed: delivered), fetch_failed (a TXT record but no policy fetched); per session tls_failed (enforce: no STARTTLS or a certificate not valid for the MX host: deferred).",
+            &["result"],
+        );
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
             registry
@@ -451,6 +458,7 @@ impl Metrics {
             source_messages,
             warmup_delays,
             source_cap,
+            mta_sts,
             sessions_open,
             replies_lost,
             outcomes_fenced,

@@ -339,8 +339,12 @@ pub struct DeliverySettings {
     /// Resolver override, mx mode (`ip:port`); empty = system resolver.
     pub nameservers: Vec<String>,
     pub tls: TlsMode,
-    /// PEM file of CA certificates trusted besides the public roots (a relay with a private CA).
+    /// PEM file of CA certificates trusted besides the public roots (a relay with a private
+    /// CA; in mx mode also MTA-STS policy hosts and the MX hosts of an enforced policy).
     pub tls_ca_file: Option<PathBuf>,
+    /// mx mode: MTA-STS (RFC 8461). A recipient domain's `enforce` policy limits delivery to
+    /// the MX hosts it names, over verified STARTTLS (failures defer); `testing` is counted.
+    pub mta_sts: bool,
     /// mx mode: destinations never connected to (CIDR); an MX host there bounces as a bad
     /// destination. Default: loopback, link-local (cloud metadata at 169.254.169.254) and
     /// "this host".
@@ -400,6 +404,7 @@ impl Default for DeliverySettings {
             nameservers: Vec::new(),
             tls: TlsMode::Opportunistic,
             tls_ca_file: None,
+            mta_sts: true,
             prohibited_hosts: [
                 "127.0.0.0/8",
                 "::1/128",

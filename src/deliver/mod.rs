@@ -2,6 +2,7 @@
 //! [`crate::outcome`]; knows nothing of shaping (the pipeline asks `shape` before a send).
 
 pub mod deadline;
+pub mod mta_sts;
 pub mod mx;
 pub mod relay;
 pub mod smtp;
@@ -74,6 +75,20 @@ impl AttemptFlags {
     }
 }
 
+/// What a destination's sessions must prove about TLS beyond `delivery.tls`, decided per
+/// route (mx mode). Part of the pool and site keys, so an enforced session is never shared
+/// with an opportunistic one. DANE (RFC 7672, which needs a validating resolver) would be
+/// another variant: TLSA records checked instead of the WebPKI name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TlsPolicy {
+    /// As `delivery.tls` says (no policy, or a policy in `testing` or `none` mode).
+    #[default]
+    Configured,
+    /// An MTA-STS policy in `enforce` mode: STARTTLS required, the certificate valid for
+    /// the MX host name (public roots and `delivery.tls_ca_file`).
+    MtaSts,
+}
+
 /// Where messages go.
 pub enum Deliverer {
     /// Everything through one smarthost.
@@ -133,6 +148,8 @@ pub fn session_config(
         idle_timeout: d.idle_timeout.get(),
         messages_per_connection: messages_per_connection.max(1),
         bind: None,
+        policy: TlsPolicy::Configured,
+        policy_failures: None,
     })
 }
 
@@ -179,12 +196,14 @@ impl Dest {
 
 impl Deliverer {
     /// From `[delivery]` and the HELO name; `limits` sizes each MX site; `open` counts the
-    /// SMTP sessions open (for the gauge).
+    /// SMTP sessions open (for the gauge); `sts` is what MTA-STS uses in mx mode (when
+    /// `delivery.mta_sts`).
     pub async fn new(
         d: &DeliverySettings,
         helo: &str,
         limits: Arc<dyn Limits>,
         open: Arc<AtomicI64>,
+        sts: mta_sts::Shared,
     ) -> Result<Self, DeliverError> {
         match d.mode {
             DeliveryMode::Relay => {
@@ -211,9 +230,15 @@ impl Deliverer {
                     Relay::new(&d.relay, || mx::resolver(d), cfg, d.connections, open).await?;
                 Ok(Deliverer::Relay(Box::new(relay)))
             }
-            DeliveryMode::Mx => Ok(Deliverer::Mx(Box::new(mx::MxRouter::new(
-                d, helo, limits, open,
-            )?))),
+            DeliveryMode::Mx => {
+                let router = mx::MxRouter::new(d, helo, limits, open)?;
+                let router = if d.mta_sts {
+                    router.with_mta_sts(d, sts)?
+                } else {
+                    router
+                };
+                Ok(Deliverer::Mx(Box::new(router)))
+            }
         }
     }
 

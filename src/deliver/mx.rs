@@ -16,9 +16,10 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::TokioResolver;
 
+use super::mta_sts::{self, Applied, MtaSts};
 use super::smtp::{Pool, SessionConfig, Site};
-use super::{session_config, DeliverError, Limits, Outcome, Route, SiteLimits};
-use crate::config::DeliverySettings;
+use super::{session_config, DeliverError, Limits, Outcome, Route, SiteLimits, TlsPolicy};
+use crate::config::{DeliverySettings, TlsMode};
 use crate::egress::Source;
 use crate::values::Networks;
 use lettre::transport::smtp::extension::ClientId;
@@ -41,6 +42,8 @@ pub struct MxDest {
     pub hosts: Vec<String>,
     addrs: Vec<(String, IpAddr)>,
     limits: SiteLimits,
+    /// Whether MTA-STS requires verified TLS to it.
+    tls: TlsPolicy,
     sites: Mutex<Vec<(String, Arc<Site>)>>,
 }
 
@@ -53,6 +56,9 @@ impl MxDest {
     }
 }
 
+/// A pool's key: MX address, TLS name (the MX host), egress source, TLS policy.
+type PoolKey = (SocketAddr, String, String, TlsPolicy);
+
 pub struct MxRouter {
     resolver: TokioResolver,
     port: u16,
@@ -60,11 +66,17 @@ pub struct MxRouter {
     limits: Arc<dyn Limits>,
     open: Arc<AtomicI64>,
     routes: Mutex<HashMap<String, (Cached, Instant)>>,
-    dests: Mutex<HashMap<String, Arc<MxDest>>>,
-    /// Keyed by address, TLS name and source: two MX names on one address get two pools, so
-    /// one domain's certificate name is never checked for another's session, and each
-    /// source has sessions of its own (its address, its EHLO name).
-    pools: Mutex<HashMap<(SocketAddr, String, String), Arc<Pool>>>,
+    /// By MX set and TLS policy: domains with one MX set but different MTA-STS policies
+    /// get different destinations (sharing the site key, so their shaping and suspension
+    /// are shared).
+    dests: Mutex<HashMap<(String, TlsPolicy), Arc<MxDest>>>,
+    /// Keyed by address, TLS name, source and TLS policy: two MX names on one address get
+    /// two pools, so one domain's certificate name is never checked for another's session;
+    /// each source has sessions of its own (its address, its EHLO name); an enforced
+    /// session never serves an opportunistic route or the reverse.
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// MTA-STS (`delivery.mta_sts`), when on.
+    sts: Option<MtaSts>,
     /// Addresses never connected to (`delivery.prohibited_hosts`)…
     prohibited: Networks,
     /// …unless they are here (`delivery.allowed_hosts`).
@@ -142,7 +154,18 @@ impl MxRouter {
             ),
             max_hosts: d.mx_max_hosts,
             max_addresses: d.mx_max_addresses,
+            sts: None,
         })
+    }
+
+    /// With MTA-STS policies applied to every route, over the same resolver.
+    pub fn with_mta_sts(
+        mut self,
+        d: &DeliverySettings,
+        shared: mta_sts::Shared,
+    ) -> Result<Self, DeliverError> {
+        self.sts = Some(MtaSts::new(d, self.resolver.clone(), shared)?);
+        Ok(self)
     }
 
     /// Whether an MX address may be connected to (`prohibited_hosts`, `allowed_hosts`).
@@ -193,7 +216,14 @@ impl MxRouter {
         let fqdn = format!("{domain}.");
         let mut hosts: Vec<(u16, String)> = Vec::new();
         let mut until = Instant::now() + Duration::from_secs(3600);
-        match self.resolver.mx_lookup(fqdn.as_str()).await {
+        // The MTA-STS policy is looked up beside the MX records.
+        let (mx, policy) = tokio::join!(self.resolver.mx_lookup(fqdn.as_str()), async {
+            match &self.sts {
+                Some(sts) => sts.policy(domain).await,
+                None => None,
+            }
+        });
+        match mx {
             Ok(lookup) => {
                 until = until.min(lookup.valid_until());
                 for r in lookup.answers() {
@@ -239,6 +269,19 @@ impl MxRouter {
         // key (which names the site's shared rate in Redis) must not depend on that order.
         hosts.sort();
         hosts.dedup();
+        // Enforce: only the MX hosts the policy names, before the most preferred are kept.
+        let tls = match &self.sts {
+            Some(sts) => match sts.apply(domain, policy.as_deref(), &mut hosts) {
+                Applied::Hosts(tls) => tls,
+                Applied::Refused(deferred) => {
+                    return Ok((
+                        Cached::Bounce(deferred),
+                        until.min(Instant::now() + NEGATIVE_TTL),
+                    ))
+                }
+            },
+            None => TlsPolicy::Configured,
+        };
         // A domain can list any number of MX hosts (a tarpit lists many slow ones): only the
         // most preferred few are tried.
         hosts.truncate(self.max_hosts);
@@ -285,7 +328,7 @@ impl MxRouter {
         }
         let names: Vec<&str> = hosts.iter().map(|(_, h)| h.as_str()).collect();
         let key = names.join(",");
-        let dest = self.dest(&key, domain, &names, addrs);
+        let dest = self.dest(&key, domain, &names, addrs, tls);
         Ok((
             Cached::Dest(dest),
             until.max(Instant::now() + Duration::from_secs(5)),
@@ -299,9 +342,10 @@ impl MxRouter {
         domain: &str,
         names: &[&str],
         addrs: Vec<(String, IpAddr)>,
+        tls: TlsPolicy,
     ) -> Arc<MxDest> {
         let mut dests = self.dests.lock().expect("dests lock");
-        if let Some(d) = dests.get(key) {
+        if let Some(d) = dests.get(&(key.to_string(), tls)) {
             return d.clone();
         }
         let dest = Arc::new(MxDest {
@@ -309,9 +353,10 @@ impl MxRouter {
             hosts: names.iter().map(|n| n.to_string()).collect(),
             addrs,
             limits: self.limits.limits(domain, names),
+            tls,
             sites: Mutex::new(Vec::new()),
         });
-        dests.insert(key.to_string(), dest.clone());
+        dests.insert((key.to_string(), tls), dest.clone());
         dest
     }
 
@@ -344,13 +389,18 @@ impl MxRouter {
             .map(|(host, ip)| {
                 let addr = SocketAddr::new(*ip, self.port);
                 pools
-                    .entry((addr, host.clone(), source.name.clone()))
+                    .entry((addr, host.clone(), source.name.clone(), dest.tls))
                     .or_insert_with(|| {
                         let mut cfg = self.base.clone();
                         cfg.tls_name = host.clone();
                         cfg.messages_per_connection = dest.limits.messages_per_connection;
                         cfg.helo = ClientId::Domain(source.helo.clone());
                         cfg.bind = source.bind;
+                        if dest.tls == TlsPolicy::MtaSts {
+                            cfg.tls = TlsMode::Required;
+                            cfg.policy = dest.tls;
+                            cfg.policy_failures = self.sts.as_ref().map(MtaSts::tls_failures);
+                        }
                         Pool::new(addr, cfg, self.open.clone())
                     })
                     .clone()
@@ -495,19 +545,21 @@ mod tests {
             "a.test",
             &["mx.a.test"],
             vec![("mx.a.test".into(), ip)],
+            TlsPolicy::Configured,
         );
         let b = router.dest(
             "mx.b.test",
             "b.test",
             &["mx.b.test"],
             vec![("mx.b.test".into(), ip)],
+            TlsPolicy::Configured,
         );
         let a = router.site_for(&a, source).unwrap();
         let b = router.site_for(&b, source).unwrap();
         assert!(!Arc::ptr_eq(&a, &b));
         let pools = router.pools.lock().unwrap();
         assert_eq!(pools.len(), 2);
-        let names: Vec<&str> = pools.keys().map(|(_, n, _)| n.as_str()).collect();
+        let names: Vec<&str> = pools.keys().map(|(_, n, _, _)| n.as_str()).collect();
         assert!(names.contains(&"mx.a.test") && names.contains(&"mx.b.test"));
     }
 }

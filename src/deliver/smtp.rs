@@ -15,7 +15,7 @@ use lettre::Address;
 use tokio::sync::{watch, Semaphore};
 
 use super::deadline::{Deadlined, Limits};
-use super::{AttemptFlags, Outcome};
+use super::{AttemptFlags, Outcome, TlsPolicy};
 use crate::config::TlsMode;
 
 /// How sessions to one destination are opened and reused.
@@ -33,6 +33,10 @@ pub struct SessionConfig {
     pub messages_per_connection: u32,
     /// The local address bound before connect (an egress source's); None: the kernel picks.
     pub bind: Option<std::net::IpAddr>,
+    /// Why TLS is required beyond `tls` (an enforced MTA-STS policy): named in the reason
+    /// a failed STARTTLS gives, and counted in `policy_failures`.
+    pub policy: TlsPolicy,
+    pub policy_failures: Option<prometheus::IntCounter>,
 }
 
 /// The limits of each stage of a session (`delivery.*_timeout`), after RFC 5321 §4.5.3.2 and
@@ -280,14 +284,16 @@ impl Pool {
                         .dangerous_accept_invalid_hostnames(true)
                         .build()
                 };
-                let params = params.map_err(|e| deferred("TLS setup for", &e))?;
+                let params = params.map_err(|e| self.by_policy(deferred("TLS setup for", &e)))?;
                 limits.set(t.greeting, t.greeting);
                 if let Err(e) = conn.starttls(params, &self.cfg.helo).await {
-                    return Err(deferred("STARTTLS with", &e));
+                    return Err(self.by_policy(deferred("STARTTLS with", &e)));
                 }
             }
             TlsMode::Required => {
-                return Err(deferred("STARTTLS required but not offered by", &"server"));
+                return Err(
+                    self.by_policy(deferred("STARTTLS required but not offered by", &"server"))
+                );
             }
             TlsMode::Opportunistic => {}
         }
@@ -319,6 +325,19 @@ impl Pool {
             }
         }
         Ok((conn, caps, limits))
+    }
+
+    /// A TLS failure, said to be the recipient's policy's doing when one required TLS.
+    fn by_policy(&self, reason: String) -> String {
+        match self.cfg.policy {
+            TlsPolicy::Configured => reason,
+            TlsPolicy::MtaSts => {
+                if let Some(c) = &self.cfg.policy_failures {
+                    c.inc();
+                }
+                format!("MTA-STS policy (enforce) requires verified TLS: {reason}")
+            }
+        }
     }
 
     /// One transaction on `session`; `reused`: it waited in the pool, so a 421 to its first

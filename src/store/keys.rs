@@ -20,6 +20,7 @@
 //! | `uniq:{o,c}:{campaign}`, `uniq:l:{campaign}:{link}` | HyperLogLog | sends that opened / clicked (a link) |
 //! | `rate:{rule}:{key}`, `rate-back:{rule}:{key}` | string | a shared rate's GCRA state |
 //! | `timers`, `timers:cancelled` | sorted set | workflow not_opened / not_clicked timers |
+//! | `mta_sts:{domain}` | string | a recipient domain's MTA-STS policy (JSON: TXT `id`, `expires`, the policy text), expiring after its `max_age` |
 //! | `suspended_sites` | sorted set | sites suspended after a throttling reply, shared by the fleet (score: until, ms) |
 //! | `warmup:{source}:{day}` | string | messages of a warming source's UTC day (days since the epoch) claimed by the fleet |
 //! | `sent:{source}:{day}` | string | messages sent through a source on that UTC day |
@@ -52,6 +53,8 @@ pub struct Keys {
     pub timers: String,
     /// Sites suspended after a throttling reply, for every daemon (score: until, ms).
     pub suspended_sites: String,
+    /// The base of the MTA-STS policy cache: the recipient domain is appended.
+    pub mta_sts: String,
     /// Recently cancelled timers (score: until ms), so a late `delivered` does not re-arm them.
     pub timers_cancelled: String,
     /// Webhooks waiting for their next try (score: due ms).
@@ -83,6 +86,7 @@ impl Keys {
             optouts: format!("{prefix}optouts"),
             timers: format!("{prefix}timers"),
             suspended_sites: format!("{prefix}suspended_sites"),
+            mta_sts: format!("{prefix}mta_sts:"),
             timers_cancelled: format!("{prefix}timers:cancelled"),
             webhooks: format!("{prefix}webhooks"),
             campaign_states: format!("{prefix}campaign_states"),

@@ -38,6 +38,7 @@ mod grafana_dashboard;
 mod guards;
 mod late_bounces;
 mod lost_reply;
+mod mta_sts;
 mod mx_idle_sessions;
 mod mx_limits;
 mod mx_rate;

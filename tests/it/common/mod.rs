@@ -406,7 +406,8 @@ pub struct Dns {
 
 impl Dns {
     /// `records` are dnsmasq options without the leading `--`, e.g.
-    /// `txt-record=s1._domainkey.shop.test,"v=DKIM1; …"`.
+    /// `txt-record=s1._domainkey.shop.test,v=DKIM1; …`. They go on the command line, where
+    /// dnsmasq keeps double quotes as part of the text.
     pub fn start(records: &[String]) -> Dns {
         Self::start_on(free_port(), records)
     }
