@@ -362,6 +362,9 @@ impl App {
         let ready = Arc::new(AtomicBool::new(false));
         let signer = renderer.signer().clone();
         let templates = renderer.templates().names().count();
+        if let Err(e) = shaper.read_shared().await {
+            tracing::warn!(error = %e, "reading the fleet's suspensions failed; retrying in the background");
+        }
         tokio::spawn(shaper.clone().follow_shared(stop_rx.clone()));
         let egress = Arc::new(crate::egress::Egress::new(&settings, Some(conn.clone())));
         let egress_task = tokio::spawn(egress.clone().flush_sent(metrics.clone(), stop_rx.clone()));

@@ -25,6 +25,9 @@ use super::{egress, manage, sends};
         manage::suppress,
         manage::unsuppress,
         egress::list_sources,
+        egress::suspend_domain,
+        egress::resume_domain,
+        egress::suspended_domains,
     ),
     modifiers(&Bearer)
 )]
@@ -60,6 +63,9 @@ mod tests {
         for path in [
             "/api/v1/sends",
             "/api/v1/sources",
+            "/api/v1/domains/{domain}/suspend",
+            "/api/v1/domains/{domain}/resume",
+            "/api/v1/domains/suspended",
             "/api/v1/campaigns",
             "/api/v1/campaigns/{campaign}",
             "/api/v1/campaigns/{campaign}/pause",

@@ -6,6 +6,8 @@
 //!   `GET /api/v1/recipients/{address}`, `PUT|DELETE /api/v1/suppressions/{address}`
 //!   ([`manage`]): what `paloma stats`, `paloma campaign` and `paloma suppress` do;
 //! - `GET /api/v1/sources` ([`egress`]): what `paloma sources` shows;
+//!   `POST /api/v1/domains/{domain}/suspend|resume`, `GET /api/v1/domains/suspended`: what
+//!   `paloma domain` does;
 //! - `GET /api/v1/openapi.json`: the OpenAPI document, derived from the handlers ([`doc`]);
 //! - the report pages, `/campaigns` ([`crate::pages`]).
 //!
@@ -204,6 +206,15 @@ pub fn routes(api: Arc<Api>) -> Router {
         .route("/api/v1/campaigns/{campaign}/cancel", post(manage::cancel))
         .route("/api/v1/recipients/{address}", get(manage::recipient))
         .route("/api/v1/sources", get(egress::list_sources))
+        .route("/api/v1/domains/suspended", get(egress::suspended_domains))
+        .route(
+            "/api/v1/domains/{domain}/suspend",
+            post(egress::suspend_domain),
+        )
+        .route(
+            "/api/v1/domains/{domain}/resume",
+            post(egress::resume_domain),
+        )
         .route(
             "/api/v1/suppressions/{address}",
             put(manage::suppress).delete(manage::unsuppress),

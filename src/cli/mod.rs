@@ -5,6 +5,7 @@
 
 pub mod campaign;
 pub mod demo;
+pub mod domain;
 pub mod enqueue;
 pub mod experiment;
 pub mod sources;
@@ -53,6 +54,11 @@ enum Command {
         #[command(subcommand)]
         action: experiment::Cmd,
     },
+    /// Operator suspensions of recipient domains: suspend, resume, list (every daemon).
+    Domain {
+        #[command(subcommand)]
+        action: domain::Cmd,
+    },
     /// Egress sources: address, EHLO name, pools, warm-up day and cap, sent today, suspensions.
     Sources(sources::Args),
     /// The quick start: a throwaway Redis, a local mail capture, a sample campaign.
@@ -73,6 +79,7 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> anyhow::Result
         Command::Experiment { action } => experiment::run(action).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Sources(args) => sources::run(args).await,
+        Command::Domain { action } => domain::run(action).await,
     }
 }
 

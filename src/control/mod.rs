@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+pub mod domains;
 pub mod guards;
 
 pub use guards::{guard, ACTIVE_WINDOW, GUARD_EVERY};
@@ -312,9 +313,22 @@ pub async fn bring_forward(
     keys: &Keys,
     campaign: &str,
 ) -> redis::RedisResult<u64> {
+    bring_forward_where(conn, keys, now_ms(), |job| {
+        job_campaign(job).as_deref() == Some(campaign)
+    })
+    .await
+}
+
+/// Brings every job in the delayed set whose JSON `wanted` accepts forward to `due` (ms),
+/// a page of the set at a time (memory stays flat). Returns how many.
+pub async fn bring_forward_where(
+    conn: &mut RedisConn,
+    keys: &Keys,
+    due: i64,
+    wanted: impl Fn(&[u8]) -> bool,
+) -> redis::RedisResult<u64> {
     let mut cursor = 0u64;
     let mut moved = 0;
-    let now = now_ms();
     loop {
         let (next, items): (u64, Vec<Vec<u8>>) = redis::cmd("ZSCAN")
             .arg(&keys.scheduled)
@@ -327,11 +341,12 @@ pub async fn bring_forward(
         let mut p = redis::pipe();
         let mut batch = 0;
         for m in items.iter().step_by(2) {
-            if member_campaign(m).as_deref() == Some(campaign) {
+            let job = m.splitn(3, |&b| b == b'|').nth(2).unwrap_or_default();
+            if wanted(job) {
                 p.cmd("ZADD")
                     .arg(&keys.scheduled)
                     .arg("XX")
-                    .arg(now)
+                    .arg(due)
                     .arg(m.as_slice())
                     .ignore();
                 batch += 1;
@@ -351,12 +366,17 @@ pub async fn bring_forward(
 }
 
 /// The campaign of a delayed-set member `attempt|first_at|job`.
+#[cfg(test)]
 fn member_campaign(member: &[u8]) -> Option<String> {
+    job_campaign(member.splitn(3, |&b| b == b'|').nth(2)?)
+}
+
+/// The campaign of a job's JSON.
+fn job_campaign(job: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct C {
         campaign: Option<String>,
     }
-    let job = member.splitn(3, |&b| b == b'|').nth(2)?;
     serde_json::from_slice::<C>(job).ok()?.campaign
 }
 

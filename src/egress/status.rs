@@ -103,6 +103,11 @@ impl Catalog {
         Catalog { sources }
     }
 
+    /// Whether a source of this name is configured.
+    pub fn has(&self, name: &str) -> bool {
+        self.sources.iter().any(|s| s.name == name)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.sources.is_empty()
     }

@@ -99,12 +99,7 @@ async fn attempt(
             key,
             entry.source.as_deref(),
             now,
-            |src| {
-                stages
-                    .shaper
-                    .throttles
-                    .suspended_for(&src.qualify(key), Instant::now())
-            },
+            |src| stages.shaper.suspended_for(src, key, &domain),
         )
         .await;
     let source = match picked {

@@ -60,6 +60,12 @@ pub struct Shaper {
     /// Where suspensions are shared with the fleet (`delivery.shared_rates`): a connection
     /// and `{prefix}suspended_sites`.
     shared: Option<(RedisConn, String)>,
+    /// Where operators' domain suspensions are read (`{prefix}suspended_domains`), whatever
+    /// `shared_rates` says.
+    operator: Option<(RedisConn, String)>,
+    /// The domain suspensions in force, as last read: `domain` or `{source}/{domain}` →
+    /// until. Replaced whole at each read, so a lifted suspension goes within a round.
+    domains: std::sync::RwLock<std::collections::HashMap<String, Instant>>,
 }
 
 /// How often each daemon reads the suspensions the fleet shares.
@@ -95,6 +101,8 @@ impl Shaper {
     /// `delivery.shared_rates` is on.
     pub fn with_redis(settings: &Settings, redis: Option<RedisConn>) -> Self {
         let d = &settings.delivery;
+        let keys_ = Keys::new(&settings.redis.prefix);
+        let operator = redis.clone().map(|c| (c, keys_.suspended_domains.clone()));
         let redis = redis.filter(|_| d.shared_rates);
         let keys = Keys::new(&settings.redis.prefix);
         let mut default = RuleState::new("*", None, d.connections, d.messages_per_connection);
@@ -138,6 +146,8 @@ impl Shaper {
             builtin_suspend: (d.mode == DeliveryMode::Mx).then(|| d.throttle_suspend.get()),
             throttles: Throttles::default(),
             shared: redis.map(|c| (c, keys.suspended_sites.clone())),
+            operator,
+            domains: Default::default(),
         }
     }
 
@@ -172,6 +182,27 @@ impl Shaper {
             Admission::Later(wait) => (rule, Gate::Paced(wait)),
             Admission::Go => (rule, Gate::Go),
         }
+    }
+
+    /// How long `source` may not send to `site` for a recipient at `domain`: the source's
+    /// suspension at the site (a throttling reply), or an operator's suspension of the
+    /// domain for every source or for this one.
+    pub fn suspended_for(&self, source: &Source, site: &str, domain: &str) -> Option<Duration> {
+        let now = Instant::now();
+        let by_site = self.throttles.suspended_for(&source.qualify(site), now);
+        let by_operator = {
+            let domains = self.domains.read().unwrap_or_else(|e| e.into_inner());
+            if domains.is_empty() {
+                None
+            } else {
+                let all = domains.get(domain).copied();
+                let one = (!source.name.is_empty())
+                    .then(|| domains.get(source.qualify(domain).as_ref()).copied())
+                    .flatten();
+                all.max(one).filter(|t| *t > now).map(|t| t - now)
+            }
+        };
+        by_site.max(by_operator)
     }
 
     /// Applies what a reply says about the site (a suspension or a lowered rate); returns
@@ -223,37 +254,55 @@ impl Shaper {
     /// Applies the suspensions the fleet shares, every [`SHARED_SUSPENSIONS_EVERY`] until
     /// `stop`: one round trip that drops the ended ones and reads the rest, so every daemon
     /// sending to a site stops within about a second of the first one's throttling reply.
+    /// The same round trip reads the operators' domain suspensions.
     pub async fn follow_shared(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
-        let Some((mut conn, key)) = self.shared.clone() else {
+        if self.operator.is_none() {
             return;
-        };
+        }
         let mut ticker = crate::ticker::Ticker::new(SHARED_SUSPENSIONS_EVERY, stop);
         while ticker.tick().await {
-            let now = crate::queue::now_ms();
-            let mut p = redis::pipe();
+            if let Err(e) = self.read_shared().await {
+                tracing::debug!(error = %e, "reading the fleet's suspensions failed; next round")
+            }
+        }
+    }
+
+    /// One read of the fleet's suspensions (the daemon makes one before its intake starts,
+    /// so a suspension in force is never missed by a daemon just started).
+    pub async fn read_shared(&self) -> redis::RedisResult<()> {
+        let Some((mut conn, domains_key)) = self.operator.clone() else {
+            return Ok(());
+        };
+        let sites_key = self.shared.as_ref().map(|(_, k)| k.as_str());
+        let now = crate::queue::now_ms();
+        let mut p = redis::pipe();
+        for key in sites_key
+            .into_iter()
+            .chain(std::iter::once(domains_key.as_str()))
+        {
             p.cmd("ZREMRANGEBYSCORE")
-                .arg(&key)
+                .arg(key)
                 .arg("-inf")
                 .arg(now)
                 .ignore();
             p.cmd("ZRANGEBYSCORE")
-                .arg(&key)
+                .arg(key)
                 .arg(format!("({now}"))
                 .arg("+inf")
                 .arg("WITHSCORES");
-            match p.query_async::<(Vec<(String, i64)>,)>(&mut conn).await {
-                Ok((sites,)) => {
-                    let at = Instant::now();
-                    for (site, until) in sites {
-                        let left = Duration::from_millis((until - now).max(0) as u64);
-                        self.throttles.suspend(&site, at + left);
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "reading the fleet's suspensions failed; next round")
-                }
-            }
         }
+        let mut lists: Vec<Vec<(String, i64)>> = p.query_async(&mut conn).await?;
+        let at = Instant::now();
+        let left = |until: i64| at + Duration::from_millis((until - now).max(0) as u64);
+        let domains = lists.pop().unwrap_or_default();
+        *self.domains.write().unwrap_or_else(|e| e.into_inner()) = domains
+            .into_iter()
+            .map(|(d, until)| (d, left(until)))
+            .collect();
+        for (site, until) in lists.pop().unwrap_or_default() {
+            self.throttles.suspend(&site, left(until));
+        }
+        Ok(())
     }
 
     /// The rule for a domain whose MX hosts are `mx_hosts`. `example.com` matches that

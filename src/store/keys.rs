@@ -22,6 +22,7 @@
 //! | `timers`, `timers:cancelled` | sorted set | workflow not_opened / not_clicked timers |
 //! | `mta_sts:{domain}` | string | a recipient domain's MTA-STS policy (JSON: TXT `id`, `expires`, the policy text), expiring after its `max_age` |
 //! | `suspended_sites` | sorted set | sites suspended after a throttling reply, shared by the fleet (score: until, ms) |
+//! | `suspended_domains` | sorted set | recipient domains an operator suspended, `domain` or `{source}/domain` (score: until, ms) |
 //! | `warmup:{source}:{day}` | string | messages of a warming source's UTC day (days since the epoch) claimed by the fleet |
 //! | `sent:{source}:{day}` | string | messages sent through a source on that UTC day |
 //! | `webhooks` | sorted set | workflow webhooks waiting for their next attempt |
@@ -53,6 +54,9 @@ pub struct Keys {
     pub timers: String,
     /// Sites suspended after a throttling reply, for every daemon (score: until, ms).
     pub suspended_sites: String,
+    /// Recipient domains suspended by an operator (`paloma domain suspend`), for every
+    /// daemon: `domain`, or `{source}/{domain}` for one source (score: until, ms).
+    pub suspended_domains: String,
     /// The base of the MTA-STS policy cache: the recipient domain is appended.
     pub mta_sts: String,
     /// Recently cancelled timers (score: until ms), so a late `delivered` does not re-arm them.
@@ -86,6 +90,7 @@ impl Keys {
             optouts: format!("{prefix}optouts"),
             timers: format!("{prefix}timers"),
             suspended_sites: format!("{prefix}suspended_sites"),
+            suspended_domains: format!("{prefix}suspended_domains"),
             mta_sts: format!("{prefix}mta_sts:"),
             timers_cancelled: format!("{prefix}timers:cancelled"),
             webhooks: format!("{prefix}webhooks"),

@@ -27,6 +27,7 @@ mod crash_recovery;
 mod dead_letters;
 mod dkim;
 mod domain_counts;
+mod domain_suspend;
 mod egress;
 mod engagement;
 mod experiments;
