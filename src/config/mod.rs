@@ -23,7 +23,7 @@ use serde::Deserialize;
 pub use egress::{PoolMember, PoolRule, SourceRule, WarmupRule, IMPLICIT_POOL};
 pub use secrets::{weak_secret, Secret, MAKE_SECRET};
 pub use sections::*;
-pub use units::{Dur, Percent, Rate};
+pub use units::{Dur, Percent, Rate, Trigger};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

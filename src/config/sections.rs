@@ -541,6 +541,9 @@ pub struct BackoffRule {
     /// …or send to it at most at this rate for `slow_for`.
     pub slow_to: Option<Rate>,
     pub slow_for: Option<Dur>,
+    /// Act only after this many matching replies from the destination (per source and
+    /// site, counted for the fleet) within the period: `"3/10m"`. Absent: the first one.
+    pub trigger: Option<super::Trigger>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -119,3 +119,46 @@ impl<'de> Deserialize<'de> for Rate {
         s.parse().map_err(serde::de::Error::custom)
     }
 }
+
+/// A `[[backoff]]` trigger, `"3/10m"`: act only after this many matching replies within the
+/// period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trigger {
+    pub count: u32,
+    pub within: Duration,
+}
+
+impl FromStr for Trigger {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (n, period) = s
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| format!("trigger {s:?} must look like \"3/10m\" (replies / period)"))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("trigger {s:?}: {n:?} is not a whole number"))?;
+        if count == 0 {
+            return Err(format!("trigger {s:?}: the count must be above zero"));
+        }
+        let within: Dur = period
+            .trim()
+            .parse()
+            .map_err(|e| format!("trigger {s:?}: {e}"))?;
+        if within.get().is_zero() {
+            return Err(format!("trigger {s:?}: the period must be above zero"));
+        }
+        Ok(Trigger {
+            count,
+            within: within.get(),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Trigger {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}

@@ -239,7 +239,11 @@ async fn attempt(
         .with_label_values(&[outcome.label()])
         .observe(t1.elapsed().as_secs_f64());
     // React.
-    match stages.shaper.react(&source.qualify(&site.key), &outcome) {
+    match stages
+        .shaper
+        .react(&source.qualify(&site.key), &outcome)
+        .await
+    {
         Some(Reaction::Suspend(pause)) => {
             m.suspensions.with_label_values(&[rule.name.as_str()]).inc();
             tracing::info!(site = %site.key, source = source.label(), pause = ?pause, reply = %outcome.text(), "throttled: suspending the destination");

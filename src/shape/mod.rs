@@ -22,7 +22,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{BackoffRule, DeliveryMode, DomainRule, Rate, Settings};
+use crate::config::{BackoffRule, DeliveryMode, DomainRule, Rate, Settings, Trigger};
 use crate::deliver::{Limits, SiteLimits};
 use crate::egress::Source;
 use crate::outcome::{enhanced_status, Outcome};
@@ -66,7 +66,25 @@ pub struct Shaper {
     /// The domain suspensions in force, as last read: `domain` or `{source}/{domain}` →
     /// until. Replaced whole at each read, so a lifted suspension goes within a round.
     domains: std::sync::RwLock<std::collections::HashMap<String, Instant>>,
+    /// The Redis key prefix (trigger windows, slowed sites).
+    prefix: String,
+    /// Trigger windows counted here when Redis is not shared (or does not answer).
+    trigger_counts: std::sync::Mutex<
+        std::collections::HashMap<(usize, String), std::collections::VecDeque<Instant>>,
+    >,
 }
+
+/// Adds one reply time to a `[[backoff]]` trigger's window and answers how many it holds,
+/// starting the count again once it reaches the threshold.
+/// KEYS[1] the window; ARGV: now (ms), the period (ms), the threshold, a random tag.
+const TRIGGER: &str = r#"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[1] .. ':' .. ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local n = redis.call('ZCARD', KEYS[1])
+if n >= tonumber(ARGV[3]) then redis.call('DEL', KEYS[1]) end
+return n
+"#;
 
 /// How often each daemon reads the suspensions the fleet shares.
 pub const SHARED_SUSPENSIONS_EVERY: Duration = Duration::from_millis(500);
@@ -144,10 +162,15 @@ impl Shaper {
             default: Arc::new(default),
             backoff: settings.backoff.clone(),
             builtin_suspend: (d.mode == DeliveryMode::Mx).then(|| d.throttle_suspend.get()),
-            throttles: Throttles::default(),
+            throttles: match &redis {
+                Some(c) => Throttles::shared(c.clone(), keys.clone()),
+                None => Throttles::default(),
+            },
             shared: redis.map(|c| (c, keys.suspended_sites.clone())),
             operator,
             domains: Default::default(),
+            prefix: settings.redis.prefix.clone(),
+            trigger_counts: Default::default(),
         }
     }
 
@@ -208,8 +231,15 @@ impl Shaper {
     /// Applies what a reply says about the site (a suspension or a lowered rate); returns
     /// the reaction when it newly throttles the site (for the metric and the log line).
     /// `site` is the source's key for the site ([`Source::qualify`]).
-    pub fn react(&self, site: &str, outcome: &Outcome) -> Option<Reaction> {
-        let reaction = self.backoff_for(outcome)?;
+    /// A `[[backoff]]` rule with a `trigger` acts only on its Nth matching reply within the
+    /// period.
+    pub async fn react(&self, site: &str, outcome: &Outcome) -> Option<Reaction> {
+        let (reaction, trigger) = self.backoff_rule(outcome)?;
+        if let Some((rule, t)) = trigger {
+            if !self.triggered(rule, site, t).await {
+                return None;
+            }
+        }
         let now = Instant::now();
         let fresh = match &reaction {
             Reaction::Suspend(pause) => {
@@ -221,6 +251,7 @@ impl Shaper {
             Reaction::Slow(rate, period) => {
                 let fresh = self.throttles.slowed(site, now).is_none();
                 self.throttles.slow(site, *rate, now + *period, now);
+                self.share_slow_down(site, *rate, *period);
                 fresh
             }
         };
@@ -251,6 +282,31 @@ impl Shaper {
         });
     }
 
+    /// Tells the fleet that the site is slowed to `rate` for `period`:
+    /// `{prefix}slowed_sites` gets `{site}|{count}|{per ms}` until now + `period` (a later end
+    /// is kept); every daemon then applies the same rate, drawn from one budget in Redis.
+    fn share_slow_down(&self, site: &str, rate: Rate, period: Duration) {
+        let Some((conn, _)) = &self.shared else {
+            return;
+        };
+        let until = crate::queue::now_ms() + period.as_millis() as i64;
+        let member = format!("{site}|{}|{}", rate.count, rate.per.as_millis());
+        let key = format!("{}slowed_sites", self.prefix);
+        let mut conn = conn.clone();
+        tokio::spawn(async move {
+            let r: redis::RedisResult<()> = redis::cmd("ZADD")
+                .arg(&key)
+                .arg("GT")
+                .arg(until)
+                .arg(&member)
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, member, "sharing a site's lowered rate failed; the other daemons learn it from their own replies");
+            }
+        });
+    }
+
     /// Applies the suspensions the fleet shares, every [`SHARED_SUSPENSIONS_EVERY`] until
     /// `stop`: one round trip that drops the ended ones and reads the rest, so every daemon
     /// sending to a site stops within about a second of the first one's throttling reply.
@@ -273,13 +329,16 @@ impl Shaper {
         let Some((mut conn, domains_key)) = self.operator.clone() else {
             return Ok(());
         };
-        let sites_key = self.shared.as_ref().map(|(_, k)| k.as_str());
+        let slowed_key = format!("{}slowed_sites", self.prefix);
+        let mut keys: Vec<&str> = Vec::with_capacity(3);
+        if let Some((_, sites_key)) = &self.shared {
+            keys.push(sites_key);
+            keys.push(&slowed_key);
+        }
+        keys.push(&domains_key);
         let now = crate::queue::now_ms();
         let mut p = redis::pipe();
-        for key in sites_key
-            .into_iter()
-            .chain(std::iter::once(domains_key.as_str()))
-        {
+        for key in &keys {
             p.cmd("ZREMRANGEBYSCORE")
                 .arg(key)
                 .arg("-inf")
@@ -299,8 +358,25 @@ impl Shaper {
             .into_iter()
             .map(|(d, until)| (d, left(until)))
             .collect();
-        for (site, until) in lists.pop().unwrap_or_default() {
-            self.throttles.suspend(&site, left(until));
+        if lists.len() == 2 {
+            for (member, until) in lists.pop().unwrap_or_default() {
+                // `{site}|{count}|{per ms}`.
+                let mut parts = member.rsplitn(3, '|');
+                let per = parts.next().and_then(|p| p.parse::<u64>().ok());
+                let count = parts.next().and_then(|c| c.parse::<u32>().ok());
+                if let (Some(per), Some(count), Some(site)) = (per, count, parts.next()) {
+                    if count > 0 && per > 0 {
+                        let rate = Rate {
+                            count,
+                            per: Duration::from_millis(per),
+                        };
+                        self.throttles.slow(site, rate, left(until), at);
+                    }
+                }
+            }
+            for (site, until) in lists.pop().unwrap_or_default() {
+                self.throttles.suspend(&site, left(until));
+            }
         }
         Ok(())
     }
@@ -330,8 +406,15 @@ impl Shaper {
         (self.default.clone(), false)
     }
 
-    /// How a site reacts to this outcome, if it says to slow down.
+    /// How a site reacts to this outcome, if it says to slow down (whatever a trigger
+    /// says: see [`Shaper::react`]).
     pub fn backoff_for(&self, outcome: &Outcome) -> Option<Reaction> {
+        self.backoff_rule(outcome).map(|(r, _)| r)
+    }
+
+    /// The reaction, and the trigger of the `[[backoff]]` rule that gave it (its index and
+    /// threshold), if it has one.
+    fn backoff_rule(&self, outcome: &Outcome) -> Option<(Reaction, Option<(usize, Trigger)>)> {
         let Outcome::Deferred { response } = outcome else {
             return None;
         };
@@ -340,7 +423,7 @@ impl Shaper {
             .filter(|c| c.bytes().all(|b| b.is_ascii_digit()));
         let enhanced = enhanced_status(response);
         let text = response.to_ascii_lowercase();
-        for r in &self.backoff {
+        for (i, r) in self.backoff.iter().enumerate() {
             let code_ok = r
                 .code
                 .as_deref()
@@ -354,16 +437,67 @@ impl Shaper {
                 .as_deref()
                 .is_none_or(|t| text.contains(&t.to_ascii_lowercase()));
             if code_ok && enh_ok && text_ok {
-                return match (r.suspend, r.slow_to, r.slow_for) {
-                    (Some(d), _, _) => Some(Reaction::Suspend(d.get())),
-                    (None, Some(rate), Some(d)) => Some(Reaction::Slow(rate, d.get())),
-                    _ => None,
+                let reaction = match (r.suspend, r.slow_to, r.slow_for) {
+                    (Some(d), _, _) => Reaction::Suspend(d.get()),
+                    (None, Some(rate), Some(d)) => Reaction::Slow(rate, d.get()),
+                    _ => return None,
                 };
+                return Some((reaction, r.trigger.map(|t| (i, t))));
             }
         }
         self.builtin_suspend
             .filter(|_| crate::outcome::is_throttling(response))
-            .map(Reaction::Suspend)
+            .map(|d| (Reaction::Suspend(d), None))
+    }
+
+    /// Counts one more reply matching rule `rule` from `site`; true once there have been
+    /// `trigger.count` within `trigger.within` (the count then starts again). Counted in
+    /// Redis for the fleet (a sorted set of reply times per rule and site; a throttling
+    /// reply is rare, this is no per-message round trip); by this daemon alone when Redis
+    /// is not shared or does not answer.
+    async fn triggered(&self, rule: usize, site: &str, trigger: Trigger) -> bool {
+        if let Some((conn, _)) = &self.shared {
+            let key = format!("{}backoff:{rule}:{site}", self.prefix);
+            let now = crate::queue::now_ms();
+            let r: redis::RedisResult<u32> = redis::Script::new(TRIGGER)
+                .key(&key)
+                .arg(now)
+                .arg(trigger.within.as_millis() as u64)
+                .arg(trigger.count)
+                .arg(rand::random::<u32>())
+                .invoke_async(&mut conn.clone())
+                .await;
+            match r {
+                Ok(n) => return n >= trigger.count,
+                Err(e) => {
+                    tracing::debug!(error = %e, "counting a backoff trigger in Redis failed; counting here")
+                }
+            }
+        }
+        let now = Instant::now();
+        let mut counts = self
+            .trigger_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if counts.len() > 10_000 {
+            counts.retain(|_, v| {
+                v.back()
+                    .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(86_400))
+            });
+        }
+        let seen = counts.entry((rule, site.to_string())).or_default();
+        seen.push_back(now);
+        while seen
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > trigger.within)
+        {
+            seen.pop_front();
+        }
+        if seen.len() as u32 >= trigger.count {
+            seen.clear();
+            return true;
+        }
+        false
     }
 }
 
@@ -425,6 +559,33 @@ mod tests {
             s.backoff_for(&Outcome::bounce(550, "550 5.1.1 no".into())),
             None
         );
+    }
+
+    #[tokio::test]
+    async fn a_trigger_acts_on_its_nth_reply_per_site_and_counts_again_after() {
+        let s = Shaper::new(&settings(
+            "[[backoff]]\ncode = \"421\"\ntrigger = \"3/10m\"\nsuspend = \"1h\"\n",
+        ));
+        let reply = Outcome::Deferred {
+            response: "421 4.7.0 Try again later".into(),
+        };
+        assert_eq!(s.react("a", &reply).await, None);
+        assert_eq!(s.react("b", &reply).await, None, "counted per site");
+        assert_eq!(s.react("a", &reply).await, None);
+        assert_eq!(
+            s.react("a", &reply).await,
+            Some(Reaction::Suspend(Duration::from_secs(3600)))
+        );
+        assert!(s.throttles.suspended_for("a", Instant::now()).is_some());
+        assert!(s.throttles.suspended_for("b", Instant::now()).is_none());
+        // The count starts again: one more reply does not act by itself.
+        assert_eq!(s.react("a", &reply).await, None);
+        let e = Settings::from_toml(
+            "[sender]\nfrom = \"a@b.test\"\nhelo = \"h\"\n[tracking]\nsecret = \"0123456789abcdef0\"\n[[backoff]]\ncode = \"421\"\ntrigger = \"3 per 10m\"\nsuspend = \"1h\"\n",
+            Vec::new(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("3/10m"), "{e}");
     }
 
     #[tokio::test]

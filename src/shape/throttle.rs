@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use super::RuleState;
 use crate::config::Rate;
+use crate::store::keys::Keys;
+use crate::store::RedisConn;
 
 #[derive(Default)]
 struct State {
@@ -35,9 +37,19 @@ impl State {
 #[derive(Default)]
 pub struct Throttles {
     sites: Mutex<HashMap<String, State>>,
+    /// Where a lowered rate is one budget for the fleet (`rate:slowed:{site}`, a GCRA).
+    redis: Option<(RedisConn, Keys)>,
 }
 
 impl Throttles {
+    /// Lowered rates drawn from one budget in Redis, shared by every daemon.
+    pub fn shared(conn: RedisConn, keys: Keys) -> Throttles {
+        Throttles {
+            sites: Mutex::default(),
+            redis: Some((conn, keys)),
+        }
+    }
+
     /// Suspends the site (no sessions) until `until`; a later suspension extends it.
     pub fn suspend(&self, site: &str, until: Instant) {
         let mut sites = self.sites.lock().expect("throttles lock");
@@ -74,7 +86,15 @@ impl Throttles {
                 return;
             }
         }
-        let state = RuleState::new(&format!("slowed:{site}"), Some(rate), 1, 1);
+        // The slowed rule's limiter is keyed by the site (`admit(site)`), so in Redis its
+        // state is `rate:slowed:{site}`.
+        let state = RuleState::with_redis(
+            "slowed",
+            Some(rate),
+            1,
+            1,
+            self.redis.as_ref().map(|(c, k)| (c.clone(), k)),
+        );
         s.slowed = Some((until, Arc::new(state)));
     }
 

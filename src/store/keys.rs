@@ -22,6 +22,8 @@
 //! | `timers`, `timers:cancelled` | sorted set | workflow not_opened / not_clicked timers |
 //! | `mta_sts:{domain}` | string | a recipient domain's MTA-STS policy (JSON: TXT `id`, `expires`, the policy text), expiring after its `max_age` |
 //! | `suspended_sites` | sorted set | sites suspended after a throttling reply, shared by the fleet (score: until, ms) |
+//! | `slowed_sites` | sorted set | `{site}|{count}|{per ms}`: lowered rates after a throttling reply, shared by the fleet (score: until, ms) |
+//! | `backoff:{rule}:{site}` | sorted set | a `[[backoff]]` trigger's window of matching replies (score: ms) |
 //! | `suspended_domains` | sorted set | recipient domains an operator suspended, `domain` or `{source}/domain` (score: until, ms) |
 //! | `warmup:{source}:{day}` | string | messages of a warming source's UTC day (days since the epoch) claimed by the fleet |
 //! | `sent:{source}:{day}` | string | messages sent through a source on that UTC day |

@@ -10,6 +10,7 @@
 mod common;
 
 mod api;
+mod backoff_rules;
 mod blocking_work;
 mod bounce_fields;
 mod bounce_listener;

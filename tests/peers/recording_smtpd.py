@@ -1,11 +1,12 @@
 """A receiving MTA that records who sent each message: aiosmtpd, no TLS, no AUTH.
 
-Usage: recording_smtpd.py PORT HOST OUTDIR [throttle-once]
+Usage: recording_smtpd.py PORT HOST OUTDIR [throttle-once | throttle-N]
 Each kept message appends one line to OUTDIR/log.tsv before its reply:
   client address <TAB> EHLO name <TAB> recipient(s, comma-separated) <TAB> arrival (Unix s)
 so a test sees which source address and name each message came from. With throttle-once,
 the first RCPT the receiver ever sees is answered 421 4.7.28 (a provider's "sending too
-fast") and every later one accepted. Prints "ready" once listening.
+fast") and every later one accepted; with throttle-N (throttle-3), the first N are. Prints
+"ready" once listening.
 """
 import asyncio
 import os
@@ -16,14 +17,14 @@ from aiosmtpd.controller import Controller
 
 port, host, outdir = sys.argv[1:4]
 mode = sys.argv[4] if len(sys.argv) > 4 else "ok"
-throttled = False
+throttles = 1 if mode == "throttle-once" else int(mode.split("-")[1]) if mode.startswith("throttle-") else 0
 
 
 class Handler:
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        global throttled
-        if mode == "throttle-once" and not throttled:
-            throttled = True
+        global throttles
+        if throttles > 0:
+            throttles -= 1
             return "421 4.7.28 Our system has detected an unusual rate of unsolicited mail"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
