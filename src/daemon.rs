@@ -367,6 +367,13 @@ impl App {
         }
         tokio::spawn(shaper.clone().follow_shared(stop_rx.clone()));
         let egress = Arc::new(crate::egress::Egress::new(&settings, Some(conn.clone())));
+        metrics.prime_egress(
+            egress.sources().iter().map(|s| s.label()),
+            egress
+                .pool_names()
+                .into_iter()
+                .map(|p| egress.pool_label(Some(p))),
+        );
         let egress_task = tokio::spawn(egress.clone().flush_sent(metrics.clone(), stop_rx.clone()));
         let stages = Arc::new(Stages {
             renderer,

@@ -7,6 +7,17 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// The `result` label values of `paloma_mta_sts_total` (see `deliver::mta_sts`).
+pub const MTA_STS_RESULTS: &[&str] = &[
+    "none",
+    "enforce",
+    "testing",
+    "mx_mismatch",
+    "testing_mx_mismatch",
+    "fetch_failed",
+    "tls_failed",
+];
+
 pub struct Metrics {
     pub registry: Registry,
     pub jobs_read: IntCounter,
@@ -38,7 +49,7 @@ pub struct Metrics {
     /// Today's warm-up cap of each warming source (absent once the plan is over).
     pub source_cap: IntGaugeVec,
     pub sessions_open: IntGauge,
-    /// MTA-STS results in mx mode (see `deliver::mta_sts::RESULTS`; primed there, when on).
+    /// MTA-STS results in mx mode ([`MTA_STS_RESULTS`]).
     pub mta_sts: IntCounterVec,
     /// Messages sent whole whose final reply never came (connection closed or
     /// `data_done_timeout`): deferred, and the receiver may have them.
@@ -505,6 +516,9 @@ impl Metrics {
         for r in ["accepted", "refused"] {
             self.api_jobs.with_label_values(&[r]);
         }
+        for r in MTA_STS_RESULTS {
+            self.mta_sts.with_label_values(&[r]);
+        }
         for h in ["auto", "fallback", "manual"] {
             self.experiment_decisions.with_label_values(&[h]);
         }
@@ -516,6 +530,22 @@ impl Metrics {
             for r in ["evicted", "all_busy", "request_timeout"] {
                 self.http_refused.with_label_values(&[l, r]);
             }
+        }
+    }
+
+    /// The egress series of each source (`-` without sources) and pool, at zero.
+    pub fn prime_egress<'a>(
+        &self,
+        sources: impl Iterator<Item = &'a str>,
+        pools: impl Iterator<Item = &'a str>,
+    ) {
+        for s in sources {
+            for o in ["delivered", "deferred", "bounced"] {
+                self.source_messages.with_label_values(&[s, o]);
+            }
+        }
+        for p in pools {
+            self.warmup_delays.with_label_values(&[p]);
         }
     }
 

@@ -48,15 +48,7 @@ const MAX_MEMORY: usize = 100_000;
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The `result` label values of `paloma_mta_sts_total`.
-pub const RESULTS: &[&str] = &[
-    "none",
-    "enforce",
-    "testing",
-    "mx_mismatch",
-    "testing_mx_mismatch",
-    "fetch_failed",
-    "tls_failed",
-];
+pub use crate::metrics::MTA_STS_RESULTS as RESULTS;
 
 /// A policy's `mode` (§5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
