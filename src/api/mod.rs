@@ -6,6 +6,8 @@
 //!   `GET /api/v1/recipients/{address}`, `PUT|DELETE /api/v1/suppressions/{address}`
 //!   ([`manage`]): what `paloma stats`, `paloma campaign` and `paloma suppress` do;
 //! - `GET /api/v1/sources` ([`egress`]): what `paloma sources` shows;
+//! - `GET /api/v1/queue`, `POST|GET /api/v1/bounces` ([`operator`]): what `paloma queue`
+//!   and `paloma bounce` do;
 //! - `GET /api/v1/openapi.json`: the OpenAPI document, derived from the handlers ([`doc`]);
 //! - the report pages, `/campaigns` ([`crate::pages`]).
 //!
@@ -19,6 +21,7 @@
 pub mod doc;
 pub mod egress;
 pub mod manage;
+pub mod operator;
 pub mod sends;
 
 use std::sync::Arc;
@@ -60,6 +63,10 @@ pub struct Api {
     pub acks: Arc<crate::store::replication::Acks>,
     /// The egress sources, for `GET /api/v1/sources`.
     pub sources: crate::egress::status::Catalog,
+    /// The configured experiments' campaigns (their held jobs, for the queue and bounces).
+    pub experiment_campaigns: Vec<String>,
+    /// How long an ended job's id is kept (`intake.idempotency_ttl`).
+    pub idem_ttl: Duration,
 }
 
 impl Api {
@@ -78,6 +85,12 @@ impl Api {
             health: Arc::default(),
             acks: Arc::new(crate::store::replication::Acks::none(metrics.clone())),
             sources: crate::egress::status::Catalog::new(settings),
+            experiment_campaigns: settings
+                .experiments
+                .iter()
+                .map(|e| e.campaign.clone())
+                .collect(),
+            idem_ttl: settings.intake.idempotency_ttl.get(),
             metrics,
         }
     }
@@ -204,6 +217,11 @@ pub fn routes(api: Arc<Api>) -> Router {
         .route("/api/v1/campaigns/{campaign}/cancel", post(manage::cancel))
         .route("/api/v1/recipients/{address}", get(manage::recipient))
         .route("/api/v1/sources", get(egress::list_sources))
+        .route("/api/v1/queue", get(operator::get_queue))
+        .route(
+            "/api/v1/bounces",
+            post(operator::post_bounces).get(operator::list_bounces),
+        )
         .route(
             "/api/v1/suppressions/{address}",
             put(manage::suppress).delete(manage::unsuppress),

@@ -28,7 +28,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+pub mod admin_bounce;
 pub mod guards;
+pub mod queue;
 
 pub use guards::{guard, ACTIVE_WINDOW, GUARD_EVERY};
 
