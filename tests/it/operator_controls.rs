@@ -390,3 +390,68 @@ fn queue_and_admin_bounce_end_to_end() {
         .keys()
         .all(|id| !id.starts_with("ga-") || by_id[id][0]["type"] == "delivered"));
 }
+
+/// `paloma bounce` racing the daemons that move the same jobs out of the delayed set as
+/// they fall due: each job ends exactly once, delivered or bounced (admin), and no bounced
+/// job reaches the receiver.
+#[test]
+fn a_bounce_racing_the_scheduler_ends_each_job_once() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let setup = Setup::new(&redis.url(), sink.port, "", "", "");
+    let p = setup.prefix.clone();
+    let cfg = setup.config.to_str().unwrap().to_string();
+    let mut conn = redis.conn();
+    let daemons: Vec<Daemon> = (0..2).map(|_| Daemon::spawn(&setup.config)).collect();
+    // 1,500 jobs falling due over about three seconds, from two seconds on.
+    let start = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let n = 1500;
+    let all: Vec<String> = (0..n)
+        .map(|i| {
+            let at = (start + chrono::Duration::milliseconds(2 * i as i64)).to_rfc3339();
+            job_at(
+                &format!("r-{i}"),
+                "race",
+                &format!("u{i}@race.test"),
+                Some(&at),
+            )
+        })
+        .collect();
+    enqueue_raw(&mut conn, &p, &all);
+    wait_until_daemon(
+        "the first deliveries",
+        Duration::from_secs(30),
+        &daemons[0],
+        || {
+            events(&mut conn, &p)
+                .iter()
+                .any(|e| e["type"] == "delivered")
+        },
+    );
+    let (st, out, err) = paloma(
+        &["bounce", "--config", &cfg, "--domain", "race.test", "--yes"],
+        None,
+    );
+    assert!(st.success(), "{err}");
+    let evs = wait_terminal(&mut conn, &p, n, Duration::from_secs(60), Some(&daemons[0]));
+    let by_id = terminal_by_id(&evs);
+    assert_eq!(by_id.len(), n);
+    assert!(
+        by_id.values().all(|t| t.len() == 1),
+        "one terminal event per job"
+    );
+    let bounced = bounced_admin(&evs).len();
+    let delivered = evs.iter().filter(|e| e["type"] == "delivered").count();
+    assert_eq!(bounced + delivered, n, "{out}");
+    eprintln!("race: {delivered} delivered, {bounced} bounced");
+    assert!(
+        out.contains(&format!("bounced (admin) {bounced} ")),
+        "{out} vs {bounced}"
+    );
+    assert_eq!(
+        sink.wait_count(delivered, Duration::from_secs(10)),
+        delivered,
+        "only the delivered ones reached the receiver"
+    );
+    assert_eq!(zcard(&mut conn, &format!("{p}scheduled")), 0);
+}
