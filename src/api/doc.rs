@@ -28,6 +28,7 @@ use super::{egress, manage, operator, sends};
         operator::get_queue,
         operator::post_bounces,
         operator::list_bounces,
+        operator::lift_bounce,
     ),
     modifiers(&Bearer)
 )]
@@ -78,6 +79,7 @@ mod tests {
         assert!(v["paths"]["/api/v1/suppressions/{address}"]["delete"].is_object());
         assert!(v["paths"]["/api/v1/bounces"]["post"].is_object());
         assert!(v["paths"]["/api/v1/bounces"]["get"].is_object());
+        assert!(v["paths"]["/api/v1/bounces"]["delete"].is_object());
         assert!(v["components"]["schemas"]["QueueView"].is_object());
         assert_eq!(
             v["components"]["securitySchemes"]["bearer"]["scheme"],

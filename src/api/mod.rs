@@ -6,7 +6,7 @@
 //!   `GET /api/v1/recipients/{address}`, `PUT|DELETE /api/v1/suppressions/{address}`
 //!   ([`manage`]): what `paloma stats`, `paloma campaign` and `paloma suppress` do;
 //! - `GET /api/v1/sources` ([`egress`]): what `paloma sources` shows;
-//! - `GET /api/v1/queue`, `POST|GET /api/v1/bounces` ([`operator`]): what `paloma queue`
+//! - `GET /api/v1/queue`, `POST|GET|DELETE /api/v1/bounces` ([`operator`]): what `paloma queue`
 //!   and `paloma bounce` do;
 //! - `GET /api/v1/openapi.json`: the OpenAPI document, derived from the handlers ([`doc`]);
 //! - the report pages, `/campaigns` ([`crate::pages`]).
@@ -220,7 +220,9 @@ pub fn routes(api: Arc<Api>) -> Router {
         .route("/api/v1/queue", get(operator::get_queue))
         .route(
             "/api/v1/bounces",
-            post(operator::post_bounces).get(operator::list_bounces),
+            post(operator::post_bounces)
+                .get(operator::list_bounces)
+                .delete(operator::lift_bounce),
         )
         .route(
             "/api/v1/suppressions/{address}",

@@ -81,28 +81,8 @@ pub async fn post_bounces(
     State(api): State<Arc<Api>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Bounced>, ApiError> {
-    let body = body.map_err(|e| {
-        ApiError::new(
-            e.status(),
-            "the body could not be read (it is a small JSON object)",
-        )
-    })?;
-    let b: BounceBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "malformed JSON ({e}): send {{\"domain\": \"example.com\"}} or {{\"campaign\": \"spring\"}}, optionally with \"for\": \"10m\""
-        ))
-    })?;
+    let (target, b) = target(body)?;
     let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
-    let target = match (&b.domain, &b.campaign) {
-        (Some(d), None) => Target::domain(d),
-        (None, Some(c)) => Target::campaign(c),
-        _ => {
-            return Err(unprocessable(
-                "name exactly one of \"domain\" and \"campaign\"".into(),
-            ))
-        }
-    }
-    .map_err(unprocessable)?;
     let lasting = b
         .lasting
         .as_deref()
@@ -126,6 +106,33 @@ pub async fn post_bounces(
     Ok(Json(done))
 }
 
+/// The domain or campaign a body names (exactly one), and the body.
+fn target(body: Result<Bytes, BytesRejection>) -> Result<(Target, BounceBody), ApiError> {
+    let body = body.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            "the body could not be read (it is a small JSON object)",
+        )
+    })?;
+    let b: BounceBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "malformed JSON ({e}): send {{\"domain\": \"example.com\"}} or {{\"campaign\": \"spring\"}}, optionally with \"for\": \"10m\""
+        ))
+    })?;
+    let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
+    let target = match (&b.domain, &b.campaign) {
+        (Some(d), None) => Target::domain(d),
+        (None, Some(c)) => Target::campaign(c),
+        _ => {
+            return Err(unprocessable(
+                "name exactly one of \"domain\" and \"campaign\"".into(),
+            ))
+        }
+    }
+    .map_err(unprocessable)?;
+    Ok((target, b))
+}
+
 /// The bounce directives in force.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct DirectiveList {
@@ -145,4 +152,40 @@ pub async fn list_bounces(State(api): State<Arc<Api>>) -> Result<Json<DirectiveL
         .await
         .map_err(ApiError::redis)?;
     Ok(Json(DirectiveList { directives }))
+}
+
+/// Whether a directive was lifted.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Lifted {
+    pub kind: String,
+    pub target: String,
+    /// False when there was no directive for it.
+    pub lifted: bool,
+}
+
+/// Lift the directive of a domain or campaign (`paloma bounce --cancel`): its new jobs are
+/// sent again. Body: `{"domain": "D"}` or `{"campaign": "C"}`.
+#[utoipa::path(delete, path = "/api/v1/bounces", tag = "operator",
+    request_body(content = BounceBody, content_type = "application/json"),
+    responses(
+        (status = 200, body = Lifted),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 422, description = "Neither or both of domain and campaign", body = ErrorBody),
+        (status = 503, description = "Redis failed, or the replicas did not confirm (Retry-After)", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn lift_bounce(
+    State(api): State<Arc<Api>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Lifted>, ApiError> {
+    let (target, _) = target(body)?;
+    let mut conn = api.redis.clone();
+    let lifted = admin_bounce::lift(&mut conn, &api.keys, &api.acks, "api_bounces", &target)
+        .await
+        .map_err(ApiError::ack)?;
+    Ok(Json(Lifted {
+        kind: target.kind().into(),
+        target: target.name().into(),
+        lifted,
+    }))
 }

@@ -386,6 +386,28 @@ fn queue_and_admin_bounce_end_to_end() {
         "one terminal event per job: {by_id:?}"
     );
     assert_eq!(bounced_admin(&evs).len(), 8);
+    // The API lists and lifts the directive left.
+    let list = api_call(port, "GET", "/api/v1/bounces", Some(TOKEN), b"");
+    assert_eq!(list.status, 200, "{}", list.raw);
+    assert_eq!(
+        list.body["directives"].as_array().unwrap().len(),
+        1,
+        "{}",
+        list.raw
+    );
+    assert_eq!(list.body["directives"][0]["target"], "autumn");
+    let body = br#"{"campaign":"autumn"}"#;
+    let r = api_call(port, "DELETE", "/api/v1/bounces", Some(TOKEN), body);
+    assert_eq!(
+        (r.status, r.body["lifted"].as_bool()),
+        (200, Some(true)),
+        "{}",
+        r.raw
+    );
+    let r = api_call(port, "DELETE", "/api/v1/bounces", Some(TOKEN), body);
+    assert_eq!(r.body["lifted"], false, "{}", r.raw);
+    let list = api_call(port, "GET", "/api/v1/bounces", Some(TOKEN), b"");
+    assert_eq!(list.body["directives"], serde_json::json!([]));
     assert!(by_id
         .keys()
         .all(|id| !id.starts_with("ga-") || by_id[id][0]["type"] == "delivered"));
