@@ -323,6 +323,17 @@ impl App {
             metrics.clone(),
             stop_rx.clone(),
         ));
+        // Bounce directives too: a job of a bounced destination is not sent after a restart.
+        let admin_bounces = Arc::new(crate::control::admin_bounce::Directives::default());
+        if let Err(e) = admin_bounces.refresh(&mut conn.clone(), &keys).await {
+            tracing::warn!(error = %e, "reading bounce directives failed; retrying in the background");
+        }
+        tokio::spawn(admin_bounces.clone().watch(
+            conn.clone(),
+            keys.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
         tokio::spawn(crate::archive::run(
             conn.clone(),
             keys.clone(),
@@ -393,6 +404,7 @@ impl App {
             also_prune: vec![(keys.events.clone(), format!("{group}-workflows"))],
             return_paths: crate::bounces::ReturnPaths::new(&settings),
             campaigns: campaigns.clone(),
+            admin_bounces,
             experiments,
             stop: stop_rx.clone(),
         });

@@ -58,6 +58,8 @@ pub struct Metrics {
     /// daemon (this one was stopped longer than `claim_idle`): that daemon ends the job.
     pub outcomes_fenced: IntCounter,
     pub sites_suspended: IntGauge,
+    /// Operators' bounce directives in force, as this daemon's copy has them.
+    pub bounce_directives: IntGauge,
     /// Tracking endpoint requests by kind (open, click, unsubscribe) and result.
     pub tracking_requests: IntCounterVec,
     pub tracking_events_dropped: IntCounter,
@@ -285,6 +287,10 @@ impl Metrics {
             "paloma_sites_suspended",
             "Destinations suspended right now.",
         );
+        let bounce_directives = gauge(
+            "paloma_bounce_directives",
+            "Operators' bounce directives in force (paloma bounce --for), as this daemon's copy has them.",
+        );
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
@@ -474,6 +480,7 @@ impl Metrics {
             replies_lost,
             outcomes_fenced,
             sites_suspended,
+            bounce_directives,
             tracking_requests,
             tracking_events_dropped,
             tracking_events_dead,

@@ -34,10 +34,13 @@ pub enum BounceClass {
     PolicyBlock,
     MessageRejected,
     Other,
+    /// Ended by an operator (`paloma bounce`), not by a receiver: says nothing of the
+    /// address, which is never suppressed for it.
+    Admin,
 }
 
 impl BounceClass {
-    pub const ALL: [BounceClass; 8] = [
+    pub const ALL: [BounceClass; 9] = [
         BounceClass::InvalidRecipient,
         BounceClass::BadDomain,
         BounceClass::MailboxFull,
@@ -46,6 +49,7 @@ impl BounceClass {
         BounceClass::PolicyBlock,
         BounceClass::MessageRejected,
         BounceClass::Other,
+        BounceClass::Admin,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +62,7 @@ impl BounceClass {
             BounceClass::PolicyBlock => "policy_block",
             BounceClass::MessageRejected => "message_rejected",
             BounceClass::Other => "other",
+            BounceClass::Admin => "admin",
         }
     }
 
@@ -194,6 +199,17 @@ impl Outcome {
         o
     }
 
+    /// An operator's bounce (`paloma bounce`): 550 5.0.0, class `admin`, `why` the reply
+    /// text's end (the command that did it).
+    pub fn admin_bounce(why: &str) -> Outcome {
+        Outcome::Bounced(Bounce {
+            code: 550,
+            enhanced: "5.0.0".into(),
+            class: BounceClass::Admin,
+            response: format!("550 5.0.0 bounced by an operator ({why})"),
+        })
+    }
+
     pub fn bounce(code: u16, response: String) -> Outcome {
         let enhanced = enhanced_status(&response);
         let class = BounceClass::classify(&enhanced, &response);
@@ -265,6 +281,18 @@ mod tests {
             BounceClass::Other
         );
         assert!(BounceClass::InvalidRecipient.is_hard());
+        assert!(
+            !BounceClass::Admin.is_hard(),
+            "an operator's bounce never suppresses"
+        );
+        let Outcome::Bounced(b) = Outcome::admin_bounce("paloma bounce --domain d.test") else {
+            panic!()
+        };
+        assert_eq!((b.code, b.class.as_str()), (550, "admin"));
+        assert_eq!(
+            b.response,
+            "550 5.0.0 bounced by an operator (paloma bounce --domain d.test)"
+        );
         assert!(!BounceClass::MailboxFull.is_hard());
     }
 }

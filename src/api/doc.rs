@@ -6,13 +6,13 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{egress, manage, sends};
+use super::{egress, manage, operator, sends};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "paloma",
-        description = "Enqueue sends, read campaign figures, pause / resume / cancel campaigns and manage suppressions. Every route but this document needs `Authorization: Bearer <api.token>`."
+        description = "Enqueue sends, read campaign figures, pause / resume / cancel campaigns, manage suppressions, see what waits and bounce what waits for a domain or campaign. Every route but this document needs `Authorization: Bearer <api.token>`."
     ),
     paths(
         sends::post_sends,
@@ -28,6 +28,10 @@ use super::{egress, manage, sends};
         egress::suspend_domain,
         egress::resume_domain,
         egress::suspended_domains,
+        operator::get_queue,
+        operator::post_bounces,
+        operator::list_bounces,
+        operator::lift_bounce,
     ),
     modifiers(&Bearer)
 )]
@@ -73,10 +77,16 @@ mod tests {
             "/api/v1/campaigns/{campaign}/cancel",
             "/api/v1/recipients/{address}",
             "/api/v1/suppressions/{address}",
+            "/api/v1/queue",
+            "/api/v1/bounces",
         ] {
             assert!(v["paths"][path].is_object(), "{path} missing");
         }
         assert!(v["paths"]["/api/v1/suppressions/{address}"]["delete"].is_object());
+        assert!(v["paths"]["/api/v1/bounces"]["post"].is_object());
+        assert!(v["paths"]["/api/v1/bounces"]["get"].is_object());
+        assert!(v["paths"]["/api/v1/bounces"]["delete"].is_object());
+        assert!(v["components"]["schemas"]["QueueView"].is_object());
         assert_eq!(
             v["components"]["securitySchemes"]["bearer"]["scheme"],
             "bearer"

@@ -8,6 +8,8 @@
 //! - `GET /api/v1/sources` ([`egress`]): what `paloma sources` shows;
 //!   `POST /api/v1/domains/{domain}/suspend|resume`, `GET /api/v1/domains/suspended`: what
 //!   `paloma domain` does;
+//! - `GET /api/v1/queue`, `POST|GET|DELETE /api/v1/bounces` ([`operator`]): what `paloma queue`
+//!   and `paloma bounce` do;
 //! - `GET /api/v1/openapi.json`: the OpenAPI document, derived from the handlers ([`doc`]);
 //! - the report pages, `/campaigns` ([`crate::pages`]).
 //!
@@ -21,6 +23,7 @@
 pub mod doc;
 pub mod egress;
 pub mod manage;
+pub mod operator;
 pub mod sends;
 
 use std::sync::Arc;
@@ -62,6 +65,10 @@ pub struct Api {
     pub acks: Arc<crate::store::replication::Acks>,
     /// The egress sources, for `GET /api/v1/sources`.
     pub sources: crate::egress::status::Catalog,
+    /// The configured experiments' campaigns (their held jobs, for the queue and bounces).
+    pub experiment_campaigns: Vec<String>,
+    /// How long an ended job's id is kept (`intake.idempotency_ttl`).
+    pub idem_ttl: Duration,
 }
 
 impl Api {
@@ -80,6 +87,12 @@ impl Api {
             health: Arc::default(),
             acks: Arc::new(crate::store::replication::Acks::none(metrics.clone())),
             sources: crate::egress::status::Catalog::new(settings),
+            experiment_campaigns: settings
+                .experiments
+                .iter()
+                .map(|e| e.campaign.clone())
+                .collect(),
+            idem_ttl: settings.intake.idempotency_ttl.get(),
             metrics,
         }
     }
@@ -214,6 +227,13 @@ pub fn routes(api: Arc<Api>) -> Router {
         .route(
             "/api/v1/domains/{domain}/resume",
             post(egress::resume_domain),
+        )
+        .route("/api/v1/queue", get(operator::get_queue))
+        .route(
+            "/api/v1/bounces",
+            post(operator::post_bounces)
+                .get(operator::list_bounces)
+                .delete(operator::lift_bounce),
         )
         .route(
             "/api/v1/suppressions/{address}",

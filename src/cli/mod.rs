@@ -1,13 +1,16 @@
 //! The `paloma` command line: [`Cli`] parses it, [`run`] carries it out. Each command's
 //! arguments and handler live together, one file each: [`enqueue`], [`stats`],
-//! [`suppress`], [`campaign`], [`experiment`], [`demo`]; `run` is the daemon
+//! [`suppress`], [`campaign`], [`experiment`], [`queue`], [`bounce`], [`demo`]; `run` is
+//! the daemon
 //! ([`crate::daemon`]).
 
+pub mod bounce;
 pub mod campaign;
 pub mod demo;
 pub mod domain;
 pub mod enqueue;
 pub mod experiment;
+pub mod queue;
 pub mod sources;
 pub mod stats;
 pub mod suppress;
@@ -61,6 +64,11 @@ enum Command {
     },
     /// Egress sources: address, EHLO name, pools, warm-up day and cap, sent today, suspensions.
     Sources(sources::Args),
+    /// What waits, by campaign and by destination, and why.
+    Queue(queue::Args),
+    /// End every waiting job of a domain or campaign as bounced (class admin); --for keeps
+    /// bouncing new ones for a while. Without --yes, only counts.
+    Bounce(bounce::Args),
     /// The quick start: a throwaway Redis, a local mail capture, a sample campaign.
     Demo(demo::Args),
 }
@@ -80,11 +88,23 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> anyhow::Result
         Command::Demo(args) => demo::run(args).await,
         Command::Sources(args) => sources::run(args).await,
         Command::Domain { action } => domain::run(action).await,
+        Command::Queue(args) => queue::run(args).await,
+        Command::Bounce(args) => bounce::run(args).await,
     }
 }
 
 fn load(path: &Path) -> anyhow::Result<Settings> {
     Ok(Settings::load(path)?)
+}
+
+/// The campaigns of the configured experiments (their held jobs wait under them, maybe
+/// before any outcome names the campaign).
+fn experiment_campaigns(settings: &Settings) -> Vec<String> {
+    settings
+        .experiments
+        .iter()
+        .map(|e| e.campaign.clone())
+        .collect()
 }
 
 /// What a CLI command's writes wait for (`redis.ack_replicas`), read from the primary.

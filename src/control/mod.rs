@@ -28,8 +28,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+pub mod admin_bounce;
 pub mod domains;
 pub mod guards;
+pub mod queue;
 
 pub use guards::{guard, ACTIVE_WINDOW, GUARD_EVERY};
 

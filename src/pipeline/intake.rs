@@ -14,6 +14,7 @@ use crate::job::{Job, JobError};
 use crate::pipeline::recorder::Record;
 use crate::policy::caps::Reserved;
 use crate::policy::suppression;
+use crate::queue::scheduler::Why;
 use crate::queue::sends::{Claim, Claimed, SendsReader};
 use crate::queue::{now_ms, Entry};
 use crate::retry::Backoff;
@@ -223,7 +224,13 @@ async fn dispatch(
         }
         if let Some(at) = job.send_at.filter(|&t| t > now + 250) {
             // The job's age (max_age) counts from its send time, not from the enqueue.
-            let record = Record::later(&entry, &job.identity(), at, entry.first_at.max(at));
+            let record = Record::later(
+                &entry,
+                &job.identity(),
+                at,
+                entry.first_at.max(at),
+                Why::Scheduled,
+            );
             stages.recorder.send(record).await;
             continue;
         }

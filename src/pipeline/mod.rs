@@ -4,8 +4,9 @@
 //!    left), validate each job, claim its id, check suppression, `send_at` and frequency
 //!    caps, and hand each job that may go to a worker (a task holding one of
 //!    `intake.workers` permits, so memory stays flat however long the stream is).
-//! 2. [`worker`]: route (relay, or the domain's MX hosts) → shape (rate, suspension) →
-//!    render → send → react (a throttling reply slows or suspends the site).
+//! 2. [`worker`]: an operator's bounce directive (`paloma bounce --for`) → route (relay,
+//!    or the domain's MX hosts) → shape (rate, suspension) → render → send → react (a
+//!    throttling reply slows or suspends the site).
 //! 3. [`next`]: the one place that decides what the attempt means for the job — ended
 //!    (delivered, bounced, failed, suppressed, dead) or back to wait — as the [`next::Record`]
 //!    that [`recorder`] writes (event, idempotency state, stats and the stream ack in one
@@ -15,7 +16,10 @@
 //!
 //! - **Delayed set** (`{prefix}scheduled`, a sorted set scored by due time): a `send_at` in
 //!   the future, a retry after a deferral, a job over its destination's rate or whose site is
-//!   suspended. `queue::scheduler` moves each due member back to the sends stream.
+//!   suspended, or every source of its pool at its warm-up cap; each member says which
+//!   (`paloma queue` shows it). `queue::scheduler` moves each due member back to the sends
+//!   stream. `paloma bounce` ends members there (and parked and held ones) as `bounced`,
+//!   class `admin` (`control::admin_bounce`).
 //! - **Parked** (`{prefix}parked:{campaign}`): a paused campaign's jobs; resuming (or
 //!   cancelling) moves them to the delayed set, due now (`control`).
 //! - **Held** (`{prefix}held:{campaign}`): the jobs of an A/B test outside its test share,
@@ -71,6 +75,8 @@ pub struct Stages {
     pub also_prune: Vec<(String, String)>,
     /// Campaign states (pause, cancel), refreshed in the background.
     pub campaigns: Arc<crate::control::Campaigns>,
+    /// Operators' bounce directives (`paloma bounce --for`), refreshed in the background.
+    pub admin_bounces: Arc<crate::control::admin_bounce::Directives>,
     /// A/B tests: which variant a job goes out as, or held until the decision.
     pub experiments: Arc<crate::experiment::Experiments>,
     /// VERP return paths (`[bounces] domain`), if on.

@@ -11,7 +11,8 @@ use crate::job::{Job, JobError, JobIdentity};
 use crate::outcome::Outcome;
 use crate::queue::events::{rfc3339_ms, Event, EventKind};
 use crate::queue::idem::Idem;
-use crate::queue::{scheduler, Entry};
+use crate::queue::scheduler::{self, Why};
+use crate::queue::Entry;
 use crate::workflow::KeepJobs;
 
 /// A job going back to the delayed set.
@@ -173,8 +174,8 @@ impl Record {
 
     /// Back to the delayed set until `due` without an attempt (its `send_at`, a rate, a
     /// suspended site): no event, the attempt count unchanged. `first_at`: where its age
-    /// counts from (`max_age`).
-    pub fn later(entry: &Entry, ident: &JobIdentity, due: i64, first_at: i64) -> Record {
+    /// counts from (`max_age`); `why`: kept with it for `paloma queue`.
+    pub fn later(entry: &Entry, ident: &JobIdentity, due: i64, first_at: i64, why: Why) -> Record {
         Record {
             ack: Some(entry.id.clone()),
             schedule: Some(Schedule {
@@ -182,6 +183,7 @@ impl Record {
                 member: scheduler::member(
                     entry.attempt,
                     entry.source.as_deref(),
+                    Some(why),
                     first_at,
                     &entry.job,
                 ),
@@ -213,6 +215,7 @@ impl Record {
                 member: scheduler::member(
                     entry.attempt,
                     entry.source.as_deref(),
+                    None,
                     entry.first_at,
                     &entry.job,
                 ),
@@ -284,7 +287,13 @@ impl Record {
                     idem: Some((id.to_string(), Some(Idem::Scheduled))),
                     schedule: Some(Schedule {
                         due: retry_at,
-                        member: scheduler::member(attempt, source, entry.first_at, &entry.job),
+                        member: scheduler::member(
+                            attempt,
+                            source,
+                            Some(Why::Retry),
+                            entry.first_at,
+                            &entry.job,
+                        ),
                         campaign: stat_campaign(campaign),
                     }),
                     stat: Some((campaign.to_string(), EventKind::Deferred)),
@@ -352,7 +361,10 @@ mod tests {
         );
         let s = r.schedule.expect("scheduled");
         assert_eq!(s.due, 60_000);
-        assert!(s.member.starts_with("1|0|"), "attempt counted, age kept");
+        assert!(
+            s.member.starts_with("1#r|0|"),
+            "attempt counted, age kept, waiting for a retry"
+        );
         assert_eq!(r.stat, Some(("spring".into(), EventKind::Deferred)));
         assert_eq!(r.idem, Some(("j".into(), Some(Idem::Scheduled))));
         assert!(r.first);
@@ -440,9 +452,9 @@ mod tests {
 
     #[test]
     fn waiting_keeps_the_attempt_and_writes_no_event() {
-        let r = Record::later(&entry(2, 7), &ident(), 99, 7);
+        let r = Record::later(&entry(2, 7), &ident(), 99, 7, Why::Shaping);
         assert!(r.event.is_none() && r.stat.is_none());
         let s = r.schedule.unwrap();
-        assert_eq!((s.due, s.member.starts_with("2|7|")), (99, true));
+        assert_eq!((s.due, s.member.starts_with("2#p|7|")), (99, true));
     }
 }

@@ -1,4 +1,5 @@
-//! Stage 2: one job's attempt, in order: route → shape → render → send → react, then the
+//! Stage 2: one job's attempt, in order: an operator's bounce directive → route → shape →
+//! render → send → react, then the
 //! record [`super::next`] decides, to the recorder.
 
 use std::panic::AssertUnwindSafe;
@@ -16,6 +17,7 @@ use crate::egress::{Pick, Source, Wait};
 use crate::job::{Job, JobError, JobIdentity};
 use crate::outcome::Outcome;
 use crate::pipeline::recorder::Record;
+use crate::queue::scheduler::Why;
 use crate::queue::{now_ms, Entry};
 use crate::shape::{Gate, Reaction};
 
@@ -81,6 +83,13 @@ async fn attempt(
     ident: &JobIdentity,
 ) -> Option<Record> {
     let m = &stages.metrics;
+    // An operator's bounce directive (`paloma bounce --for`) ends the job before anything.
+    if let Some(outcome) = stages
+        .admin_bounces
+        .bounce(&ident.campaign, job.to.domain(), now_ms())
+    {
+        return Some(record(stages, entry, ident, "*", None, outcome));
+    }
     // Route: null MX, NXDOMAIN (bounce) or a DNS failure (defer) need no session.
     let domain = job.to.domain().to_string();
     let dest = match stages.deliverer.route(&domain).await {
@@ -120,15 +129,23 @@ async fn attempt(
                 .with_label_values(&[stages.egress.pool_label(job.pool.as_deref())])
                 .inc();
             let first_at = entry.first_at + (until - now).max(0);
-            return Some(Record::later(entry, ident, until, first_at));
+            return Some(Record::later(entry, ident, until, first_at, Why::Warmup));
         }
+        // Counted (and shown by `paloma queue`) as suspended, as the metric has it, also
+        // when the warm-up counters could not be read (a short wait).
         Pick::Wait(Wait::Suspended(wait) | Wait::Unknown(wait)) => {
             let rule = stages.shaper.rule_for(&domain, &hosts);
             m.suspended_delays
                 .with_label_values(&[rule.name.as_str()])
                 .inc();
             let due = now + wait.as_millis() as i64;
-            return Some(Record::later(entry, ident, due, entry.first_at));
+            return Some(Record::later(
+                entry,
+                ident,
+                due,
+                entry.first_at,
+                Why::Suspended,
+            ));
         }
     };
     let site = match stages.deliverer.site(&dest, &source) {
@@ -145,19 +162,19 @@ async fn attempt(
             m.suspended_delays
                 .with_label_values(&[rule.name.as_str()])
                 .inc();
-            Some(wait)
+            Some((wait, Why::Suspended))
         }
         Gate::Paced(wait) => {
             m.shaping_delays
                 .with_label_values(&[rule.name.as_str()])
                 .inc();
-            Some(wait)
+            Some((wait, Why::Shaping))
         }
     };
-    if let Some(wait) = wait {
+    if let Some((wait, why)) = wait {
         stages.egress.unspend(&source);
         let due = now_ms() + wait.as_millis() as i64;
-        return Some(Record::later(entry, ident, due, entry.first_at));
+        return Some(Record::later(entry, ident, due, entry.first_at, why));
     }
     // The campaign may have been paused or cancelled since the intake looked.
     match stages.campaigns.state(&ident.campaign) {

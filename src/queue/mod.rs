@@ -25,7 +25,7 @@ pub struct Entry {
     /// When the job first entered the system (ms); from the entry id for fresh jobs.
     pub first_at: i64,
     /// The egress source of its previous attempt (a retry keeps it when it can); carried
-    /// in the `attempt` field as `{attempt}@{source}`.
+    /// in the `attempt` field as `{attempt}@{source}` (see [`scheduler::attempt_field`]).
     pub source: Option<String>,
 }
 
@@ -55,12 +55,11 @@ impl consumer::StreamEntry for Entry {
             match k {
                 b"job" => entry.job = v.to_vec(),
                 b"attempt" => {
+                    // A reason (`#x`, why it waited) is dropped: it means nothing once
+                    // the job is back.
                     let text = std::str::from_utf8(v).unwrap_or("");
-                    let (n, source) = match text.split_once('@') {
-                        Some((n, s)) => (n, Some(s)),
-                        None => (text, None),
-                    };
-                    entry.attempt = n.parse().unwrap_or(0);
+                    let (n, source, _) = scheduler::attempt_field(text);
+                    entry.attempt = n;
                     entry.source = source
                         .filter(|s| crate::values::valid_egress_name(s))
                         .map(str::to_string);
@@ -85,4 +84,27 @@ impl consumer::StreamEntry for Entry {
 /// Now, in ms since the epoch, by the Redis server's clock (see `store::clock`).
 pub fn now_ms() -> i64 {
     crate::store::clock::now_ms()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::consumer::StreamEntry;
+    use super::*;
+
+    #[test]
+    fn an_entry_drops_the_reason_it_waited_for() {
+        let f = |attempt: &str| {
+            let fields = [
+                Value::BulkString(b"job".to_vec()),
+                Value::BulkString(b"{}".to_vec()),
+                Value::BulkString(b"attempt".to_vec()),
+                Value::BulkString(attempt.as_bytes().to_vec()),
+            ];
+            let e = Entry::from_fields("5-0".into(), &fields);
+            (e.attempt, e.source)
+        };
+        assert_eq!(f("3@ip-a#r"), (3, Some("ip-a".to_string())));
+        assert_eq!(f("2#p"), (2, None));
+        assert_eq!(f("1@ip-b"), (1, Some("ip-b".to_string())));
+    }
 }

@@ -2,8 +2,10 @@
 //! time in ms) and are moved back into the sends stream when due, by a Lua script, so the
 //! move is atomic and any number of daemons can run it.
 //!
-//! A member is `{attempt}|{first_at ms}|{job JSON}`; the attempt may carry the egress source
-//! of the last attempt, `{attempt}@{source}`.
+//! A member is `{attempt}|{first_at ms}|{job JSON}`; the attempt field may carry the egress
+//! source of the last attempt and why the job waits: `{attempt}[@{source}][#{why}]`, `why`
+//! one letter of [`Why`] (what `paloma queue` shows). The move back to the stream drops the
+//! reason: it means something only while the job waits.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,13 +69,95 @@ fn job_id(member: &[u8]) -> Option<String> {
     serde_json::from_slice::<Id>(job).ok()?.id
 }
 
-/// A delayed-set member; `source`: the egress source of the attempt (named sources only),
-/// kept with the attempt count as `{attempt}@{source}`.
-pub fn member(attempt: u32, source: Option<&str>, first_at: i64, job: &[u8]) -> String {
-    let mut m = match source.filter(|s| !s.is_empty()) {
-        Some(s) => format!("{attempt}@{s}|{first_at}|"),
-        None => format!("{attempt}|{first_at}|"),
+/// Why a job waits in the delayed set: the one letter after `#` in its member's attempt
+/// field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Why {
+    /// A `send_at` in the future (intake).
+    Scheduled,
+    /// The next attempt after a deferral.
+    Retry,
+    /// Over its destination's rate (shaping).
+    Shaping,
+    /// Its site, or every source that could send to it, is suspended.
+    Suspended,
+    /// Every source of its pool is at its warm-up cap.
+    Warmup,
+}
+
+impl Why {
+    pub const ALL: [Why; 5] = [
+        Why::Scheduled,
+        Why::Retry,
+        Why::Shaping,
+        Why::Suspended,
+        Why::Warmup,
+    ];
+
+    pub fn letter(self) -> char {
+        match self {
+            Why::Scheduled => 's',
+            Why::Retry => 'r',
+            Why::Shaping => 'p',
+            Why::Suspended => 'u',
+            Why::Warmup => 'w',
+        }
+    }
+
+    pub fn from_letter(s: &str) -> Option<Why> {
+        Why::ALL.into_iter().find(|w| {
+            let mut b = [0u8; 4];
+            w.letter().encode_utf8(&mut b) == s
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Why::Scheduled => "scheduled",
+            Why::Retry => "retry",
+            Why::Shaping => "shaping",
+            Why::Suspended => "suspended",
+            Why::Warmup => "warmup",
+        }
+    }
+}
+
+/// The attempt field of a member or stream entry, `{attempt}[@{source}][#{why}]`: the
+/// attempt count (0 when unreadable), the source as written, and why it waits (None when
+/// absent or unknown: members written before reasons were).
+pub fn attempt_field(text: &str) -> (u32, Option<&str>, Option<Why>) {
+    let (rest, why) = match text.rsplit_once('#') {
+        Some((rest, w)) => (rest, Why::from_letter(w)),
+        None => (text, None),
     };
+    let (n, source) = match rest.split_once('@') {
+        Some((n, s)) => (n, Some(s)),
+        None => (rest, None),
+    };
+    (n.parse().unwrap_or(0), source, why)
+}
+
+/// A delayed-set member; `source`: the egress source of the attempt (named sources only),
+/// kept with the attempt count as `{attempt}@{source}`; `why`: why it waits, `#{letter}`.
+pub fn member(
+    attempt: u32,
+    source: Option<&str>,
+    why: Option<Why>,
+    first_at: i64,
+    job: &[u8],
+) -> String {
+    use std::fmt::Write;
+    let mut m = String::with_capacity(job.len() + 40);
+    let _ = write!(m, "{attempt}");
+    if let Some(s) = source.filter(|s| !s.is_empty()) {
+        m.push('@');
+        m.push_str(s);
+    }
+    if let Some(w) = why {
+        m.push('#');
+        m.push(w.letter());
+    }
+    let _ = write!(m, "|{first_at}|");
     m.push_str(&String::from_utf8_lossy(job));
     m
 }
@@ -109,5 +193,31 @@ pub async fn run(
             _ = tokio::time::sleep(tick) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_attempt_field_carries_source_and_reason() {
+        let m = member(2, Some("ip-a"), Some(Why::Shaping), 17, br#"{"id":"x"}"#);
+        assert_eq!(m, r#"2@ip-a#p|17|{"id":"x"}"#);
+        assert_eq!(
+            attempt_field("2@ip-a#p"),
+            (2, Some("ip-a"), Some(Why::Shaping))
+        );
+        assert_eq!(attempt_field("0#s"), (0, None, Some(Why::Scheduled)));
+        assert_eq!(attempt_field("3@b"), (3, Some("b"), None));
+        assert_eq!(attempt_field("4"), (4, None, None), "older members");
+        assert_eq!(attempt_field("1#z").2, None, "an unknown reason is none");
+        for w in Why::ALL {
+            let m = member(0, None, Some(w), 0, b"{}");
+            let field = m.split('|').next().unwrap();
+            assert_eq!(attempt_field(field), (0, None, Some(w)));
+        }
+        assert_eq!(member(1, None, None, 5, b"{}"), "1|5|{}");
+        assert_eq!(job_id(br#"1#r|5|{"id":"j"}"#).as_deref(), Some("j"));
     }
 }

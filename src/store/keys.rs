@@ -35,6 +35,8 @@
 //! | `campaigns:active` | sorted set | campaign → its last outcome (ms): what the guards read |
 //! | `campaigns:archive` | hash | archived campaign → its counters and link clicks (JSON) |
 //! | `parked:{campaign}` | sorted set | a paused campaign's jobs (score: parked at, ms) |
+//! | `held:{campaign}` | sorted set | an experiment's jobs held until the decision (score: held at, ms) |
+//! | `admin_bounces` | hash | operator's bounce directives, `domain:{d}` / `campaign:{c}` → until (ms) |
 //! | `guard_base:{campaign}` | hash | the counters at the campaign's last resume |
 //! | `rp:{token}` | string | the job a return-path token names (id, campaign, to) |
 //! | `rpseen:{token}:{kind}` | string | a report about that job already recorded |
@@ -71,6 +73,8 @@ pub struct Keys {
     pub campaign_states_version: String,
     /// Campaign → when it last had an outcome (ms).
     pub campaigns_active: String,
+    /// Operator's bounce directives: `domain:{d}` / `campaign:{c}` → until (ms).
+    pub admin_bounces: String,
     /// Archived campaign → `{"stats": {…}, "links": {…}, "archived_at": ms}`.
     pub campaigns_archive: String,
     /// `XADD … MAXLEN ~` of every event: the hard bound (`[events] hard_max_len`), far
@@ -99,6 +103,7 @@ impl Keys {
             campaign_states: format!("{prefix}campaign_states"),
             campaign_states_version: format!("{prefix}campaign_states:v"),
             campaigns_active: format!("{prefix}campaigns:active"),
+            admin_bounces: format!("{prefix}admin_bounces"),
             campaigns_archive: format!("{prefix}campaigns:archive"),
             events_max_len: crate::config::EventSettings::default().hard_max_len(),
         }

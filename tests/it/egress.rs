@@ -183,7 +183,7 @@ fn a_warming_source_carries_at_most_its_cap_and_a_cold_pool_waits_for_tomorrow()
             waiting.len() == 30
                 && waiting
                     .iter()
-                    .all(|(m, due)| *due >= tomorrow && m.starts_with("0|"))
+                    .all(|(m, due)| *due >= tomorrow && m.starts_with("0#w|"))
         },
     );
     let evs = events(&mut conn, prefix);

@@ -47,6 +47,7 @@ mod mx_rate;
 mod mx_routing;
 mod mx_suppression;
 mod mx_throttling;
+mod operator_controls;
 mod optout;
 mod panic_log;
 mod provider_webhooks;
