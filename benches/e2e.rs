@@ -6,6 +6,7 @@
 //! cargo bench --bench e2e                      # relay, 20,000 newsletter messages
 //! cargo bench --bench e2e -- --jobs 50000 --dkim rsa --connections 64
 //! cargo bench --bench e2e -- --mx --domains 1000 # also mx mode: 1,000 domains over 4 sinks
+//! cargo bench --bench e2e -- --mx --sources 2  # mx mode leaving from two egress sources (1:1)
 //! cargo bench --bench e2e -- --quick           # smoke run (CI)
 //! cargo bench --bench e2e -- --runs 5 --no-postfix  # 5 relay runs, each between two ceilings; median
 //! cargo bench --bench e2e -- --runs 3 --no-postfix --bounces  # the same with [bounces] (VERP) on
@@ -29,6 +30,8 @@ use common::*;
 
 struct Opts {
     mx: bool,
+    /// mx mode: egress sources (127.0.0.11, .12, …) in one pool at equal weights; 0: none.
+    sources: usize,
     profile: bool,
     /// Enqueue → accepted latency at this many jobs/s (0: half the measured relay rate).
     latency: Option<f64>,
@@ -55,6 +58,7 @@ struct Opts {
 fn opts() -> Opts {
     let mut o = Opts {
         mx: false,
+        sources: 0,
         profile: false,
         latency: None,
         backlog: None,
@@ -104,6 +108,10 @@ fn opts() -> Opts {
                 i += 1;
             }
             "--mx" => o.mx = true,
+            "--sources" => {
+                o.sources = next(i).parse().expect("--sources N");
+                i += 1;
+            }
             "--bounces" => o.bounces = true,
             "--experiment" => o.experiment = true,
             "--redis-stats" => o.redis_stats = true,
@@ -772,7 +780,15 @@ fn main() {
             ));
         }
         let dns = Dns::start(&records);
-        let r = run(&o, &redis, "", port, &dkim, Some((dns.port, port)));
+        let sources: String = (0..o.sources)
+            .map(|k| {
+                format!(
+                    "[[sources]]\nname = \"s{k}\"\naddress = \"127.0.0.{}\"\nhelo = \"s{k}.bench.test\"\n",
+                    11 + k
+                )
+            })
+            .collect();
+        let r = run(&o, &redis, &sources, port, &dkim, Some((dns.port, port)));
         drop(dns);
         // Its ceiling: smtp-source into the same four sinks at once.
         (r, ceiling_into(&ips, port, size, count))
@@ -805,7 +821,12 @@ fn main() {
     }
     if let Some((mx, mx_ceiling)) = &mx {
         println!("  smtp-source into the 4 mx sinks at once: {mx_ceiling:.0} msg/s");
-        report("paloma mx", &o, mx, *mx_ceiling);
+        let label = if o.sources > 0 {
+            format!("paloma mx, {} sources", o.sources)
+        } else {
+            "paloma mx".to_string()
+        };
+        report(&label, &o, mx, *mx_ceiling);
     }
     if let Some(rate) = postfix {
         println!(

@@ -538,9 +538,11 @@ pub struct BackoffRule {
     pub text: Option<String>,
     /// Stop sending to the destination for this long…
     pub suspend: Option<Dur>,
-    /// …or send to it at most at this rate for `slow_for`.
+    /// …or send to it at most at this rate for `slow_for`…
     pub slow_to: Option<Rate>,
     pub slow_for: Option<Dur>,
+    /// …or (and) open at most this many sessions to it at once for `slow_for`.
+    pub connections: Option<usize>,
     /// Act only after this many matching replies from the destination (per source and
     /// site, counted for the fleet) within the period: `"3/10m"`. Absent: the first one.
     pub trigger: Option<super::Trigger>,

@@ -376,11 +376,21 @@ impl DeliverySettings {
 
 fn backoff(rules: &[BackoffRule]) -> Checked {
     for (i, b) in rules.iter().enumerate() {
-        let slow = b.slow_to.is_some() && b.slow_for.is_some();
-        if b.suspend.is_some() == slow || b.slow_to.is_some() != b.slow_for.is_some() {
+        let lowered = b.slow_to.is_some() || b.connections.is_some();
+        if b.suspend.is_some() == lowered || lowered != b.slow_for.is_some() {
             return bad(
                 format!("backoff[{i}]"),
-                format!("backoff[{i}]: set either suspend, or slow_to and slow_for"),
+                format!(
+                    "backoff[{i}]: set either suspend, or slow_to and/or connections with slow_for"
+                ),
+            );
+        }
+        if b.connections == Some(0) {
+            return bad(
+                format!("backoff[{i}].connections"),
+                format!(
+                    "backoff[{i}].connections must be above zero (to stop sending, use suspend)"
+                ),
             );
         }
     }

@@ -241,9 +241,23 @@ async fn attempt(
             return Some(Record::dead(entry, &err, ident, true));
         }
     };
-    // Send.
+    // Send: under the site's lowered session cap, if a throttling reply set one.
     let t1 = Instant::now();
     let mut stop = stages.stop.clone();
+    let capped = stages
+        .shaper
+        .throttles
+        .capped(&source.qualify(&site.key), Instant::now());
+    let _session = match capped {
+        Some(permits) => tokio::select! {
+            p = permits.acquire_owned() => p.ok(),
+            _ = stop.wait_for(|s| *s) => {
+                stages.egress.unspend(&source);
+                return None;
+            }
+        },
+        None => None,
+    };
     let Some(outcome) = site.send(&envelope, &message, &mut stop).await else {
         stages.egress.unspend(&source);
         return None;
@@ -264,6 +278,10 @@ async fn attempt(
         Some(Reaction::Suspend(pause)) => {
             m.suspensions.with_label_values(&[rule.name.as_str()]).inc();
             tracing::info!(site = %site.key, source = source.label(), pause = ?pause, reply = %outcome.text(), "throttled: suspending the destination");
+        }
+        Some(Reaction::Cap(sessions, rate, period)) => {
+            m.suspensions.with_label_values(&[rule.name.as_str()]).inc();
+            tracing::info!(site = %site.key, source = source.label(), sessions, rate = ?rate, period = ?period, reply = %outcome.text(), "throttled: lowering the destination's session cap");
         }
         Some(Reaction::Slow(rate, period)) => {
             m.suspensions.with_label_values(&[rule.name.as_str()]).inc();

@@ -47,6 +47,8 @@ pub enum Reaction {
     Suspend(Duration),
     /// At most this rate for this long.
     Slow(Rate, Duration),
+    /// At most this many sessions at once for this long (and a lowered rate, if given).
+    Cap(usize, Option<Rate>, Duration),
 }
 
 /// Per-domain rules and throttling reactions.
@@ -254,6 +256,16 @@ impl Shaper {
                 self.share_slow_down(site, *rate, *period);
                 fresh
             }
+            Reaction::Cap(sessions, rate, period) => {
+                let fresh = self.throttles.capped(site, now).is_none();
+                self.throttles.cap(site, *sessions, now + *period, now);
+                self.share_lowered(site, &format!("c{sessions}"), *period);
+                if let Some(rate) = rate {
+                    self.throttles.slow(site, *rate, now + *period, now);
+                    self.share_slow_down(site, *rate, *period);
+                }
+                fresh
+            }
         };
         fresh.then_some(reaction)
     }
@@ -286,11 +298,21 @@ impl Shaper {
     /// `{prefix}slowed_sites` gets `{site}|{count}|{per ms}` until now + `period` (a later end
     /// is kept); every daemon then applies the same rate, drawn from one budget in Redis.
     fn share_slow_down(&self, site: &str, rate: Rate, period: Duration) {
+        self.share_lowered(
+            site,
+            &format!("{}|{}", rate.count, rate.per.as_millis()),
+            period,
+        );
+    }
+
+    /// Writes `{site}|{what}` to `{prefix}slowed_sites` until now + `period`: a lowered rate
+    /// (`{count}|{per ms}`) or session cap (`c{n}`) every daemon applies.
+    fn share_lowered(&self, site: &str, what: &str, period: Duration) {
         let Some((conn, _)) = &self.shared else {
             return;
         };
         let until = crate::queue::now_ms() + period.as_millis() as i64;
-        let member = format!("{site}|{}|{}", rate.count, rate.per.as_millis());
+        let member = format!("{site}|{what}");
         let key = format!("{}slowed_sites", self.prefix);
         let mut conn = conn.clone();
         tokio::spawn(async move {
@@ -360,6 +382,13 @@ impl Shaper {
             .collect();
         if lists.len() == 2 {
             for (member, until) in lists.pop().unwrap_or_default() {
+                // `{site}|c{sessions}`: a session cap.
+                if let Some((site, n)) = member.rsplit_once("|c") {
+                    if let Ok(n) = n.parse::<usize>() {
+                        self.throttles.cap(site, n, left(until), at);
+                        continue;
+                    }
+                }
                 // `{site}|{count}|{per ms}`.
                 let mut parts = member.rsplitn(3, '|');
                 let per = parts.next().and_then(|p| p.parse::<u64>().ok());
@@ -439,6 +468,9 @@ impl Shaper {
             if code_ok && enh_ok && text_ok {
                 let reaction = match (r.suspend, r.slow_to, r.slow_for) {
                     (Some(d), _, _) => Reaction::Suspend(d.get()),
+                    (None, rate, Some(d)) if r.connections.is_some() => {
+                        Reaction::Cap(r.connections.unwrap_or(1), rate, d.get())
+                    }
                     (None, Some(rate), Some(d)) => Reaction::Slow(rate, d.get()),
                     _ => return None,
                 };
@@ -555,6 +587,15 @@ mod tests {
             ))
         );
         assert_eq!(d("450 4.2.1 Mailbox busy"), None);
+        let capped = Shaper::new(&settings(
+            "[[backoff]]\ntext = \"S3150\"\nconnections = 2\nslow_for = \"20m\"\n",
+        ));
+        assert_eq!(
+            capped.backoff_for(&Outcome::Deferred {
+                response: "451 4.7.650 S3150 temporarily rate limited".into()
+            }),
+            Some(Reaction::Cap(2, None, Duration::from_secs(1200)))
+        );
         assert_eq!(
             s.backoff_for(&Outcome::bounce(550, "550 5.1.1 no".into())),
             None

@@ -19,6 +19,8 @@ struct State {
     suspended_until: Option<Instant>,
     /// A lowered rate after a throttling reply, until the instant given.
     slowed: Option<(Instant, Arc<RuleState>)>,
+    /// A lowered session cap (the sessions allowed, a permit each), until the instant given.
+    capped: Option<(Instant, usize, Arc<tokio::sync::Semaphore>)>,
 }
 
 impl State {
@@ -29,7 +31,10 @@ impl State {
         if self.slowed.as_ref().is_some_and(|(t, _)| *t <= now) {
             self.slowed = None;
         }
-        self.suspended_until.is_none() && self.slowed.is_none()
+        if self.capped.as_ref().is_some_and(|(t, _, _)| *t <= now) {
+            self.capped = None;
+        }
+        self.suspended_until.is_none() && self.slowed.is_none() && self.capped.is_none()
     }
 }
 
@@ -113,6 +118,36 @@ impl Throttles {
         }
     }
 
+    /// At most `sessions` sessions to this site at once until `until` (the same cap again
+    /// extends it and keeps its permits).
+    pub fn cap(&self, site: &str, sessions: usize, until: Instant, now: Instant) {
+        let mut sites = self.sites.lock().expect("throttles lock");
+        let s = sites.entry(site.to_string()).or_default();
+        if let Some((t, n, _)) = s.capped.as_mut() {
+            if *t > now && *n == sessions {
+                *t = (*t).max(until);
+                return;
+            }
+        }
+        let permits = Arc::new(tokio::sync::Semaphore::new(sessions.max(1)));
+        s.capped = Some((until, sessions, permits));
+    }
+
+    /// The lowered session cap in force, if any: a send holds one of its permits.
+    pub fn capped(&self, site: &str, now: Instant) -> Option<Arc<tokio::sync::Semaphore>> {
+        let mut sites = self.sites.lock().expect("throttles lock");
+        let s = sites.get_mut(site)?;
+        match &s.capped {
+            Some((t, _, p)) if *t > now => Some(p.clone()),
+            _ => {
+                if s.expire(now) {
+                    sites.remove(site);
+                }
+                None
+            }
+        }
+    }
+
     /// Sites suspended right now (for the gauge); forgets what has expired.
     pub fn suspended(&self, now: Instant) -> usize {
         let mut sites = self.sites.lock().expect("throttles lock");
@@ -158,6 +193,26 @@ mod tests {
             t.sites.lock().unwrap().is_empty(),
             "nothing kept once expired"
         );
+    }
+
+    #[test]
+    fn a_lowered_session_cap_holds_its_permits_until_it_ends() {
+        let t = Throttles::default();
+        let now = Instant::now();
+        t.cap("mx.test", 2, now + Duration::from_secs(10), now);
+        let p = t.capped("mx.test", now).expect("capped");
+        assert_eq!(p.available_permits(), 2);
+        let held = p.clone().try_acquire_owned().unwrap();
+        // The same cap again extends it and keeps the permit held.
+        t.cap("mx.test", 2, now + Duration::from_secs(20), now);
+        let q = t
+            .capped("mx.test", now + Duration::from_secs(15))
+            .expect("extended");
+        assert!(Arc::ptr_eq(&p, &q));
+        assert_eq!(q.available_permits(), 1);
+        drop(held);
+        assert!(t.capped("mx.test", now + Duration::from_secs(20)).is_none());
+        assert!(t.sites.lock().unwrap().is_empty());
     }
 
     #[test]
