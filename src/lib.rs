@@ -15,13 +15,18 @@
 //!   ([`queue::sends`]), the delayed set, events and idempotency records ([`queue::idem`]).
 //! - [`store`]: Redis connections, server checks, and the one key schema ([`store::keys`]).
 //! - [`render`]: templates → personalized parts → tracked links → MIME → DKIM.
-//! - [`shape`]: per-domain rules, rates (shared in Redis) and throttling state per site.
-//! - [`deliver`]: SMTP sessions to the relay or to each domain's MX hosts.
+//! - [`shape`]: per-domain rules, rates (shared in Redis) and throttling state per site
+//!   (and per egress source), shared by the fleet; operators' domain suspensions.
+//! - [`egress`]: egress sources and pools (bound address, EHLO name, weights), warm-up caps
+//!   counted in Redis.
+//! - [`deliver`]: SMTP sessions to the relay or to each domain's MX hosts, from the chosen
+//!   source; MTA-STS.
 //! - [`outcome`]: the vocabulary every layer speaks: what an attempt came to, bounce classes.
 //! - [`policy`]: suppression list and frequency caps.
 //! - [`experiment`]: A/B tests: assignment, held jobs, the decision (two-proportion test).
 //! - [`control`]: campaign pause / resume / cancel, with each daemon's cached copy of the
-//!   states.
+//!   states; operators' controls per destination (domain suspensions, `paloma queue`,
+//!   admin bounces).
 //! - [`archive`]: retention of finished campaigns (their counters kept in one hash).
 //! - [`bounces`]: what comes back after acceptance: VERP tokens, the inbound SMTP listener,
 //!   DSN and ARF parsing, `returned` / `complained` events.
@@ -35,7 +40,8 @@
 //! - [`pages`]: the campaign report (HTML with SVG charts) on the API listener.
 //! - [`stats`]: what is read back of campaigns and recipients, for the CLI and the API.
 //! - [`cli`]: the command line, one file per command (`enqueue`, `stats`, `suppress`,
-//!   `campaign`, `experiment`, `demo`: the quick start).
+//!   `campaign`, `experiment`, `sources`, `domain`, `queue`, `bounce`, `demo`: the quick
+//!   start).
 //! - [`panics`]: a panic is one log line, with no backtrace to symbolize.
 //! - [`escape`]: HTML escaping, one function for templates and every page.
 //! - [`retry`]: waiting between tries while Redis does not answer; [`ticker`]: the loop of
