@@ -21,7 +21,7 @@ pub enum Cmd {
         /// How long: "30m", "1h", "2d".
         #[arg(long = "for")]
         duration: String,
-        /// Only this egress source ([[sources]] name).
+        /// Only this egress source (its `name` in the sources of the config).
         #[arg(long)]
         source: Option<String>,
     },
