@@ -141,9 +141,17 @@ const THROTTLE_WORDS: &[&str] = &[
 ];
 
 /// Whether a deferral's reply means "you are sending too fast": a 421, or one of the
-/// providers' throttling phrases and codes.
+/// providers' throttling phrases and codes. Greylisting is not (its "try again later" is
+/// about one sender, recipient and address triplet, and the retry is what it asks for):
+/// suspending the whole site for it would hold every other recipient there.
 pub fn is_throttling(response: &str) -> bool {
     let text = response.to_ascii_lowercase();
+    if ["greylist", "graylist", "grey-list", "gray-list"]
+        .iter()
+        .any(|g| text.contains(g))
+    {
+        return false;
+    }
     response.starts_with("421") || THROTTLE_WORDS.iter().any(|w| text.contains(w))
 }
 
@@ -225,6 +233,19 @@ impl Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn greylisting_is_not_throttling() {
+        assert!(is_throttling("451 4.7.1 Please try again later"));
+        assert!(is_throttling("421 4.7.28 unusual rate"));
+        assert!(!is_throttling("450 4.2.0 Greylisted, try again later"));
+        assert!(!is_throttling(
+            "451 4.7.1 <u@x.test>: Recipient address rejected: Greylisted, see http://postgrey.schweikert.ch/help/x.test.html"
+        ));
+        assert!(!is_throttling(
+            "450 4.7.1 graylisted, please try again later"
+        ));
+    }
 
     #[test]
     fn a_refused_sender_never_suppresses_the_recipient() {

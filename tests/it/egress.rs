@@ -281,3 +281,50 @@ fn a_421_to_one_daemon_suspends_the_source_for_the_whole_fleet() {
         .iter()
         .all(|k| k.client == "127.0.0.2" && k.ehlo == "one.test"));
 }
+
+/// A retry leaves from the source of its first attempt, so a greylisting receiver sees the
+/// same address come back; the pool's choice still spreads first attempts over both.
+#[test]
+fn a_retry_keeps_its_source_for_a_greylisting_receiver() {
+    let _machine = exclusive();
+    let e = env(DNS, &[], "retry_intervals = [\"1s\"]", &sources(""));
+    let mx = Recorder::start("127.0.0.10", e.port, "greylist");
+    let mut conn = e.redis.conn();
+    let n = 40;
+    enqueue_raw(&mut conn, &e.setup.prefix, &jobs(n, "grey", "w.test"));
+    let daemon = Daemon::spawn(&e.setup.config);
+    let evs = wait_terminal(
+        &mut conn,
+        &e.setup.prefix,
+        n,
+        Duration::from_secs(60),
+        Some(&daemon),
+    );
+    assert!(terminal_by_id(&evs)
+        .values()
+        .all(|v| v.len() == 1 && v[0]["type"] == "delivered"));
+    let first: HashMap<String, String> =
+        std::fs::read_to_string(mx.out.path().join("greylisted.tsv"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .map(|(ip, rcpt)| (rcpt.to_string(), ip.to_string()))
+            .collect();
+    assert_eq!(first.len(), n, "each recipient greylisted once");
+    let kept = mx.kept();
+    assert_eq!(kept.len(), n);
+    for k in &kept {
+        assert_eq!(
+            first[&k.rcpt], k.client,
+            "{}: greylisted from one address, retried from another",
+            k.rcpt
+        );
+    }
+    let by = by_client(&kept);
+    assert_eq!(
+        by.len(),
+        2,
+        "both sources carried first attempts: {:?}",
+        by.keys()
+    );
+}
