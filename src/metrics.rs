@@ -16,6 +16,7 @@ pub const MTA_STS_RESULTS: &[&str] = &[
     "testing_mx_mismatch",
     "fetch_failed",
     "tls_failed",
+    "testing_tls_failed",
 ];
 
 pub struct Metrics {

@@ -6,6 +6,7 @@ pub mod mta_sts;
 pub mod mx;
 pub mod relay;
 pub mod smtp;
+pub mod verify;
 
 pub use crate::outcome::Outcome;
 
@@ -87,6 +88,10 @@ pub enum TlsPolicy {
     /// An MTA-STS policy in `enforce` mode: STARTTLS required, the certificate valid for
     /// the MX host name (public roots and `delivery.tls_ca_file`).
     MtaSts,
+    /// An MTA-STS policy in `testing` mode: TLS as `delivery.tls` says, and a session that
+    /// `enforce` would have refused (no STARTTLS, a certificate not valid for the MX host)
+    /// counted, not refused (see [`verify`]).
+    MtaStsTesting,
 }
 
 /// Where messages go.
@@ -150,6 +155,7 @@ pub fn session_config(
         bind: None,
         policy: TlsPolicy::Configured,
         policy_failures: None,
+        verify_roots: None,
     })
 }
 

@@ -282,6 +282,8 @@ pub struct MtaSts {
     memory: Mutex<HashMap<String, Arc<Cached>>>,
     /// One fetch per domain at a time: routes resolved together wait for the first.
     fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The roots a `testing` route's sessions are checked against (public + tls_ca_file).
+    roots: Arc<super::verify::Roots>,
 }
 
 /// A domain's place in the queue for fetching its policy; the last one out (or a route
@@ -353,9 +355,11 @@ impl MtaSts {
             .no_proxy()
             .dns_resolver(Arc::new(hosts))
             .user_agent(concat!("paloma/", env!("CARGO_PKG_VERSION")));
+        let mut ca_pem = None;
         if let Some(path) = &d.tls_ca_file {
             let err = |m: String| DeliverError::CaFile(path.clone(), m);
             let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+            ca_pem = Some(pem.clone());
             for cert in
                 reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?
             {
@@ -374,7 +378,19 @@ impl MtaSts {
             shared,
             memory: Mutex::new(HashMap::new()),
             fetching: Mutex::new(HashMap::new()),
+            roots: Arc::new(super::verify::Roots::with_pem(ca_pem.as_deref())),
         })
+    }
+
+    /// What a `testing` route's sessions need: the counter of sessions `enforce` would have
+    /// refused, and the roots their chains are checked against.
+    pub fn testing_check(&self) -> (prometheus::IntCounter, Arc<super::verify::Roots>) {
+        (
+            self.shared
+                .results
+                .with_label_values(&["testing_tls_failed"]),
+            self.roots.clone(),
+        )
     }
 
     fn count(&self, result: &str) {
@@ -463,7 +479,7 @@ impl MtaSts {
                 } else {
                     "testing_mx_mismatch"
                 });
-                Applied::Hosts(TlsPolicy::Configured)
+                Applied::Hosts(TlsPolicy::MtaStsTesting)
             }
             Mode::Enforce if !any => {
                 self.count("mx_mismatch");
@@ -851,7 +867,7 @@ mod tests {
         let mut h = vec![(10, "mx.other.test".to_string())];
         assert!(matches!(
             s.apply("a.test", Some(&cached(Mode::Testing)), &mut h),
-            Applied::Hosts(TlsPolicy::Configured)
+            Applied::Hosts(TlsPolicy::MtaStsTesting)
         ));
         assert_eq!(h.len(), 1, "testing filters nothing");
         let mut h = hosts();

@@ -401,6 +401,12 @@ impl MxRouter {
                             cfg.policy = dest.tls;
                             cfg.policy_failures = self.sts.as_ref().map(MtaSts::tls_failures);
                         }
+                        if let (TlsPolicy::MtaStsTesting, Some(sts)) = (dest.tls, &self.sts) {
+                            let (failures, roots) = sts.testing_check();
+                            cfg.policy = dest.tls;
+                            cfg.policy_failures = Some(failures);
+                            cfg.verify_roots = Some(roots);
+                        }
                         Pool::new(addr, cfg, self.open.clone())
                     })
                     .clone()

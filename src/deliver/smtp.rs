@@ -37,6 +37,8 @@ pub struct SessionConfig {
     /// a failed STARTTLS gives, and counted in `policy_failures`.
     pub policy: TlsPolicy,
     pub policy_failures: Option<prometheus::IntCounter>,
+    /// `TlsPolicy::MtaStsTesting`: the roots the session's chain is checked against.
+    pub verify_roots: Option<Arc<super::verify::Roots>>,
 }
 
 /// The limits of each stage of a session (`delivery.*_timeout`), after RFC 5321 §4.5.3.2 and
@@ -297,6 +299,9 @@ impl Pool {
             }
             TlsMode::Opportunistic => {}
         }
+        if self.cfg.policy == TlsPolicy::MtaStsTesting {
+            self.check_testing_policy(&conn);
+        }
         // lettre keeps only the EHLO keywords it uses itself; ask once more (once per
         // session, not per message, and after STARTTLS as RFC 3207 requires) to learn what the
         // server offers. A probe without its reply leaves the session out of step (the late
@@ -327,10 +332,35 @@ impl Pool {
         Ok((conn, caps, limits))
     }
 
+    /// An MTA-STS policy in `testing` mode: counts (and logs) a session `enforce` would have
+    /// refused — no STARTTLS, or a chain not valid for the MX host — and goes on with it.
+    /// With `delivery.tls = "none"` no TLS is tried, so there is nothing to judge.
+    fn check_testing_policy(&self, conn: &AsyncSmtpConnection) {
+        if self.cfg.tls == TlsMode::None {
+            return;
+        }
+        let why = if !conn.is_encrypted() {
+            Some("no STARTTLS".to_string())
+        } else {
+            let roots = self.cfg.verify_roots.as_deref();
+            match (conn.certificate_chain(), roots) {
+                (Ok(chain), Some(r)) => r.verify(&chain, &self.cfg.tls_name).err(),
+                (Err(e), _) => Some(e.to_string()),
+                (Ok(_), None) => None,
+            }
+        };
+        if let Some(why) = why {
+            if let Some(c) = &self.cfg.policy_failures {
+                c.inc();
+            }
+            tracing::info!(addr = %self.addr, host = %self.cfg.tls_name, %why, "MTA-STS policy (testing): enforce would refuse this session; delivering as usual");
+        }
+    }
+
     /// A TLS failure, said to be the recipient's policy's doing when one required TLS.
     fn by_policy(&self, reason: String) -> String {
         match self.cfg.policy {
-            TlsPolicy::Configured => reason,
+            TlsPolicy::Configured | TlsPolicy::MtaStsTesting => reason,
             TlsPolicy::MtaSts => {
                 if let Some(c) = &self.cfg.policy_failures {
                     c.inc();

@@ -177,6 +177,7 @@ fn enforce_delivers_only_over_verified_tls_to_listed_mx_hosts_and_testing_counts
                     "mta-sts.stray.test",
                     "mta-sts.plain.test",
                     "mta-sts.trial.test",
+                    "mta-sts.trialok.test",
                     "mta-sts.wrongcert.test",
                 ],
             ),
@@ -189,6 +190,7 @@ fn enforce_delivers_only_over_verified_tls_to_listed_mx_hosts_and_testing_counts
         ("stray", policy("enforce", &["mx.elsewhere.test"])),
         ("plain", policy("enforce", &["*.plain.test"])),
         ("trial", policy("testing", &["mx.elsewhere.test"])),
+        ("trialok", policy("testing", &["mx.good.test"])),
         ("wrongcert", policy("enforce", &["mx.wrongcert.test"])),
     ] {
         std::fs::write(policies.path().join(format!("{domain}.test.txt")), text).unwrap();
@@ -211,9 +213,13 @@ fn enforce_delivers_only_over_verified_tls_to_listed_mx_hosts_and_testing_counts
         "host-record=mx.trial.test,127.0.25.5".into(),
         // The same server as mx.good.test, whose certificate does not name this host.
         "host-record=mx.wrongcert.test,127.0.25.2".into(),
+        // A testing policy whose MX is the STARTTLS one with a valid certificate.
+        "mx-host=trialok.test,mx.good.test,10".into(),
     ];
-    for d in ["good", "stray", "plain", "trial", "wrongcert"] {
-        records.push(format!("mx-host={d}.test,mx.{d}.test,10"));
+    for d in ["good", "stray", "plain", "trial", "wrongcert", "trialok"] {
+        if d != "trialok" {
+            records.push(format!("mx-host={d}.test,mx.{d}.test,10"));
+        }
         records.push(format!("host-record=mta-sts.{d}.test,127.0.25.1"));
         // On dnsmasq's command line quotes stay in the text: one record as zone-file
         // quoting published literally, the others bare.
@@ -235,6 +241,14 @@ fn enforce_delivers_only_over_verified_tls_to_listed_mx_hosts_and_testing_counts
         &format!("tls_ca_file = \"{}\"", ca.display()),
         &format!("[metrics]\nlisten = \"127.0.0.1:{metrics}\""),
     );
+    // Opportunistic TLS, as in production (the test configs say "none"): a testing policy's
+    // sessions then try STARTTLS and are judged.
+    let cfg = std::fs::read_to_string(&e.setup.config).unwrap();
+    std::fs::write(
+        &e.setup.config,
+        cfg.replace("tls = \"none\"", "tls = \"opportunistic\""),
+    )
+    .unwrap();
     let port = mx_port(&e.setup);
     let mx_out = tempfile::tempdir().unwrap();
     let _mx = Peer::start(
@@ -261,6 +275,7 @@ fn enforce_delivers_only_over_verified_tls_to_listed_mx_hosts_and_testing_counts
                 "c@plain.test",
                 "d@trial.test",
                 "e@wrongcert.test",
+                "f@trialok.test",
             ],
         ),
     );
@@ -269,12 +284,10 @@ fn enforce_delivers_only_over_verified_tls_to_listed_mx_hosts_and_testing_counts
     // Enforced, listed, STARTTLS with a certificate for mx.good.test from the private CA.
     let good = wait_event(&mut conn, &e.setup.prefix, "s-0", "delivered", &daemon);
     assert_eq!(good["type"], "delivered", "{good}");
-    assert_eq!(
-        std::fs::read_to_string(mx_out.path().join("sessions.log"))
-            .unwrap_or_default()
-            .trim(),
-        "tls=True",
-        "delivered over TLS"
+    let sessions = std::fs::read_to_string(mx_out.path().join("sessions.log")).unwrap_or_default();
+    assert!(
+        !sessions.is_empty() && sessions.lines().all(|l| l == "tls=True"),
+        "delivered over TLS: {sessions}"
     );
 
     // Enforced, MX host not listed: deferred before any session, saying why.
@@ -298,16 +311,20 @@ fn enforce_delivers_only_over_verified_tls_to_listed_mx_hosts_and_testing_counts
     let why = wrong["response"].as_str().unwrap();
     assert!(why.contains("MTA-STS"), "{wrong}");
 
-    // Testing, MX host not listed: delivered as without a policy, the mismatch counted.
+    // Testing, MX host not listed, and no STARTTLS there (smtp-sink): delivered as without
+    // a policy; the mismatch and the session enforce would refuse are counted.
     let trial = wait_event(&mut conn, &e.setup.prefix, "s-3", "delivered", &daemon);
     assert_eq!(trial["type"], "delivered");
+    // Testing, listed, STARTTLS with a valid certificate: delivered, nothing counted.
+    let trialok = wait_event(&mut conn, &e.setup.prefix, "s-5", "delivered", &daemon);
+    assert_eq!(trialok["type"], "delivered");
     assert_eq!(
         std::fs::read_to_string(mx_out.path().join("sessions.log"))
             .unwrap_or_default()
             .lines()
-            .count(),
-        1,
-        "nothing more to the STARTTLS MX"
+            .collect::<Vec<_>>(),
+        ["tls=True", "tls=True"],
+        "the enforced and the testing session to the STARTTLS MX, both over TLS"
     );
     assert_eq!(
         e.sinks["127.0.25.5"].wait_count(1, Duration::from_secs(10)),
@@ -339,6 +356,11 @@ fn enforce_delivers_only_over_verified_tls_to_listed_mx_hosts_and_testing_counts
         Some(0.0),
         "{text}"
     );
+    assert_eq!(
+        metric_in(&text, "paloma_mta_sts_total{result=\"testing_tls_failed\"}"),
+        Some(1.0),
+        "only the testing session without STARTTLS: {text}"
+    );
 
     // The policies are cached for the fleet, under their TXT id, for their max_age.
     let cached: String = redis::cmd("GET")
@@ -355,7 +377,7 @@ fn enforce_delivers_only_over_verified_tls_to_listed_mx_hosts_and_testing_counts
     assert!((86_000..=86_400).contains(&ttl), "{ttl}");
     // One fetch per domain.
     let log = std::fs::read_to_string(policies.path().join("requests.log")).unwrap();
-    assert_eq!(log.lines().count(), 5, "{log}");
+    assert_eq!(log.lines().count(), 6, "{log}");
     drop(https);
 }
 
