@@ -974,10 +974,10 @@ pub fn assert_paced(at: &[i64], burst: usize, interval_ms: i64, slack: usize) {
     }
 }
 
-/// A private CA and a server certificate it signed for 127.0.0.1 (openssl), in `dir`:
-/// returns (ca.pem, server.pem, server.key).
-pub fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    require_tools();
+/// A private CA in `dir` (openssl) and, per `(file stem, names)`, a server certificate it
+/// signed for those names (DNS names, or IP addresses): returns the CA's PEM and
+/// `(cert, key)` per leaf.
+pub fn ca_and_leaves(dir: &Path, leaves: &[(&str, &[&str])]) -> (PathBuf, Vec<(PathBuf, PathBuf)>) {
     let run = |args: &[&str]| {
         let st = Command::new("openssl")
             .args(args)
@@ -1003,41 +1003,70 @@ pub fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         "-subj",
         "/CN=paloma test CA",
     ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    (
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("server.key"),
-    )
+    let mut out = Vec::new();
+    for (stem, names) in leaves {
+        let (key, csr, pem, ext) = (
+            format!("{stem}.key"),
+            format!("{stem}.csr"),
+            format!("{stem}.pem"),
+            format!("{stem}.cnf"),
+        );
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={}", names[0]),
+        ]);
+        let sans: Vec<String> = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(_) => format!("IP:{n}"),
+                Err(_) => format!("DNS:{n}"),
+            })
+            .collect();
+        std::fs::write(
+            dir.join(&ext),
+            format!(
+                "subjectAltName={}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+                sans.join(",")
+            ),
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+        out.push((dir.join(pem), dir.join(key)));
+    }
+    (dir.join("ca.pem"), out)
+}
+
+/// A private CA and a server certificate it signed for 127.0.0.1 (openssl), in `dir`:
+/// returns (ca.pem, server.pem, server.key).
+pub fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    require_tools();
+    let (ca, mut leaves) = ca_and_leaves(dir, &[("server", &["127.0.0.1", "localhost"])]);
+    let (pem, key) = leaves.remove(0);
+    (ca, pem, key)
 }
 
 /// Starts `tests/peers/{script}` (an aiosmtpd peer) on `port` with `args`, and waits until
