@@ -12,6 +12,8 @@ use std::time::Duration;
 use common::mx::*;
 use common::*;
 
+const TOKEN: &str = "egress-token-3b9d0c7e5a41f268";
+
 const DNS: &[&str] = &[
     "mx-host=w.test,mx.w.test,10",
     "host-record=mx.w.test,127.0.0.10",
@@ -110,6 +112,7 @@ fn a_pool_splits_by_weight_each_source_with_its_address_and_name() {
 #[test]
 fn a_warming_source_carries_at_most_its_cap_and_a_cold_pool_waits_for_tomorrow() {
     let _machine = exclusive();
+    let api = free_port();
     let cold = format!(
         "warmup = {{ start = \"{}\", daily = [100, 1000] }}\n",
         today()
@@ -120,7 +123,8 @@ fn a_warming_source_carries_at_most_its_cap_and_a_cold_pool_waits_for_tomorrow()
         "pool = \"mixed\"",
         &format!(
             "{}[[pools]]\nname = \"mixed\"\nsources = [{{ source = \"ip1\", weight = 3 }}, {{ source = \"ip2\", weight = 1 }}]\n\
-             [[pools]]\nname = \"new\"\nsources = [{{ source = \"ip1\" }}]\n",
+             [[pools]]\nname = \"new\"\nsources = [{{ source = \"ip1\" }}]\n\
+             [api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{TOKEN}\"\n",
             sources(&cold)
         ),
     );
@@ -203,6 +207,15 @@ fn a_warming_source_carries_at_most_its_cap_and_a_cold_pool_waits_for_tomorrow()
         100,
         "the cold source sent exactly its cap"
     );
+    // The same on the API.
+    let a = common::track::api_call(api, "GET", "/api/v1/sources", Some(TOKEN), b"");
+    assert_eq!(a.status, 200, "{}", a.raw);
+    let ip1 = &a.body["sources"][0];
+    assert_eq!(ip1["name"], "ip1");
+    assert_eq!(ip1["pools"], serde_json::json!(["mixed", "new"]));
+    assert_eq!(ip1["warmup"]["day"], 1);
+    assert_eq!(ip1["warmup"]["cap"], 100);
+    assert!(a.body["sources"][1]["warmup"].is_null(), "{}", a.raw);
     daemon.term();
     // What the operator sees.
     let (st, out, _) = paloma(
