@@ -138,16 +138,16 @@ mod tests {
         let h: BTreeMap<String, i64> = [
             ("count", 5),
             ("people", 4),
-            ("rev:EUR", 179_70),
+            ("rev:EUR", 17970),
             ("rev:JPY", 1200),
-            ("cost:EUR", 120_00),
-            ("cost:USD", 50_00),
+            ("cost:EUR", 12000),
+            ("cost:USD", 5000),
             ("link:pricing:count", 3),
-            ("link:pricing:rev:EUR", 119_80),
+            ("link:pricing:rev:EUR", 11980),
             ("link:a:b:count", 1),
             ("variant:B:count", 2),
             ("variant:B:people", 2),
-            ("variant:B:rev:EUR", 59_90),
+            ("variant:B:rev:EUR", 5990),
             ("kind:purchase:count", 4),
             ("kind:support_request:count", 1),
             ("touch:1:count", 5),
@@ -160,7 +160,7 @@ mod tests {
         assert_eq!(f.revenue["EUR"], 179.7);
         assert_eq!(f.revenue["JPY"], 1200.0);
         assert_eq!(f.cost["EUR"], 120.0);
-        assert_eq!(f.roi["EUR"], (179_70 - 120_00) as f64 / 120_00 as f64);
+        assert_eq!(f.roi["EUR"], (17970.0 - 12000.0) / 12000.0);
         assert!(!f.roi.contains_key("JPY"), "no cost in JPY");
         assert_eq!(f.roi["USD"], -1.0, "a cost and no revenue");
         assert_eq!(f.link["pricing"].count, 3);
