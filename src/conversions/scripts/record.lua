@@ -18,6 +18,13 @@ local function misfit(key, want)
   return key .. ' holds a ' .. t .. ', not a ' .. want
 end
 
+-- A campaign's keys are checked once per call (a request's conversions mostly share them).
+local checked = {}
+local function check(key, want)
+  if checked[key] == nil then checked[key] = misfit(key, want) or false end
+  return checked[key] or nil
+end
+
 local bad = misfit(KEYS[1], 'stream')
 if bad then return redis.error_reply('WRONGTYPE ' .. bad) end
 
@@ -29,11 +36,19 @@ for i = 3, #ARGV, 10 do
   local attributed, answer, ev, person, kind, cur, minor, link, variant, touch =
     ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
     ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
-  local why = misfit(order, 'string')
-  if not why and attributed == '1' then
-    why = misfit(convs, 'hash') or misfit(people, 'string') or misfit(vpeople, 'string')
+  local why = nil
+  if attributed == '1' then
+    why = check(convs, 'hash') or check(people, 'string') or check(vpeople, 'string')
   end
-  local seen = (not why) and redis.call('GET', order)
+  -- What the order key holds: a key of another type fails here, before anything of this
+  -- conversion is written.
+  local seen = nil
+  if not why then
+    seen = redis.pcall('GET', order)
+    if type(seen) == 'table' and seen.err then
+      why = order .. ': ' .. seen.err
+    end
+  end
   if why then
     table.insert(out, '!' .. why)
   elseif seen then
