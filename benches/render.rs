@@ -203,6 +203,7 @@ fn bench(c: &mut Criterion) {
         sent: "1795000000",
         variant: "",
         touch: "",
+        transactional: false,
     };
     let mut g = c.benchmark_group("links");
     g.throughput(Throughput::Elements(1));
@@ -317,6 +318,7 @@ fn count_mode(stage: &str, iters: usize) {
         sent: "1795000000",
         variant: "",
         touch: "",
+        transactional: false,
     };
     let (mut out, mut scratch, mut s) = (Vec::new(), Vec::new(), String::new());
     let mut total = 0;

@@ -510,6 +510,8 @@ impl App {
                     }
                     .routes(),
                     acks: acks.clone(),
+                    click_param: t.click_param.clone(),
+                    click_ids: Arc::new(crate::track::clickid::ClickIds::of(t)),
                 };
                 Some(crate::track::server::serve(
                     listener,

@@ -1,5 +1,5 @@
 //! Bounded metric labels: the series of a campaign (`paloma_messages_total{campaign,…}`,
-//! engagement, links, complaints, experiments) are removed from the registry once none of
+//! engagement, links, complaints, experiments, conversions and revenue) are removed from the registry once none of
 //! them has moved for `metrics.campaign_idle`, so `/metrics` holds the campaigns active
 //! lately, not every campaign ever sent.
 //!
@@ -29,7 +29,7 @@ pub struct Reaper {
 }
 
 /// The counters labelled by campaign (always the first label of each).
-fn per_campaign(m: &Metrics) -> [&IntCounterVec; 6] {
+fn per_campaign(m: &Metrics) -> [&IntCounterVec; 7] {
     [
         &m.messages,
         &m.engagement,
@@ -37,7 +37,15 @@ fn per_campaign(m: &Metrics) -> [&IntCounterVec; 6] {
         &m.link_clicks,
         &m.complaints,
         &m.experiment_messages,
+        &m.conversions,
     ]
+}
+
+/// The families of every per-campaign series, the float revenue counter last (index 7).
+fn families(m: &Metrics) -> Vec<Vec<prometheus::proto::MetricFamily>> {
+    let mut f: Vec<_> = per_campaign(m).iter().map(|v| v.collect()).collect();
+    f.push(m.revenue.collect());
+    f
 }
 
 impl Reaper {
@@ -48,8 +56,8 @@ impl Reaper {
         type Series = (String, usize, Vec<(String, String)>);
         let mut series: Vec<Series> = Vec::new();
         let mut sums: HashMap<String, f64> = HashMap::new();
-        for (v, vec) in per_campaign(m).iter().enumerate() {
-            for family in vec.collect() {
+        for (v, fams) in families(m).into_iter().enumerate() {
+            for family in fams {
                 for metric in family.get_metric() {
                     let labels: Vec<(String, String)> = metric
                         .get_label()
@@ -95,7 +103,10 @@ impl Reaper {
                     .iter()
                     .map(|(n, v)| (n.as_str(), v.as_str()))
                     .collect();
-                let _ = vecs[*v].remove(&by_name);
+                let _ = match vecs.get(*v) {
+                    Some(vec) => vec.remove(&by_name),
+                    None => m.revenue.remove(&by_name),
+                };
             }
         }
         for c in &gone {
@@ -130,6 +141,8 @@ mod tests {
         let mut r = Reaper::default();
         m.messages.with_label_values(&["old", "delivered"]).inc();
         m.link_clicks.with_label_values(&["old", "pricing"]).inc();
+        m.conversions.with_label_values(&["old", "purchase"]).inc();
+        m.revenue.with_label_values(&["old", "EUR"]).inc_by(59.9);
         m.messages.with_label_values(&["new", "delivered"]).inc();
         assert_eq!(r.sweep(&m, idle, t0), 0);
         m.messages.with_label_values(&["new", "delivered"]).inc();

@@ -36,6 +36,8 @@
 //! - [`http`], [`metrics`]: the operations endpoint; [`labels`]: idle campaigns' series
 //!   removed.
 //! - [`listener`]: how public HTTP listeners are served (timeouts, connection cap).
+//! - [`conversions`]: what shops report back (orders, sign-ups), attributed to the
+//!   message whose click brought them, counted once per order, with revenue and ROI.
 //! - [`api`]: the HTTP API for campaign systems (`/api/v1/…`, bearer token, OpenAPI).
 //! - [`pages`]: the campaign report (HTML with SVG charts) on the API listener.
 //! - [`stats`]: what is read back of campaigns and recipients, for the CLI and the API.
@@ -62,6 +64,7 @@ pub mod bounces;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod conversions;
 pub mod daemon;
 pub mod deliver;
 pub mod egress;

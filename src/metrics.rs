@@ -110,6 +110,13 @@ pub struct Metrics {
     pub api_requests: IntCounterVec,
     /// Jobs posted to `POST /api/v1/sends`, accepted or refused.
     pub api_jobs: IntCounterVec,
+    /// Conversions attributed (counted once per order id), by campaign and kind.
+    pub conversions: IntCounterVec,
+    /// Revenue of attributed conversions, in major units, by campaign and currency.
+    pub revenue: prometheus::CounterVec,
+    /// Conversions recorded but attributed to no campaign, by reason (no_click,
+    /// outside_window, unknown_click, machine_click, transactional).
+    pub conversions_unattributed: IntCounterVec,
     /// What Redis holds against what it may: stream lags, retention, memory.
     pub capacity: Capacity,
     pub replication: Replication,
@@ -340,6 +347,27 @@ impl Metrics {
             "paloma_tracking_events_dead_total",
             "Open and click events put in the dead letters: a key of theirs holds another type, or Redis kept refusing their batch.",
         );
+        let conversions = vec(
+            "paloma_conversions_total",
+            "Conversions attributed to a campaign (each order once), by campaign and kind.",
+            &["campaign", "kind"],
+        );
+        let revenue = prometheus::CounterVec::new(
+            Opts::new(
+                "paloma_revenue_total",
+                "Revenue of attributed conversions in major units (59.90 EUR adds 59.9), by campaign and currency.",
+            ),
+            &["campaign", "currency"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(revenue.clone()))
+            .expect("unique metric");
+        let conversions_unattributed = vec(
+            "paloma_conversions_unattributed_total",
+            "Conversions recorded but attributed to no campaign, by reason.",
+            &["reason"],
+        );
         let workflow_actions = vec(
             "paloma_workflow_actions_total",
             "Workflow actions by rule, action (send, webhook, timer) and result.",
@@ -491,6 +519,9 @@ impl Metrics {
             engagement_unique,
             link_clicks,
             workflow_actions,
+            conversions,
+            revenue,
+            conversions_unattributed,
         };
         m.prime();
         m
@@ -517,6 +548,15 @@ impl Metrics {
             "other",
         ] {
             self.reports.with_label_values(&[k]);
+        }
+        for r in [
+            "no_click",
+            "outside_window",
+            "unknown_click",
+            "machine_click",
+            "transactional",
+        ] {
+            self.conversions_unattributed.with_label_values(&[r]);
         }
         for r in ["agent", "network", "window", "burst"] {
             self.machine_hits.with_label_values(&[r]);

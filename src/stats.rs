@@ -49,6 +49,9 @@ pub struct CampaignStats {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub experiment: Option<serde_json::Value>,
+    /// Conversions attributed to the campaign (`POST /api/v1/conversions`): count, people,
+    /// revenue, cost and ROI by currency, and the same per link, variant, kind and touch.
+    pub conversions: crate::conversions::figures::Figures,
 }
 
 /// `paloma stats --json`.
@@ -147,6 +150,7 @@ async fn overview_of(
         p.cmd("HGETALL").arg(keys.variants(n));
         p.cmd("HGETALL").arg(keys.experiment(n));
         p.cmd("HGET").arg(&keys.campaigns_archive).arg(n);
+        p.cmd("HGETALL").arg(keys.conversions(n));
     }
     p.cmd("XLEN").arg(&keys.sends);
     p.cmd("ZCARD").arg(&keys.scheduled);
@@ -184,6 +188,9 @@ async fn overview_of(
                 .unwrap_or_default();
         let archived: Option<String> =
             redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil)).unwrap_or(None);
+        let conv: BTreeMap<String, i64> =
+            redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))
+                .unwrap_or_default();
         // An archived campaign's counters, plus what it has done since (if anything).
         let (mut h, mut l) = (h, l);
         if let Some((ah, al)) = archived.as_deref().and_then(crate::archive::parse) {
@@ -197,6 +204,7 @@ async fn overview_of(
         let mut c = campaign_stats(name, &h, &l);
         c.variants = per_variant(&v);
         c.experiment = experiment_state(&x);
+        c.conversions = crate::conversions::figures::Figures::from_hash(&conv);
         campaigns.push(c);
     }
     Ok(Overview {
@@ -259,6 +267,7 @@ fn campaign_stats(
         campaign,
         variants: BTreeMap::new(),
         experiment: None,
+        conversions: Default::default(),
     }
 }
 

@@ -6,13 +6,13 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{egress, manage, operator, sends};
+use super::{conversions, egress, manage, operator, sends};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "paloma",
-        description = "Enqueue sends, read campaign figures, pause / resume / cancel campaigns, manage suppressions, see what waits and bounce what waits for a domain or campaign. Every route but this document needs `Authorization: Bearer <api.token>`."
+        description = "Enqueue sends, read campaign figures, pause / resume / cancel campaigns, manage suppressions, report conversions and campaign costs, see what waits and bounce what waits for a domain or campaign. Every route but this document needs `Authorization: Bearer <api.token>`."
     ),
     paths(
         sends::post_sends,
@@ -32,6 +32,8 @@ use super::{egress, manage, operator, sends};
         operator::post_bounces,
         operator::list_bounces,
         operator::lift_bounce,
+        conversions::post_conversions,
+        conversions::put_cost,
     ),
     modifiers(&Bearer)
 )]
@@ -79,6 +81,8 @@ mod tests {
             "/api/v1/suppressions/{address}",
             "/api/v1/queue",
             "/api/v1/bounces",
+            "/api/v1/conversions",
+            "/api/v1/campaigns/{campaign}/cost",
         ] {
             assert!(v["paths"][path].is_object(), "{path} missing");
         }
@@ -87,6 +91,9 @@ mod tests {
         assert!(v["paths"]["/api/v1/bounces"]["get"].is_object());
         assert!(v["paths"]["/api/v1/bounces"]["delete"].is_object());
         assert!(v["components"]["schemas"]["QueueView"].is_object());
+        assert!(v["paths"]["/api/v1/conversions"]["post"].is_object());
+        assert!(v["paths"]["/api/v1/campaigns/{campaign}/cost"]["put"].is_object());
+        assert!(v["components"]["schemas"]["ConversionsAnswer"].is_object());
         assert_eq!(
             v["components"]["securitySchemes"]["bearer"]["scheme"],
             "bearer"

@@ -70,7 +70,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Seg {
 }
 
 /// A campaign to change: a name paloma accepts, else 422.
-fn campaign_id(c: String) -> Result<String, ApiError> {
+pub(super) fn campaign_id(c: String) -> Result<String, ApiError> {
     CampaignId::parse(c)
         .map(|c| c.as_str().to_string())
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("campaign: {e}")))

@@ -10,6 +10,8 @@
 //!   `paloma domain` does;
 //! - `GET /api/v1/queue`, `POST|GET|DELETE /api/v1/bounces` ([`operator`]): what `paloma queue`
 //!   and `paloma bounce` do;
+//! - `POST /api/v1/conversions`, `PUT /api/v1/campaigns/{c}/cost` ([`conversions`]): what
+//!   the shop reports back, and what a campaign cost;
 //! - `GET /api/v1/openapi.json`: the OpenAPI document, derived from the handlers ([`doc`]);
 //! - the report pages, `/campaigns` ([`crate::pages`]).
 //!
@@ -20,6 +22,7 @@
 //! at most two bodies of `POST /sends` are held at once, so memory stays bounded whatever
 //! the clients send.
 
+pub mod conversions;
 pub mod doc;
 pub mod egress;
 pub mod manage;
@@ -69,6 +72,8 @@ pub struct Api {
     pub experiment_campaigns: Vec<String>,
     /// How long an ended job's id is kept (`intake.idempotency_ttl`).
     pub idem_ttl: Duration,
+    /// Click ids and `[conversions]`, for `POST /api/v1/conversions`.
+    pub conversions: crate::conversions::Conversions,
 }
 
 impl Api {
@@ -93,6 +98,7 @@ impl Api {
                 .map(|e| e.campaign.clone())
                 .collect(),
             idem_ttl: settings.intake.idempotency_ttl.get(),
+            conversions: crate::conversions::Conversions::new(settings),
             metrics,
         }
     }
@@ -217,6 +223,11 @@ pub fn routes(api: Arc<Api>) -> Router {
         .route("/api/v1/campaigns/{campaign}/pause", post(manage::pause))
         .route("/api/v1/campaigns/{campaign}/resume", post(manage::resume))
         .route("/api/v1/campaigns/{campaign}/cancel", post(manage::cancel))
+        .route(
+            "/api/v1/campaigns/{campaign}/cost",
+            put(conversions::put_cost),
+        )
+        .route("/api/v1/conversions", post(conversions::post_conversions))
         .route("/api/v1/recipients/{address}", get(manage::recipient))
         .route("/api/v1/sources", get(egress::list_sources))
         .route("/api/v1/domains/suspended", get(egress::suspended_domains))

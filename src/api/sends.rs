@@ -188,6 +188,31 @@ pub async fn post_sends(State(api): State<Arc<Api>>, req: Request) -> Result<Res
     Ok(Json(answer).into_response())
 }
 
+/// A request's body for the API's other posts (conversions): within `api.max_body_bytes`
+/// and `api.timeout`, with at most two bodies read at once, as for `POST /sends`.
+pub(super) async fn bounded_body(api: &Api, req: Request) -> Result<Vec<u8>, ApiError> {
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > api.max_body_bytes as u64 {
+            return Err(too_large(api.max_body_bytes));
+        }
+    }
+    let _permit = tokio::time::timeout(api.timeout, api.bodies.acquire())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many bodies being read at once; retry",
+            )
+        })?
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
+    read_body(req.into_body(), api.max_body_bytes, api.timeout).await
+}
+
 /// A body larger than this is parsed and checked on a blocking thread (about 1,000 jobs of
 /// the newsletter's size; checking them takes about a millisecond in a release build).
 pub const BLOCKING_BODY_BYTES: usize = 256 * 1024;

@@ -1,5 +1,5 @@
 //! `paloma campaign list|pause|resume|cancel`: campaign control across every daemon
-//! ([`crate::control`]).
+//! ([`crate::control`]); `paloma campaign cost`: what a campaign cost, for its ROI.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -42,6 +42,17 @@ pub enum Cmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Set what a campaign cost in a currency (its ROI in that currency follows); an amount
+    /// of 0 removes it. Costs in other currencies are kept.
+    Cost {
+        #[arg(long, short)]
+        config: PathBuf,
+        campaign: String,
+        /// In major units: 1200 or 1200.50.
+        amount: String,
+        /// ISO 4217: EUR, USD, JPY.
+        currency: String,
+    },
 }
 
 pub async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
@@ -54,6 +65,19 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             campaign,
             yes,
         } => (config, CampaignAction::Cancel { campaign, yes }),
+        Cmd::Cost {
+            config,
+            campaign,
+            amount,
+            currency,
+        } => (
+            config,
+            CampaignAction::Cost {
+                campaign,
+                amount,
+                currency,
+            },
+        ),
     };
     campaign(&super::load(&config)?, action).await?;
     Ok(ExitCode::SUCCESS)
@@ -61,10 +85,20 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
 
 /// What `paloma campaign …` does.
 pub enum CampaignAction {
-    List { json: bool },
+    List {
+        json: bool,
+    },
     Pause(String),
     Resume(String),
-    Cancel { campaign: String, yes: bool },
+    Cancel {
+        campaign: String,
+        yes: bool,
+    },
+    Cost {
+        campaign: String,
+        amount: String,
+        currency: String,
+    },
 }
 
 pub async fn campaign(settings: &Settings, action: CampaignAction) -> anyhow::Result<()> {
@@ -128,6 +162,21 @@ pub async fn campaign(settings: &Settings, action: CampaignAction) -> anyhow::Re
                 .await?
                 .released;
             eprintln!("resumed {c}: {n} parked jobs go out now, paced by shaping as usual");
+        }
+        CampaignAction::Cost {
+            campaign: c,
+            amount,
+            currency,
+        } => {
+            check(&c)?;
+            let cur = crate::conversions::Currency::parse(&currency)?;
+            let minor = cur.parse_amount(&amount)?;
+            crate::conversions::figures::set_cost(&mut conn, &keys, &acks, &c, cur, minor).await?;
+            if minor == 0 {
+                eprintln!("{c}: no cost in {cur} any more");
+            } else {
+                eprintln!("{c} cost {} {cur}", cur.decimal(minor));
+            }
         }
         CampaignAction::Cancel { campaign: c, yes } => {
             check(&c)?;

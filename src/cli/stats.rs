@@ -165,10 +165,83 @@ pub fn print_stats(o: &Overview) {
             }
         }
     }
+    if o.campaigns
+        .iter()
+        .any(|c| c.conversions.count > 0 || !c.conversions.cost.is_empty())
+    {
+        print_conversions(o);
+    }
     println!(
         "\nsends stream: {} waiting ({} being processed); delayed set: {} (retries and send_at)",
         o.stream_waiting, o.stream_pending, o.scheduled
     );
+}
+
+/// Money by currency: `179.70 EUR, 1200 JPY`.
+fn amounts(m: &std::collections::BTreeMap<String, f64>) -> String {
+    let v: Vec<String> = m
+        .iter()
+        .map(|(cur, v)| match crate::conversions::Currency::parse(cur) {
+            Ok(c) => format!(
+                "{} {cur}",
+                c.decimal((v * 10f64.powi(c.exponent() as i32)).round() as i64)
+            ),
+            Err(_) => format!("{v} {cur}"),
+        })
+        .collect();
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// The conversions section: count, people, revenue, cost and ROI per campaign, then per
+/// link, variant and kind.
+fn print_conversions(o: &Overview) {
+    println!(
+        "\n{:<24} {:>11} {:>9}  revenue / cost / roi",
+        "conversions", "conversions", "people"
+    );
+    for c in &o.campaigns {
+        let f = &c.conversions;
+        if f.count == 0 && f.cost.is_empty() {
+            continue;
+        }
+        let roi: Vec<String> = f
+            .roi
+            .iter()
+            .map(|(cur, r)| format!("{:.1}% {cur}", r * 100.0))
+            .collect();
+        println!(
+            "{:<24} {:>11} {:>9}  {} / {} / {}",
+            c.campaign,
+            f.count,
+            f.people,
+            amounts(&f.revenue),
+            amounts(&f.cost),
+            if roi.is_empty() {
+                "-".into()
+            } else {
+                roi.join(", ")
+            }
+        );
+        for (what, slices) in [
+            ("link", &f.link),
+            ("variant", &f.variant),
+            ("kind", &f.kind),
+        ] {
+            for (name, s) in slices {
+                println!(
+                    "  {what} {:<19} {:>11} {:>9}  {}",
+                    name,
+                    s.count,
+                    s.people.map_or(String::new(), |p| p.to_string()),
+                    amounts(&s.revenue)
+                );
+            }
+        }
+    }
 }
 
 /// `paloma stats --touches`: the contact-pressure curve.

@@ -99,6 +99,9 @@ pub struct Settings {
     /// Retention of finished campaigns' keys (`[campaigns]`).
     #[serde(default)]
     pub campaigns: CampaignSettings,
+    /// Conversions posted by the shop: attribution window, limits (`[conversions]`).
+    #[serde(default)]
+    pub conversions: ConversionSettings,
     /// Late bounces and complaints: VERP return paths and the inbound SMTP listener.
     #[serde(default)]
     pub bounces: BounceSettings,

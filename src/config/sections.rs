@@ -596,6 +596,10 @@ pub struct TrackingSettings {
     /// the connection is ready for it): a body trickled a byte at a time holds no slot
     /// longer. At the cap a request still arriving is closed to make room, as an idle one.
     pub request_timeout: Dur,
+    /// Set: each tracked redirect appends `{click_param}=<click id>` to its target URL, a
+    /// sealed id of the click (its message, time, and whether a person or a machine made
+    /// it) that the shop posts back with a conversion (`POST /api/v1/conversions`).
+    pub click_param: Option<String>,
 }
 
 impl Default for TrackingSettings {
@@ -615,6 +619,31 @@ impl Default for TrackingSettings {
             max_connections: 1024,
             header_timeout: "10s".parse().expect("valid default"),
             request_timeout: "20s".parse().expect("valid default"),
+            click_param: None,
+        }
+    }
+}
+
+/// `[conversions]`: what `POST /api/v1/conversions` attributes, and how much it takes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConversionSettings {
+    /// A conversion is attributed to a person's click at most this long before it: by
+    /// click id, that click; by address, the person's last human click.
+    pub window: Dur,
+    /// Conversions in one request; more are refused whole (413).
+    pub max_items: usize,
+    /// How long a conversion's `id` is remembered: a retry of the same order within it is
+    /// answered as before and never counted twice.
+    pub id_retention: Dur,
+}
+
+impl Default for ConversionSettings {
+    fn default() -> Self {
+        Self {
+            window: "7d".parse().expect("valid default"),
+            max_items: 1000,
+            id_retention: "90d".parse().expect("valid default"),
         }
     }
 }

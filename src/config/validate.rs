@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use super::secrets::{weak_secret, MAKE_SECRET};
 use super::{
-    ApiSettings, BackoffRule, BounceSettings, CapRule, ConfigError, DeliveryMode, DeliverySettings,
-    EventSettings, ExperimentRule, GuardRule, IntakeSettings, ProviderSettings, RedisSettings,
-    Settings, TlsMode, TrackingSettings, WebhookSettings, WorkflowRule,
+    ApiSettings, BackoffRule, BounceSettings, CapRule, ConfigError, ConversionSettings,
+    DeliveryMode, DeliverySettings, EventSettings, ExperimentRule, GuardRule, IntakeSettings,
+    ProviderSettings, RedisSettings, Settings, TlsMode, TrackingSettings, WebhookSettings,
+    WorkflowRule,
 };
 use crate::values::{valid_variant_name, webhook_url, CampaignId, Networks, SendGridKey};
 
@@ -28,6 +29,7 @@ impl Settings {
         self.bounces.validate()?;
         self.intake.validate()?;
         self.tracking.validate()?;
+        self.conversions.validate()?;
         self.events.validate()?;
         self.redis.validate()?;
         self.delivery.validate()?;
@@ -252,6 +254,20 @@ impl TrackingSettings {
                 ),
             );
         }
+        if let Some(p) = &self.click_param {
+            // Appended to URLs as is: a name that needs no escaping anywhere.
+            if p.is_empty()
+                || p.len() > 32
+                || !p
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            {
+                return bad(
+                    "tracking.click_param",
+                    format!("tracking.click_param {p:?} must be 1-32 of A-Z a-z 0-9 - _ ."),
+                );
+            }
+        }
         for n in self.scanner_networks.iter().flatten() {
             if let Err(e) = Networks::parse_cidr(n) {
                 return bad(
@@ -259,6 +275,30 @@ impl TrackingSettings {
                     format!("tracking.scanner_networks: {e}"),
                 );
             }
+        }
+        Ok(())
+    }
+}
+
+impl ConversionSettings {
+    fn validate(&self) -> Checked {
+        if self.window.get().is_zero() || self.id_retention.get().is_zero() {
+            return bad(
+                "conversions.window",
+                "conversions.window and id_retention must be above zero",
+            );
+        }
+        if self.id_retention.get() < self.window.get() {
+            return bad(
+                "conversions.id_retention",
+                "conversions.id_retention must be at least conversions.window (an order retried within the window must be recognised)",
+            );
+        }
+        if !(1..=100_000).contains(&self.max_items) {
+            return bad(
+                "conversions.max_items",
+                "conversions.max_items must be 1 to 100000",
+            );
         }
         Ok(())
     }

@@ -24,10 +24,13 @@ pub enum EventKind {
     Returned,
     /// A feedback-loop (ARF) report; not terminal.
     Complained,
+    /// A conversion (an order, a sign-up) attributed to the job (`POST /api/v1/conversions`);
+    /// not terminal.
+    Converted,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 11] = [
+    pub const ALL: [EventKind; 12] = [
         EventKind::Delivered,
         EventKind::Bounced,
         EventKind::Failed,
@@ -39,6 +42,7 @@ impl EventKind {
         EventKind::Unsubscribed,
         EventKind::Returned,
         EventKind::Complained,
+        EventKind::Converted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +58,7 @@ impl EventKind {
             EventKind::Unsubscribed => "unsubscribed",
             EventKind::Returned => "returned",
             EventKind::Complained => "complained",
+            EventKind::Converted => "converted",
         }
     }
 
@@ -119,6 +124,15 @@ pub struct Event<'a> {
     pub feedback_type: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<&'a str>,
+    /// `converted`: the conversion's id (the shop's order), its kind, value and currency.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order: Option<&'a str>,
+    #[serde(rename = "kind", skip_serializing_if = "Option::is_none")]
+    pub conversion_kind: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub currency: Option<&'a str>,
 }
 
 /// RFC 3339 UTC with milliseconds: `2026-11-22T18:50:11.123Z`.

@@ -22,16 +22,25 @@ pub struct LinkOwner<'a> {
     /// A marketing job's touch bucket ("" when none): its opens and clicks are counted for
     /// it.
     pub touch: &'a str,
+    /// A transactional job: its tokens say so (a ninth field, `t`), so that the tracking
+    /// server never attributes a conversion to its clicks.
+    pub transactional: bool,
 }
 
 impl LinkOwner<'_> {
     /// Signs an open or click token for this message into `out`.
     fn sign(&self, signer: &Signer, out: &mut String, kind: Kind, url: &str, name: &str) {
         let base = [self.id, self.campaign, self.to, url, name, self.sent];
-        if self.variant.is_empty() && self.touch.is_empty() {
+        let [a, b, c, d, e, f] = base;
+        if self.transactional {
+            signer.sign_into(
+                out,
+                kind,
+                &[a, b, c, d, e, f, self.variant, self.touch, "t"],
+            );
+        } else if self.variant.is_empty() && self.touch.is_empty() {
             signer.sign_into(out, kind, &base);
         } else {
-            let [a, b, c, d, e, f] = base;
             signer.sign_into(out, kind, &[a, b, c, d, e, f, self.variant, self.touch]);
         }
     }
@@ -690,6 +699,7 @@ mod tests {
             sent: "1795000000",
             variant: "",
             touch: "",
+            transactional: false,
         }
     }
 

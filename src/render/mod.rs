@@ -353,6 +353,7 @@ impl Renderer {
                 sent: unix_now(&mut sent),
                 variant: job.variant.as_deref().unwrap_or(""),
                 touch: job.touch.map_or("", crate::policy::touches::bucket),
+                transactional: job.transactional,
             };
             let text = match text {
                 Some(t) => {

@@ -41,6 +41,9 @@
 //! | `rp:{token}` | string | the job a return-path token names (id, campaign, to) |
 //! | `rpseen:{token}:{kind}` | string | a report about that job already recorded |
 //! | `written:{recorder}:{n}` | string | the recorder's batch marker |
+//! | `conv:{order id}` | string | a posted conversion's answer (JSON), kept `conversions.id_retention`: a retry is answered with it, never counted again |
+//! | `convs:{campaign}` | hash | conversions attributed to the campaign: `count`, `people`, `rev:{CUR}` (minor units), the same per `link:{l}:`, `variant:{v}:`, `kind:{k}:`, `touch:{t}:`; and `cost:{CUR}` |
+//! | `uniq:p:{campaign}`, `uniq:p:{campaign}:{variant}` | HyperLogLog | people who converted |
 
 /// Key names, built once.
 #[derive(Debug, Clone)]
@@ -221,6 +224,24 @@ impl Keys {
     /// The once-only marker of one kind of report about one job.
     pub fn report_seen(&self, token_key: &str, what: &str) -> String {
         self.join(&["rpseen:", token_key, ":", what])
+    }
+
+    /// A posted conversion's remembered answer, by its order id.
+    pub fn order(&self, id: &str) -> String {
+        self.join(&["conv:", id])
+    }
+
+    /// A campaign's conversion figures and cost (see the table above).
+    pub fn conversions(&self, campaign: &str) -> String {
+        self.join(&["convs:", campaign])
+    }
+
+    /// The people who converted, of a campaign or of one of its variants.
+    pub fn converted_people(&self, campaign: &str, variant: Option<&str>) -> String {
+        match variant {
+            Some(v) => self.join(&["uniq:p:", campaign, ":", v]),
+            None => self.join(&["uniq:p:", campaign]),
+        }
     }
 
     /// The base of one recorder's batch markers.

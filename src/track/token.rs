@@ -53,6 +53,9 @@ pub struct Claims {
     pub variant: String,
     /// Of a marketing job: its touch bucket ("" otherwise).
     pub touch: String,
+    /// Open and click tokens of a transactional job (a ninth field `t`; absent in older
+    /// tokens and in marketing ones): its clicks never attribute a conversion.
+    pub transactional: bool,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -163,6 +166,7 @@ impl Signer {
         let sent = next().parse().ok();
         let variant = next();
         let touch = next();
+        let transactional = next() == "t";
         if id.is_empty() || (kind == Kind::Click && url.is_empty()) {
             return Err(TokenError::Malformed);
         }
@@ -176,6 +180,7 @@ impl Signer {
             sent,
             variant,
             touch,
+            transactional,
         })
     }
 }
@@ -235,6 +240,22 @@ mod tests {
         );
         let c = s.verify(&t).unwrap();
         assert_eq!((c.link.as_str(), c.sent), ("a?0", Some(1795000000)));
+        assert!(!c.transactional);
+        let t = s.sign(
+            Kind::Click,
+            &[
+                "j",
+                "c",
+                "a@b.co",
+                "https://x.example/",
+                "",
+                "1",
+                "",
+                "",
+                "t",
+            ],
+        );
+        assert!(s.verify(&t).unwrap().transactional);
     }
 
     #[test]

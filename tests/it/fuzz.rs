@@ -157,7 +157,7 @@ proptest! {
         ],
     ) {
         let s = signer();
-        let who = LinkOwner { id: "j1", campaign: "c", to: "a@b.test", sent: "1700000000", variant: "", touch: "" };
+        let who = LinkOwner { id: "j1", campaign: "c", to: "a@b.test", sent: "1700000000", variant: "", touch: "", transactional: false };
         let base = "https://t.example";
         let mut out = String::new();
         rewrite(&html, base, &s, &who, &mut out);

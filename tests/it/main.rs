@@ -23,6 +23,7 @@ mod campaign_scale;
 mod cli_ops;
 mod clock_skew;
 mod cluster;
+mod conversions;
 mod crash_kill;
 mod crash_recovery;
 mod dead_letters;

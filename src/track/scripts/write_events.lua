@@ -3,9 +3,11 @@
 --       unique opens or clicks (by kind), its links, the link's unique clicks, the
 --       recipient's hash, the campaign's per-variant counters, its per-touch counters, its
 --       people's opens and clicks per hour.
--- ARGV: [1] now (unix s), [2] events max length, then per event 8 values: address, event
+-- ARGV: [1] now (unix s), [2] events max length, then per event 9 values: address, event
 --       JSON, kind (o|c), job id, link ("" if none), '1' when a machine made the request,
---       the job's experiment variant ("" if none), its touch bucket ("" if none).
+--       the job's experiment variant ("" if none), its touch bucket ("" if none), and for a
+--       person's click on a marketing message the recipient's new `last_human_click`
+--       (track::clickid::LastClick, what conversions by address attribute to; "" if none).
 -- Answers a code per event: 0 not recorded (opted out), 1 recorded, 2 recorded and the first
 -- by a person for that send, -1 not recorded because one of its keys holds another type
 -- (another tool wrote there): that event goes to the dead letters with the reason, and the
@@ -34,9 +36,10 @@ if bad then return redis.error_reply('WRONGTYPE ' .. bad) end
 
 local codes = {}
 local k = 4
-for i = 3, #ARGV, 8 do
-  local addr, ev, kind, id, link, machine, variant, touch =
-    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+for i = 3, #ARGV, 9 do
+  local addr, ev, kind, id, link, machine, variant, touch, last_click =
+    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7],
+    ARGV[i + 8]
   local stats, uniq, links, uniq_link, recipient, variants, touches, timeline =
     KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5], KEYS[k + 6], KEYS[k + 7]
   k = k + 8
@@ -77,6 +80,9 @@ for i = 3, #ARGV, 8 do
         end
       end
       redis.call('HSET', recipient, (kind == 'o') and 'last_open' or 'last_click', ARGV[1])
+      if last_click ~= '' then
+        redis.call('HSET', recipient, 'last_human_click', last_click)
+      end
     end
   end
   table.insert(codes, code)

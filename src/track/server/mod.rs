@@ -15,6 +15,12 @@
 //! page, because link scanners follow every link in a message; the unsubscribe itself is
 //! the `POST` (the page's button, or an RFC 8058 one-click POST from the mailbox provider).
 //!
+//! With `[tracking] click_param` set, each redirect appends `{click_param}=<click id>` to its
+//! target (see [`crate::track::clickid`]): the click's message and the tracker's verdict
+//! (person or machine), sealed, for the shop to hand back with a conversion. A person's
+//! click of a marketing message is also kept as the recipient's last (`last_human_click`
+//! in `r:{address}`), what a conversion posted by address is attributed to.
+//!
 //! Files: this one (state, routes, pixel and redirect), [`writer`] (the events' batch
 //! writer), [`repeats`] (the memory of recent hits), [`unsubscribe`] (the opt-out and its
 //! page). The providers' webhooks served on the same listener are `crate::bounces::webhooks`.
@@ -46,6 +52,7 @@ use crate::queue::events::{Event, EventKind};
 use crate::queue::Keys;
 use crate::store::replication::Acks;
 use crate::store::RedisConn;
+use crate::track::clickid::{append_param, Click, ClickIds, LastClick};
 
 /// What the tracking server needs from the daemon.
 pub struct TrackState {
@@ -62,6 +69,9 @@ pub struct TrackState {
     pub webhooks: Option<Router>,
     /// What an unsubscribe waits for before its success (`redis.ack_replicas`).
     pub acks: Arc<Acks>,
+    /// `[tracking] click_param`: the query parameter a redirect adds its click id as.
+    pub click_param: Option<String>,
+    pub click_ids: Arc<ClickIds>,
 }
 
 /// Tracking events waiting for the writer; beyond this, new ones are dropped.
@@ -87,6 +97,8 @@ pub(super) struct Inner {
     detector: Detector,
     repeats: Repeats,
     acks: Arc<Acks>,
+    click_param: Option<String>,
+    click_ids: Arc<ClickIds>,
 }
 
 pub(super) type Tracker = Arc<Inner>;
@@ -119,6 +131,8 @@ pub fn serve(
             detector: state.detector,
             repeats: Repeats::new(state.repeat_window),
             acks: state.acks,
+            click_param: state.click_param,
+            click_ids: state.click_ids,
         }),
         state.webhooks,
     );
@@ -169,7 +183,22 @@ impl Inner {
     /// [`QUEUE_WAIT`], rather than lose the event: under overload responses slow down first;
     /// only past that is an event dropped (and counted).
     async fn record(&self, c: &Claims, kind: &'static str, machine: bool, event: String) {
+        // What attribution by address needs of a person's click on a marketing message.
+        let last_click = if kind == "c" && !machine && !c.transactional {
+            LastClick {
+                at: unix_now(),
+                job: c.id.clone(),
+                campaign: c.campaign.clone(),
+                link: c.link.clone(),
+                variant: c.variant.clone(),
+                touch: c.touch.clone(),
+            }
+            .encode()
+        } else {
+            String::new()
+        };
         let p = Pending {
+            last_click,
             to: crate::values::address_key(&c.to),
             event,
             kind,
@@ -221,6 +250,23 @@ impl Inner {
             }
             None => false,
         }
+    }
+
+    /// The redirect target with the click's id (`[tracking] click_param`), when configured.
+    fn with_click_id(&self, c: &Claims, machine: bool) -> Option<HeaderValue> {
+        let param = self.click_param.as_deref()?;
+        let id = self.click_ids.seal(&Click {
+            job: c.id.clone(),
+            campaign: c.campaign.clone(),
+            to: c.to.clone(),
+            link: c.link.clone(),
+            variant: c.variant.clone(),
+            touch: c.touch.clone(),
+            transactional: c.transactional,
+            machine,
+            at: unix_now(),
+        });
+        location(&append_param(&c.url, param, &id))
     }
 
     /// The claims of a token of `kind`, or None for anything else.
@@ -300,12 +346,15 @@ async fn click(
     };
     if method == Method::HEAD {
         app.count("click", "head");
+        // Nobody reading the mail sends HEAD: a machine's, if it is ever handed back.
+        redirect(app.with_click_id(&c, true).unwrap_or(location))
     } else {
         let mut h = DefaultHasher::new();
         c.url.hash(&mut h);
         let machine = app.is_machine(&c, peer, &headers, Some(h.finish()));
         // Machine and human hits are told apart: a scanner's prefetch must not hide the
         // person's click that follows.
+        let location = app.with_click_id(&c, machine).unwrap_or(location);
         if app
             .repeats
             .seen(if machine { "cm" } else { "c" }, &c.id, &c.url)
@@ -320,8 +369,12 @@ async fn click(
         ev.machine = Some(machine);
         ev.variant = (!c.variant.is_empty()).then_some(c.variant.as_str());
         app.record(&c, "c", machine, ev.to_json()).await;
+        redirect(location)
     }
-    redirect(location)
+}
+
+fn unix_now() -> i64 {
+    crate::queue::now_ms() / 1000
 }
 
 fn redirect(location: HeaderValue) -> Response {

@@ -18,7 +18,7 @@ const EVENT_BATCH: usize = 256;
 /// machines), `unique_opened`/`unique_clicked` (one per send, counted with a HyperLogLog per
 /// campaign so millions of sends cost kilobytes), `*_machine` for scanner hits; per link
 /// totals and uniques in `links:{campaign}`; and the recipient's `last_open`/`last_click`
-/// in `r:{address}`.
+/// in `r:{address}`, with `last_human_click` (what conversions by address attribute to).
 /// Keys and arguments: see the script. Returns a code per event: 0 not recorded (opted
 /// out), 1 recorded, 2 recorded and the first by a person for that send.
 const WRITE_EVENTS: &str = include_str!("../scripts/write_events.lua");
@@ -29,6 +29,9 @@ const WRITE_EVENTS: &str = include_str!("../scripts/write_events.lua");
 const REFUSALS: u32 = 5;
 
 pub(super) struct Pending {
+    /// A person's click on a marketing message: the recipient's new `last_human_click`
+    /// ([`crate::track::clickid::LastClick`]); "" otherwise.
+    pub(super) last_click: String,
     pub(super) to: String,
     pub(super) event: String,
     /// `o` or `c`.
@@ -73,7 +76,8 @@ pub(super) async fn write_events(
                 .arg(&p.link)
                 .arg(if p.machine { "1" } else { "0" })
                 .arg(&p.variant)
-                .arg(&p.touch);
+                .arg(&p.touch)
+                .arg(&p.last_click);
         }
         let mut backoff = crate::retry::Backoff::writes();
         let mut refusals = 0;
