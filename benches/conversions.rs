@@ -72,7 +72,7 @@ fn main() {
     let unique = n - n / 10;
     let item = |i: usize| {
         let person = i % people;
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             let c = Click {
                 job: format!("job-{person}"),
                 campaign: "bench".into(),
@@ -149,6 +149,9 @@ fn main() {
         .query(&mut conn)
         .unwrap();
     assert_eq!((count, cents), (unique as i64, unique as i64 * 1999));
-    println!("  counted exactly: {count} orders, {:.2} EUR", cents as f64 / 100.0);
+    println!(
+        "  counted exactly: {count} orders, {:.2} EUR",
+        cents as f64 / 100.0
+    );
     drop(daemon);
 }
