@@ -149,6 +149,9 @@ fn main() {
         .query(&mut conn)
         .unwrap();
     assert_eq!((count, cents), (unique as i64, unique as i64 * 1999));
-    println!("  counted exactly: {count} orders, {:.2} EUR", cents as f64 / 100.0);
+    println!(
+        "  counted exactly: {count} orders, {:.2} EUR",
+        cents as f64 / 100.0
+    );
     drop(daemon);
 }
