@@ -81,8 +81,10 @@ pub async fn post_conversions(
         ));
     }
     let now = crate::queue::now_ms();
-    let checked: Vec<Result<conversions::Posted, conversions::Refused>> =
-        texts.iter().map(|t| conversions::check(t, now)).collect();
+    let checked: Vec<Result<conversions::Posted, conversions::Refused>> = texts
+        .iter()
+        .map(|t| conversions::check(t, now, conv.retention as i64 * 1000))
+        .collect();
     let valid: Vec<conversions::Posted> = checked.iter().filter_map(|c| c.clone().ok()).collect();
     let mut results: Vec<Value> = Vec::with_capacity(checked.len());
     let mut refused = checked.iter().filter(|c| c.is_err()).count();

@@ -634,7 +634,8 @@ pub struct ConversionSettings {
     /// Conversions in one request; more are refused whole (413).
     pub max_items: usize,
     /// How long a conversion's `id` is remembered: a retry of the same order within it is
-    /// answered as before and never counted twice.
+    /// answered as before and never counted twice; a conversion whose `at` is older is
+    /// refused (its retry could no longer be recognised).
     pub id_retention: Dur,
 }
 
@@ -643,7 +644,7 @@ impl Default for ConversionSettings {
         Self {
             window: "7d".parse().expect("valid default"),
             max_items: 1000,
-            id_retention: "90d".parse().expect("valid default"),
+            id_retention: "30d".parse().expect("valid default"),
         }
     }
 }

@@ -114,8 +114,10 @@ pub fn split(body: &[u8]) -> Result<Vec<&str>, String> {
     Err("send a JSON object (a conversion) or an array of them".into())
 }
 
-/// Checks one conversion's text at `now` (Unix ms).
-pub fn check(text: &str, now: i64) -> Result<Posted, Refused> {
+/// Checks one conversion's text at `now` (Unix ms); `retention` is
+/// `conversions.id_retention` in ms (an older `at` is refused: a retry of it could no longer
+/// be told from a new order).
+pub fn check(text: &str, now: i64, retention: i64) -> Result<Posted, Refused> {
     let raw: Raw = serde_json::from_str(text).map_err(|e| Refused {
         id: serde_json::from_str::<serde_json::Value>(text)
             .ok()
@@ -195,6 +197,11 @@ pub fn check(text: &str, now: i64) -> Result<Posted, Refused> {
                     MAX_FUTURE_MS / 60_000
                 )));
             }
+            if t < now - retention {
+                return Err(refuse(format!(
+                    "`at` {a} is older than conversions.id_retention: a retry of it could no longer be recognised"
+                )));
+            }
             t
         }
     };
@@ -213,6 +220,11 @@ mod tests {
     use super::*;
 
     const NOW: i64 = 1_795_000_000_000;
+    const KEEP: i64 = 30 * 86_400_000;
+
+    fn check(text: &str, now: i64) -> Result<Posted, Refused> {
+        super::check(text, now, KEEP)
+    }
 
     #[test]
     fn bodies_are_one_conversion_or_an_array() {
