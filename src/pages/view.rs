@@ -1,6 +1,7 @@
 //! The report's HTML. Every value from Redis or the config is escaped; the only markup not
 //! written here is the charts' SVG (plotters), inlined.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use super::{charts, Report};
@@ -157,6 +158,7 @@ fn funnel(s: &CampaignStats) -> String {
         ("delivered", s.delivered, Some(s.accepted)),
         ("opened", s.unique_opened, Some(s.delivered)),
         ("clicked", s.unique_clicked, Some(s.delivered)),
+        ("converted", s.conversions.people, Some(s.delivered)),
     ] {
         let width = (n as f64 * 100.0 / top as f64).clamp(0.0, 100.0);
         let share = of.map(|o| format!(" ({})", pct(n, o))).unwrap_or_default();
@@ -178,12 +180,70 @@ fn funnel(s: &CampaignStats) -> String {
     ] {
         let _ = write!(f, "<div>{label} <b>{n}</b></div>");
     }
+    for (cur, v) in &s.conversions.revenue {
+        let _ = write!(
+            f,
+            "<div data-revenue=\"{0}\">revenue <b>{1}</b></div>",
+            esc(cur),
+            money(cur, *v)
+        );
+    }
     let _ = write!(
         f,
-        "</div><p class=\"muted\">Opened and clicked: people, once per message (machine hits — scanners, image proxies — apart: {} opens, {} clicks).</p></div>",
+        "</div><p class=\"muted\">Opened, clicked and converted: people, once per message (machine hits — scanners, image proxies — apart: {} opens, {} clicks; they never convert).</p></div>",
         s.opened_machine, s.clicked_machine
     );
     f
+}
+
+/// An amount in its currency's major units (`299.50 EUR`).
+fn money(currency: &str, v: f64) -> String {
+    let digits = crate::conversions::Currency::parse(currency).map_or(2, |c| c.exponent()) as usize;
+    format!("{v:.digits$} {}", esc(currency))
+}
+
+/// Revenue by currency, as one cell's text.
+fn revenue(r: &BTreeMap<String, f64>) -> String {
+    if r.is_empty() {
+        return "–".into();
+    }
+    r.iter()
+        .map(|(c, v)| money(c, *v))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Conversions and ROI per currency: what the campaign earned against what it cost.
+fn roi(s: &CampaignStats) -> String {
+    let c = &s.conversions;
+    let mut t = String::from("<h2>Conversions and ROI</h2><div class=\"card scroll\" id=\"roi\">");
+    if c.count == 0 && c.cost.is_empty() {
+        t.push_str("<p class=\"muted\">No conversion reported yet (the shop posts them to POST /api/v1/conversions).</p></div>");
+        return t;
+    }
+    let _ = write!(
+        t,
+        "<p><b>{}</b> conversions by <b>{}</b> people.</p><table><thead><tr><th>currency</th><th>revenue</th><th>cost</th><th>ROI</th></tr></thead><tbody>",
+        c.count, c.people
+    );
+    let currencies: std::collections::BTreeSet<&String> =
+        c.revenue.keys().chain(c.cost.keys()).collect();
+    for cur in currencies {
+        let rev = c.revenue.get(cur).copied().unwrap_or(0.0);
+        let cost = c.cost.get(cur).map_or("–".to_string(), |v| money(cur, *v));
+        let roi = c
+            .roi
+            .get(cur)
+            .map_or("–".to_string(), |r| format!("{:.1}%", r * 100.0));
+        let _ = write!(
+            t,
+            "<tr data-currency=\"{0}\"><td>{0}</td><td>{1}</td><td>{cost}</td><td class=\"roi\">{roi}</td></tr>",
+            esc(cur),
+            money(cur, rev)
+        );
+    }
+    t.push_str("</tbody></table><p class=\"muted\">ROI = (revenue − cost) / cost, in each currency a cost is set in (PUT /api/v1/campaigns/{c}/cost).</p></div>");
+    t
 }
 
 fn svg(chart: Result<String, charts::ChartError>, w: u32, h: u32) -> String {
@@ -270,18 +330,23 @@ pub fn campaign(r: &Report) -> String {
     b.push_str(&svg(charts::timeline(&r.timeline), 720, 300));
     b.push_str("</div>");
 
-    b.push_str("<h2>Links</h2><div class=\"card scroll\"><table id=\"links\"><thead><tr><th>link</th><th>clicks</th><th>people</th></tr></thead><tbody>");
+    b.push_str(&roi(s));
+
+    b.push_str("<h2>Links</h2><div class=\"card scroll\"><table id=\"links\"><thead><tr><th>link</th><th>clicks</th><th>people</th><th>conversions</th><th>revenue</th></tr></thead><tbody>");
     let mut links = s.links.clone();
     links.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     for (l, total, unique) in &links {
+        let conv = s.conversions.link.get(l);
         let _ = write!(
             b,
-            "<tr><td>{}</td><td>{total}</td><td>{unique}</td></tr>",
-            esc(l)
+            "<tr data-link=\"{0}\"><td>{0}</td><td>{total}</td><td>{unique}</td><td>{1}</td><td class=\"revenue\">{2}</td></tr>",
+            esc(l),
+            conv.map_or(0, |c| c.count),
+            conv.map_or("–".to_string(), |c| revenue(&c.revenue))
         );
     }
     if links.is_empty() {
-        b.push_str("<tr><td colspan=\"3\">No named link clicked yet.</td></tr>");
+        b.push_str("<tr><td colspan=\"5\">No named link clicked yet.</td></tr>");
     }
     b.push_str("</tbody></table></div>");
 
@@ -321,17 +386,28 @@ pub fn campaign(r: &Report) -> String {
         })
         .collect();
     b.push_str(&svg(charts::touches(&points), 720, 300));
-    b.push_str("<div class=\"scroll\"><table><thead><tr><th>Nth message of the year</th><th>recipients</th><th>opened</th><th>clicked</th><th>unsubscribed</th><th>complained</th></tr></thead><tbody>");
+    b.push_str("<div class=\"scroll\"><table><thead><tr><th>Nth message of the year</th><th>recipients</th><th>opened</th><th>clicked</th><th>unsubscribed</th><th>complained</th><th>converted</th><th>revenue per delivered</th></tr></thead><tbody>");
     for t in &r.touches {
+        let conv = s.conversions.touch.get(&t.bucket);
+        let per_delivered: BTreeMap<String, f64> = conv
+            .map(|c| {
+                c.revenue
+                    .iter()
+                    .map(|(cur, v)| (cur.clone(), v / t.recipients.max(1) as f64))
+                    .collect()
+            })
+            .unwrap_or_default();
         let _ = write!(
             b,
-            "<tr><td>{}</td><td>{}</td><td>{:.1}%</td><td>{:.1}%</td><td>{:.2}%</td><td>{:.3}%</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{:.1}%</td><td>{:.1}%</td><td>{:.2}%</td><td>{:.3}%</td><td>{}</td><td>{}</td></tr>",
             esc(&t.bucket),
             t.recipients,
             t.open_rate * 100.0,
             t.click_rate * 100.0,
             t.unsubscribe_rate * 100.0,
-            t.complaint_rate * 100.0
+            t.complaint_rate * 100.0,
+            conv.map_or(0, |c| c.people.unwrap_or(c.count)),
+            revenue(&per_delivered)
         );
     }
     b.push_str("</tbody></table></div></div>");

@@ -12,7 +12,7 @@ use crate::common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::track::{captured, request, MAIL_UA};
+use common::track::{api_call, captured, request, MAIL_UA};
 use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 
@@ -156,6 +156,29 @@ fallback = "a"
         },
     );
 
+    // The shop reports five orders of people who clicked (by address) and one of someone
+    // who never did; the campaign cost 100 EUR.
+    let orders: Vec<serde_json::Value> = (0..5)
+        .map(|i| serde_json::json!({"id": format!("o-{i}"), "to": format!("p{i}@{}", domains[i % 3]), "value": 59.90, "currency": "EUR"}))
+        .chain(std::iter::once(serde_json::json!({"id": "o-x", "to": "p30@north.test", "value": 10, "currency": "EUR"})))
+        .collect();
+    let posted = api_call(
+        api,
+        "POST",
+        "/api/v1/conversions",
+        Some(TOKEN),
+        serde_json::Value::Array(orders).to_string().as_bytes(),
+    );
+    assert_eq!(posted.status, 200, "{}", posted.raw);
+    let cost = api_call(
+        api,
+        "PUT",
+        "/api/v1/campaigns/spring/cost",
+        Some(TOKEN),
+        br#"{"amount": 100, "currency": "EUR"}"#,
+    );
+    assert_eq!(cost.status, 200, "{}", cost.raw);
+
     // Over plain HTTP first.
     let r = request(api, "GET", "/campaigns/spring", &[], b"");
     assert_eq!(r.status, 303);
@@ -287,6 +310,16 @@ fallback = "a"
             "{}",
             step("clicked").await
         );
+        assert!(
+            step("converted").await.starts_with("5 (8.3%)"),
+            "{}",
+            step("converted").await
+        );
+        let roi = text_of(&c, "#roi").await;
+        assert!(
+            roi.contains("299.50 EUR") && roi.contains("100.00 EUR") && roi.contains("199.5%"),
+            "{roi}"
+        );
         let timeline = c.find(Locator::Css("#timeline svg")).await.unwrap();
         assert!(timeline.html(false).await.unwrap().contains("opens"));
         let links = text_of(&c, "#links").await;
@@ -297,6 +330,7 @@ fallback = "a"
                 .any(|l| l.split_whitespace().any(|w| w == "12")),
             "{links}"
         );
+        assert!(links.contains("299.50 EUR"), "revenue per link: {links}");
         let variants = text_of(&c, "#variants").await;
         assert!(variants.contains("b ★ winner"), "{variants}");
         let decision = text_of(&c, "#decision").await;
