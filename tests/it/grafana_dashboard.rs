@@ -139,6 +139,20 @@ send = {{ template = "followup", campaign = "dash-follow" }}
         b"",
     );
     assert_eq!(a.status, 200);
+    // The person who clicked buys; someone who never clicked too (unattributed).
+    let c = request(
+        api,
+        "POST",
+        "/api/v1/conversions",
+        &[
+            ("Authorization", &format!("Bearer {TOKEN}")),
+            ("Content-Type", "application/json"),
+        ],
+        br#"[{"id": "dash-order", "to": "p0@dash.test", "value": 25, "currency": "EUR"},
+             {"id": "dash-order-2", "to": "nobody@dash.test", "value": 5, "currency": "EUR"}]"#,
+    );
+    assert_eq!(c.status, 200, "{}", c.text());
+    assert!(c.text().contains("\"campaign\":\"dash\""), "{}", c.text());
 
     let exported = metrics_text(metrics);
     let missing: Vec<&String> = names
