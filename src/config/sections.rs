@@ -671,6 +671,8 @@ pub struct WorkflowRule {
     pub delay: Option<Dur>,
     #[serde(default)]
     pub machine: bool,
+    /// `on = "converted"` only: fire for conversions of this kind (`purchase`, `signup`…).
+    pub kind: Option<String>,
     pub send: Option<WorkflowSend>,
     pub webhook: Option<String>,
 }

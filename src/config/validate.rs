@@ -450,7 +450,7 @@ fn caps(rules: &[CapRule]) -> Checked {
 }
 
 /// The events a workflow rule can start on.
-const ON: [&str; 10] = [
+const ON: [&str; 11] = [
     "delivered",
     "opened",
     "clicked",
@@ -461,6 +461,7 @@ const ON: [&str; 10] = [
     "campaign_paused",
     "not_opened",
     "not_clicked",
+    "converted",
 ];
 
 fn workflows(rules: &[WorkflowRule]) -> Checked {
@@ -512,6 +513,19 @@ fn workflow(w: &WorkflowRule, earlier: &[WorkflowRule]) -> Result<(), String> {
             "link applies to clicked and not_clicked, not {}",
             w.on
         ));
+    }
+    if let Some(k) = &w.kind {
+        if w.on != "converted" {
+            return Err(format!("kind applies to converted, not {}", w.on));
+        }
+        if k.is_empty()
+            || k.len() > 32
+            || !k
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
+            return Err(format!("kind {k:?} must be 1-32 of a-z 0-9 _ -"));
+        }
     }
     if w.within.is_some() && !w.on.starts_with("not_") {
         return Err(format!(

@@ -30,6 +30,8 @@ pub enum Trigger {
     CampaignPaused,
     NotOpened,
     NotClicked,
+    /// A conversion attributed to the job (`POST /api/v1/conversions`), of `kind` if set.
+    Converted,
 }
 
 impl Trigger {
@@ -45,6 +47,7 @@ impl Trigger {
             "campaign_paused" => Trigger::CampaignPaused,
             "not_opened" => Trigger::NotOpened,
             "not_clicked" => Trigger::NotClicked,
+            "converted" => Trigger::Converted,
             _ => return None,
         })
     }
@@ -61,6 +64,7 @@ impl Trigger {
             Trigger::CampaignPaused => "campaign_paused",
             Trigger::NotOpened => "not_opened",
             Trigger::NotClicked => "not_clicked",
+            Trigger::Converted => "converted",
         }
     }
 
@@ -88,6 +92,8 @@ pub struct Rule {
     pub within: Duration,
     pub delay: Duration,
     pub machine: bool,
+    /// `converted` rules: only conversions of this kind.
+    pub kind: Option<String>,
     pub action: Action,
 }
 
@@ -127,6 +133,7 @@ impl Rule {
             within: w.within.map(|d| d.get()).unwrap_or_default(),
             delay: w.delay.map(|d| d.get()).unwrap_or_default(),
             machine: w.machine,
+            kind: w.kind.clone(),
             action,
         })
     }
@@ -167,6 +174,9 @@ impl Rule {
             && self.concerns(ev)
             && self.counts(ev)
             && (self.trigger != Trigger::Clicked || self.link_matches(ev))
+            && (self.trigger != Trigger::Converted
+                || self.kind.is_none()
+                || self.kind.as_deref() == ev.conversion_kind)
             && !self.made(ev.id)
     }
 
@@ -182,6 +192,8 @@ impl Rule {
         }
         match ev.kind {
             "unsubscribed" | "bounced" | "returned" | "complained" => true,
+            // A purchase ends the wait for an open or a click: the person bought.
+            "converted" => ev.conversion_kind == Some("purchase"),
             "opened" => self.trigger == Trigger::NotOpened && self.counts(ev),
             "clicked" => {
                 self.counts(ev) && (self.trigger == Trigger::NotOpened || self.link_matches(ev))
@@ -201,6 +213,8 @@ pub struct EventView<'a> {
     pub at_ms: Option<i64>,
     pub link: Option<&'a str>,
     pub machine: bool,
+    /// `converted` events: the conversion's kind.
+    pub conversion_kind: Option<&'a str>,
 }
 
 impl<'a> EventView<'a> {
@@ -225,6 +239,7 @@ impl<'a> EventView<'a> {
                 .map(|t| t.timestamp_millis()),
             link: s("link"),
             machine: ev.get("machine").and_then(|v| v.as_bool()).unwrap_or(false),
+            conversion_kind: if kind == "converted" { s("kind") } else { None },
         })
     }
 }

@@ -467,3 +467,73 @@ webhook = "http://127.0.0.1:9/h"
     let mut out = Plan::default();
     assert!(!r.plan(&bad, 0, &mut out), "malformed without id and to");
 }
+
+#[test]
+fn converted_rules_filter_by_kind_and_a_purchase_ends_the_campaigns_timers() {
+    let r = rules(
+        r#"
+[[workflows]]
+name = "crm"
+campaign = "spring"
+on = "converted"
+kind = "purchase"
+webhook = "http://127.0.0.1:9/h"
+[[workflows]]
+name = "any-conversion"
+on = "converted"
+webhook = "http://127.0.0.1:9/h"
+[[workflows]]
+name = "noclick"
+campaign = "spring"
+on = "not_clicked"
+link = "pricing"
+within = "1h"
+webhook = "http://127.0.0.1:9/h"
+"#,
+    );
+    let conv = |kind: &str, campaign: &str| {
+        event(
+            "converted",
+            "a",
+            campaign,
+            json!({"order": "o-1", "kind": kind, "value": 59.9, "currency": "EUR", "link": "home"}),
+        )
+    };
+    let fired = |e: &Map<String, Value>| -> Vec<String> {
+        plan(&r, e)
+            .firings
+            .iter()
+            .map(|f| r.0[f.rule].name.clone())
+            .collect()
+    };
+    assert_eq!(
+        fired(&conv("purchase", "spring")),
+        ["crm", "any-conversion"]
+    );
+    assert_eq!(fired(&conv("signup", "spring")), ["any-conversion"]);
+    assert_eq!(fired(&conv("purchase", "autumn")), ["any-conversion"]);
+    let p = plan(&r, &conv("purchase", "spring"));
+    assert_eq!(p.firings[0].body["order"], "o-1");
+    // A purchase ends the wait for a click on "pricing"; a sign-up does not.
+    let cancels = |e: &Map<String, Value>| {
+        plan(&r, e)
+            .timers
+            .iter()
+            .filter(|op| matches!(op, TimerOp::Cancel { rule: 2, .. }))
+            .count()
+    };
+    assert_eq!(cancels(&conv("purchase", "spring")), 1);
+    assert_eq!(cancels(&conv("signup", "spring")), 0);
+    assert_eq!(cancels(&conv("purchase", "autumn")), 0);
+    // kind belongs to converted rules only.
+    let bad = Settings::from_toml(
+        &format!(
+            "{BASE}\n[[workflows]]\nname = \"x\"\non = \"clicked\"\nkind = \"purchase\"\nwebhook = \"http://127.0.0.1:9/h\"\n"
+        ),
+        Vec::new(),
+    );
+    assert!(bad
+        .unwrap_err()
+        .to_string()
+        .contains("kind applies to converted"));
+}

@@ -3,7 +3,8 @@
 //! by click id and by address, with retries of the same order, a forged click id, the
 //! scanner's click id, a transactional message's click id and an address that never
 //! clicked. Revenue, counts and ROI come out exactly, each order is counted once, and one
-//! `converted` event is written per attributed order.
+//! `converted` event is written per attributed order; a workflow's `converted` webhook
+//! (purchases only) reaches the CRM once per order.
 
 use crate::common;
 
@@ -53,7 +54,8 @@ fn converted(conn: &mut redis::Connection, prefix: &str) -> Vec<Value> {
 fn conversions_are_attributed_once_each_with_exact_revenue_and_roi() {
     let redis = Redis::start();
     let sink = Sink::start(&[]);
-    let (api, mport) = (free_port(), free_port());
+    let (api, mport, crm) = (free_port(), free_port(), free_port());
+    let crm_got = crate::webhooks::receiver(crm, 0);
     let (setup, port, base) = tracking_setup(
         &redis.url(),
         sink.port,
@@ -61,7 +63,11 @@ fn conversions_are_attributed_once_each_with_exact_revenue_and_roi() {
         &format!(
             "[api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{TOKEN}\"\n\
              [metrics]\nlisten = \"127.0.0.1:{mport}\"\n\
-             [conversions]\nwindow = \"7d\"\nmax_items = 20\n"
+             [conversions]\nwindow = \"7d\"\nmax_items = 20\n\
+             [webhooks]\nsecret = \"{}\"\n\
+             [[workflows]]\nname = \"crm\"\non = \"converted\"\nkind = \"purchase\"\n\
+             webhook = \"http://127.0.0.1:{crm}/orders\"\n",
+            crate::webhooks::HOOK_SECRET
         ),
     );
     let p = setup.prefix.clone();
@@ -325,6 +331,29 @@ fn conversions_are_attributed_once_each_with_exact_revenue_and_roi() {
         "{m}"
     );
     assert!(m.contains("paloma_conversions_unattributed_total{reason=\"machine_click\"} 1"));
+
+    // The CRM hears of each purchase once (not of the support request), retries included.
+    wait_until("the purchases' webhooks", Duration::from_secs(20), || {
+        crm_got.lock().unwrap().len() >= 3
+    });
+    wait_until(
+        "the workflow engine caught up",
+        Duration::from_secs(20),
+        || rules_done(&mut conn, &p),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let hooks: Vec<Value> = crm_got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, body)| serde_json::from_str(body).unwrap())
+        .collect();
+    let mut orders: Vec<&str> = hooks.iter().map(|h| h["order"].as_str().unwrap()).collect();
+    orders.sort_unstable();
+    assert_eq!(orders, ["o-1", "o-2", "o-8"], "{hooks:#?}");
+    assert!(hooks
+        .iter()
+        .all(|h| h["type"] == "converted" && h["workflow"] == "crm" && h["kind"] == "purchase"));
 
     // Refusals of a whole request.
     let many: Vec<Value> = (0..21)

@@ -17,14 +17,14 @@ use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-const HOOK_SECRET: &str = "hook-secret-0123456789abcdef";
+pub(crate) const HOOK_SECRET: &str = "hook-secret-0123456789abcdef";
 
 /// What a webhook receiver got: headers (lower-case names) and body.
-type Got = Arc<Mutex<Vec<(HashMap<String, String>, String)>>>;
+pub(crate) type Got = Arc<Mutex<Vec<(HashMap<String, String>, String)>>>;
 
 /// An HTTP receiver on `port` that answers `fail_first` requests with 503, then 200, and
 /// keeps every request it read.
-fn receiver(port: u16, fail_first: usize) -> Got {
+pub(crate) fn receiver(port: u16, fail_first: usize) -> Got {
     let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
     let got: Got = Arc::default();
     let out = got.clone();
