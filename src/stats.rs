@@ -392,6 +392,14 @@ pub struct TouchRow {
     pub click_rate: f64,
     pub unsubscribe_rate: f64,
     pub complaint_rate: f64,
+    /// Conversions attributed to these sends (`POST /api/v1/conversions`), each order once.
+    pub conversions: i64,
+    /// People who converted (once per campaign each).
+    pub converted: i64,
+    /// Their revenue by currency, in major units…
+    pub revenue: BTreeMap<String, f64>,
+    /// …and per delivered message: what one more message at this level earned.
+    pub revenue_per_delivered: BTreeMap<String, f64>,
 }
 
 /// The contact-pressure curve of `campaign`, or of every campaign summed.
@@ -410,19 +418,50 @@ pub async fn touches(
         }
     };
     let mut sum: BTreeMap<String, i64> = BTreeMap::new();
+    // Conversions per touch level (`touch:{bucket}:count|people|rev:{currency}` of each
+    // campaign's `convs:{campaign}`), summed in minor units: exact.
+    let mut conv: BTreeMap<String, i64> = BTreeMap::new();
     for chunk in names.chunks(500) {
         let mut p = redis::pipe();
         for n in chunk {
             p.cmd("HGETALL").arg(keys.touches(n));
+            p.cmd("HGETALL").arg(keys.conversions(n));
         }
         let all: Vec<BTreeMap<String, i64>> = p.query_async(conn).await?;
-        for h in all {
+        for (i, h) in all.into_iter().enumerate() {
             for (k, v) in h {
-                *sum.entry(k).or_default() += v;
+                if i % 2 == 0 {
+                    *sum.entry(k).or_default() += v;
+                } else if let Some(t) = k.strip_prefix("touch:") {
+                    *conv.entry(t.to_string()).or_default() += v;
+                }
             }
         }
     }
-    Ok(touch_rows(&sum))
+    let mut rows = touch_rows(&sum);
+    for r in &mut rows {
+        let g = |what: &str| {
+            conv.get(&format!("{}:{what}", r.bucket))
+                .copied()
+                .unwrap_or(0)
+        };
+        r.conversions = g("count");
+        r.converted = g("people");
+        let prefix = format!("{}:rev:", r.bucket);
+        for (k, minor) in conv.range(prefix.clone()..) {
+            let Some(cur) = k.strip_prefix(&prefix) else {
+                break;
+            };
+            let major =
+                crate::conversions::Currency::parse(cur).map_or(*minor as f64, |c| c.major(*minor));
+            r.revenue.insert(cur.to_string(), major);
+            if r.recipients > 0 {
+                r.revenue_per_delivered
+                    .insert(cur.to_string(), major / r.recipients as f64);
+            }
+        }
+    }
+    Ok(rows)
 }
 
 /// The rows of [`crate::policy::touches::BUCKETS`] from `{bucket}:{what}` counters.
@@ -451,6 +490,7 @@ fn touch_rows(sum: &BTreeMap<String, i64>) -> Vec<TouchRow> {
                 click_rate: rate(g("unique_clicked")),
                 unsubscribe_rate: rate(g("unsubscribed")),
                 complaint_rate: rate(g("complained")),
+                ..Default::default()
             }
         })
         .collect()

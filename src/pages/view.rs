@@ -213,6 +213,17 @@ fn revenue(r: &BTreeMap<String, f64>) -> String {
         .join(", ")
 }
 
+/// Revenue per message by currency, to a hundredth of a cent (`4.9917 EUR`).
+fn per_message(r: &BTreeMap<String, f64>) -> String {
+    if r.is_empty() {
+        return "–".into();
+    }
+    r.iter()
+        .map(|(c, v)| format!("{v:.4} {}", esc(c)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Conversions and ROI per currency: what the campaign earned against what it cost.
 fn roi(s: &CampaignStats) -> String {
     let c = &s.conversions;
@@ -388,15 +399,6 @@ pub fn campaign(r: &Report) -> String {
     b.push_str(&svg(charts::touches(&points), 720, 300));
     b.push_str("<div class=\"scroll\"><table><thead><tr><th>Nth message of the year</th><th>recipients</th><th>opened</th><th>clicked</th><th>unsubscribed</th><th>complained</th><th>converted</th><th>revenue per delivered</th></tr></thead><tbody>");
     for t in &r.touches {
-        let conv = s.conversions.touch.get(&t.bucket);
-        let per_delivered: BTreeMap<String, f64> = conv
-            .map(|c| {
-                c.revenue
-                    .iter()
-                    .map(|(cur, v)| (cur.clone(), v / t.recipients.max(1) as f64))
-                    .collect()
-            })
-            .unwrap_or_default();
         let _ = write!(
             b,
             "<tr><td>{}</td><td>{}</td><td>{:.1}%</td><td>{:.1}%</td><td>{:.2}%</td><td>{:.3}%</td><td>{}</td><td>{}</td></tr>",
@@ -406,8 +408,8 @@ pub fn campaign(r: &Report) -> String {
             t.click_rate * 100.0,
             t.unsubscribe_rate * 100.0,
             t.complaint_rate * 100.0,
-            conv.map_or(0, |c| c.people.unwrap_or(c.count)),
-            revenue(&per_delivered)
+            t.converted,
+            per_message(&t.revenue_per_delivered)
         );
     }
     b.push_str("</tbody></table></div></div>");

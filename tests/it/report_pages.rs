@@ -178,6 +178,34 @@ fallback = "a"
         br#"{"amount": 100, "currency": "EUR"}"#,
     );
     assert_eq!(cost.status, 200, "{}", cost.raw);
+    // Contact pressure in money: the 5 orders over the 60 first touches delivered.
+    let (st, out, err) = paloma(
+        &[
+            "stats",
+            "--config",
+            &cfg,
+            "--touches",
+            "--campaign",
+            "spring",
+        ],
+        None,
+    );
+    assert!(st.success(), "{err}");
+    assert!(out.contains("4.9917 EUR"), "{out}");
+    let (_, json, _) = paloma(&["stats", "--config", &cfg, "--touches", "--json"], None);
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let first = rows
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["bucket"] == "1"))
+        .unwrap_or_else(|| panic!("{json}"));
+    assert_eq!(
+        (
+            first["conversions"].as_i64(),
+            first["revenue"]["EUR"].as_f64()
+        ),
+        (Some(5), Some(299.5)),
+        "{first}"
+    );
 
     // Over plain HTTP first.
     let r = request(api, "GET", "/campaigns/spring", &[], b"");
@@ -350,6 +378,8 @@ fallback = "a"
             "{touch_text}"
         );
         assert!(touches.find(Locator::Css("svg")).await.is_ok());
+        // 299.50 EUR over the 60 delivered first touches.
+        assert!(touch_text.contains("4.9917 EUR"), "{touch_text}");
         // Readable on a phone: nothing wider than the screen but the scrolling tables.
         c.set_window_size(390, 844).await.unwrap();
         let overflow = c
