@@ -111,17 +111,54 @@ pub fn timeline(points: &[(i64, i64, i64)]) -> Result<String, ChartError> {
 /// The contact-pressure curve: people's unique click rate and unsubscribe rate (in %) per
 /// touch bucket.
 pub fn touches(rows: &[(String, f64, f64)]) -> Result<String, ChartError> {
+    let labels: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    let at = |pick: fn(&(String, f64, f64)) -> f64| rows.iter().map(pick).collect();
+    per_touch(
+        &labels,
+        vec![
+            ("click rate", CLICKS, at(|r| r.1)),
+            ("unsubscribe rate", UNSUBS, at(|r| r.2)),
+        ],
+        "% of delivered",
+        0.5,
+    )
+}
+
+/// Revenue per delivered message at each touch level, in `currency` (the report's
+/// contact pressure in money).
+pub fn revenue_by_touch(rows: &[(String, f64)], currency: &str) -> Result<String, ChartError> {
+    let labels: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    let y = format!("revenue per delivered ({currency})");
+    per_touch(
+        &labels,
+        vec![(
+            "revenue per delivered",
+            OPENS,
+            rows.iter().map(|r| r.1).collect(),
+        )],
+        &y,
+        0.01,
+    )
+}
+
+/// Lines over the touch levels `labels`, the y axis from 0 to a little above the highest
+/// point (at least `min_top`).
+fn per_touch(
+    labels: &[String],
+    series: Vec<(&'static str, RGBColor, Vec<f64>)>,
+    y_desc: &str,
+    min_top: f64,
+) -> Result<String, ChartError> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(ChartError::of)?;
-        let top = rows
+        let top = series
             .iter()
-            .map(|r| r.1.max(r.2))
+            .flat_map(|s| s.2.iter().copied())
             .fold(0.0f64, f64::max)
-            .max(0.5);
-        let n = rows.len().max(1) as i32;
-        let labels: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+            .max(min_top);
+        let n = labels.len().max(1) as i32;
         let mut chart = ChartBuilder::on(&root)
             .margin(12)
             .x_label_area_size(36)
@@ -131,8 +168,8 @@ pub fn touches(rows: &[(String, f64, f64)]) -> Result<String, ChartError> {
         chart
             .configure_mesh()
             .x_desc("marketing messages to the person in the last year (this one included)")
-            .y_desc("% of delivered")
-            .x_labels(rows.len() + 2)
+            .y_desc(y_desc)
+            .x_labels(labels.len() + 2)
             .x_label_formatter(&|i| {
                 usize::try_from(*i)
                     .ok()
@@ -142,19 +179,18 @@ pub fn touches(rows: &[(String, f64, f64)]) -> Result<String, ChartError> {
             .light_line_style(RGBColor(235, 235, 235))
             .draw()
             .map_err(ChartError::of)?;
-        let at = |pick: fn(&(String, f64, f64)) -> f64| {
-            rows.iter()
-                .enumerate()
-                .map(|(i, r)| (i as i32, pick(r)))
-                .collect()
-        };
-        lines(
-            &mut chart,
-            vec![
-                ("click rate", CLICKS, at(|r| r.1)),
-                ("unsubscribe rate", UNSUBS, at(|r| r.2)),
-            ],
-        )?;
+        let series = series
+            .into_iter()
+            .map(|(name, colour, ys)| {
+                let points = ys
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, y)| (i as i32, y))
+                    .collect();
+                (name, colour, points)
+            })
+            .collect();
+        lines(&mut chart, series)?;
         root.present().map_err(ChartError::of)?;
     }
     Ok(svg)
@@ -170,6 +206,8 @@ mod tests {
         assert!(t.starts_with("<svg") && t.contains("opens") && t.contains("clicks"));
         let empty = timeline(&[]).unwrap();
         assert!(empty.starts_with("<svg"));
+        let r = revenue_by_touch(&[("1".into(), 4.99), ("2".into(), 3.1)], "EUR").unwrap();
+        assert!(r.starts_with("<svg") && r.contains("revenue per delivered"));
         let c = touches(&[("1".into(), 4.0, 0.1), ("2".into(), 3.5, 0.2)]).unwrap();
         assert!(c.contains("unsubscribe rate") && c.contains("<text"));
     }

@@ -397,6 +397,27 @@ pub fn campaign(r: &Report) -> String {
         })
         .collect();
     b.push_str(&svg(charts::touches(&points), 720, 300));
+    // In money too: revenue per delivered at each level, in the campaign's main currency.
+    if let Some((cur, _)) = s
+        .conversions
+        .revenue
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+    {
+        let money: Vec<(String, f64)> = r
+            .touches
+            .iter()
+            .map(|t| {
+                (
+                    t.bucket.clone(),
+                    t.revenue_per_delivered.get(cur).copied().unwrap_or(0.0),
+                )
+            })
+            .collect();
+        b.push_str("<div id=\"touch-revenue\">");
+        b.push_str(&svg(charts::revenue_by_touch(&money, cur), 720, 300));
+        b.push_str("</div>");
+    }
     b.push_str("<div class=\"scroll\"><table><thead><tr><th>Nth message of the year</th><th>recipients</th><th>opened</th><th>clicked</th><th>unsubscribed</th><th>complained</th><th>converted</th><th>revenue per delivered</th></tr></thead><tbody>");
     for t in &r.touches {
         let _ = write!(

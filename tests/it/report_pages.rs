@@ -378,8 +378,14 @@ fallback = "a"
             "{touch_text}"
         );
         assert!(touches.find(Locator::Css("svg")).await.is_ok());
-        // 299.50 EUR over the 60 delivered first touches.
+        // 299.50 EUR over the 60 delivered first touches, in the table and as a chart.
         assert!(touch_text.contains("4.9917 EUR"), "{touch_text}");
+        let money = c.find(Locator::Css("#touch-revenue svg")).await.unwrap();
+        assert!(money
+            .html(false)
+            .await
+            .unwrap()
+            .contains("revenue per delivered"));
         // Readable on a phone: nothing wider than the screen but the scrolling tables.
         c.set_window_size(390, 844).await.unwrap();
         let overflow = c
