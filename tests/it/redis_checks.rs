@@ -40,8 +40,11 @@ fn an_evicting_or_volatile_redis_is_refused_or_reported() {
     std::fs::write(&setup.config, cfg).unwrap();
     let d = Daemon::spawn(&setup.config);
     wait_port("127.0.0.1", mport, Duration::from_secs(20));
-    let r = get(mport, "/readyz", "curl");
-    assert_eq!(r.status, 200);
+    // The metrics listener is bound before the daemon is ready: poll for readiness.
+    let r = wait_for_daemon("/readyz answering 200", Duration::from_secs(20), &d, || {
+        let r = get(mport, "/readyz", "curl");
+        (r.status == 200).then_some(r)
+    });
     assert!(
         r.text().contains("warning") && r.text().contains("allkeys-lru"),
         "{}",
