@@ -150,7 +150,7 @@ impl Conversions {
         acks: &Acks,
         decided: &[Decided<'_>],
     ) -> Result<Vec<String>, AckError> {
-        let mut key_names: Vec<String> = Vec::with_capacity(1 + decided.len() * 4);
+        let mut key_names: Vec<String> = Vec::with_capacity(1 + decided.len() * 5);
         key_names.push(keys.events.clone());
         for d in decided {
             let order = keys.order(&d.posted.id);
@@ -162,10 +162,16 @@ impl Conversions {
                     } else {
                         keys.converted_people(&a.campaign, Some(&a.variant))
                     };
-                    key_names.extend([order, keys.conversions(&a.campaign), people, vpeople]);
+                    key_names.extend([
+                        order,
+                        keys.conversions(&a.campaign),
+                        people,
+                        vpeople,
+                        keys.conversion_stats(&a.campaign),
+                    ]);
                 }
                 Err(_) => {
-                    key_names.extend([order.clone(), order.clone(), order.clone(), order]);
+                    key_names.extend(std::iter::repeat_n(order, 5));
                 }
             }
         }
@@ -188,6 +194,13 @@ impl Conversions {
                     ev.conversion_kind = Some(p.kind.as_str());
                     ev.value = p.money.map(|(c, m)| c.major(m));
                     ev.currency = p.money.as_ref().map(|(c, _)| c.as_str());
+                    // A revenue experiment's conversion in its currency: per-message sums.
+                    let scale = match (p.money, self.revenue_experiments.get(&a.campaign)) {
+                        (Some((c, _)), Some(want)) if c == *want && !a.variant.is_empty() => {
+                            10i64.pow(c.exponent()).to_string()
+                        }
+                        _ => String::new(),
+                    };
                     cmd.arg("1")
                         .arg(stored)
                         .arg(ev.to_json())
@@ -197,7 +210,9 @@ impl Conversions {
                         .arg(minor)
                         .arg(&a.link)
                         .arg(&a.variant)
-                        .arg(&a.touch);
+                        .arg(&a.touch)
+                        .arg(&a.job)
+                        .arg(scale);
                 }
                 Err(_) => {
                     cmd.arg("0")
@@ -207,6 +222,8 @@ impl Conversions {
                         .arg(&p.kind)
                         .arg(cur)
                         .arg(minor)
+                        .arg("")
+                        .arg("")
                         .arg("")
                         .arg("")
                         .arg("");
