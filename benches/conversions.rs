@@ -72,7 +72,7 @@ fn main() {
     let unique = n - n / 10;
     let item = |i: usize| {
         let person = i % people;
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             let c = Click {
                 job: format!("job-{person}"),
                 campaign: "bench".into(),

@@ -381,3 +381,148 @@ fn conversions_are_attributed_once_each_with_exact_revenue_and_roi() {
     assert_eq!(a.status, 401);
     drop(daemon);
 }
+
+/// An A/B test decided on revenue: variant b's readers buy often at about 50 EUR; a's
+/// seldom, one of them a 5,000 EUR order that makes a's plain revenue the higher. The test
+/// (on ln(1 + revenue) per delivered message) picks b, and the rest go out as b.
+#[test]
+fn an_experiment_is_decided_on_revenue_not_on_one_large_order() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let api = free_port();
+    let (setup, port, base) = tracking_setup(
+        &redis.url(),
+        sink.port,
+        "click_param = \"pc\"",
+        &format!(
+            "[api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{TOKEN}\"\n\
+             [[experiments]]\ncampaign = \"sale\"\n\
+             variants = [ {{ name = \"a\" }}, {{ name = \"b\", subject = \"Last days\" }} ]\n\
+             test_share = \"50%\"\ndecide_after = \"30s\"\nmetric = \"revenue\"\n\
+             currency = \"EUR\"\nfallback = \"a\"\n"
+        ),
+    );
+    let p = setup.prefix.clone();
+    let n = 600;
+    let to: Vec<String> = (0..n).map(|i| format!("p{i}@sale.test")).collect();
+    let jobs: Vec<String> = to
+        .iter()
+        .enumerate()
+        .map(|(i, t)| news(&format!("sale-{i}"), "sale", t))
+        .collect();
+    let daemon = Daemon::spawn(&setup.config);
+    let mut conn = redis.conn();
+    enqueue_raw(&mut conn, &p, &jobs);
+    wait_until_daemon(
+        "the test share delivered, the rest held",
+        Duration::from_secs(60),
+        &daemon,
+        || {
+            let d = stat(&mut conn, &p, "sale", "delivered");
+            d > 0 && d as usize + held(&mut conn, &p, "sale") == n
+        },
+    );
+    wait_port("127.0.0.1", api, Duration::from_secs(5));
+    let delivered = stat(&mut conn, &p, "sale", "delivered") as usize;
+    assert_eq!(
+        sink.wait_count(delivered, Duration::from_secs(10)),
+        delivered
+    );
+    let mails = captured(&sink, &base);
+    let variant_of: HashMap<String, String> = events(&mut conn, &p)
+        .into_iter()
+        .filter(|e| e["type"] == "delivered")
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap().to_string(),
+                e["variant"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let mut orders = Vec::new();
+    let mut plain: HashMap<&str, f64> = HashMap::new();
+    let mut whale = false;
+    for (id, m) in &mails {
+        let i: usize = id.trim_start_matches("sale-").parse().unwrap();
+        let v = variant_of[id].as_str();
+        let value = match v {
+            "b" if i.is_multiple_of(2) => 45.0 + (i % 12) as f64,
+            "a" if i.is_multiple_of(10) && !whale => {
+                whale = true;
+                5000.0
+            }
+            "a" if i.is_multiple_of(10) => 45.0 + (i % 12) as f64,
+            _ => continue,
+        };
+        let pc = click(port, &m.clicks[0], "198.51.100.7");
+        *plain.entry(if v == "a" { "a" } else { "b" }).or_default() += value;
+        orders.push(
+            json!({"id": format!("order-{i}"), "click": pc, "value": value, "currency": "EUR"}),
+        );
+    }
+    assert!(whale && plain["a"] > plain["b"], "{plain:?}");
+    for chunk in orders.chunks(20) {
+        let a = api_call(
+            api,
+            "POST",
+            "/api/v1/conversions",
+            Some(TOKEN),
+            json!(chunk).to_string().as_bytes(),
+        );
+        assert_eq!(a.status, 200, "{}", a.raw);
+        assert_eq!(a.body["attributed"], chunk.len(), "{}", a.raw);
+    }
+    // The test's clock: the window started 31 s ago.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    redis::cmd("HSET")
+        .arg(format!("{p}experiment:sale"))
+        .arg("started")
+        .arg(now - 31_000)
+        .query::<()>(&mut conn)
+        .unwrap();
+    let d = wait_for_daemon(
+        "experiment_decided",
+        Duration::from_secs(20),
+        &daemon,
+        || {
+            events(&mut conn, &p)
+                .into_iter()
+                .find(|e| e["type"] == "experiment_decided")
+        },
+    );
+    assert_eq!(
+        (&d["winner"], &d["significant"], &d["metric"]),
+        (&json!("b"), &json!(true), &json!("revenue")),
+        "{d:#}"
+    );
+    let a = d["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["variant"] == "a")
+        .unwrap();
+    let b = d["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["variant"] == "b")
+        .unwrap();
+    assert!(
+        a["rate"].as_f64() > b["rate"].as_f64(),
+        "a's plain revenue per delivered is the higher: {d:#}"
+    );
+    wait_until_daemon("all delivered", Duration::from_secs(60), &daemon, || {
+        stat(&mut conn, &p, "sale", "delivered") == n as i64
+    });
+    // The figures per variant.
+    let c = api_call(api, "GET", "/api/v1/campaigns/sale", Some(TOKEN), b"");
+    let f = &c.body["conversions"]["variant"];
+    let sum: f64 = ["a", "b"]
+        .iter()
+        .map(|v| f[*v]["revenue"]["EUR"].as_f64().unwrap())
+        .sum();
+    assert!((sum - (plain["a"] + plain["b"])).abs() < 1e-9, "{f:#}");
+}
