@@ -261,21 +261,32 @@ pub fn print_touches(rows: &[crate::stats::TouchRow], campaign: Option<&str>) {
         campaign.unwrap_or("every campaign")
     );
     println!(
-        "{:<8} {:>11} {:>9} {:>9} {:>9} {:>9}",
-        "touch", "recipients", "opens", "clicks", "unsubs", "complaints"
+        "{:<8} {:>11} {:>9} {:>9} {:>9} {:>9} {:>11}  revenue per delivered",
+        "touch", "recipients", "opens", "clicks", "unsubs", "complaints", "conversions"
     );
     for r in rows {
+        let revenue: Vec<String> = r
+            .revenue_per_delivered
+            .iter()
+            .map(|(c, v)| format!("{v:.4} {c}"))
+            .collect();
         println!(
-            "{:<8} {:>11} {:>8.2}% {:>8.2}% {:>8.2}% {:>9.3}%",
+            "{:<8} {:>11} {:>8.2}% {:>8.2}% {:>8.2}% {:>9.3}% {:>10.2}%  {}",
             r.bucket,
             r.recipients,
             r.open_rate * 100.0,
             r.click_rate * 100.0,
             r.unsubscribe_rate * 100.0,
-            r.complaint_rate * 100.0
+            r.complaint_rate * 100.0,
+            r.conversion_rate * 100.0,
+            if revenue.is_empty() {
+                "-".to_string()
+            } else {
+                revenue.join(", ")
+            }
         );
     }
-    println!("(opens and clicks: people's unique ones per delivered; machine hits excluded)");
+    println!("(opens and clicks: people's unique ones per delivered; machine hits excluded; conversions: attributed ones per delivered)");
 }
 
 /// What is known about one recipient: engagement, suppression, recent sends.

@@ -285,6 +285,39 @@ fn conversions_are_attributed_once_each_with_exact_revenue_and_roi() {
         "{text}"
     );
 
+    // Touches: the four conversions came from first touches (200 EUR… per delivered).
+    let (st, out, err) = paloma(
+        &[
+            "stats",
+            "--config",
+            &cfg,
+            "--touches",
+            "--campaign",
+            "shop",
+            "--json",
+        ],
+        None,
+    );
+    assert!(st.success(), "{err}");
+    let rows: Value = serde_json::from_str(&out).unwrap();
+    let first = &rows[0];
+    assert_eq!(
+        (&first["bucket"], &first["recipients"]),
+        (&json!("1"), &json!(4)),
+        "{rows:#}"
+    );
+    assert_eq!(
+        (&first["conversions"], &first["conversion_rate"]),
+        (&json!(4), &json!(1.0))
+    );
+    assert_eq!(first["revenue"], json!({"EUR": 100.0, "JPY": 1000.0}));
+    assert_eq!(
+        first["revenue_per_delivered"],
+        json!({"EUR": 25.0, "JPY": 250.0})
+    );
+    let (_, text, _) = paloma(&["stats", "--config", &cfg, "--touches"], None);
+    assert!(text.contains("25.0000 EUR"), "{text}");
+
     // One `converted` event per attributed order, with the order's fields.
     let evs = converted(&mut conn, &p);
     let mut by_order: HashMap<String, Vec<&Value>> = HashMap::new();

@@ -132,14 +132,15 @@ fn the_curve_counts_each_send_at_its_level_of_contact_pressure() {
         st.success() && out.contains("4-6") && out.contains("50.00%"),
         "{out}"
     );
-    let months: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+    // (The hash also holds text: the person's last human click, for conversions.)
+    let months: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
         .arg(format!("{p}r:p0@people.test"))
         .query(&mut conn)
         .unwrap();
     let sent: i64 = months
         .iter()
         .filter(|(k, _)| k.starts_with("t:"))
-        .map(|(_, v)| v)
+        .map(|(_, v)| v.parse::<i64>().unwrap())
         .sum();
     assert_eq!(sent, 4, "{months:?}");
     let ttl: i64 = redis::cmd("TTL")
@@ -187,14 +188,15 @@ fn the_curve_counts_each_send_at_its_level_of_contact_pressure() {
     let rows: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(row(&rows, "1")["recipients"], 1, "{rows}");
     assert_eq!(row(&rows, "4-6")["recipients"], 1, "{rows}");
-    let months: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+    // (The hash also holds text: the person's last human click, for conversions.)
+    let months: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
         .arg(format!("{p}r:p0@people.test"))
         .query(&mut conn)
         .unwrap();
     let sent: i64 = months
         .iter()
         .filter(|(k, _)| k.starts_with("t:"))
-        .map(|(_, v)| v)
+        .map(|(_, v)| v.parse::<i64>().unwrap())
         .sum();
     assert_eq!(sent, 5, "{months:?}");
 }
