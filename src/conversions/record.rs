@@ -69,14 +69,18 @@ impl Conversions {
             .collect();
         if !lookups.is_empty() {
             let mut p = redis::pipe();
+            // A recipient key of another type (another tool wrote there) is no click, not a
+            // failed request.
+            p.ignore_errors();
             for &i in &lookups {
                 let to = items[i].to.as_deref().unwrap_or_default();
                 p.cmd("HGET")
                     .arg(keys.recipient(to))
                     .arg("last_human_click");
             }
-            let lasts: Vec<Option<String>> = p.query_async(conn).await.map_err(AckError::Redis)?;
+            let lasts: Vec<redis::Value> = p.query_async(conn).await.map_err(AckError::Redis)?;
             for (&i, last) in lookups.iter().zip(lasts) {
+                let last: Option<String> = redis::from_redis_value(last).unwrap_or(None);
                 let last = last.as_deref().and_then(LastClick::decode);
                 let to = items[i].to.as_deref().unwrap_or_default();
                 let by_to =

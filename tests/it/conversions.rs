@@ -388,6 +388,39 @@ fn conversions_are_attributed_once_each_with_exact_revenue_and_roi() {
         .iter()
         .all(|h| h["type"] == "converted" && h["workflow"] == "crm" && h["kind"] == "purchase"));
 
+    // Keys another tool wrote with another type: that conversion alone is refused (its
+    // order key) or finds no click (the recipient's), the rest of the request is recorded.
+    redis::cmd("HSET")
+        .arg(format!("{p}conv:o-taken"))
+        .arg("x")
+        .arg("1")
+        .query::<()>(&mut conn)
+        .unwrap();
+    redis::cmd("SET")
+        .arg(format!("{p}r:odd@conv.test"))
+        .arg("x")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let a = api_call(
+        api,
+        "POST",
+        "/api/v1/conversions",
+        Some(TOKEN),
+        json!([
+            {"id": "o-taken", "to": "bo@conv.test", "value": 1, "currency": "EUR"},
+            {"id": "o-odd", "to": "odd@conv.test", "value": 1, "currency": "EUR"},
+        ])
+        .to_string()
+        .as_bytes(),
+    );
+    assert_eq!(a.status, 200, "{}", a.raw);
+    assert_eq!(a.body["results"][0]["accepted"], false, "{}", a.raw);
+    assert!(a.body["results"][0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("WRONGTYPE"));
+    assert_eq!(a.body["results"][1]["reason"], "no_click", "{}", a.raw);
+
     // Refusals of a whole request.
     let many: Vec<Value> = (0..21)
         .map(|i| json!({"id": format!("m-{i}"), "to": "ann@conv.test", "value": 1, "currency": "EUR"}))
