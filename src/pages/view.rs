@@ -157,6 +157,7 @@ fn funnel(s: &CampaignStats) -> String {
         ("delivered", s.delivered, Some(s.accepted)),
         ("opened", s.unique_opened, Some(s.delivered)),
         ("clicked", s.unique_clicked, Some(s.delivered)),
+        ("converted", s.conversions.people, Some(s.delivered)),
     ] {
         let width = (n as f64 * 100.0 / top as f64).clamp(0.0, 100.0);
         let share = of.map(|o| format!(" ({})", pct(n, o))).unwrap_or_default();
@@ -178,6 +179,31 @@ fn funnel(s: &CampaignStats) -> String {
     ] {
         let _ = write!(f, "<div>{label} <b>{n}</b></div>");
     }
+    let c = &s.conversions;
+    let money = |m: &std::collections::BTreeMap<String, f64>| {
+        let v: Vec<String> = m
+            .iter()
+            .map(|(cur, v)| esc(&crate::conversions::money::format_major(cur, *v)))
+            .collect();
+        if v.is_empty() {
+            "—".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let roi: Vec<String> = c
+        .roi
+        .iter()
+        .map(|(cur, r)| format!("{:.1}% {}", r * 100.0, esc(cur)))
+        .collect();
+    let _ = write!(
+        f,
+        "<div id=\"conversions\">conversions <b>{}</b></div><div id=\"revenue\">revenue <b>{}</b></div><div id=\"cost\">cost <b>{}</b></div><div id=\"roi\">ROI <b>{}</b></div>",
+        c.count,
+        money(&c.revenue),
+        money(&c.cost),
+        if roi.is_empty() { "—".to_string() } else { roi.join(", ") }
+    );
     let _ = write!(
         f,
         "</div><p class=\"muted\">Opened and clicked: people, once per message (machine hits — scanners, image proxies — apart: {} opens, {} clicks).</p></div>",
@@ -270,18 +296,29 @@ pub fn campaign(r: &Report) -> String {
     b.push_str(&svg(charts::timeline(&r.timeline), 720, 300));
     b.push_str("</div>");
 
-    b.push_str("<h2>Links</h2><div class=\"card scroll\"><table id=\"links\"><thead><tr><th>link</th><th>clicks</th><th>people</th></tr></thead><tbody>");
+    b.push_str("<h2>Links</h2><div class=\"card scroll\"><table id=\"links\"><thead><tr><th>link</th><th>clicks</th><th>people</th><th>conversions</th><th>revenue</th></tr></thead><tbody>");
     let mut links = s.links.clone();
     links.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     for (l, total, unique) in &links {
+        let conv = s.conversions.link.get(l);
+        let revenue: Vec<String> = conv
+            .map(|c| {
+                c.revenue
+                    .iter()
+                    .map(|(cur, v)| esc(&crate::conversions::money::format_major(cur, *v)))
+                    .collect()
+            })
+            .unwrap_or_default();
         let _ = write!(
             b,
-            "<tr><td>{}</td><td>{total}</td><td>{unique}</td></tr>",
-            esc(l)
+            "<tr><td>{}</td><td>{total}</td><td>{unique}</td><td>{}</td><td>{}</td></tr>",
+            esc(l),
+            conv.map_or(0, |c| c.count),
+            revenue.join(", ")
         );
     }
     if links.is_empty() {
-        b.push_str("<tr><td colspan=\"3\">No named link clicked yet.</td></tr>");
+        b.push_str("<tr><td colspan=\"5\">No named link clicked yet.</td></tr>");
     }
     b.push_str("</tbody></table></div>");
 
@@ -321,17 +358,24 @@ pub fn campaign(r: &Report) -> String {
         })
         .collect();
     b.push_str(&svg(charts::touches(&points), 720, 300));
-    b.push_str("<div class=\"scroll\"><table><thead><tr><th>Nth message of the year</th><th>recipients</th><th>opened</th><th>clicked</th><th>unsubscribed</th><th>complained</th></tr></thead><tbody>");
+    b.push_str("<div class=\"scroll\"><table><thead><tr><th>Nth message of the year</th><th>recipients</th><th>opened</th><th>clicked</th><th>unsubscribed</th><th>complained</th><th>converted</th><th>revenue per delivered</th></tr></thead><tbody>");
     for t in &r.touches {
+        let per: Vec<String> = t
+            .revenue_per_delivered
+            .iter()
+            .map(|(cur, v)| format!("{v:.2} {}", esc(cur)))
+            .collect();
         let _ = write!(
             b,
-            "<tr><td>{}</td><td>{}</td><td>{:.1}%</td><td>{:.1}%</td><td>{:.2}%</td><td>{:.3}%</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{:.1}%</td><td>{:.1}%</td><td>{:.2}%</td><td>{:.3}%</td><td>{:.2}%</td><td>{}</td></tr>",
             esc(&t.bucket),
             t.recipients,
             t.open_rate * 100.0,
             t.click_rate * 100.0,
             t.unsubscribe_rate * 100.0,
-            t.complaint_rate * 100.0
+            t.complaint_rate * 100.0,
+            t.conversion_rate * 100.0,
+            per.join(", ")
         );
     }
     b.push_str("</tbody></table></div></div>");
@@ -348,5 +392,47 @@ mod tests {
         assert_eq!(campaign_href("a/b/../c"), "/campaigns/a%2Fb%2F..%2Fc");
         assert_eq!(campaign_href("<script>x"), "/campaigns/%3Cscript%3Ex");
         assert_eq!(segment("a b?c#d&e"), "a%20b%3Fc%23d%26e");
+    }
+
+    #[test]
+    fn the_report_shows_conversions_revenue_and_roi() {
+        let h: std::collections::BTreeMap<String, i64> = [
+            ("count", 4),
+            ("people", 2),
+            ("rev:EUR", 10000),
+            ("cost:EUR", 8000),
+            ("link:pricing:count", 2),
+            ("link:pricing:rev:EUR", 5990),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let stats = CampaignStats {
+            campaign: "shop".into(),
+            accepted: 4,
+            delivered: 4,
+            unique_clicked: 2,
+            links: vec![("pricing".into(), 3, 2)],
+            conversions: crate::conversions::figures::Figures::from_hash(&h),
+            ..Default::default()
+        };
+        let r = Report {
+            row: crate::stats::CampaignRow {
+                state: crate::control::State::Active,
+                parked: 0,
+                stats,
+            },
+            timeline: Vec::new(),
+            domains: Vec::new(),
+            touches: Vec::new(),
+        };
+        let page = campaign(&r);
+        assert!(page.contains("data-step=\"converted\""), "{page}");
+        assert!(page.contains("revenue <b>100.00 EUR</b>"), "{page}");
+        assert!(page.contains("ROI <b>25.0% EUR</b>"), "{page}");
+        assert!(
+            page.contains("<td>pricing</td><td>3</td><td>2</td><td>2</td><td>59.90 EUR</td>"),
+            "{page}"
+        );
     }
 }
