@@ -1,7 +1,8 @@
 //! The campaign report in a real browser: headless Chromium, driven over WebDriver by
 //! chromedriver (Debian's chromium and chromium-driver, which `scripts/install-test-peers` installs), loads the
 //! pages of a campaign this test has just sent (smtp-sink), clicked and opened (the
-//! tracking server), and decided (an experiment picked by hand). It signs in through the
+//! tracking server), and decided (an experiment picked by hand), with the shop's orders
+//! by the people who clicked and the campaign's cost (revenue and ROI). It signs in through the
 //! form with the read-only report token, checks what each page shows, and keeps a
 //! screenshot of each in target/report-screenshots/. Over plain HTTP: a page without a
 //! session goes to the form, a forged cookie opens nothing, the report token opens no API
@@ -12,7 +13,7 @@ use crate::common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::track::{captured, request, MAIL_UA};
+use common::track::{api_call, captured, request, MAIL_UA};
 use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 
@@ -155,6 +156,29 @@ fallback = "a"
                 && evs.iter().filter(|e| e["type"] == "clicked").count() == 12
         },
     );
+    // The twelve who clicked buy for 25.00 EUR each; the campaign cost 100 EUR.
+    let orders: Vec<serde_json::Value> = (0..12)
+        .map(|i| {
+            serde_json::json!({"id": format!("r-{i}"), "to": format!("p{i}@{}", domains[i % 3]),
+                "value": "25.00", "currency": "EUR"})
+        })
+        .collect();
+    let a = api_call(
+        api,
+        "POST",
+        "/api/v1/conversions",
+        Some(TOKEN),
+        serde_json::json!(orders).to_string().as_bytes(),
+    );
+    assert_eq!(a.body["attributed"], 12, "{}", a.raw);
+    let a = api_call(
+        api,
+        "PUT",
+        "/api/v1/campaigns/spring/cost",
+        Some(TOKEN),
+        br#"{"amount": 100, "currency": "EUR"}"#,
+    );
+    assert_eq!(a.status, 200, "{}", a.raw);
 
     // Over plain HTTP first.
     let r = request(api, "GET", "/campaigns/spring", &[], b"");
@@ -287,6 +311,15 @@ fallback = "a"
             "{}",
             step("clicked").await
         );
+        assert!(
+            step("converted").await.starts_with("12 (20.0%)"),
+            "{}",
+            step("converted").await
+        );
+        let revenue = text_of(&c, "#revenue").await;
+        assert!(revenue.contains("300.00 EUR"), "{revenue}");
+        let roi = text_of(&c, "#roi").await;
+        assert!(roi.contains("200.0% EUR"), "{roi}");
         let timeline = c.find(Locator::Css("#timeline svg")).await.unwrap();
         assert!(timeline.html(false).await.unwrap().contains("opens"));
         let links = text_of(&c, "#links").await;
