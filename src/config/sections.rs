@@ -662,7 +662,7 @@ pub struct MetricsSettings {
     /// `GET /metrics`, `/healthz`, `/readyz`.
     pub listen: Option<SocketAddr>,
     /// A campaign's series (`paloma_messages_total{campaign}`, engagement, links,
-    /// complaints, experiments) are removed once none has moved for this long, so
+    /// complaints, experiments, conversions, revenue) are removed once none has moved for this long, so
     /// `/metrics` stays bounded however many campaigns are sent. Unset: 6 hours.
     pub campaign_idle: Option<Dur>,
 }
