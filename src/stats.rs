@@ -392,13 +392,13 @@ pub struct TouchRow {
     pub click_rate: f64,
     pub unsubscribe_rate: f64,
     pub complaint_rate: f64,
-    /// Conversions attributed to these sends (`POST /api/v1/conversions`), each order once.
+    /// Conversions attributed to messages of this touch level, and per delivered.
     pub conversions: i64,
+    pub conversion_rate: f64,
     /// People who converted (once per campaign each).
     pub converted: i64,
-    /// Their revenue by currency, in major units…
+    /// Their revenue by currency (major units), and per delivered message.
     pub revenue: BTreeMap<String, f64>,
-    /// …and per delivered message: what one more message at this level earned.
     pub revenue_per_delivered: BTreeMap<String, f64>,
 }
 
@@ -418,9 +418,6 @@ pub async fn touches(
         }
     };
     let mut sum: BTreeMap<String, i64> = BTreeMap::new();
-    // Conversions per touch level (`touch:{bucket}:count|people|rev:{currency}` of each
-    // campaign's `convs:{campaign}`), summed in minor units: exact.
-    let mut conv: BTreeMap<String, i64> = BTreeMap::new();
     for chunk in names.chunks(500) {
         let mut p = redis::pipe();
         for n in chunk {
@@ -428,40 +425,15 @@ pub async fn touches(
             p.cmd("HGETALL").arg(keys.conversions(n));
         }
         let all: Vec<BTreeMap<String, i64>> = p.query_async(conn).await?;
-        for (i, h) in all.into_iter().enumerate() {
+        for h in all {
+            // `{bucket}:{outcome}` of the touches and `touch:{bucket}:…` of the conversions
+            // never share a name.
             for (k, v) in h {
-                if i % 2 == 0 {
-                    *sum.entry(k).or_default() += v;
-                } else if let Some(t) = k.strip_prefix("touch:") {
-                    *conv.entry(t.to_string()).or_default() += v;
-                }
+                *sum.entry(k).or_default() += v;
             }
         }
     }
-    let mut rows = touch_rows(&sum);
-    for r in &mut rows {
-        let g = |what: &str| {
-            conv.get(&format!("{}:{what}", r.bucket))
-                .copied()
-                .unwrap_or(0)
-        };
-        r.conversions = g("count");
-        r.converted = g("people");
-        let prefix = format!("{}:rev:", r.bucket);
-        for (k, minor) in conv.range(prefix.clone()..) {
-            let Some(cur) = k.strip_prefix(&prefix) else {
-                break;
-            };
-            let major =
-                crate::conversions::Currency::parse(cur).map_or(*minor as f64, |c| c.major(*minor));
-            r.revenue.insert(cur.to_string(), major);
-            if r.recipients > 0 {
-                r.revenue_per_delivered
-                    .insert(cur.to_string(), major / r.recipients as f64);
-            }
-        }
-    }
-    Ok(rows)
+    Ok(touch_rows(&sum))
 }
 
 /// The rows of [`crate::policy::touches::BUCKETS`] from `{bucket}:{what}` counters.
@@ -478,7 +450,33 @@ fn touch_rows(sum: &BTreeMap<String, i64>) -> Vec<TouchRow> {
                     0.0
                 }
             };
+            // Revenue of the touch level, by currency (`touch:{b}:rev:{CUR}`, minor units).
+            let prefix = format!("touch:{b}:rev:");
+            let revenue: BTreeMap<String, f64> = sum
+                .iter()
+                .filter_map(|(k, v)| {
+                    let cur = k.strip_prefix(&prefix)?;
+                    let c = crate::conversions::Currency::parse(cur).ok()?;
+                    Some((cur.to_string(), c.major(*v)))
+                })
+                .collect();
+            let conversions = sum.get(&format!("touch:{b}:count")).copied().unwrap_or(0);
             TouchRow {
+                conversions,
+                converted: sum.get(&format!("touch:{b}:people")).copied().unwrap_or(0),
+                conversion_rate: rate(conversions),
+                revenue_per_delivered: revenue
+                    .iter()
+                    .map(|(c, v)| {
+                        let per = if recipients > 0 {
+                            v / recipients as f64
+                        } else {
+                            0.0
+                        };
+                        (c.clone(), per)
+                    })
+                    .collect(),
+                revenue,
                 bucket: b.to_string(),
                 recipients,
                 bounced: g("bounced"),
@@ -490,7 +488,6 @@ fn touch_rows(sum: &BTreeMap<String, i64>) -> Vec<TouchRow> {
                 click_rate: rate(g("unique_clicked")),
                 unsubscribe_rate: rate(g("unsubscribed")),
                 complaint_rate: rate(g("complained")),
-                ..Default::default()
             }
         })
         .collect()
@@ -511,6 +508,26 @@ pub async fn recipient(
         .arg(&field)
         .query_async(conn)
         .await?;
+    // The person's last click on a marketing message, what conversions by address
+    // attribute to: readable rather than its stored form.
+    if let Some(c) = info
+        .get("last_human_click")
+        .and_then(|v| crate::track::clickid::LastClick::decode(v))
+    {
+        let mut text = format!(
+            "{} job {} of {}",
+            crate::queue::events::rfc3339_ms(c.at * 1000),
+            c.job,
+            c.campaign
+        );
+        if !c.link.is_empty() {
+            text.push_str(&format!(", link {}", c.link));
+        }
+        if !c.variant.is_empty() {
+            text.push_str(&format!(", variant {}", c.variant));
+        }
+        info.insert("last_human_click".into(), text);
+    }
     for k in ["last_open", "last_click"] {
         if let Some(t) = info.get(k).and_then(|v| v.parse::<i64>().ok()) {
             info.insert(k.into(), crate::queue::events::rfc3339_ms(t * 1000));
@@ -560,12 +577,21 @@ mod tests {
             ("4-6:delivered", 50),
             ("4-6:unsubscribed", 5),
             ("4-6:complained", 1),
+            ("touch:1:count", 10),
+            ("touch:1:rev:EUR", 50000),
+            ("touch:1:rev:JPY", 3000),
+            ("count", 10),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let rows = touch_rows(&sum);
         assert_eq!(rows.len(), 6);
+        assert_eq!((rows[0].conversions, rows[0].conversion_rate), (10, 0.05));
+        assert_eq!(rows[0].revenue["EUR"], 500.0);
+        assert_eq!(rows[0].revenue_per_delivered["EUR"], 2.5);
+        assert_eq!(rows[0].revenue_per_delivered["JPY"], 15.0);
+        assert!(rows[3].revenue.is_empty());
         assert_eq!((rows[0].recipients, rows[0].click_rate), (200, 0.15));
         assert_eq!(rows[3].bucket, "4-6");
         assert_eq!(

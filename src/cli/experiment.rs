@@ -54,7 +54,7 @@ pub enum ExperimentAction {
 }
 
 pub async fn experiment(settings: &Settings, action: ExperimentAction) -> anyhow::Result<()> {
-    use crate::experiment::{self, judge};
+    use crate::experiment;
     let campaign = match &action {
         ExperimentAction::Status { campaign, .. } | ExperimentAction::Pick { campaign, .. } => {
             campaign.clone()
@@ -66,8 +66,7 @@ pub async fn experiment(settings: &Settings, action: ExperimentAction) -> anyhow
     let client = redis_client(settings).await?;
     let mut conn = manager(&client, std::time::Duration::from_secs(10)).await?;
     let keys = Keys::new(&settings.redis.prefix).retaining(&settings.events);
-    let figures = experiment::figures(&mut conn, &keys, rule).await?;
-    let now = judge::judge(&figures, rule.confidence.0, &rule.fallback);
+    let now = experiment::verdict(&mut conn, &keys, rule).await?;
     let state: BTreeMap<String, String> = redis::cmd("HGETALL")
         .arg(keys.experiment(&campaign))
         .query_async(&mut conn)

@@ -29,6 +29,9 @@ pub struct ExperimentRule {
     pub confidence: Percent,
     /// The variant sent to the rest when no variant wins at `confidence`.
     pub fallback: String,
+    /// `metric = "revenue"`: the currency whose revenue is compared (ISO 4217; required
+    /// then, as revenues in different currencies are never added).
+    pub currency: Option<String>,
 }
 
 /// One variant: another template, another subject (Handlebars, on the job's template), or
@@ -49,6 +52,10 @@ pub enum ExperimentMetric {
     Clicks,
     /// Unique human opens per delivered message.
     Opens,
+    /// People converting (`POST /api/v1/conversions`) per delivered message.
+    Conversions,
+    /// Revenue per delivered message (in the rule's `currency`), compared on log(1 + revenue).
+    Revenue,
 }
 
 impl ExperimentMetric {
@@ -56,6 +63,8 @@ impl ExperimentMetric {
         match self {
             ExperimentMetric::Clicks => "clicks",
             ExperimentMetric::Opens => "opens",
+            ExperimentMetric::Conversions => "conversions",
+            ExperimentMetric::Revenue => "revenue",
         }
     }
 }
@@ -655,7 +664,7 @@ pub struct MetricsSettings {
     /// `GET /metrics`, `/healthz`, `/readyz`.
     pub listen: Option<SocketAddr>,
     /// A campaign's series (`paloma_messages_total{campaign}`, engagement, links,
-    /// complaints, experiments) are removed once none has moved for this long, so
+    /// complaints, experiments, conversions, revenue) are removed once none has moved for this long, so
     /// `/metrics` stays bounded however many campaigns are sent. Unset: 6 hours.
     pub campaign_idle: Option<Dur>,
 }

@@ -112,6 +112,21 @@ fn experiment(x: &ExperimentRule, earlier: &[ExperimentRule]) -> Result<(), Stri
     if x.decide_after.get().is_zero() {
         return Err("decide_after must be above zero".into());
     }
+    match (x.metric, x.currency.as_deref()) {
+        (super::ExperimentMetric::Revenue, None) => {
+            return Err("metric = \"revenue\" needs currency (such as \"EUR\")".into())
+        }
+        (super::ExperimentMetric::Revenue, Some(c)) => {
+            let ok = c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase());
+            if !ok {
+                return Err(format!(
+                    "currency {c:?} is not an ISO 4217 code such as EUR"
+                ));
+            }
+        }
+        (_, Some(_)) => return Err("currency applies to metric = \"revenue\" only".into()),
+        (_, None) => {}
+    }
     Ok(())
 }
 

@@ -18,7 +18,8 @@
 //! writes (`redis.ack_replicas`).
 //!
 //! Keys: reads `r:{address}` (`last_human_click`); writes `conv:{id}`, `convs:{campaign}`,
-//! `uniq:p:{campaign}[:{variant}]`, `events`. [`figures`] reads them back for the stats.
+//! `uniq:p:{campaign}[:{variant}]`, `events`, and for a campaign with a `metric = "revenue"`
+//! experiment `convx:{campaign}` (each message's revenue, each variant's log sums). [`figures`] reads them back for the stats.
 
 pub mod attribution;
 pub mod figures;
@@ -48,6 +49,8 @@ pub struct Conversions {
     pub max_items: usize,
     /// `conversions.id_retention`, in seconds.
     pub retention: u64,
+    /// Campaigns with a `metric = "revenue"` experiment, and its currency.
+    pub revenue_experiments: std::collections::HashMap<String, Currency>,
 }
 
 impl Conversions {
@@ -58,6 +61,15 @@ impl Conversions {
             window: c.window.get().as_secs() as i64,
             max_items: c.max_items,
             retention: c.id_retention.get().as_secs().max(1),
+            revenue_experiments: settings
+                .experiments
+                .iter()
+                .filter(|x| x.metric == crate::config::ExperimentMetric::Revenue)
+                .filter_map(|x| {
+                    let c = Currency::parse(x.currency.as_deref()?).ok()?;
+                    Some((x.campaign.clone(), c))
+                })
+                .collect(),
         }
     }
 }

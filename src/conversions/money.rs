@@ -155,6 +155,17 @@ impl std::fmt::Display for Currency {
     }
 }
 
+/// An amount in major units as the currency writes it (`100.00 EUR`, `1000 JPY`).
+pub fn format_major(currency: &str, major: f64) -> String {
+    match Currency::parse(currency) {
+        Ok(c) => {
+            let minor = (major * 10f64.powi(c.exponent() as i32)).round() as i64;
+            format!("{} {c}", c.decimal(minor))
+        }
+        Err(_) => format!("{major} {currency}"),
+    }
+}
+
 /// `(revenue − cost) / cost`, both in minor units of one currency; None without a cost.
 pub fn roi(revenue: i64, cost: i64) -> Option<f64> {
     (cost > 0).then(|| (revenue - cost) as f64 / cost as f64)
@@ -241,5 +252,7 @@ mod tests {
         assert_eq!(roi(180_000, 120_000), Some(0.5));
         assert_eq!(roi(0, 120_000), Some(-1.0));
         assert_eq!(roi(5, 0), None);
+        assert_eq!(format_major("EUR", 179.7), "179.70 EUR");
+        assert_eq!(format_major("JPY", 1000.0), "1000 JPY");
     }
 }

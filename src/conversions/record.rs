@@ -69,14 +69,18 @@ impl Conversions {
             .collect();
         if !lookups.is_empty() {
             let mut p = redis::pipe();
+            // A recipient key of another type (another tool wrote there) is no click, not a
+            // failed request.
+            p.ignore_errors();
             for &i in &lookups {
                 let to = items[i].to.as_deref().unwrap_or_default();
                 p.cmd("HGET")
                     .arg(keys.recipient(to))
                     .arg("last_human_click");
             }
-            let lasts: Vec<Option<String>> = p.query_async(conn).await.map_err(AckError::Redis)?;
+            let lasts: Vec<redis::Value> = p.query_async(conn).await.map_err(AckError::Redis)?;
             for (&i, last) in lookups.iter().zip(lasts) {
+                let last: Option<String> = redis::from_redis_value(last).unwrap_or(None);
                 let last = last.as_deref().and_then(LastClick::decode);
                 let to = items[i].to.as_deref().unwrap_or_default();
                 let by_to =
@@ -150,7 +154,7 @@ impl Conversions {
         acks: &Acks,
         decided: &[Decided<'_>],
     ) -> Result<Vec<String>, AckError> {
-        let mut key_names: Vec<String> = Vec::with_capacity(1 + decided.len() * 4);
+        let mut key_names: Vec<String> = Vec::with_capacity(1 + decided.len() * 5);
         key_names.push(keys.events.clone());
         for d in decided {
             let order = keys.order(&d.posted.id);
@@ -162,10 +166,16 @@ impl Conversions {
                     } else {
                         keys.converted_people(&a.campaign, Some(&a.variant))
                     };
-                    key_names.extend([order, keys.conversions(&a.campaign), people, vpeople]);
+                    key_names.extend([
+                        order,
+                        keys.conversions(&a.campaign),
+                        people,
+                        vpeople,
+                        keys.conversion_stats(&a.campaign),
+                    ]);
                 }
                 Err(_) => {
-                    key_names.extend([order.clone(), order.clone(), order.clone(), order]);
+                    key_names.extend(std::iter::repeat_n(order, 5));
                 }
             }
         }
@@ -188,6 +198,13 @@ impl Conversions {
                     ev.conversion_kind = Some(p.kind.as_str());
                     ev.value = p.money.map(|(c, m)| c.major(m));
                     ev.currency = p.money.as_ref().map(|(c, _)| c.as_str());
+                    // A revenue experiment's conversion in its currency: per-message sums.
+                    let scale = match (p.money, self.revenue_experiments.get(&a.campaign)) {
+                        (Some((c, _)), Some(want)) if c == *want && !a.variant.is_empty() => {
+                            10i64.pow(c.exponent()).to_string()
+                        }
+                        _ => String::new(),
+                    };
                     cmd.arg("1")
                         .arg(stored)
                         .arg(ev.to_json())
@@ -197,7 +214,9 @@ impl Conversions {
                         .arg(minor)
                         .arg(&a.link)
                         .arg(&a.variant)
-                        .arg(&a.touch);
+                        .arg(&a.touch)
+                        .arg(&a.job)
+                        .arg(scale);
                 }
                 Err(_) => {
                     cmd.arg("0")
@@ -207,6 +226,8 @@ impl Conversions {
                         .arg(&p.kind)
                         .arg(cur)
                         .arg(minor)
+                        .arg("")
+                        .arg("")
                         .arg("")
                         .arg("")
                         .arg("");

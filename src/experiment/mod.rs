@@ -269,8 +269,7 @@ impl Experiments {
         if now_ms() < started + rule.cfg.decide_after.get().as_millis() as i64 {
             return Ok(());
         }
-        let figures = figures(conn, keys, &rule.cfg).await?;
-        let verdict = judge::judge(&figures, rule.cfg.confidence.0, &rule.cfg.fallback);
+        let verdict = verdict(conn, keys, &rule.cfg).await?;
         let how = if verdict.significant {
             "auto"
         } else {
@@ -311,6 +310,75 @@ impl Experiments {
     }
 }
 
+/// The decision the figures make now, for the rule's metric.
+pub async fn verdict(
+    conn: &mut RedisConn,
+    keys: &Keys,
+    rule: &ExperimentRule,
+) -> redis::RedisResult<judge::Verdict> {
+    if rule.metric == ExperimentMetric::Revenue {
+        let figures = revenue_figures(conn, keys, rule).await?;
+        return Ok(judge::judge_revenue(
+            &figures,
+            rule.confidence.0,
+            &rule.fallback,
+        ));
+    }
+    let figures = figures(conn, keys, rule).await?;
+    Ok(judge::judge(&figures, rule.confidence.0, &rule.fallback))
+}
+
+/// Each variant's revenue figures (`metric = "revenue"`): delivered from `variants:{c}`,
+/// people and revenue in the rule's currency from `convs:{c}`, the log sums from `convx:{c}`.
+pub async fn revenue_figures(
+    conn: &mut RedisConn,
+    keys: &Keys,
+    rule: &ExperimentRule,
+) -> redis::RedisResult<Vec<judge::Revenue>> {
+    let cur = rule.currency.as_deref().unwrap_or("");
+    let mut p = redis::pipe();
+    for v in &rule.variants {
+        p.cmd("HGET")
+            .arg(keys.variants(&rule.campaign))
+            .arg(format!("{}:delivered", v.name));
+        p.cmd("HMGET")
+            .arg(keys.conversions(&rule.campaign))
+            .arg(format!("variant:{}:people", v.name))
+            .arg(format!("variant:{}:rev:{cur}", v.name));
+        p.cmd("HMGET")
+            .arg(keys.conversion_stats(&rule.campaign))
+            .arg(format!("{}:lsum", v.name))
+            .arg(format!("{}:lsq", v.name));
+    }
+    type Reply = (
+        Option<i64>,
+        (Option<i64>, Option<i64>),
+        (Option<f64>, Option<f64>),
+    );
+    let replies: Vec<redis::Value> = p.query_async(conn).await?;
+    let exponent = crate::conversions::Currency::parse(cur).map_or(2, |c| c.exponent());
+    Ok(rule
+        .variants
+        .iter()
+        .zip(replies.chunks(3))
+        .map(|(v, r)| {
+            let (delivered, (people, minor), (log_sum, log_squares)): Reply = (
+                redis::from_redis_value(r[0].clone()).unwrap_or(None),
+                redis::from_redis_value(r[1].clone()).unwrap_or((None, None)),
+                redis::from_redis_value(r[2].clone()).unwrap_or((None, None)),
+            );
+            judge::Revenue {
+                variant: v.name.clone(),
+                delivered: delivered.unwrap_or(0),
+                people: people.unwrap_or(0),
+                revenue: minor.unwrap_or(0) as f64 / 10f64.powi(exponent as i32),
+                log_sum: log_sum.unwrap_or(0.0),
+                log_squares: log_squares.unwrap_or(0.0),
+            }
+        })
+        .collect())
+}
+
 /// Each variant's (name, delivered, people's unique hits) for the rule's metric.
 pub async fn figures(
     conn: &mut RedisConn,
@@ -320,6 +388,9 @@ pub async fn figures(
     let hits = match rule.metric {
         ExperimentMetric::Clicks => "unique_clicked",
         ExperimentMetric::Opens => "unique_opened",
+        ExperimentMetric::Conversions | ExperimentMetric::Revenue => {
+            return conversion_figures(conn, keys, rule).await
+        }
     };
     let mut cmd = redis::cmd("HMGET");
     cmd.arg(keys.variants(&rule.campaign));
@@ -328,6 +399,36 @@ pub async fn figures(
             .arg(format!("{}:{hits}", v.name));
     }
     let vals: Vec<Option<i64>> = cmd.query_async(conn).await?;
+    Ok(rule
+        .variants
+        .iter()
+        .zip(vals.chunks(2))
+        .map(|(v, c)| {
+            (
+                v.name.clone(),
+                c.first().copied().flatten().unwrap_or(0),
+                c.get(1).copied().flatten().unwrap_or(0),
+            )
+        })
+        .collect())
+}
+
+/// Each variant's (name, delivered, people who converted).
+async fn conversion_figures(
+    conn: &mut RedisConn,
+    keys: &Keys,
+    rule: &ExperimentRule,
+) -> redis::RedisResult<Vec<(String, i64, i64)>> {
+    let mut p = redis::pipe();
+    for v in &rule.variants {
+        p.cmd("HGET")
+            .arg(keys.variants(&rule.campaign))
+            .arg(format!("{}:delivered", v.name));
+        p.cmd("HGET")
+            .arg(keys.conversions(&rule.campaign))
+            .arg(format!("variant:{}:people", v.name));
+    }
+    let vals: Vec<Option<i64>> = p.query_async(conn).await?;
     Ok(rule
         .variants
         .iter()

@@ -448,4 +448,46 @@ mod tests {
         assert_eq!(campaign_href("<script>x"), "/campaigns/%3Cscript%3Ex");
         assert_eq!(segment("a b?c#d&e"), "a%20b%3Fc%23d%26e");
     }
+
+    #[test]
+    fn the_report_shows_conversions_revenue_and_roi() {
+        let h: std::collections::BTreeMap<String, i64> = [
+            ("count", 4),
+            ("people", 2),
+            ("rev:EUR", 10000),
+            ("cost:EUR", 8000),
+            ("link:pricing:count", 2),
+            ("link:pricing:rev:EUR", 5990),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let stats = CampaignStats {
+            campaign: "shop".into(),
+            accepted: 4,
+            delivered: 4,
+            unique_clicked: 2,
+            links: vec![("pricing".into(), 3, 2)],
+            conversions: crate::conversions::figures::Figures::from_hash(&h),
+            ..Default::default()
+        };
+        let r = Report {
+            row: crate::stats::CampaignRow {
+                state: crate::control::State::Active,
+                parked: 0,
+                stats,
+            },
+            timeline: Vec::new(),
+            domains: Vec::new(),
+            touches: Vec::new(),
+        };
+        let page = campaign(&r);
+        assert!(page.contains("data-step=\"converted\""), "{page}");
+        assert!(page.contains("revenue <b>100.00 EUR</b>"), "{page}");
+        assert!(page.contains("<td class=\"roi\">25.0%</td>"), "{page}");
+        assert!(
+            page.contains("<td>pricing</td><td>3</td><td>2</td><td>2</td><td class=\"revenue\">59.90 EUR</td>"),
+            "{page}"
+        );
+    }
 }

@@ -44,6 +44,7 @@
 //! | `conv:{order id}` | string | a posted conversion's answer (JSON), kept `conversions.id_retention`: a retry is answered with it, never counted again |
 //! | `convs:{campaign}` | hash | conversions attributed to the campaign: `count`, `people`, `rev:{CUR}` (minor units), the same per `link:{l}:`, `variant:{v}:`, `kind:{k}:`, `touch:{t}:`; and `cost:{CUR}` |
 //! | `uniq:p:{campaign}`, `uniq:p:{campaign}:{variant}` | HyperLogLog | people who converted |
+//! | `convx:{campaign}` | hash | a revenue experiment's figures: `job:{id}` (the message's revenue, minor units), `{variant}:lsum` / `:lsq` (sums of ln(1 + revenue) and its square) |
 
 /// Key names, built once.
 #[derive(Debug, Clone)]
@@ -234,6 +235,11 @@ impl Keys {
     /// A campaign's conversion figures and cost (see the table above).
     pub fn conversions(&self, campaign: &str) -> String {
         self.join(&["convs:", campaign])
+    }
+
+    /// A revenue experiment's per-message revenue and log sums.
+    pub fn conversion_stats(&self, campaign: &str) -> String {
+        self.join(&["convx:", campaign])
     }
 
     /// The people who converted, of a campaign or of one of its variants.

@@ -285,6 +285,39 @@ fn conversions_are_attributed_once_each_with_exact_revenue_and_roi() {
         "{text}"
     );
 
+    // Touches: the four conversions came from first touches (200 EUR… per delivered).
+    let (st, out, err) = paloma(
+        &[
+            "stats",
+            "--config",
+            &cfg,
+            "--touches",
+            "--campaign",
+            "shop",
+            "--json",
+        ],
+        None,
+    );
+    assert!(st.success(), "{err}");
+    let rows: Value = serde_json::from_str(&out).unwrap();
+    let first = &rows[0];
+    assert_eq!(
+        (&first["bucket"], &first["recipients"]),
+        (&json!("1"), &json!(4)),
+        "{rows:#}"
+    );
+    assert_eq!(
+        (&first["conversions"], &first["conversion_rate"]),
+        (&json!(4), &json!(1.0))
+    );
+    assert_eq!(first["revenue"], json!({"EUR": 100.0, "JPY": 1000.0}));
+    assert_eq!(
+        first["revenue_per_delivered"],
+        json!({"EUR": 25.0, "JPY": 250.0})
+    );
+    let (_, text, _) = paloma(&["stats", "--config", &cfg, "--touches"], None);
+    assert!(text.contains("25.0000 EUR"), "{text}");
+
     // One `converted` event per attributed order, with the order's fields.
     let evs = converted(&mut conn, &p);
     let mut by_order: HashMap<String, Vec<&Value>> = HashMap::new();
@@ -355,6 +388,39 @@ fn conversions_are_attributed_once_each_with_exact_revenue_and_roi() {
         .iter()
         .all(|h| h["type"] == "converted" && h["workflow"] == "crm" && h["kind"] == "purchase"));
 
+    // Keys another tool wrote with another type: that conversion alone is refused (its
+    // order key) or finds no click (the recipient's), the rest of the request is recorded.
+    redis::cmd("HSET")
+        .arg(format!("{p}conv:o-taken"))
+        .arg("x")
+        .arg("1")
+        .query::<()>(&mut conn)
+        .unwrap();
+    redis::cmd("SET")
+        .arg(format!("{p}r:odd@conv.test"))
+        .arg("x")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let a = api_call(
+        api,
+        "POST",
+        "/api/v1/conversions",
+        Some(TOKEN),
+        json!([
+            {"id": "o-taken", "to": "bo@conv.test", "value": 1, "currency": "EUR"},
+            {"id": "o-odd", "to": "odd@conv.test", "value": 1, "currency": "EUR"},
+        ])
+        .to_string()
+        .as_bytes(),
+    );
+    assert_eq!(a.status, 200, "{}", a.raw);
+    assert_eq!(a.body["results"][0]["accepted"], false, "{}", a.raw);
+    assert!(a.body["results"][0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("WRONGTYPE"));
+    assert_eq!(a.body["results"][1]["reason"], "no_click", "{}", a.raw);
+
     // Refusals of a whole request.
     let many: Vec<Value> = (0..21)
         .map(|i| json!({"id": format!("m-{i}"), "to": "ann@conv.test", "value": 1, "currency": "EUR"}))
@@ -380,4 +446,149 @@ fn conversions_are_attributed_once_each_with_exact_revenue_and_roi() {
     let a = api_call(api, "POST", "/api/v1/conversions", None, b"{}");
     assert_eq!(a.status, 401);
     drop(daemon);
+}
+
+/// An A/B test decided on revenue: variant b's readers buy often at about 50 EUR; a's
+/// seldom, one of them a 5,000 EUR order that makes a's plain revenue the higher. The test
+/// (on ln(1 + revenue) per delivered message) picks b, and the rest go out as b.
+#[test]
+fn an_experiment_is_decided_on_revenue_not_on_one_large_order() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let api = free_port();
+    let (setup, port, base) = tracking_setup(
+        &redis.url(),
+        sink.port,
+        "click_param = \"pc\"",
+        &format!(
+            "[api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{TOKEN}\"\n\
+             [[experiments]]\ncampaign = \"sale\"\n\
+             variants = [ {{ name = \"a\" }}, {{ name = \"b\", subject = \"Last days\" }} ]\n\
+             test_share = \"50%\"\ndecide_after = \"30s\"\nmetric = \"revenue\"\n\
+             currency = \"EUR\"\nfallback = \"a\"\n"
+        ),
+    );
+    let p = setup.prefix.clone();
+    let n = 600;
+    let to: Vec<String> = (0..n).map(|i| format!("p{i}@sale.test")).collect();
+    let jobs: Vec<String> = to
+        .iter()
+        .enumerate()
+        .map(|(i, t)| news(&format!("sale-{i}"), "sale", t))
+        .collect();
+    let daemon = Daemon::spawn(&setup.config);
+    let mut conn = redis.conn();
+    enqueue_raw(&mut conn, &p, &jobs);
+    wait_until_daemon(
+        "the test share delivered, the rest held",
+        Duration::from_secs(60),
+        &daemon,
+        || {
+            let d = stat(&mut conn, &p, "sale", "delivered");
+            d > 0 && d as usize + held(&mut conn, &p, "sale") == n
+        },
+    );
+    wait_port("127.0.0.1", api, Duration::from_secs(5));
+    let delivered = stat(&mut conn, &p, "sale", "delivered") as usize;
+    assert_eq!(
+        sink.wait_count(delivered, Duration::from_secs(10)),
+        delivered
+    );
+    let mails = captured(&sink, &base);
+    let variant_of: HashMap<String, String> = events(&mut conn, &p)
+        .into_iter()
+        .filter(|e| e["type"] == "delivered")
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap().to_string(),
+                e["variant"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let mut orders = Vec::new();
+    let mut plain: HashMap<&str, f64> = HashMap::new();
+    let mut whale = false;
+    for (id, m) in &mails {
+        let i: usize = id.trim_start_matches("sale-").parse().unwrap();
+        let v = variant_of[id].as_str();
+        let value = match v {
+            "b" if i.is_multiple_of(2) => 45.0 + (i % 12) as f64,
+            "a" if i.is_multiple_of(10) && !whale => {
+                whale = true;
+                5000.0
+            }
+            "a" if i.is_multiple_of(10) => 45.0 + (i % 12) as f64,
+            _ => continue,
+        };
+        let pc = click(port, &m.clicks[0], "198.51.100.7");
+        *plain.entry(if v == "a" { "a" } else { "b" }).or_default() += value;
+        orders.push(
+            json!({"id": format!("order-{i}"), "click": pc, "value": value, "currency": "EUR"}),
+        );
+    }
+    assert!(whale && plain["a"] > plain["b"], "{plain:?}");
+    for chunk in orders.chunks(20) {
+        let a = api_call(
+            api,
+            "POST",
+            "/api/v1/conversions",
+            Some(TOKEN),
+            json!(chunk).to_string().as_bytes(),
+        );
+        assert_eq!(a.status, 200, "{}", a.raw);
+        assert_eq!(a.body["attributed"], chunk.len(), "{}", a.raw);
+    }
+    // The test's clock: the window started 31 s ago.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    redis::cmd("HSET")
+        .arg(format!("{p}experiment:sale"))
+        .arg("started")
+        .arg(now - 31_000)
+        .query::<()>(&mut conn)
+        .unwrap();
+    let d = wait_for_daemon(
+        "experiment_decided",
+        Duration::from_secs(20),
+        &daemon,
+        || {
+            events(&mut conn, &p)
+                .into_iter()
+                .find(|e| e["type"] == "experiment_decided")
+        },
+    );
+    assert_eq!(
+        (&d["winner"], &d["significant"], &d["metric"]),
+        (&json!("b"), &json!(true), &json!("revenue")),
+        "{d:#}"
+    );
+    let a = d["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["variant"] == "a")
+        .unwrap();
+    let b = d["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["variant"] == "b")
+        .unwrap();
+    assert!(
+        a["rate"].as_f64() > b["rate"].as_f64(),
+        "a's plain revenue per delivered is the higher: {d:#}"
+    );
+    wait_until_daemon("all delivered", Duration::from_secs(60), &daemon, || {
+        stat(&mut conn, &p, "sale", "delivered") == n as i64
+    });
+    // The figures per variant.
+    let c = api_call(api, "GET", "/api/v1/campaigns/sale", Some(TOKEN), b"");
+    let f = &c.body["conversions"]["variant"];
+    let sum: f64 = ["a", "b"]
+        .iter()
+        .map(|v| f[*v]["revenue"]["EUR"].as_f64().unwrap())
+        .sum();
+    assert!((sum - (plain["a"] + plain["b"])).abs() < 1e-9, "{f:#}");
 }
