@@ -368,11 +368,6 @@ pub async fn bring_forward_where(
 }
 
 /// The campaign of a delayed-set member `attempt|first_at|job`.
-#[cfg(test)]
-fn member_campaign(member: &[u8]) -> Option<String> {
-    job_campaign(member.splitn(3, |&b| b == b'|').nth(2)?)
-}
-
 /// The campaign of a job's JSON.
 fn job_campaign(job: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
@@ -399,9 +394,9 @@ mod tests {
         assert_eq!(State::parse("cancelled"), State::Cancelled);
         assert_eq!(State::parse("nonsense"), State::Active);
         assert_eq!(
-            member_campaign(br#"2|17|{"id":"a","campaign":"spring"}"#).as_deref(),
+            job_campaign(br#"{"id":"a","campaign":"spring"}"#).as_deref(),
             Some("spring")
         );
-        assert_eq!(member_campaign(b"garbage"), None);
+        assert_eq!(job_campaign(b"garbage"), None);
     }
 }

@@ -13,26 +13,30 @@ use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
 /// The roots a chain is checked against.
 #[derive(Debug, Default)]
 pub struct Roots {
-    /// From `delivery.tls_ca_file`, besides the public roots.
-    extra: Vec<TrustAnchor<'static>>,
+    /// The public roots and those of `delivery.tls_ca_file`.
+    anchors: Vec<TrustAnchor<'static>>,
 }
 
 impl Roots {
     /// The public roots and the CA certificates of `pem` (a `tls_ca_file`'s content), if any.
     pub fn with_pem(pem: Option<&[u8]>) -> Roots {
-        let extra = pem
-            .map(|pem| {
-                CertificateDer::pem_slice_iter(pem)
-                    .filter_map(Result::ok)
-                    .filter_map(|der| {
-                        webpki::anchor_from_trusted_cert(&der)
-                            .ok()
-                            .map(|a| a.to_owned())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Roots { extra }
+        let extra = pem.into_iter().flat_map(|pem| {
+            CertificateDer::pem_slice_iter(pem)
+                .filter_map(Result::ok)
+                .filter_map(|der| {
+                    webpki::anchor_from_trusted_cert(&der)
+                        .ok()
+                        .map(|a| a.to_owned())
+                })
+                .collect::<Vec<_>>()
+        });
+        Roots {
+            anchors: webpki_roots::TLS_SERVER_ROOTS
+                .iter()
+                .cloned()
+                .chain(extra)
+                .collect(),
+        }
     }
 
     /// Whether `chain` (DER, the server's certificate first) is valid for `host` now; Err
@@ -45,14 +49,9 @@ impl Roots {
             .iter()
             .map(|c| CertificateDer::from(c.as_slice()))
             .collect();
-        let anchors: Vec<TrustAnchor<'_>> = webpki_roots::TLS_SERVER_ROOTS
-            .iter()
-            .cloned()
-            .chain(self.extra.iter().cloned())
-            .collect();
         cert.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
+            &self.anchors,
             &intermediates,
             UnixTime::now(),
             webpki::KeyUsage::server_auth(),

@@ -59,17 +59,16 @@ pub struct Shaper {
     builtin_suspend: Option<Duration>,
     /// What throttling replies did to each site.
     pub throttles: Throttles,
-    /// Where suspensions are shared with the fleet (`delivery.shared_rates`): a connection
-    /// and `{prefix}suspended_sites`.
-    shared: Option<(RedisConn, String)>,
-    /// Where operators' domain suspensions are read (`{prefix}suspended_domains`), whatever
-    /// `shared_rates` says.
-    operator: Option<(RedisConn, String)>,
+    /// Where the fleet's throttling state is kept: operators' domain suspensions are read
+    /// from it whatever `shared_rates` says…
+    redis: Option<RedisConn>,
+    /// …and suspensions, lowered rates and trigger windows are shared through it with
+    /// `delivery.shared_rates`.
+    shared: bool,
+    keys: Keys,
     /// The domain suspensions in force, as last read: `domain` or `{source}/{domain}` →
     /// until. Replaced whole at each read, so a lifted suspension goes within a round.
     domains: std::sync::RwLock<std::collections::HashMap<String, Instant>>,
-    /// The Redis key prefix (trigger windows, slowed sites).
-    prefix: String,
     /// Trigger windows counted here when Redis is not shared (or does not answer).
     trigger_counts: std::sync::Mutex<
         std::collections::HashMap<(usize, String), std::collections::VecDeque<Instant>>,
@@ -121,8 +120,7 @@ impl Shaper {
     /// `delivery.shared_rates` is on.
     pub fn with_redis(settings: &Settings, redis: Option<RedisConn>) -> Self {
         let d = &settings.delivery;
-        let keys_ = Keys::new(&settings.redis.prefix);
-        let operator = redis.clone().map(|c| (c, keys_.suspended_domains.clone()));
+        let all = redis.clone();
         let redis = redis.filter(|_| d.shared_rates);
         let keys = Keys::new(&settings.redis.prefix);
         let mut default = RuleState::new("*", None, d.connections, d.messages_per_connection);
@@ -168,10 +166,10 @@ impl Shaper {
                 Some(c) => Throttles::shared(c.clone(), keys.clone()),
                 None => Throttles::default(),
             },
-            shared: redis.map(|c| (c, keys.suspended_sites.clone())),
-            operator,
+            shared: redis.is_some(),
+            redis: all,
+            keys,
             domains: Default::default(),
-            prefix: settings.redis.prefix.clone(),
             trigger_counts: Default::default(),
         }
     }
@@ -271,32 +269,13 @@ impl Shaper {
     }
 
     /// Tells the fleet: `{prefix}suspended_sites` gets the site until now + `pause` on the
-    /// server's clock (a later suspension already there is kept). Written by a task of its
-    /// own, so the worker that heard the reply does not wait on Redis; a throttling reply is
-    /// rare, this is no per-message write.
+    /// server's clock (a later suspension already there is kept).
     fn share_suspension(&self, site: &str, pause: Duration) {
-        let Some((conn, key)) = &self.shared else {
-            return;
-        };
-        let until = crate::queue::now_ms() + pause.as_millis() as i64;
-        let (mut conn, key, site) = (conn.clone(), key.clone(), site.to_string());
-        tokio::spawn(async move {
-            let r: redis::RedisResult<()> = redis::cmd("ZADD")
-                .arg(&key)
-                .arg("GT")
-                .arg(until)
-                .arg(&site)
-                .query_async(&mut conn)
-                .await;
-            if let Err(e) = r {
-                tracing::warn!(error = %e, site, "sharing a site's suspension failed; the other daemons learn it from their own replies");
-            }
-        });
+        self.share(&self.keys.suspended_sites, site.to_string(), pause);
     }
 
-    /// Tells the fleet that the site is slowed to `rate` for `period`:
-    /// `{prefix}slowed_sites` gets `{site}|{count}|{per ms}` until now + `period` (a later end
-    /// is kept); every daemon then applies the same rate, drawn from one budget in Redis.
+    /// Tells the fleet that the site is slowed to `rate` for `period`: every daemon then
+    /// applies the same rate, drawn from one budget in Redis.
     fn share_slow_down(&self, site: &str, rate: Rate, period: Duration) {
         self.share_lowered(
             site,
@@ -305,16 +284,21 @@ impl Shaper {
         );
     }
 
-    /// Writes `{site}|{what}` to `{prefix}slowed_sites` until now + `period`: a lowered rate
+    /// `{site}|{what}` in `{prefix}slowed_sites` until now + `period`: a lowered rate
     /// (`{count}|{per ms}`) or session cap (`c{n}`) every daemon applies.
     fn share_lowered(&self, site: &str, what: &str, period: Duration) {
-        let Some((conn, _)) = &self.shared else {
+        self.share(&self.keys.slowed_sites, format!("{site}|{what}"), period);
+    }
+
+    /// `ZADD key GT (now + period) member`, by a task of its own, so the worker that heard
+    /// the reply does not wait on Redis; a throttling reply is rare, this is no per-message
+    /// write. Nothing without `shared_rates`.
+    fn share(&self, key: &str, member: String, period: Duration) {
+        let Some(conn) = self.redis.as_ref().filter(|_| self.shared) else {
             return;
         };
         let until = crate::queue::now_ms() + period.as_millis() as i64;
-        let member = format!("{site}|{what}");
-        let key = format!("{}slowed_sites", self.prefix);
-        let mut conn = conn.clone();
+        let (mut conn, key) = (conn.clone(), key.to_string());
         tokio::spawn(async move {
             let r: redis::RedisResult<()> = redis::cmd("ZADD")
                 .arg(&key)
@@ -324,7 +308,7 @@ impl Shaper {
                 .query_async(&mut conn)
                 .await;
             if let Err(e) = r {
-                tracing::warn!(error = %e, member, "sharing a site's lowered rate failed; the other daemons learn it from their own replies");
+                tracing::warn!(error = %e, key, member, "sharing a throttling reaction failed; the other daemons learn it from their own replies");
             }
         });
     }
@@ -334,7 +318,7 @@ impl Shaper {
     /// sending to a site stops within about a second of the first one's throttling reply.
     /// The same round trip reads the operators' domain suspensions.
     pub async fn follow_shared(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
-        if self.operator.is_none() {
+        if self.redis.is_none() {
             return;
         }
         let mut ticker = crate::ticker::Ticker::new(SHARED_SUSPENSIONS_EVERY, stop);
@@ -348,16 +332,16 @@ impl Shaper {
     /// One read of the fleet's suspensions (the daemon makes one before its intake starts,
     /// so a suspension in force is never missed by a daemon just started).
     pub async fn read_shared(&self) -> redis::RedisResult<()> {
-        let Some((mut conn, domains_key)) = self.operator.clone() else {
+        let Some(mut conn) = self.redis.clone() else {
             return Ok(());
         };
-        let slowed_key = format!("{}slowed_sites", self.prefix);
+        let k = &self.keys;
         let mut keys: Vec<&str> = Vec::with_capacity(3);
-        if let Some((_, sites_key)) = &self.shared {
-            keys.push(sites_key);
-            keys.push(&slowed_key);
+        if self.shared {
+            keys.push(&k.suspended_sites);
+            keys.push(&k.slowed_sites);
         }
-        keys.push(&domains_key);
+        keys.push(&k.suspended_domains);
         let now = crate::queue::now_ms();
         let mut p = redis::pipe();
         for key in &keys {
@@ -488,8 +472,8 @@ impl Shaper {
     /// reply is rare, this is no per-message round trip); by this daemon alone when Redis
     /// is not shared or does not answer.
     async fn triggered(&self, rule: usize, site: &str, trigger: Trigger) -> bool {
-        if let Some((conn, _)) = &self.shared {
-            let key = format!("{}backoff:{rule}:{site}", self.prefix);
+        if let Some(conn) = self.redis.as_ref().filter(|_| self.shared) {
+            let key = self.keys.backoff_window(rule, site);
             let now = crate::queue::now_ms();
             let r: redis::RedisResult<u32> = redis::Script::new(TRIGGER)
                 .key(&key)

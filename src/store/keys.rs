@@ -62,6 +62,9 @@ pub struct Keys {
     pub timers: String,
     /// Sites suspended after a throttling reply, for every daemon (score: until, ms).
     pub suspended_sites: String,
+    /// Lowered rates and session caps after a throttling reply, for every daemon
+    /// (`{site}|{count}|{per ms}` or `{site}|c{sessions}`; score: until, ms).
+    pub slowed_sites: String,
     /// Recipient domains suspended by an operator (`paloma domain suspend`), for every
     /// daemon: `domain`, or `{source}/{domain}` for one source (score: until, ms).
     pub suspended_domains: String,
@@ -101,6 +104,7 @@ impl Keys {
             timers: format!("{prefix}timers"),
             suspended_sites: format!("{prefix}suspended_sites"),
             suspended_domains: format!("{prefix}suspended_domains"),
+            slowed_sites: format!("{prefix}slowed_sites"),
             mta_sts: format!("{prefix}mta_sts:"),
             timers_cancelled: format!("{prefix}timers:cancelled"),
             webhooks: format!("{prefix}webhooks"),
@@ -117,6 +121,11 @@ impl Keys {
     pub fn retaining(mut self, events: &crate::config::EventSettings) -> Self {
         self.events_max_len = events.hard_max_len();
         self
+    }
+
+    /// The window of replies matching `[[backoff]]` rule `rule` from `site` (its trigger).
+    pub fn backoff_window(&self, rule: usize, site: &str) -> String {
+        format!("{}backoff:{rule}:{site}", self.prefix)
     }
 
     fn join(&self, parts: &[&str]) -> String {

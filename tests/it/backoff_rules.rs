@@ -45,9 +45,7 @@ fn a_trigger_acts_on_the_third_matching_reply_only() {
         Duration::from_secs(60),
         Some(&daemon),
     );
-    assert!(terminal_by_id(&evs)
-        .values()
-        .all(|v| v.len() == 1 && v[0]["type"] == "delivered"));
+    assert_delivered_once(&evs, n);
     let d = deferred_times(&mut conn, &setup.prefix);
     assert_eq!(d.len(), 3, "{d:?}");
     // Neither of the first two suspended anything: the third came right after them.
@@ -93,9 +91,7 @@ fn a_lowered_rate_is_one_budget_for_the_whole_fleet() {
         Duration::from_secs(90),
         Some(&b),
     );
-    assert!(terminal_by_id(&evs)
-        .values()
-        .all(|v| v.len() == 1 && v[0]["type"] == "delivered"));
+    assert_delivered_once(&evs, n);
     let kept = relay.kept();
     assert_eq!(kept.len(), n);
     // From a second and a half after the 421 (every daemon has read the lowered rate),

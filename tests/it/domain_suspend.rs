@@ -132,10 +132,7 @@ fn a_suspended_domain_waits_on_every_daemon_and_resume_sends_it_at_once() {
         "{out}"
     );
     let evs = wait_terminal(&mut conn, &p, 40, Duration::from_secs(30), Some(&daemon));
-    let t = terminal_by_id(&evs);
-    assert!(t
-        .values()
-        .all(|v| v.len() == 1 && v[0]["type"] == "delivered"));
+    assert_delivered_once(&evs, 40);
     assert_eq!(sink.count(), 40);
     assert!(cli(&setup.config, &["list"]).contains("no domain is suspended"));
 }
@@ -187,9 +184,7 @@ fn a_suspension_for_one_source_sends_through_the_others() {
         Duration::from_secs(60),
         Some(&daemon),
     );
-    assert!(terminal_by_id(&evs)
-        .values()
-        .all(|v| v.len() == 1 && v[0]["type"] == "delivered"));
+    assert_delivered_once(&evs, 50);
     let kept = mx.kept();
     assert_eq!(kept.len(), 50);
     assert!(

@@ -70,11 +70,7 @@ fn a_pool_splits_by_weight_each_source_with_its_address_and_name() {
         Duration::from_secs(120),
         Some(&daemon),
     );
-    let t = terminal_by_id(&evs);
-    assert_eq!(t.len(), n);
-    assert!(t
-        .values()
-        .all(|v| v.len() == 1 && v[0]["type"] == "delivered"));
+    assert_delivered_once(&evs, n);
     let kept = mx.kept();
     assert_eq!(kept.len(), n, "each message kept once");
     let m = by_client(&kept);
@@ -141,11 +137,7 @@ fn a_warming_source_carries_at_most_its_cap_and_a_cold_pool_waits_for_tomorrow()
         Duration::from_secs(120),
         Some(&daemon),
     );
-    let t = terminal_by_id(&evs);
-    assert!(t
-        .values()
-        .all(|v| v.len() == 1 && v[0]["type"] == "delivered"));
-    assert_eq!(t.len(), n, "all delivered");
+    assert_delivered_once(&evs, n);
     let m = by_client(&mx.kept());
     let cold_sent = m.get("127.0.0.2").map_or(0, |c| c.0);
     assert!(
@@ -264,11 +256,7 @@ fn a_421_to_one_daemon_suspends_the_source_for_the_whole_fleet() {
         Duration::from_secs(60),
         Some(&b),
     );
-    let t = terminal_by_id(&evs);
-    assert_eq!(t.len(), n);
-    assert!(t
-        .values()
-        .all(|v| v.len() == 1 && v[0]["type"] == "delivered"));
+    assert_delivered_once(&evs, n);
     let kept = mx.kept();
     assert_eq!(kept.len(), n, "each job kept once");
     let suspended: Vec<String> = redis::cmd("ZRANGE")
@@ -313,9 +301,7 @@ fn a_retry_keeps_its_source_for_a_greylisting_receiver() {
         Duration::from_secs(60),
         Some(&daemon),
     );
-    assert!(terminal_by_id(&evs)
-        .values()
-        .all(|v| v.len() == 1 && v[0]["type"] == "delivered"));
+    assert_delivered_once(&evs, n);
     let first: HashMap<String, String> =
         std::fs::read_to_string(mx.out.path().join("greylisted.tsv"))
             .unwrap()

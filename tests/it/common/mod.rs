@@ -742,6 +742,17 @@ pub fn wait_terminal(
     }
 }
 
+/// Asserts that the terminal events `evs` are `n` jobs', each ended once, delivered.
+pub fn assert_delivered_once(evs: &[Value], n: usize) {
+    let t = terminal_by_id(evs);
+    assert_eq!(t.len(), n, "{evs:?}");
+    assert!(
+        t.values()
+            .all(|v| v.len() == 1 && v[0]["type"] == "delivered"),
+        "{t:?}"
+    );
+}
+
 /// Terminal events per job id.
 pub fn terminal_by_id(evs: &[Value]) -> HashMap<String, Vec<Value>> {
     let mut m: HashMap<String, Vec<Value>> = HashMap::new();
