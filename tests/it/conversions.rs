@@ -369,12 +369,20 @@ fn conversions_are_attributed_once_each_with_exact_revenue_and_roi() {
     wait_until("the purchases' webhooks", Duration::from_secs(20), || {
         crm_got.lock().unwrap().len() >= 3
     });
+    // Every converted event read and nothing waiting for a retry: no webhook is still to
+    // come, so a duplicate would be here by now.
     wait_until(
-        "the workflow engine caught up",
+        "the workflow engine caught up and no webhook waits",
         Duration::from_secs(20),
-        || rules_done(&mut conn, &p),
+        || {
+            rules_done(&mut conn, &p)
+                && redis::cmd("ZCARD")
+                    .arg(format!("{p}webhooks"))
+                    .query::<usize>(&mut conn)
+                    .unwrap()
+                    == 0
+        },
     );
-    std::thread::sleep(Duration::from_millis(500));
     let hooks: Vec<Value> = crm_got
         .lock()
         .unwrap()
